@@ -1,0 +1,46 @@
+"""The `gmic-jax` command line: parses arguments and dispatches to library functions.
+
+Each subcommand lives in a library module that exposes ``add_arguments(parser)`` and
+``main(args) -> int``; this file only lists them. Heavy imports happen inside those modules,
+so ``gmic-jax --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported lazily, only for the chosen command.
+COMMANDS = {
+    "convert": ("gmic_jax.convert", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
+    "preprocess": ("gmic_jax.data.preprocess", "crop images and find window centres (the original's exam-list pipeline)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmic-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        p.set_defaults(_add_arguments_pending=True)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # Two-phase parse: find the command, then let its module declare its own arguments.
+    if argv and argv[0] in COMMANDS:
+        name = argv[0]
+        module = importlib.import_module(COMMANDS[name][0])
+        sub = argparse.ArgumentParser(prog=f"gmic-jax {name}", description=COMMANDS[name][1])
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
+        return int(module.main(args) or 0)
+    parser.parse_args(argv)  # prints help / usage errors
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

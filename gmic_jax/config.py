@@ -1,0 +1,95 @@
+"""`GMICConfig`: every choice that changes the model's computation, in one frozen dataclass.
+
+Kept free of ml_collections on purpose: the model and benchmark path must import on machines
+that only have jax/flax. Training configs (`configs/*.py`) hold a `GMICConfig`'s fields under
+`config.model` and build it with `GMICConfig.from_dict`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+AGGREGATIONS = ("top_t", "gmp", "gap")
+ATTENTIONS = ("gated", "uniform")
+PATCH_SELECTIONS = ("retrieve_roi", "random")
+DTYPES = ("float32", "bfloat16")
+LOCAL_NETS = ("resnet18", "resnet34", "resnet50")
+
+# top-t of the five released models (index 1..5), from the original's inference parameters.
+RELEASED_PERCENT_T = {1: 0.02, 2: 0.03, 3: 0.03, 4: 0.05, 5: 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class GMICConfig:
+    """Hyper-parameters of GMIC (names follow the paper).
+
+    percent_t: t of top-t% pooling of the saliency maps (aggregation='top_t').
+    K: number of regions of interest (patches) retrieved per image.
+    crop_shape: (h, w) of each patch in input pixels.
+    local_net: local network f_l ('resnet18' is weight-compatible with the original).
+    aggregation: 'top_t' (the paper's), 'gmp' (global max) or 'gap' (global average).
+    attention: 'gated' (the paper's gated attention) or 'uniform' (plain mean of patches).
+    patch_selection: 'retrieve_roi' (greedy, the paper's) or 'random' (ablation: uniform random
+        windows drawn from the flax rng stream 'roi').
+    dtype: compute dtype of the convolutions ('float32' or 'bfloat16'). Parameters stay float32;
+        BatchNorm, pooling, sigmoids and the heads run in float32.
+    image_shape: (H, W) the model is built for; only informative (shapes follow the input) and
+        recorded in checkpoints. The original: 2944 x 1920.
+    rotate_crops: training-time rotation of each patch by a random multiple of 90 degrees
+        (paper's augmentation, 'roi' rng stream); inactive when train=False.
+    num_classes: 2 ([benign, malignant]).
+    post_processing_dim: channels of h_g (256 in the original).
+    """
+
+    percent_t: float = 0.02
+    K: int = 6
+    crop_shape: tuple[int, int] = (256, 256)
+    local_net: str = "resnet18"
+    aggregation: str = "top_t"
+    attention: str = "gated"
+    patch_selection: str = "retrieve_roi"
+    dtype: str = "float32"
+    image_shape: tuple[int, int] = (2944, 1920)
+    rotate_crops: bool = False
+    num_classes: int = 2
+    post_processing_dim: int = 256
+
+    def __post_init__(self):
+        # Normalise sequences to tuples so configs read from JSON compare and hash equal.
+        object.__setattr__(self, "crop_shape", tuple(int(v) for v in self.crop_shape))
+        object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        checks = (
+            ("aggregation", AGGREGATIONS),
+            ("attention", ATTENTIONS),
+            ("patch_selection", PATCH_SELECTIONS),
+            ("dtype", DTYPES),
+            ("local_net", LOCAL_NETS),
+        )
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GMICConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if not 0.0 < self.percent_t <= 1.0:
+            raise ValueError(f"GMICConfig.percent_t={self.percent_t}; expected 0 < t <= 1")
+        if self.K < 1:
+            raise ValueError(f"GMICConfig.K={self.K}; expected K >= 1")
+        if len(self.crop_shape) != 2 or min(self.crop_shape) < 1:
+            raise ValueError(f"GMICConfig.crop_shape={self.crop_shape}; expected (h, w) >= 1")
+        if self.num_classes != 2:
+            raise ValueError("GMICConfig.num_classes must be 2 ([benign, malignant])")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop_shape"] = list(self.crop_shape)
+        d["image_shape"] = list(self.image_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GMICConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GMICConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**dict(d))
+
+    def replace(self, **kw) -> "GMICConfig":
+        return dataclasses.replace(self, **kw)

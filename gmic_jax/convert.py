@@ -1,0 +1,224 @@
+"""Original GMIC checkpoints <-> gmic-jax variables, strictly key for key.
+
+    from gmic_jax.convert import convert_state_dict, variables_to_state_dict
+    variables = convert_state_dict(state_dict, GMICConfig(percent_t=0.02))
+    state_dict = variables_to_state_dict(variables)
+
+    gmic-jax convert sample_model_1.p --out models/gmic_1 --model-index 1
+
+The original is NCHW/OIHW PyTorch; gmic-jax is NHWC/HWIO Flax. Every key of the original
+state_dict must find its place and every parameter of the model must be filled: a missing,
+unexpected or mis-shaped key is an error naming it. `num_batches_tracked` is ignored.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from gmic_jax.config import RELEASED_PERCENT_T, GMICConfig
+
+IGNORED_LEAVES = ("num_batches_tracked",)
+# Flax module path prefixes that differ from the original's attribute names.
+_PREFIX_TO_TORCH = {("attention", "mil_attn_U"): "mil_attn_U", ("attention", "mil_attn_V"): "mil_attn_V",
+                    ("attention", "mil_attn_w"): "mil_attn_w"}
+_NUMBERED = re.compile(r"^(layer_list|layer\d+|downsample)_(\d+(?:_\d+)*)$")
+
+
+class ConversionError(ValueError):
+    """A state_dict that does not fit the model; the message lists every offending key."""
+
+
+def _module_name_to_torch(name: str) -> str:
+    m = _NUMBERED.match(name)
+    return f"{m.group(1)}.{m.group(2).replace('_', '.')}" if m else name
+
+
+def _torch_key(collection: str, path: tuple[str, ...]) -> str:
+    *modules, leaf = path
+    modules = list(modules)
+    for (a, b), torch_name in _PREFIX_TO_TORCH.items():
+        if tuple(modules[:2]) == (a, b):
+            modules = [torch_name] + modules[2:]
+    modules = [_module_name_to_torch(m) for m in modules]
+    torch_leaf = {
+        ("params", "kernel"): "weight",
+        ("params", "scale"): "weight",
+        ("params", "bias"): "bias",
+        ("batch_stats", "mean"): "running_mean",
+        ("batch_stats", "var"): "running_var",
+    }[(collection, leaf)]
+    return ".".join(modules + [torch_leaf])
+
+
+def _to_torch_layout(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 4:  # conv HWIO -> OIHW
+        return np.transpose(a, (3, 2, 0, 1))
+    if a.ndim == 2:  # dense (in, out) -> (out, in)
+        return a.T
+    return a
+
+
+def _from_torch_layout(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 4:  # OIHW -> HWIO
+        return np.transpose(a, (2, 3, 1, 0))
+    if a.ndim == 2:
+        return a.T
+    return a
+
+
+def _flat_leaves(variables):
+    """[(collection, path tuple, array)] of a variables dict."""
+    out = []
+
+    def walk(collection, node, path):
+        if isinstance(node, Mapping):
+            for k in sorted(node):
+                walk(collection, node[k], path + (k,))
+        else:
+            out.append((collection, path, node))
+
+    for collection in ("params", "batch_stats"):
+        if collection in variables:
+            walk(collection, variables[collection], ())
+    return out
+
+
+def _template(config: GMICConfig):
+    """Shapes of the model's variables (no compute: jax.eval_shape)."""
+    import jax
+
+    from gmic_jax.models import init_variables
+
+    return jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+
+
+def expected_state_dict_shapes(config: GMICConfig) -> dict[str, tuple[int, ...]]:
+    """{original key: original shape} the model with `config` needs (num_batches_tracked excluded)."""
+    return {
+        _torch_key(c, p): _to_torch_layout(np.empty(leaf.shape, np.uint8)).shape
+        for c, p, leaf in _flat_leaves(_template(config))
+    }
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GMICConfig = GMICConfig()):
+    """Original state_dict (numpy arrays or torch tensors) -> {'params', 'batch_stats'} of GMIC(config)."""
+    template = _template(config)
+    sd = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in IGNORED_LEAVES}
+    problems, used = [], set()
+    variables: dict = {}
+    for collection, path, leaf in _flat_leaves(template):
+        key = _torch_key(collection, path)
+        if key not in sd:
+            problems.append(f"missing key {key!r} (expected shape {_to_torch_layout(np.empty(leaf.shape, np.uint8)).shape})")
+            continue
+        used.add(key)
+        value = _as_numpy(sd[key], key)
+        converted = _from_torch_layout(value)
+        if converted.shape != tuple(leaf.shape):
+            problems.append(
+                f"key {key!r} has shape {value.shape}, expected "
+                f"{_to_torch_layout(np.empty(leaf.shape, np.uint8)).shape}"
+            )
+            continue
+        node = variables.setdefault(collection, {})
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = np.ascontiguousarray(converted, dtype=np.float32)
+    for key in sorted(set(sd) - used):
+        problems.append(f"unexpected key {key!r} (shape {tuple(np.shape(sd[key]))}): no place for it in GMIC({_describe(config)})")
+    if problems:
+        raise ConversionError(f"state_dict does not fit GMIC ({len(problems)} problems):\n  " + "\n  ".join(problems))
+    return variables
+
+
+def variables_to_state_dict(variables) -> dict[str, np.ndarray]:
+    """{'params', 'batch_stats'} -> original state_dict layout (numpy; num_batches_tracked = 0)."""
+    sd = {}
+    for collection, path, leaf in _flat_leaves(variables):
+        key = _torch_key(collection, path)
+        sd[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(leaf)))
+        if key.endswith(".running_var"):
+            sd[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    return sd
+
+
+def _describe(config: GMICConfig) -> str:
+    return f"local_net={config.local_net}, attention={config.attention}"
+
+
+def _as_numpy(value, key) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as e:  # pragma: no cover - exotic objects
+        raise ConversionError(f"key {key!r}: value of type {type(value).__name__} is not an array ({e})") from None
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+    """Read an original checkpoint: a torch-saved state_dict (`.p`/`.pt`/`.pth`, needs torch) or
+    an `.npz` of the state_dict's arrays (no torch needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise ConversionError(f"{path}: not a readable .npz state_dict ({e})") from None
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"{path}: reading a PyTorch checkpoint needs torch (pip install 'gmic-jax[torch]'), "
+            "or convert it to .npz of its state_dict first"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors")
+    return {k: _as_numpy(v, k) for k, v in obj.items()}
+
+
+def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
+    """Read SRC, convert strictly, write OUT_DIR in the gmic-jax checkpoint layout; returns variables."""
+    from gmic_jax.checkpoint import ORIGINAL_PREPROCESSING, save_checkpoint
+
+    state_dict = read_state_dict(src)
+    try:
+        variables = convert_state_dict(state_dict, config)
+    except ConversionError as e:
+        raise ConversionError(f"{src}: {e}") from None
+    save_checkpoint(out_dir, config, variables, preprocessing=ORIGINAL_PREPROCESSING)
+    return variables
+
+
+def add_arguments(parser):
+    parser.add_argument("src", help="original checkpoint: sample_model_N.p (needs torch) or an .npz of its state_dict")
+    parser.add_argument("--out", required=True, help="output directory (gmic-jax checkpoint layout)")
+    parser.add_argument("--model-index", type=int, default=1, choices=sorted(RELEASED_PERCENT_T),
+                        help="which released model (1..5) the weights are; sets top-t (default: 1)")
+    parser.add_argument("--percent-t", type=float, default=None, help="override top-t of --model-index")
+
+
+def main(args) -> int:
+    percent_t = args.percent_t if args.percent_t is not None else RELEASED_PERCENT_T[args.model_index]
+    config = GMICConfig(percent_t=percent_t)
+    try:
+        variables = convert_checkpoint(args.src, args.out, config)
+    except ConversionError as e:
+        print(f"gmic-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    n = sum(int(np.size(a)) for _, _, a in _flat_leaves(variables))
+    print(f"converted {args.src} -> {args.out} ({n:,} values, percent_t={percent_t})")
+    return 0

@@ -1,0 +1,89 @@
+"""Global network f_g: the narrow pre-activation ResNet-22 and its saliency head.
+
+ResNet-22: 7x7/2 stem (1 -> 16 channels), 3x3/2 max-pool without padding, five stages of two
+pre-activation basic blocks (16/32/64/128/256 channels, strides 1/2/2/2/2) with a 1x1 projection
+in block 0 of every stage, then BN + ReLU: h_g. A 1x1 conv + sigmoid maps h_g to the saliency
+maps A (benign, malignant). Submodule names mirror the original checkpoint (`ds_net.*`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gmic_jax.models.layers import batch_norm, conv, max_pool
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: o = relu(bn1(x)); res = proj(o) or x; conv2(relu(bn2(conv1(o)))) + res."""
+
+    features: int
+    stride: int
+    project: bool
+    dtype: Any
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        o = jax.nn.relu(batch_norm(x, train, name="bn1", axis_name=self.bn_axis_name)).astype(self.dtype)
+        res = conv(self.features, 1, self.stride, 0, dtype=self.dtype, name="downsample_0")(o) if self.project else x
+        o = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(o)
+        o = jax.nn.relu(batch_norm(o, train, name="bn2", axis_name=self.bn_axis_name)).astype(self.dtype)
+        o = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(o)
+        return o + res.astype(o.dtype)
+
+
+class ResNet22(nn.Module):
+    """The global network's feature extractor; returns h_g (N, h, w, 256), float32."""
+
+    dtype: Any = jnp.float32
+    stage_features: Sequence[int] = (16, 32, 64, 128, 256)
+    stage_strides: Sequence[int] = (1, 2, 2, 2, 2)
+    blocks_per_stage: int = 2
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        h = conv(self.stage_features[0], 7, 2, 3, dtype=self.dtype, name="first_conv")(x.astype(self.dtype))
+        h = max_pool(h, 3, 2, 0)
+        for s, (features, stride) in enumerate(zip(self.stage_features, self.stage_strides)):
+            for b in range(self.blocks_per_stage):
+                h = PreActBlock(
+                    features,
+                    stride if b == 0 else 1,
+                    project=(b == 0),
+                    dtype=self.dtype,
+                    bn_axis_name=self.bn_axis_name,
+                    name=f"layer_list_{s}_{b}",
+                )(h, train)
+        return jax.nn.relu(batch_norm(h, train, name="final_bn", axis_name=self.bn_axis_name))
+
+
+class SaliencyHead(nn.Module):
+    """1x1 conv (no bias) + sigmoid: h_g -> saliency maps A (N, h, w, 2), float32."""
+
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, h_g):
+        logits = conv(self.num_classes, 1, dtype=jnp.float32, name="gn_conv_last")(h_g.astype(jnp.float32))
+        return jax.nn.sigmoid(logits)
+
+
+def saliency_grid_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the saliency map for an (H, W) input: stem /2 (pad 3), pool 3/2 (no pad), then
+    four stride-2 3x3 convs (pad 1). 2944 x 1920 -> 46 x 30."""
+
+    def conv_out(n, k, s, p):
+        return (n + 2 * p - k) // s + 1
+
+    out = []
+    for n in image_shape:
+        n = conv_out(n, 7, 2, 3)
+        n = conv_out(n, 3, 2, 0)
+        for _ in range(4):
+            n = conv_out(n, 3, 2, 1)
+        out.append(n)
+    return tuple(out)

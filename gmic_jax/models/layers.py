@@ -1,0 +1,81 @@
+"""Building blocks shared by the global and local networks.
+
+Precision policy in one place: convolutions and dense layers run in the compute dtype
+(float32 or bfloat16) with float32 parameters; BatchNorm normalises in float32. Max-pooling keeps
+its input dtype: taking a maximum is exact in any dtype, so casting before it would only cost memory.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+# PyTorch BatchNorm: eps 1e-5, momentum 0.1 (new = 0.9 * old + 0.1 * batch); flax's momentum is
+# the decay of the running average, so 0.9 here.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, dtype: Dtype, name: str):
+    """A bias-free conv with explicit symmetric padding (PyTorch's `padding=p`), never 'SAME'."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def batch_norm(x, train: bool, *, name: str, axis_name: str | None = None):
+    """BatchNorm in float32 whatever the compute dtype, with PyTorch's eps and momentum.
+
+    Call inside a compact module. ``axis_name`` (training only) synchronises the batch
+    statistics over that mapped axis.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        axis_name=axis_name if train else None,
+        name=name,
+    )(x.astype(jnp.float32))
+
+
+def max_pool(x, window: int, stride: int, padding: int):
+    """Max-pool, NHWC, with PyTorch's semantics: -inf padding, and gradient routed to the first
+    maximum in row-major order of each window (JAX's reduce_window max transposes to a
+    select-and-scatter that keeps the first of equal values)."""
+    return lax.reduce_window(
+        x,
+        -jnp.inf,  # a Python scalar: JAX recognises the max monoid and differentiates it
+        lax.max,
+        (1, window, window, 1),
+        (1, stride, stride, 1),
+        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+    )
+
+
+def spatial_mean(x):
+    """Mean over H and W, NHWC -> NC, accumulated in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def spatial_max(x):
+    """Max over H and W, NHWC -> NC, in float32."""
+    return jnp.max(x.astype(jnp.float32), axis=(1, 2))
+
+
+def compute_dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+

@@ -1,0 +1,33 @@
+"""gmic-jax: a JAX/Flax reimplementation of GMIC (Shen et al., Medical Image Analysis 2021)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gmic-jax",
+    version="0.1.0",
+    description="Globally-aware multiple instance classifier for screening mammograms, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gmic_jax", "gmic_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "jaxlib>=0.10",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.90",
+        "numpy>=1.26",
+        "ml_collections>=1.0",
+        "scipy>=1.11",
+        "pillow>=10",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
+        "torch": ["torch>=2.2"],
+        "gpu": ["jax[cuda12]>=0.10"],
+    },
+    entry_points={"console_scripts": ["gmic-jax=gmic_jax.cli:main"]},
+)
