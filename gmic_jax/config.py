@@ -33,12 +33,13 @@ class GMICConfig:
         windows drawn from the flax rng stream 'roi').
     dtype: compute dtype of the convolutions ('float32' or 'bfloat16'). Parameters stay float32;
         BatchNorm, pooling, sigmoids and the heads run in float32.
-    image_shape: (H, W) the model is built for; only informative (shapes follow the input) and
-        recorded in checkpoints. The original: 2944 x 1920.
+    image_shape: (H, W) of the input images; the model checks it (a window of another size is
+        a preprocessing bug), and the saliency grid and ROI window follow from it. The original:
+        2944 x 1920.
     rotate_crops: training-time rotation of each patch by a random multiple of 90 degrees
         (paper's augmentation, 'roi' rng stream); inactive when train=False.
-    num_classes: 2 ([benign, malignant]).
-    post_processing_dim: channels of h_g (256 in the original).
+    remat: rematerialise the global network's stages in the backward pass (saves activation
+        memory, costs recompute).
     """
 
     percent_t: float = 0.02
@@ -51,8 +52,7 @@ class GMICConfig:
     dtype: str = "float32"
     image_shape: tuple[int, int] = (2944, 1920)
     rotate_crops: bool = False
-    num_classes: int = 2
-    post_processing_dim: int = 256
+    remat: bool = False
 
     def __post_init__(self):
         # Normalise sequences to tuples so configs read from JSON compare and hash equal.
@@ -74,8 +74,10 @@ class GMICConfig:
             raise ValueError(f"GMICConfig.K={self.K}; expected K >= 1")
         if len(self.crop_shape) != 2 or min(self.crop_shape) < 1:
             raise ValueError(f"GMICConfig.crop_shape={self.crop_shape}; expected (h, w) >= 1")
-        if self.num_classes != 2:
-            raise ValueError("GMICConfig.num_classes must be 2 ([benign, malignant])")
+        if len(self.image_shape) != 2 or min(self.image_shape) < 1:
+            raise ValueError(f"GMICConfig.image_shape={self.image_shape}; expected (H, W) >= 1")
+        if self.rotate_crops and self.crop_shape[0] != self.crop_shape[1]:
+            raise ValueError(f"GMICConfig.rotate_crops needs square crops, got crop_shape={self.crop_shape}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

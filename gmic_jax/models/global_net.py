@@ -42,15 +42,17 @@ class ResNet22(nn.Module):
     stage_features: Sequence[int] = (16, 32, 64, 128, 256)
     stage_strides: Sequence[int] = (1, 2, 2, 2, 2)
     blocks_per_stage: int = 2
+    remat: bool = False
     bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         h = conv(self.stage_features[0], 7, 2, 3, dtype=self.dtype, name="first_conv")(x.astype(self.dtype))
         h = max_pool(h, 3, 2, 0)
+        block_cls = nn.remat(PreActBlock, static_argnums=(2,)) if self.remat else PreActBlock
         for s, (features, stride) in enumerate(zip(self.stage_features, self.stage_strides)):
             for b in range(self.blocks_per_stage):
-                h = PreActBlock(
+                h = block_cls(
                     features,
                     stride if b == 0 else 1,
                     project=(b == 0),

@@ -22,6 +22,9 @@ from gmic_jax.models.pooling import aggregate
 from gmic_jax.models.roi import extract_patches, random_patch_locations, retrieve_roi, rotate_patches
 
 
+NUM_CLASSES = 2  # [benign, malignant]
+
+
 class GMIC(nn.Module):
     config: GMICConfig = GMICConfig()
     # Synchronise BatchNorm statistics over this mapped axis in training (None: per device).
@@ -30,15 +33,18 @@ class GMIC(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != 1:
-            raise ValueError(f"GMIC expects images of shape (N, H, W, 1), got {x.shape}")
+        if x.ndim != 4 or x.shape[-1] != 1 or tuple(x.shape[1:3]) != cfg.image_shape:
+            raise ValueError(
+                f"GMIC expects images of shape (N, {cfg.image_shape[0]}, {cfg.image_shape[1]}, 1), got "
+                f"{tuple(x.shape)}; set GMICConfig(image_shape=(H, W)) for another image size"
+            )
         n, H, W, _ = x.shape
         dtype = compute_dtype(cfg.dtype)
         x = x.astype(jnp.float32)
 
         # Global network: h_g and the saliency maps A; y_global by the chosen aggregation.
-        h_g = ResNet22(dtype=dtype, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
-        saliency_map = SaliencyHead(cfg.num_classes, name="left_postprocess_net")(h_g)
+        h_g = ResNet22(dtype=dtype, remat=cfg.remat, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
+        saliency_map = SaliencyHead(NUM_CLASSES, name="left_postprocess_net")(h_g)
         y_global = aggregate(saliency_map, cfg.aggregation, cfg.percent_t)
 
         # Patch selection (discrete: no gradient) and crops cut from the full-resolution input.
@@ -58,7 +64,7 @@ class GMIC(nn.Module):
         z, patch_attns = ATTENTIONS[cfg.attention](name="attention")(h_crops)
 
         dense = lambda name, bias: nn.Dense(
-            cfg.num_classes, use_bias=bias, dtype=jnp.float32, param_dtype=jnp.float32, name=name
+            NUM_CLASSES, use_bias=bias, dtype=jnp.float32, param_dtype=jnp.float32, name=name
         )
         y_local = jax.nn.sigmoid(dense("classifier_linear", False)(z))
         global_vec = spatial_max(h_g)
@@ -79,9 +85,10 @@ class GMIC(nn.Module):
         }
 
 
-def init_variables(config: GMICConfig, rng, image_shape=(256, 256)):
-    """Parameters and batch statistics of GMIC(config); they do not depend on the image size,
-    so this initialises on a small image (full-size init costs a long compile)."""
+def init_variables(config: GMICConfig, rng):
+    """Parameters and batch statistics of GMIC(config). They do not depend on the image size, so
+    this initialises on a small image (a full-size init costs seconds of compile)."""
+    small = config.replace(image_shape=(256, 256))
     params_rng, roi_rng = jax.random.split(rng)
-    x = jnp.zeros((1, *image_shape, 1), jnp.float32)
-    return GMIC(config).init({"params": params_rng, "roi": roi_rng}, x, train=False)
+    x = jnp.zeros((1, *small.image_shape, 1), jnp.float32)
+    return GMIC(small).init({"params": params_rng, "roi": roi_rng}, x, train=False)

@@ -1,0 +1,172 @@
+"""Every GMICConfig field changes the computation, at a small size."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmic_jax import GMIC, GMICConfig, init_variables
+from gmic_jax.models.global_net import saliency_grid_shape
+
+BASE = GMICConfig(image_shape=(512, 384), crop_shape=(64, 64), K=4, percent_t=0.05)
+X = jax.random.normal(jax.random.key(7), (2, 512, 384, 1))
+
+
+def run(config, variables=None, train=False, rng=0):
+    if variables is None:
+        variables = init_variables(config, jax.random.key(0))
+    rngs = {"roi": jax.random.key(rng)}
+    f = GMIC(config).apply
+    if train:
+        out, _ = f(variables, X, train=True, mutable=["batch_stats"], rngs=rngs)
+    else:
+        out = f(variables, X, train=False, rngs=rngs)
+    return jax.tree.map(np.asarray, out)
+
+
+@pytest.fixture(scope="module")
+def base():
+    variables = init_variables(BASE, jax.random.key(0))
+    return variables, run(BASE, variables)
+
+
+def differs(a, b):
+    return a.shape != b.shape or not np.allclose(a, b)
+
+
+def test_base_outputs(base):
+    _, out = base
+    h, w = saliency_grid_shape((512, 384))
+    assert out["saliency_map"].shape == (2, h, w, 2)
+    assert out["patches"].shape == (2, 4, 64, 64) and out["h_crops"].shape == (2, 4, 512)
+    for k in ("y_global", "y_local", "y_fusion"):
+        assert out[k].shape == (2, 2) and ((out[k] > 0) & (out[k] < 1)).all()
+    np.testing.assert_allclose(out["patch_attns"].sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value, output",
+    [
+        ("percent_t", 0.5, "y_global"),
+        ("aggregation", "gmp", "y_global"),
+        ("aggregation", "gap", "y_global"),
+        ("K", 2, "patch_attns"),
+        ("crop_shape", (96, 96), "patches"),
+        ("attention", "uniform", "patch_attns"),
+    ],
+)
+def test_field_changes_output(base, field, value, output):
+    variables, out = base
+    config = dataclasses.replace(BASE, **{field: value})
+    if field == "attention":
+        variables = init_variables(config, jax.random.key(0))
+    changed = run(config, variables)
+    assert differs(changed[output], out[output]), f"{field}={value!r} did not change {output}"
+
+
+def test_aggregation_extremes(base):
+    _, out = base
+    sal = out["saliency_map"]
+    np.testing.assert_allclose(run(BASE.replace(aggregation="gmp"), base[0])["y_global"], sal.max((1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(run(BASE.replace(aggregation="gap"), base[0])["y_global"], sal.mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(run(BASE.replace(percent_t=1.0), base[0])["y_global"], sal.mean((1, 2)), rtol=1e-5)
+
+
+def test_uniform_attention_weighs_equally(base):
+    config = BASE.replace(attention="uniform")
+    out = run(config)
+    np.testing.assert_allclose(out["patch_attns"], 1.0 / config.K)
+    np.testing.assert_allclose(out["z"], out["h_crops"].mean(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("local_net, width", [("resnet34", 512), ("resnet50", 2048)])
+def test_local_nets(base, local_net, width):
+    out = run(BASE.replace(local_net=local_net))
+    assert out["h_crops"].shape == (2, 4, width)
+    assert differs(out["y_local"], base[1]["y_local"])
+
+
+def test_random_patches_follow_roi_rng(base):
+    config = BASE.replace(patch_selection="random")
+    a, b, c = (run(config, base[0], rng=r) for r in (1, 1, 2))
+    np.testing.assert_array_equal(a["patch_locations"], b["patch_locations"])
+    assert differs(a["patch_locations"], c["patch_locations"])
+    assert differs(a["patch_locations"], base[1]["patch_locations"])
+    assert (a["patch_locations"] >= 0).all()
+    assert (a["patch_locations"][..., 0] <= 512 - 64).all() and (a["patch_locations"][..., 1] <= 384 - 64).all()
+
+
+def test_rotate_crops_only_in_training(base):
+    variables, _ = base
+    config = BASE.replace(rotate_crops=True)
+    plain, rotated = run(BASE, variables, train=True), run(config, variables, train=True)
+    np.testing.assert_array_equal(plain["patch_locations"], rotated["patch_locations"])
+    assert differs(rotated["patches"], plain["patches"])
+    # Each rotated patch is one of the four rotations of the plain one.
+    for n in range(2):
+        for k in range(4):
+            assert any(np.array_equal(rotated["patches"][n, k], np.rot90(plain["patches"][n, k], t)) for t in range(4))
+    np.testing.assert_array_equal(run(config, variables)["patches"], base[1]["patches"])  # eval: no rotation
+
+
+def test_bfloat16_close_to_float32(base):
+    variables, out = base
+    bf16 = run(BASE.replace(dtype="bfloat16"), variables)
+    for k in ("y_global", "y_local", "y_fusion"):
+        err = np.abs(bf16[k] - out[k]).max()
+        assert 0 < err <= 2e-2, f"{k}: bf16 vs float32 differ by {err}"
+    assert bf16["y_fusion"].dtype == np.float32 and bf16["saliency_map"].dtype == np.float32
+
+
+def test_remat_recomputes_in_backward_with_same_gradients(base):
+    variables, _ = base
+
+    def grads(config):
+        def loss(p):
+            return GMIC(config).apply({"params": p, "batch_stats": variables["batch_stats"]}, X)["y_fusion"].sum()
+
+        return jax.grad(loss), loss
+
+    g_plain, loss_plain = grads(BASE)
+    g_remat, loss_remat = grads(BASE.replace(remat=True))
+    assert "remat" not in str(jax.make_jaxpr(g_plain)(variables["params"]))
+    assert "remat" in str(jax.make_jaxpr(g_remat)(variables["params"]))
+    a, b = g_plain(variables["params"]), g_remat(variables["params"])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_image_shape_is_checked_and_sets_grid():
+    config = GMICConfig(image_shape=(256, 192), crop_shape=(32, 32))
+    variables = init_variables(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\(N, 256, 192, 1\).*image_shape"):
+        GMIC(config).apply(variables, jnp.zeros((1, 200, 192, 1)))
+    out = GMIC(config).apply(variables, jnp.zeros((1, 256, 192, 1)))
+    assert out["saliency_map"].shape[1:3] == saliency_grid_shape((256, 192))
+    assert saliency_grid_shape((2944, 1920)) == (46, 30)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(aggregation="max"), "aggregation"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(percent_t=0.0), "percent_t"),
+        (dict(K=0), "K"),
+        (dict(rotate_crops=True, crop_shape=(64, 32)), "square"),
+        (dict(local_net="vgg"), "local_net"),
+    ],
+)
+def test_bad_config_is_rejected(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GMICConfig(**kw)
+
+
+def test_config_dict_round_trip():
+    config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34")
+    assert GMICConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown GMICConfig fields"):
+        GMICConfig.from_dict({"percent_t": 0.1, "typo": 1})

@@ -1,0 +1,147 @@
+"""retrieve_roi and crop extraction against plain-numpy transcriptions of the paper's Algorithm 1
+and of the original's crop rule (written here in float64, independent of the JAX code)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gmic_jax.models.roi import extract_patches, retrieve_roi
+
+# (grid h, w), (image H, W), crop: a few fixed shapes so the jitted function compiles once each.
+SHAPES = [
+    ((23, 15), (1472, 960), (256, 256)),  # the 'small' fixture: 4x4 windows
+    ((5, 4), (160, 128), (64, 64)),  # windows that exhaust a small map
+    ((7, 9), (700, 900), (250, 300)),  # non-square window, .5 rounding of pixel positions
+    ((3, 3), (48, 48), (48, 48)),  # window == whole map: every pick is (0, 0)
+]
+
+
+def numpy_algorithm_1(saliency, image_shape, crop_shape, K):
+    """Algorithm 1 of the paper, in float64 numpy. saliency: (h, w, C). Returns (K, 2) pixels."""
+    h, w, _ = saliency.shape
+    H, W = image_shape
+    wh = min(max(int(np.round(crop_shape[0] * h / H)), 1), h)
+    ww = min(max(int(np.round(crop_shape[1] * w / W)), 1), w)
+    a = saliency.astype(np.float64)
+    m = np.zeros((h, w))
+    for c in range(a.shape[-1]):
+        lo, hi = a[..., c].min(), a[..., c].max()
+        if hi > lo:
+            m += (a[..., c] - lo) / (hi - lo)
+    picks = []
+    for _ in range(K):
+        best, best_rc = -np.inf, None
+        for r in range(h - wh + 1):
+            for c in range(w - ww + 1):
+                s = m[r:r + wh, c:c + ww].sum()
+                if s > best:  # strict: the first maximum in row-major order wins ties
+                    best, best_rc = s, (r, c)
+        r, c = best_rc
+        m[r:r + wh, c:c + ww] = 0.0
+        picks.append((int(np.round(r / h * H)), int(np.round(c / w * W))))
+    return np.array(picks)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_roi(image_shape, crop_shape, K):
+    return jax.jit(lambda s: retrieve_roi(s, image_shape, crop_shape, K)[0])
+
+
+@st.composite
+def saliency_maps(draw):
+    grid, image, crop = draw(st.sampled_from(SHAPES))
+    h, w = grid
+    # Values on a power-of-two lattice with each class map spanning [0, 1]: min-max normalisation
+    # is the identity and window sums are exact in float32 and float64 alike, so the comparison is
+    # exact; ties are common.
+    levels = draw(st.sampled_from([1, 2, 4, 8]))
+    values = draw(st.lists(st.integers(0, levels), min_size=h * w * 2, max_size=h * w * 2))
+    sal = np.array(values, np.float32).reshape(h, w, 2) / levels
+    for c in range(2):
+        i = draw(st.integers(0, h * w - 1))
+        j = (i + 1 + draw(st.integers(0, h * w - 2))) % (h * w)
+        sal[..., c].flat[i] = 0.0
+        sal[..., c].flat[j] = 1.0
+    if draw(st.booleans()):
+        sal[..., draw(st.integers(0, 1))] = 0.25  # one constant class map
+    K = draw(st.sampled_from([1, 6, 10]))
+    return sal, image, crop, K
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(saliency_maps())
+def test_retrieve_roi_matches_numpy_algorithm_1(example):
+    sal, image, crop, K = example
+    ours = np.asarray(jitted_roi(image, crop, K)(jnp.asarray(sal[None])))[0]
+    np.testing.assert_array_equal(ours, numpy_algorithm_1(sal, image, crop, K))
+
+
+def test_constant_map_picks_origin_without_nan():
+    sal = jnp.full((2, 23, 15, 2), 0.7, jnp.float32)
+    locs, grid = retrieve_roi(sal, (1472, 960), (256, 256), 6)
+    assert not np.isnan(np.asarray(locs, np.float64)).any()
+    np.testing.assert_array_equal(np.asarray(grid), 0)
+    np.testing.assert_array_equal(np.asarray(locs), 0)
+
+
+def test_pixel_rounding_is_half_to_even():
+    # 7 x 9 grid on 700 x 900 ... choose a grid where (i / h) * H hits .5 exactly: h=4, H=6 -> 1.5 -> 2, 4.5 -> 4.
+    from gmic_jax.models.roi import grid_to_pixel_table
+
+    np.testing.assert_array_equal(grid_to_pixel_table(4, 6), [0, 2, 3, 4])
+    # float64 table, not float32 arithmetic in the graph: agrees with numpy for many sizes.
+    for h in (16, 23, 46):
+        for H in range(300, 4000, 37):
+            np.testing.assert_array_equal(grid_to_pixel_table(h, H), np.around(np.arange(h) / h * H))
+
+
+def test_no_gradient_through_selection():
+    sal = jax.random.uniform(jax.random.key(0), (1, 23, 15, 2))
+    g = jax.grad(lambda s: jnp.sum(retrieve_roi(s, (1472, 960), (256, 256), 6)[1].astype(jnp.float32)))(sal)
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def numpy_crop(image, r, c, crop_shape):
+    """The original's rule: fill with the image minimum, clipped content at the bottom-right."""
+    H, W = image.shape
+    ch, cw = crop_shape
+    r1, c1 = min(r + ch, H), min(c + cw, W)
+    out = np.full(crop_shape, image.min(), image.dtype)
+    out[ch - (r1 - r):, cw - (c1 - c):] = image[r:r1, c:c1]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([(40, 30), (20, 12), (64, 64)]),
+    st.lists(st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)), min_size=3, max_size=3),
+    st.integers(0, 2**31 - 1),
+)
+def test_extract_patches_matches_original_border_rule(image_shape, fractions, seed):
+    crop = (16, 24)
+    H, W = image_shape
+    images = np.random.default_rng(seed).standard_normal((2, H, W)).astype(np.float32)
+    locs = np.array([[(int(fr * H), int(fc * W)) for fr, fc in fractions]] * 2, np.int32)
+    ours = np.asarray(_jitted_crops(crop)(jnp.asarray(images), jnp.asarray(locs)))
+    for n in range(2):
+        for k in range(3):
+            np.testing.assert_array_equal(ours[n, k], numpy_crop(images[n], *locs[n, k], crop))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_crops(crop):
+    return jax.jit(lambda x, l: extract_patches(x, l, crop))
+
+
+def test_extract_patches_image_smaller_than_crop():
+    image = np.arange(12, dtype=np.float32).reshape(1, 3, 4) + 5
+    locs = np.array([[[1, 2]]], np.int32)
+    ours = np.asarray(extract_patches(jnp.asarray(image), jnp.asarray(locs), (5, 6)))[0, 0]
+    np.testing.assert_array_equal(ours, numpy_crop(image[0], 1, 2, (5, 6)))
+    assert ours[0, 0] == 5.0 and ours[-1, -1] == image[0, -1, -1]
