@@ -25,7 +25,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
+                 "pydicom>=3.0", "grain>=0.2.10", "tensorflow-datasets>=4.9.7"],
+        "data": ["pydicom>=3.0", "grain>=0.2.10", "tensorflow-datasets>=4.9.7"],
         "torch": ["torch>=2.2"],
         "gpu": ["jax[cuda12]>=0.10"],
     },

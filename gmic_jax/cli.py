@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "convert": ("gmic_jax.convert", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
     "preprocess": ("gmic_jax.data.preprocess", "crop images and find window centres (the original's exam-list pipeline)"),
+    "cache": ("gmic_jax.data.cache", "preprocess a dataset once into memory-mapped uint16 window shards"),
 }
 
 

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gmic_jax.models.layers import batch_norm, conv, max_pool
+from gmic_jax.models.fast_ops import max_pool, stem_conv_s2d
+from gmic_jax.models.layers import batch_norm, conv
 
 
 class PreActBlock(nn.Module):
@@ -35,6 +36,19 @@ class PreActBlock(nn.Module):
         return o + res.astype(o.dtype)
 
 
+class SpaceToDepthStem(nn.Module):
+    """The 7x7 stride-2 (pad 3) stem conv, 1 -> C channels, computed on the 2x2 space-to-depth
+    image (see fast_ops.stem_conv_s2d); the kernel keeps the original's (7, 7, 1, C) layout."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (7, 7, 1, self.features), jnp.float32)
+        return stem_conv_s2d(x.astype(self.dtype), kernel.astype(self.dtype), padding=3)
+
+
 class ResNet22(nn.Module):
     """The global network's feature extractor; returns h_g (N, h, w, 256), float32."""
 
@@ -47,7 +61,7 @@ class ResNet22(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        h = conv(self.stage_features[0], 7, 2, 3, dtype=self.dtype, name="first_conv")(x.astype(self.dtype))
+        h = SpaceToDepthStem(self.stage_features[0], self.dtype, name="first_conv")(x)
         h = max_pool(h, 3, 2, 0)
         block_cls = nn.remat(PreActBlock, static_argnums=(2,)) if self.remat else PreActBlock
         for s, (features, stride) in enumerate(zip(self.stage_features, self.stage_strides)):

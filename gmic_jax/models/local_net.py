@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gmic_jax.models.layers import batch_norm, conv, max_pool, spatial_mean
+from gmic_jax.models.fast_ops import max_pool
+from gmic_jax.models.layers import batch_norm, conv, spatial_mean
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,162 @@
+"""Random-access data sources: ``len(source)`` and ``source[i]`` -> one example in the batch layout
+(:mod:`gmic_jax.data.batch`). Grain reads them directly (they follow its RandomAccessDataSource
+protocol); so does ``gmic-jax cache``.
+
+- :class:`RecordSource` -- a list of :class:`ImageRecord` (raw image files + labels + optional mask
+  files in the image's frame), through a named preprocessing (:mod:`gmic_jax.data.transforms`).
+  The manifest CSV and the raw CBIS-DDSM reader produce these records.
+- :class:`ExamListSource` -- an exam list written by ``gmic-jax preprocess`` (cropped PNGs +
+  ``best_center``), windows placed exactly as the original model runner does; segmentations are
+  in the flipped window frame, a missing file meaning "no lesion of that class".
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from gmic_jax.data import batch as batch_lib
+from gmic_jax.data import cropping
+from gmic_jax.data.centers import WINDOW_SHAPE
+from gmic_jax.data.image import VIEWS, DataError, read_image
+from gmic_jax.data.transforms import to_window
+from gmic_jax.data.window import load_raw_window, load_segmentation
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset. ``mask_paths`` = (benign files, malignant files), each a tuple of
+    files in the image's frame whose union is that class's mask (empty: no lesion)."""
+
+    image_id: str
+    breast_id: str
+    view: str  # 'L-CC', 'R-CC', 'L-MLO', 'R-MLO'
+    label: tuple  # (benign, malignant)
+    split: str
+    path: str
+    mask_paths: tuple = ((), ())
+    patient: str = ""
+
+    @property
+    def has_masks(self) -> bool:
+        return any(self.mask_paths[0]) or any(self.mask_paths[1])
+
+
+def validation_fraction_of(patient: str, seed: int) -> float:
+    """A patient's position in [0, 1), fixed by (seed, patient): the seeded train/validation split."""
+    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+
+
+def assign_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> list:
+    """Move the 'train' records of a seeded ``fraction`` of patients to 'val' (patient-grouped)."""
+    out = []
+    for r in records:
+        if r.split == "train" and validation_fraction_of(r.patient or r.breast_id, seed) < fraction:
+            r = dataclasses.replace(r, split="val")
+        out.append(r)
+    return out
+
+
+def _read_mask(path: str) -> np.ndarray:
+    return read_image(path).pixels > 0
+
+
+class RecordSource:
+    """Records -> examples. ``iterations`` (erosion/dilation steps) can be lowered for tiny test images."""
+
+    def __init__(self, records: Sequence[ImageRecord], preprocessing: str = "gmic",
+                 window_shape=WINDOW_SHAPE, with_masks: Optional[bool] = None,
+                 iterations: int = cropping.NUM_ITERATIONS):
+        self.records = list(records)
+        self.preprocessing = preprocessing
+        self.window_shape = tuple(window_shape)
+        self.with_masks = any(r.has_masks for r in self.records) if with_masks is None else with_masks
+        self.iterations = iterations
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image = read_image(record.path)
+        pixels = image.to_uint() if image.bit_depth > 8 else image.to_uint().astype(np.uint16)
+        masks = None
+        if self.with_masks:
+            masks = []
+            for paths in record.mask_paths:
+                union = None
+                for p in paths:
+                    m = _read_mask(p)
+                    if m.shape != pixels.shape:
+                        from gmic_jax.data.transforms import resize
+                        m = resize(m.astype(np.uint8), pixels.shape, nearest=True) > 0
+                    union = m if union is None else union | m
+                masks.append(union)
+        window, mask_window = to_window(self.preprocessing, pixels, record.view, masks=masks,
+                                        window_shape=self.window_shape, iterations=self.iterations,
+                                        path=record.path)
+        return batch_lib.make_example(window, record.label, record.image_id, record.breast_id, record.view,
+                                      mask=mask_window)
+
+    def __repr__(self) -> str:
+        return f"RecordSource({len(self)} images, preprocessing={self.preprocessing!r})"
+
+
+def _view_label(cancer_label: dict, full_view: str) -> tuple:
+    side = "left" if full_view[0] == "L" else "right"
+    return (float(cancer_label.get(f"{side}_benign", 0)), float(cancer_label.get(f"{side}_malignant", 0)))
+
+
+class ExamListSource:
+    """The images of a preprocessed exam list (``gmic-jax preprocess`` output) as examples."""
+
+    def __init__(self, exam_list_path, images_dir, segmentation_dir: Optional[str] = None,
+                 window_shape=WINDOW_SHAPE, with_masks: Optional[bool] = None):
+        from gmic_jax.data.exam_list import PREPROCESSING_KEYS, check_exams, load_exam_list
+
+        exams = load_exam_list(exam_list_path)
+        good, errors = check_exams(exams, exam_list_path)
+        if errors:
+            raise errors[0]
+        self.items = []
+        for i in good:
+            exam = exams[i]
+            missing = [k for k in PREPROCESSING_KEYS if k not in exam]
+            if missing:
+                raise DataError(exam_list_path, f"exam {i} is not preprocessed (no {missing}); run "
+                                                "gmic-jax preprocess first")
+            for view in VIEWS:
+                for j, name in enumerate(exam[view]):
+                    self.items.append(dict(
+                        name=name, view=view, horizontal_flip=exam["horizontal_flip"],
+                        best_center=exam["best_center"][view][j], exam_index=i,
+                        label=_view_label(exam.get("cancer_label", {}), view),
+                        seg=[exam.get(f"{view}_{kind}_seg", [None] * (j + 1))[j] for kind in ("benign", "malignant")],
+                    ))
+        self.images_dir = str(images_dir)
+        self.segmentation_dir = segmentation_dir
+        self.window_shape = tuple(window_shape)
+        self.with_masks = segmentation_dir is not None if with_masks is None else with_masks
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        path = os.path.join(self.images_dir, item["name"] + ".png")
+        window = load_raw_window(path, item["view"], item["horizontal_flip"], item["best_center"],
+                                 self.window_shape)
+        mask = None
+        if self.with_masks:
+            mask = np.stack([
+                load_segmentation(None if seg is None or self.segmentation_dir is None
+                                  else os.path.join(self.segmentation_dir, seg + ".png"), self.window_shape)
+                for seg in item["seg"]], axis=-1)
+        breast = f"exam{item['exam_index']}/{item['view'][0]}"
+        return batch_lib.make_example(window, item["label"], item["name"], breast, item["view"], mask=mask)
