@@ -4,9 +4,9 @@ function as the straightforward op (checked by tests against it and by the parit
 * `stem_conv_s2d`: the 7x7 stride-2 conv on a 1-channel image, rewritten as a 4x4 stride-1 conv
   on the 2x2 space-to-depth image (4 channels at half resolution). A 1-input-channel strided conv
   is the worst case of XLA:CPU's conv path, in the forward and above all in the weight gradient.
-* `max_pool`: k x k / stride s max-pool from shifted strided slices, with a custom VJP that routes
-  each output's gradient to the first maximum of its window in row-major order (PyTorch's and
-  XLA's select-and-scatter rule) by masks and interior padding, with no scatter.
+* `max_pool`: k x k / stride s max-pool as two separable 1-D pools of shifted strided slices, with
+  a custom VJP that routes each output's gradient to the first maximum of its window in row-major
+  order (PyTorch's and XLA's select-and-scatter rule) by masks and interior padding, no scatter.
 """
 from __future__ import annotations
 
@@ -37,54 +37,49 @@ def stem_conv_s2d(x, kernel, padding: int):
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _window_slices(x, window, stride, out_hw):
-    """The window*window strided views of x (N, H, W, C), in row-major window order."""
-    ho, wo = out_hw
+def _strided_views(x, window: int, stride: int, axis: int):
+    """The `window` strided views of x along `axis` (offsets 0..window-1)."""
+    out = (x.shape[axis] - window) // stride + 1
     for a in range(window):
-        for b in range(window):
-            yield (a, b), lax.slice(
-                x, (0, a, b, 0), (x.shape[0], a + stride * (ho - 1) + 1, b + stride * (wo - 1) + 1, x.shape[3]),
-                (1, stride, stride, 1))
+        yield lax.slice_in_dim(x, a, a + stride * (out - 1) + 1, stride, axis)
 
 
-def _pool_out(n, window, stride):
-    return (n - window) // stride + 1
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_1d(x, window: int, stride: int, axis: int):
+    return functools.reduce(jnp.maximum, _strided_views(x, window, stride, axis))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool_valid(x, window: int, stride: int):
-    out_hw = (_pool_out(x.shape[1], window, stride), _pool_out(x.shape[2], window, stride))
-    return functools.reduce(jnp.maximum, (v for _, v in _window_slices(x, window, stride, out_hw)))
+def _max_pool_1d_fwd(x, window, stride, axis):
+    return _max_pool_1d(x, window, stride, axis), x
 
 
-def _max_pool_fwd(x, window, stride):
-    y = _max_pool_valid(x, window, stride)
-    return y, (x, y)
-
-
-def _max_pool_bwd(window, stride, res, g):
-    x, y = res
-    ho, wo = y.shape[1:3]
-    H, W = x.shape[1:3]
-    taken = jnp.zeros(y.shape, bool)
-    dx = jnp.zeros(x.shape, g.dtype)
+def _max_pool_1d_bwd(window, stride, axis, x, g):
+    # Route g to the first maximum of each window: offset a wins where it equals the maximum and
+    # no earlier offset did. Then place each offset's share with interior padding (no scatter).
+    views = list(_strided_views(x, window, stride, axis))
+    y = functools.reduce(jnp.maximum, views)
     zero = jnp.array(0, g.dtype)
-    for (a, b), v in _window_slices(x, window, stride, (ho, wo)):
-        first = (v == y) & ~taken  # first maximum in row-major window order
-        taken = taken | first
-        contrib = jnp.where(first, g, zero)
-        # Place contrib[i, j] at x[a + stride*i, b + stride*j]: interior padding, no scatter.
-        hi_h = H - (a + stride * (ho - 1) + 1)
-        hi_w = W - (b + stride * (wo - 1) + 1)
-        dx = dx + lax.pad(contrib, zero, ((0, 0, 0), (a, hi_h, stride - 1), (b, hi_w, stride - 1), (0, 0, 0)))
+    n_out, n_in = g.shape[axis], x.shape[axis]
+    taken, dx = None, None
+    for a, v in enumerate(views):
+        hit = v == y
+        first = hit if taken is None else hit & ~taken
+        taken = hit if taken is None else taken | hit
+        config = [(0, 0, 0)] * x.ndim
+        config[axis] = (a, n_in - (a + stride * (n_out - 1) + 1), stride - 1)
+        placed = lax.pad(jnp.where(first, g, zero), zero, config)
+        dx = placed if dx is None else dx + placed
     return (dx,)
 
 
-_max_pool_valid.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_1d.defvjp(_max_pool_1d_fwd, _max_pool_1d_bwd)
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0):
     """Max-pool NHWC with -inf padding (PyTorch's MaxPool2d) and first-maximum gradient routing."""
     if padding:
         x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)))
-    return _max_pool_valid(x, window, stride)
+    # Separable: a max over window rows of maxima over window columns. The first maximum in
+    # row-major order of the 2-D window is the first row holding the maximum and, in it, the first
+    # column: exactly what first-maximum routing of the two 1-D pools selects.
+    return _max_pool_1d(_max_pool_1d(x, window, stride, 2), window, stride, 1)
