@@ -83,3 +83,60 @@ def max_pool(x, window: int, stride: int, padding: int = 0):
     # row-major order of the 2-D window is the first row holding the maximum and, in it, the first
     # column: exactly what first-maximum routing of the two 1-D pools selects.
     return _max_pool_1d(_max_pool_1d(x, window, stride, 2), window, stride, 1)
+
+
+def _conv(x, kernel, stride: int, padding):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(x, kernel, stride: int, padding: int):
+    """conv(x, kernel) with `stride` and symmetric `padding`, NHWC / HWIO. Its input gradient is
+    computed per output phase (sub-pixel convolution) instead of XLA's base-dilated transposed
+    convolution, which multiplies stride**2 times as many zeros as values."""
+    return _conv(x, kernel, stride, ((padding, padding), (padding, padding)))
+
+
+def _strided_conv_fwd(x, kernel, stride, padding):
+    return strided_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, res, g):
+    x, kernel = res
+    _, dkernel_vjp = jax.vjp(lambda k: _conv(x, k, stride, ((padding, padding), (padding, padding))), kernel)
+    (dkernel,) = dkernel_vjp(g)
+    return _strided_conv_input_grad(g, kernel, x.shape, stride, padding), dkernel
+
+
+strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def _strided_conv_input_grad(g, kernel, x_shape, stride: int, padding: int):
+    """d conv / d x by phases. With xp the padded input, y[i] = sum_a xp[s*i + a] W[a], so
+    dxp[s*m + p] = sum_{t >= 0, a = p + s*t < k} g[m - t] W[a]: for each phase p a small
+    stride-1 correlation of g with the phase's taps, then the phases interleave into dxp."""
+    n, H, W, cin = x_shape
+    kh, kw = kernel.shape[:2]
+    s = stride
+    ho, wo = g.shape[1:3]
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    M, M2 = -(-Hp // s), -(-Wp // s)  # rows / cols of each phase
+    wt = jnp.swapaxes(kernel, 2, 3).astype(g.dtype)  # (kh, kw, cout, cin): g's channels in, x's out
+    rows = []
+    for p in range(s):
+        cols = []
+        for q in range(s):
+            ta, tb = len(range(p, kh, s)), len(range(q, kw, s))  # taps of this phase
+            if ta == 0 or tb == 0:
+                cols.append(jnp.zeros((n, M, M2, cin), g.dtype))
+                continue
+            # taps a = p + s*t for t = ta-1 .. 0 (reversed: correlation over g[m - t])
+            sub = wt[p::s][::-1][:, q::s][:, ::-1]
+            # g[m - t] for m in [0, M): pad g by ta-1 on top and up to M rows at the bottom.
+            gp = lax.pad(g, jnp.array(0, g.dtype),
+                         ((0, 0, 0), (ta - 1, M - ho, 0), (tb - 1, M2 - wo, 0), (0, 0, 0)))
+            cols.append(_conv(gp, sub, 1, "VALID"))
+        rows.append(jnp.stack(cols, axis=3))  # (n, M, M2, s_q, cin)
+    phases = jnp.stack(rows, axis=2)  # (n, M, s_p, M2, s_q, cin)
+    dxp = phases.reshape(n, M * s, M2 * s, cin)
+    return dxp[:, padding:padding + H, padding:padding + W, :]

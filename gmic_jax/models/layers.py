@@ -21,8 +21,29 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 
+class StridedConv(nn.Module):
+    """Bias-free strided conv whose input gradient is computed by output phases
+    (fast_ops.strided_conv); parameters as nn.Conv's ({'kernel': HWIO})."""
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        from gmic_jax.models.fast_ops import strided_conv
+
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        return strided_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+
+
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, *, dtype: Dtype, name: str):
     """A bias-free conv with explicit symmetric padding (PyTorch's `padding=p`), never 'SAME'."""
+    if stride > 1:
+        return StridedConv(features, kernel, stride, padding, dtype, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),
