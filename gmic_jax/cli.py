@@ -15,6 +15,9 @@ COMMANDS = {
     "convert": ("gmic_jax.convert", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
     "preprocess": ("gmic_jax.data.preprocess", "crop images and find window centres (the original's exam-list pipeline)"),
     "cache": ("gmic_jax.data.cache", "preprocess a dataset once into memory-mapped uint16 window shards"),
+    "predict": ("gmic_jax.predict", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
+    "train": ("gmic_jax.train.loop", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
+    "evaluate": ("gmic_jax.train.evaluate", "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure"),
 }
 
 
@@ -29,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from gmic_jax.xla_flags import apply_cpu_defaults
+
+    apply_cpu_defaults()  # before any JAX work
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     # Two-phase parse: find the command, then let its module declare its own arguments.
