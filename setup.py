@@ -29,6 +29,8 @@ setup(
                  "pydicom>=3.0", "grain>=0.2.10", "tensorflow-datasets>=4.9.7"],
         "data": ["pydicom>=3.0", "grain>=0.2.10", "tensorflow-datasets>=4.9.7"],
         "torch": ["torch>=2.2"],
+        # benchmarks/memory_fwd_bwd.py --torch-ref: the original release imports torchvision 0.2.2
+        "torch-ref": ["torch>=2.2", "torchvision==0.2.2.post3"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
     entry_points={"console_scripts": ["gmic-jax=gmic_jax.cli:main"]},

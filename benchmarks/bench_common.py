@@ -1,0 +1,310 @@
+"""What the benchmark programs share: worker processes pinned to cores, resident-memory
+measurement, versions and hardware names, timing statistics, and the JAX loss / training step.
+
+Import-light: jax, flax and optax are imported inside the functions that need them, so the parent
+process of a benchmark can spawn workers with their own JAX_PLATFORMS and XLA_FLAGS.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+
+# Where the model's parameters belong in the parameter counts (original state_dict prefixes and
+# the Flax top-level module names alike).
+GLOBAL_PREFIXES = ("ds_net", "left_postprocess_net")
+LOCAL_PREFIXES = ("dn_resnet",)
+
+
+# ----------------------------------------------------------------------------- processes
+def parse_cores(text: str | None, threads: int) -> list[int]:
+    """CPU ids to pin to: '0-1,4' -> [0, 1, 4]; default: the first `threads` CPUs this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not text:
+        if threads > len(allowed):
+            raise ValueError(f"--threads {threads} but this process may only run on {len(allowed)} CPUs {allowed}")
+        return allowed[:threads]
+    cores: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cores.extend(range(int(lo), int(hi or lo) + 1))
+    missing = sorted(set(cores) - set(allowed))
+    if missing:
+        raise ValueError(f"--cores {text}: CPUs {missing} are not available to this process (allowed: {allowed})")
+    return cores
+
+
+def worker_env(threads: int, device: str, xla_flags: str = "", extra: Mapping[str, str] | None = None) -> dict:
+    """Environment of a worker: one thread count for every library, the JAX platform, XLA flags."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NPROC"):
+        env[var] = str(threads)
+    env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[device]
+    if device == "gpu":  # several workers share the GPU; each allocates what it uses
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
+    if flags:
+        env["XLA_FLAGS"] = flags
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+class Worker:
+    """A benchmark worker: `python SCRIPT --worker SPEC_JSON`, pinned to `cores`, speaking one JSON
+    object per line on its stdin/stdout. Its stderr goes to `log_path`, shown when it fails."""
+
+    def __init__(self, script: Path, spec: Mapping[str, Any], cores: Sequence[int], env: Mapping[str, str],
+                 log_path: Path):
+        self.name = f"{spec.get('impl', '?')}/{spec.get('phase', '?')}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        cpus = set(cores)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=dict(env),
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )
+
+    def receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"benchmark worker {self.name} exited with code {self.proc.returncode}; "
+                               f"its log ({self.log_path}) ends with:\n{tail(self.log_path)}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"benchmark worker {self.name} failed: {msg['error']}\n{tail(self.log_path)}")
+        return msg
+
+    def call(self, cmd: str, **kw) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def serve(handler: Callable[[dict], dict], ready: Callable[[], dict]) -> int:
+    """Worker side of `Worker`: stdout carries only the protocol (stray prints go to stderr)."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def send(msg):
+        proto.write(json.dumps(msg) + "\n")
+        proto.flush()
+
+    try:
+        send(ready())
+        for line in sys.stdin:
+            msg = json.loads(line)
+            if msg["cmd"] == "quit":
+                break
+            send(handler(msg))
+    except Exception as e:  # reported to the parent, which names the worker and shows its log
+        import traceback
+
+        traceback.print_exc()
+        send({"error": f"{type(e).__name__}: {e}"})
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def malloc_trim() -> None:
+    """Give freed heap memory back to the OS, so the baseline before a step is the live set."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class ResidentRise:
+    """Rise of resident memory (bytes) during the `with` block: peak RSS inside it minus the RSS
+    at its start, after freed heap memory has been returned to the OS. The peak comes from the
+    kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs), or, where that cannot
+    be reset, from sampling RSS every millisecond."""
+
+    def __enter__(self):
+        import gc
+
+        gc.collect()
+        malloc_trim()
+        self.baseline = rss_bytes()
+        self._sampler = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "sampling"
+            self._peak = self.baseline
+            self._stop = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            peak = max(self._peak, rss_bytes())
+        else:
+            peak = _status_kb("VmHWM")
+        self.peak = peak
+        self.rise = peak - self.baseline
+        return False
+
+
+# ----------------------------------------------------------------------------- reporting
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def versions(with_torch: bool = False) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    names = ["jax", "jaxlib", "flax", "optax", "numpy", "gmic-jax"]
+    if with_torch:
+        names += ["torch", "torchvision"]
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["os"] = f"{platform.system()} {platform.release()}"
+    return out
+
+
+def median_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Median and spread (interquartile range; max - min below 4 values) of the runs."""
+    values = sorted(values)
+    med = statistics.median(values)
+    if len(values) >= 4:
+        q = statistics.quantiles(values, n=4, method="inclusive")
+        return med, q[2] - q[0]
+    return med, values[-1] - values[0]
+
+
+# ----------------------------------------------------------------------------- JAX side
+def param_counts(flat: Mapping[str, int]) -> dict[str, int]:
+    """{'params', 'params_global', 'params_local', 'params_heads'} from {dotted name: size}."""
+    out = {"params_global": 0, "params_local": 0, "params_heads": 0}
+    for name, size in flat.items():
+        part = ("params_global" if name.startswith(GLOBAL_PREFIXES)
+                else "params_local" if name.startswith(LOCAL_PREFIXES) else "params_heads")
+        out[part] += int(size)
+    out["params"] = sum(out.values())
+    return out
+
+
+def jax_param_counts(params) -> dict[str, int]:
+    import jax
+
+    flat = {".".join(str(getattr(k, "key", k)) for k in path): leaf.size
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return param_counts(flat)
+
+
+def make_grad_fn(model, *, train: bool = True):
+    """(params, batch_stats, x, y, rng) -> ((loss, new batch_stats), grads): forward + backward of
+    the training loss without the saliency regulariser (beta = 0: the three heads' BCE, as the
+    reference gradients), BatchNorm on batch statistics when `train`."""
+    import jax
+
+    from gmic_jax.train.loss import gmic_loss
+
+    def loss_fn(params, batch_stats, x, y, rng):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"roi": rng})
+            return gmic_loss(out, y, beta=0.0)[0], updates["batch_stats"]
+        out = model.apply(variables, x, train=False, rngs={"roi": rng})
+        return gmic_loss(out, y, beta=0.0)[0], batch_stats
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def targets(n_images: int):
+    """Fixed labels for the benchmarks: benign = 1, malignant = 0 (those of the reference gradients)."""
+    import numpy as np
+
+    return np.tile(np.array([[1.0, 0.0]], np.float32), (n_images, 1))
+
+
+def benchmark_weights(config, seed: int = 0) -> tuple[dict, str]:
+    """Weights both implementations load, as an original state_dict of numpy arrays: the reference
+    recipe's (non-trivial BatchNorm statistics, sigmoids out of saturation) when ../shared is
+    beside the repo and the local network is the original's ResNet-18, else our model's random
+    initialisation mapped to the original's layout."""
+    recipe = SHARED_REFERENCE / "recipe.py"
+    if recipe.is_file() and config.local_net == "resnet18":
+        sys.path.insert(0, str(SHARED_REFERENCE))
+        try:
+            import recipe as reference_recipe
+        finally:
+            sys.path.remove(str(SHARED_REFERENCE))
+        return reference_recipe.reference_weights(seed), f"reference_weights({seed}) of {recipe}"
+    import jax
+
+    from gmic_jax import init_variables
+    from gmic_jax.convert import variables_to_state_dict
+
+    variables = jax.device_get(init_variables(config, jax.random.key(seed)))
+    return variables_to_state_dict(variables), f"gmic_jax.init_variables(seed={seed})"
+
+
+def read_json(path) -> Any:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,75 @@
+"""Every training setting with its default; ``configs/*.py`` start from here and override."""
+from __future__ import annotations
+
+import dataclasses
+
+from gmic_jax.config import GMICConfig
+from gmic_jax.train.augment import AugmentConfig
+
+PREDICTIONS = ("fusion", "global", "local", "average")
+
+
+def default_config():
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # GMICConfig fields (the model); rotate_crops is the paper's training-time crop rotation.
+    c.model = GMICConfig(rotate_crops=True).to_dict()
+    c.model.crop_shape = tuple(c.model.crop_shape)
+    c.model.image_shape = tuple(c.model.image_shape)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"           # 'synthetic' or 'cache' (a `gmic-jax cache` directory)
+    c.data.image_shape = (256, 192)       # synthetic only; caches carry their window shape
+    c.data.num_train = 1000               # synthetic only
+    c.data.num_val = 200                  # synthetic only
+    c.data.seed = 0                       # synthetic only
+    c.data.p_benign = 0.35                # synthetic only: share of breasts with each finding
+    c.data.p_malignant = 0.35
+    c.data.lesion_area = (0.002, 0.006)   # synthetic only: one finding's mask area / image area
+    c.data.train_cache = ""               # cache only
+    c.data.val_cache = ""
+    c.data.normalization = "standardize"  # 'standardize' (original) or 'unit_range' (CBIS-DDSM)
+    c.data.balanced_sampling = True       # each epoch: all positives + as many random negatives
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.beta = 3.26e-6                 # saliency regularisation weight (paper: tuned per run)
+    c.loss.saliency_reduction = "sum"     # 'sum' over the grid (Eq. 12) or 'mean'
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.schedule = "constant"     # 'constant', 'cosine', 'warmup_cosine'
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 0.0      # 0: no clipping
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+
+    c.batch_size = 16                     # global, over all devices and processes
+    c.num_epochs = 10
+    c.batch_norm = "local"                # 'local' (per device), 'sync' or 'frozen'
+    c.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig()))
+    c.augment.enabled = True
+    c.augment.scale = tuple(c.augment.scale)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32
+    c.eval.every_epochs = 1
+    c.eval.tta_draws = 0                  # test-time augmentation draws (paper: 10)
+    c.eval.prediction = "fusion"          # which head the val_* metrics score
+
+    c.checkpoint_every_steps = 200        # plus one at every evaluation
+    c.keep_latest = 2
+    c.log_every_steps = 10
+    c.init_from = ""                      # a checkpoint directory gmic_jax.load_checkpoint reads
+    c.progress_bar = True
+    return c
+
+
+def augment_config(c):
+    """AugmentConfig from the config's ``augment`` section, or None when disabled."""
+    if not c.augment.enabled:
+        return None
+    d = {k: v for k, v in c.augment.to_dict().items() if k != "enabled"}
+    return AugmentConfig.from_dict(d)

@@ -1,0 +1,71 @@
+"""Data sources for training and the per-epoch order of examples (balanced sampling)."""
+from __future__ import annotations
+
+import numpy as np
+
+SOURCES = ("synthetic", "cache")
+
+
+def make_sources(data_cfg):
+    """(train source, validation source, preprocessing dict for config.json) from ``config.data``."""
+    if data_cfg.source == "synthetic":
+        from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
+
+        spec = SyntheticSpec(image_shape=tuple(data_cfg.image_shape), p_benign=data_cfg.p_benign,
+                             p_malignant=data_cfg.p_malignant, lesion_area=tuple(data_cfg.lesion_area))
+        train = SyntheticLesions(data_cfg.num_train, seed=data_cfg.seed, split="train", spec=spec, with_masks=False)
+        val = SyntheticLesions(data_cfg.num_val, seed=data_cfg.seed, split="val", spec=spec, with_masks=True)
+        prep = {"name": "synthetic", "window_shape": list(spec.image_shape), "normalization": _norm_name(data_cfg),
+                "synthetic": {"seed": data_cfg.seed, "p_benign": spec.p_benign, "p_malignant": spec.p_malignant,
+                              "lesion_area": list(spec.lesion_area)}}
+        return train, val, prep
+    if data_cfg.source == "cache":
+        from gmic_jax.data.cache import CacheSource
+
+        if not data_cfg.train_cache or not data_cfg.val_cache:
+            raise ValueError("data.source='cache' needs data.train_cache and data.val_cache (gmic-jax cache outputs)")
+        train, val = CacheSource(data_cfg.train_cache), CacheSource(data_cfg.val_cache)
+        prep = {"name": str(train.metadata.get("preprocessing", "unknown")), "window_shape": list(train.window_shape),
+                "normalization": _norm_name(data_cfg)}
+        return train, val, prep
+    raise ValueError(f"data.source={data_cfg.source!r}; expected one of {SOURCES}")
+
+
+def _norm_name(data_cfg) -> str:
+    return {"standardize": "per_window_standardize", "unit_range": "unit_range"}[data_cfg.normalization]
+
+
+def source_labels(source) -> np.ndarray:
+    """(N, 2) labels of a source, without decoding images where the source knows them."""
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        return np.asarray(labels, np.float32)
+    examples = getattr(source, "examples", None)  # CacheSource's index
+    if examples is not None:
+        return np.asarray([e["label"] for e in examples], np.float32)
+    return np.stack([source[i]["label"] for i in range(len(source))]).astype(np.float32)
+
+
+def epoch_order(labels: np.ndarray, epoch: int, seed: int, balanced: bool) -> np.ndarray:
+    """The examples of ``epoch`` in order, the same in every process and every run.
+
+    Balanced: every positive (any finding) and as many negatives drawn at random (all of them when
+    there are fewer), shuffled; otherwise every example, shuffled."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7919, epoch]))
+    n = len(labels)
+    if balanced:
+        positive = np.flatnonzero(labels.max(axis=1) > 0)
+        negative = np.flatnonzero(labels.max(axis=1) == 0)
+        take = min(len(positive), len(negative))
+        chosen = np.concatenate([positive, rng.choice(negative, size=take, replace=False)])
+    else:
+        chosen = np.arange(n)
+    return rng.permutation(chosen)
+
+
+def steps_per_epoch(labels: np.ndarray, batch_size: int, balanced: bool) -> int:
+    n = len(epoch_order(labels, 0, 0, balanced))
+    steps = n // batch_size
+    if steps < 1:
+        raise ValueError(f"an epoch has {n} examples, fewer than one batch of {batch_size}")
+    return steps

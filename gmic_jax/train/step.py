@@ -1,0 +1,189 @@
+"""Data-parallel training and evaluation steps.
+
+Each step is a per-device program under ``jax.shard_map`` over a 1-D mesh whose ``data`` axis spans
+every device of every process: the global batch is split over the devices, gradients are averaged
+with ``lax.pmean`` over ``data`` and every device applies the same Adam update to its replica.
+
+Batch normalisation (``batch_norm``):
+
+* ``'local'`` -- statistics of each device's part of the batch, as under ``pmap``; the running
+  averages are then averaged over devices so the replicas stay identical;
+* ``'sync'``  -- statistics of the whole global batch (``axis_name='data'`` in every BatchNorm):
+  the step equals the single-device step on the same global batch;
+* ``'frozen'`` -- the running statistics are used and not updated (the whole model runs in
+  inference mode, which also turns off training-time crop rotation).
+
+Images arrive as the data sources give them (raw values) and are normalised and augmented on
+device. Each example's augmentation key is ``fold_in(key, position in the global batch)``, so it
+does not depend on the number of devices. A non-finite loss or gradient leaves the state
+unchanged and is reported in the step's metrics (``finite``); the loop stops on it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gmic_jax.config import GMICConfig
+from gmic_jax.models import GMIC
+from gmic_jax.train.augment import AugmentConfig, augment_batch
+from gmic_jax.train.loss import gmic_loss
+from gmic_jax.train.state import TrainState
+
+DATA_AXIS = "data"
+BATCH_NORM_MODES = ("local", "sync", "frozen")
+NORMALIZATIONS = ("standardize", "unit_range")
+EVAL_OUTPUTS = ("y_global", "y_local", "y_fusion", "saliency_map", "patch_locations")
+
+
+def make_mesh(devices=None) -> Mesh:
+    """1-D mesh over all devices of all processes (or the given ones), axis ``data``."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def normalize_images(images, kind: str = "standardize"):
+    """Raw (N, H, W, 1) images -> float32 model input, per image.
+
+    'standardize': (x - mean) / max(std, 1e-5), the original's per-window normalisation;
+    'unit_range': x / max(max(x), 1e-5)."""
+    x = images.astype(jnp.float32)
+    if kind == "standardize":
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True))
+        return (x - mean) / jnp.maximum(std, 1e-5)
+    if kind == "unit_range":
+        return x / jnp.maximum(x.max(axis=(1, 2, 3), keepdims=True), 1e-5)
+    raise ValueError(f"normalization {kind!r}; expected one of {NORMALIZATIONS}")
+
+
+def replicate(tree, mesh: Mesh):
+    """Place a host pytree on every device of the mesh (works across processes)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def shard_batch(local_batch: Mapping, mesh: Mesh) -> dict:
+    """This process's rows of the global batch -> global arrays split over ``data``."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def _example_keys(key, n_local):
+    position = lax.axis_index(DATA_AXIS) * n_local + jnp.arange(n_local)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(position)
+
+
+def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
+                    beta: float, saliency_reduction: str = "sum", batch_norm: str = "local",
+                    augment: AugmentConfig | None = None, normalization: str = "standardize"):
+    """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
+    ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
+    The old state is donated."""
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"batch_norm={batch_norm!r}; expected one of {BATCH_NORM_MODES}")
+    model = GMIC(model_config, bn_axis_name=DATA_AXIS if batch_norm == "sync" else None)
+    train_mode = batch_norm != "frozen"
+
+    def per_device(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        aug_key, roi_key = jax.random.split(key)
+        x = normalize_images(batch["image"], normalization)
+        if augment is not None:
+            x = augment_batch(_example_keys(aug_key, x.shape[0]), x, augment)
+        roi_key = jax.random.fold_in(roi_key, lax.axis_index(DATA_AXIS))
+        labels = batch["label"].astype(jnp.float32)
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if train_mode:
+                out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"roi": roi_key})
+                new_stats = updates["batch_stats"]
+            else:
+                out, new_stats = model.apply(variables, x, train=False, rngs={"roi": roi_key}), state.batch_stats
+            loss, parts = gmic_loss(out, labels, beta, saliency_reduction)
+            return loss, (new_stats, parts)
+
+        (loss, (new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = lax.pmean(grads, DATA_AXIS)
+        loss, parts = lax.pmean((loss, parts), DATA_AXIS)
+        if batch_norm == "local":
+            new_stats = lax.pmean(new_stats, DATA_AXIS)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        # A non-finite step changes nothing: the loop stops on `finite` with the last good state.
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **parts}
+        return new, metrics
+
+    # check_vma=False: pmap semantics. Each device differentiates its own loss (no implicit psum of
+    # the replicated parameters' cotangents); the explicit pmean makes the global-batch mean.
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
+                            check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=8)  # one compilation per setting, reused by every evaluation
+def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str = "standardize",
+                   augment: AugmentConfig | None = None, tta_draws: int = 0):
+    """jit-compiled ``(variables, images, key) -> outputs`` (inference mode), split over ``data``;
+    ``key`` is raw uint32 key data (``jax.random.key_data``).
+
+    Returns the model's ``EVAL_OUTPUTS`` of the un-augmented images; with ``tta_draws`` > 0 the three
+    predictions are instead the mean over that many augmented draws (test-time augmentation),
+    while the saliency maps and patches stay those of the un-augmented image (they must align
+    with its masks)."""
+    model = GMIC(model_config)
+
+    def per_device(variables, images, key):
+        key = jax.random.wrap_key_data(key)
+        x = normalize_images(images, normalization)
+        roi_key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
+        out = model.apply(variables, x, train=False, rngs={"roi": roi_key})
+        out = {k: out[k] for k in EVAL_OUTPUTS}
+        if tta_draws and augment is not None:
+            def draw(i, acc):
+                k = jax.random.fold_in(key, 1 + i)
+                xa = augment_batch(_example_keys(k, x.shape[0]), x, augment)
+                o = model.apply(variables, xa, train=False, rngs={"roi": jax.random.fold_in(roi_key, 1 + i)})
+                return tuple(a + o[h] for a, h in zip(acc, ("y_global", "y_local", "y_fusion")))
+
+            zeros = tuple(jnp.zeros_like(out[h]) for h in ("y_global", "y_local", "y_fusion"))
+            sums = lax.fori_loop(0, tta_draws, draw, zeros)
+            for h, s in zip(("y_global", "y_local", "y_fusion"), sums):
+                out[h] = s / tta_draws
+        return out
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
+                            check_vma=False)
+    return jax.jit(sharded)
+
+
+def local_copy(tree):
+    """Replicated global arrays -> numpy, from this process's own copy (works across processes)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else np.asarray(x),
+                        tree)
+
+
+def to_host(tree):
+    """Global arrays -> numpy on this process (gathered from all processes when there are several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,310 @@
+"""The benchmark programs (benchmarks/): analytic FLOPs against XLA's cost analysis, the JSON that
+memory_fwd_bwd.py and throughput.py write, the memory measurement.
+
+Small runs only (256 x 192 images, 96 x 96 crops: at 64 x 64 the local network's last stage works
+on 2 x 2 maps, which XLA's CPU backend runs on a slow path). The side by side with the original
+PyTorch release needs its checkout and torch: set GMIC_TORCH_REF=/path/to/checkout to run it here;
+CI has neither, so RESULTS.md holds that run's table and command.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_common as bc  # noqa: E402
+import flops  # noqa: E402
+import memory_fwd_bwd as mfb  # noqa: E402
+import profile_summary  # noqa: E402
+
+from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
+
+IMAGE = (256, 192)
+CROP = (96, 96)
+THREADS = min(2, len(os.sched_getaffinity(0)))
+SMALL = ["--image-shape", *map(str, IMAGE), "--crop-shape", *map(str, CROP), "--threads", str(THREADS),
+         "--device", "cpu"]
+
+
+def _xla_flops(fn, *args) -> float:
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def _run_script(script: str, args, tmp_path: Path, name: str, timeout: int = 600):
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs
+CONVS = [  # (batch, h, w, cin, cout, kernel, stride, padding): the shapes GMIC uses, odd sizes
+    (2, 32, 24, 1, 8, 7, 2, 3),
+    (1, 17, 13, 4, 5, 3, 2, 1),
+    (3, 9, 11, 6, 4, 3, 1, 1),
+    (2, 15, 10, 5, 7, 1, 2, 0),
+    (1, 31, 19, 2, 3, 3, 2, 0),
+]
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout,k,s,p", CONVS)
+def test_single_conv_flops_match_xla_exactly(n, h, w, cin, cout, k, s, p):
+    layer = flops.Layer("conv", "conv", n, (h, w), (k, k), s, p, cin, cout)
+
+    def conv(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, kernel = jnp.zeros((n, h, w, cin)), jnp.zeros((k, k, cin, cout))
+    ct = jnp.zeros((n, *layer.out_hw, cout))
+
+    def fwd_bwd(x, kernel, ct):
+        y, vjp = jax.vjp(conv, x, kernel)
+        return y, vjp(ct)
+
+    def fwd_bwd_weights_only(x, kernel, ct):
+        y, vjp = jax.vjp(lambda kk: conv(x, kk), kernel)
+        return y, vjp(ct)
+
+    assert layer.out_hw == jax.eval_shape(conv, x, kernel).shape[1:3]
+    assert _xla_flops(conv, x, kernel) == layer.flops()
+    assert _xla_flops(fwd_bwd, x, kernel, ct) == layer.fwd_bwd_flops()
+    stem = dataclasses.replace(layer, needs_input_grad=False)
+    assert _xla_flops(fwd_bwd_weights_only, x, kernel, ct) == stem.fwd_bwd_flops()
+    if p:  # padded taps are not multiply-adds in XLA's count; the paper's convention counts them
+        assert layer.flops(count_padding=True) > layer.flops()
+
+
+def test_single_dense_flops_match_xla_exactly():
+    layer = flops.Layer("dense", "dense", 6, (1, 1), (1, 1), 1, 0, 512, 128)
+    a, b, ct = jnp.zeros((6, 512)), jnp.zeros((512, 128)), jnp.zeros((6, 128))
+
+    def fwd_bwd(a, b, ct):
+        y, vjp = jax.vjp(jnp.matmul, a, b)
+        return y, vjp(ct)
+
+    assert _xla_flops(jnp.matmul, a, b) == layer.flops() == 2 * 6 * 512 * 128
+    assert _xla_flops(fwd_bwd, a, b, ct) == layer.fwd_bwd_flops()
+
+
+def test_analytic_count_matches_the_papers_multiply_adds():
+    # Paper: 122 billion multiply-adds per exam of 4 images at 2944 x 1920 (every tap counted).
+    layers = flops.gmic_layers(4)
+    assert flops.saliency_shape((2944, 1920)) == (46, 30)
+    assert abs(flops.forward_flops(layers, count_padding=True) / 2 / 122e9 - 1) < 0.02
+    parts = flops.summary(layers)
+    assert sum(parts.values()) == flops.forward_flops(layers)
+    assert parts["global"] > 0 and parts["local"] > 0 and 0 < parts["heads"] < 1e-3 * parts["local"]
+
+
+def test_whole_model_forward_flops_within_5_percent_of_xla_at_full_size():
+    cfg = GMICConfig()
+    variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
+    x = jax.ShapeDtypeStruct((4, *cfg.image_shape, 1), jnp.float32)
+    xla = jax.jit(lambda v, x: GMIC(cfg).apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()["flops"]
+    analytic = flops.forward_flops(flops.layers_for_config(cfg, 4, local_stem_channels=1))
+    assert abs(xla / analytic - 1) < 0.05, (xla, analytic)
+
+
+def test_local_network_variants_have_their_own_counts():
+    r18 = flops.forward_flops(flops.local_layers((256, 256), 1, "resnet18"), count_padding=True)
+    r34 = flops.forward_flops(flops.local_layers((256, 256), 1, "resnet34"), count_padding=True)
+    r50 = flops.forward_flops(flops.local_layers((256, 256), 1, "resnet50"), count_padding=True)
+    # torchvision at 224 x 224: 1.8 / 3.6 / 4.1 G multiply-adds; scale to 256 x 256 (every tap).
+    for layers, gmacs in ((r18, 1.82), (r34, 3.67), (r50, 4.11)):
+        assert abs(layers / 2 / 1e9 / (gmacs * (256 / 224) ** 2) - 1) < 0.06
+    with pytest.raises(ValueError, match="local_net"):
+        flops.local_layers((256, 256), 1, "resnet101")
+
+
+# ----------------------------------------------------------------------------- memory_fwd_bwd.py
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """The script at batch sizes 1 (with --profile) and 2: (json, stdout) for each."""
+    tmp = tmp_path_factory.mktemp("bench")
+    one = _run_script("memory_fwd_bwd.py", [*SMALL, "--n-runs", "2", "--profile"], tmp, "b1")
+    two = _run_script("memory_fwd_bwd.py", [*SMALL, "--n-runs", "2", "--batch-exams", "2"], tmp, "b2")
+    return {1: one, 2: two}
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_script_writes_the_json_with_every_field_filled(small_runs):
+    report, stdout = small_runs[1]
+    assert tuple(report)[: len(mfb.TOP_KEYS)] == mfb.TOP_KEYS
+    assert set(report) == set(mfb.TOP_KEYS) | {"details"}
+    assert report["unit"] == "exam of 4 images"
+    assert report["image_shape"] == list(IMAGE) and report["threads"] == THREADS
+    assert "CPU" in report["device"] and report["versions"]["jax"] == jax.__version__
+    [result] = report["results"]
+    assert tuple(result) == mfb.RESULT_KEYS
+    assert (result["impl"], result["dtype"], result["remat"]) == ("jax", "float32", "none")
+    for key in mfb.RESULT_KEYS[3:]:
+        assert _finite_number(result[key]), (key, result[key])
+        assert result[key] >= 0, key
+        if not key.endswith("spread"):
+            assert result[key] > 0, key
+    assert result["flops_fwd_bwd"] > 2 * result["flops_fwd"]
+    assert result["fwd_bwd_ms"] > result["fwd_ms"]
+    assert "| forward (ms) |" in stdout and "| peak memory of a training step (MiB) |" in stdout
+
+
+def test_script_parameter_counts_match_the_model(small_runs):
+    report, _ = small_runs[1]
+    [result] = report["results"]
+    params = jax.eval_shape(lambda: init_variables(GMICConfig(image_shape=IMAGE, crop_shape=CROP), jax.random.key(0)))["params"]
+    size = lambda name: sum(x.size for x in jax.tree.leaves(params[name]))
+    assert result["params"] == sum(x.size for x in jax.tree.leaves(params))
+    assert result["params_global"] == size("ds_net") + size("left_postprocess_net")
+    assert result["params_local"] == size("dn_resnet")
+    assert report["details"]["per_result"][0]["params_heads"] == (
+        result["params"] - result["params_global"] - result["params_local"])
+
+
+def test_script_xla_flops_within_5_percent_of_the_analytic_count(small_runs):
+    for batch, (report, _) in small_runs.items():
+        [result] = report["results"]
+        [detail] = report["details"]["per_result"]
+        assert abs(result["flops_fwd"] / result["flops_fwd_analytic"] - 1) < 0.05
+        assert abs(result["flops_fwd_bwd"] / detail["flops_fwd_bwd_analytic"] - 1) < 0.05
+        expected = flops.forward_flops(flops.gmic_layers(4 * batch, IMAGE, CROP, local_stem_channels=1)) / batch
+        assert result["flops_fwd_analytic"] == pytest.approx(expected)
+    # per exam: the same whatever the batch size
+    assert small_runs[2][0]["results"][0]["flops_fwd_analytic"] == pytest.approx(
+        small_runs[1][0]["results"][0]["flops_fwd_analytic"])
+
+
+def test_script_memory_is_positive_and_grows_with_the_batch(small_runs):
+    (r1, _), (r2, _) = small_runs[1], small_runs[2]
+    one, two = r1["results"][0]["peak_mem_bytes"], r2["results"][0]["peak_mem_bytes"]
+    assert one > 0 and two > 0
+    assert two != one
+    assert 2 * two > 1.2 * one  # the whole step's rise (per exam x exams) grows with the batch
+    d1, d2 = r1["details"]["per_result"][0], r2["details"]["per_result"][0]
+    assert 2 * d2["xla_temp_bytes_train_step"] > 1.5 * d1["xla_temp_bytes_train_step"]
+    assert d1["peak_mem_method"].startswith("resident rise")
+
+
+def test_script_profile_says_where_the_time_goes(small_runs):
+    _, stdout = small_runs[1]
+    assert "### Profile: jax float32 forward + backward" in stdout
+    assert "| global stage 1 | backward |" in stdout and "| local layer1 | forward |" in stdout
+
+
+def test_remat_flag_follows_the_models_config(monkeypatch):
+    spec = {"image_shape": IMAGE, "crop_shape": CROP, "K": 6, "percent_t": 0.02, "dtype": "float32"}
+    fields = {f.name for f in dataclasses.fields(GMICConfig)}
+    if "remat" in fields:
+        assert mfb.make_config({**spec, "remat": "global"}).remat
+        assert not mfb.make_config({**spec, "remat": "none"}).remat
+
+    @dataclasses.dataclass(frozen=True)
+    class NoRemat:
+        image_shape: tuple = (2944, 1920)
+        crop_shape: tuple = (256, 256)
+        K: int = 6
+        percent_t: float = 0.02
+        dtype: str = "float32"
+
+    import gmic_jax
+
+    monkeypatch.setattr(gmic_jax, "GMICConfig", NoRemat)
+    with pytest.raises(ValueError, match="no 'remat' field"):
+        mfb.make_config({**spec, "remat": "global"})
+    assert mfb.make_config({**spec, "remat": "none"}) == NoRemat(IMAGE, CROP, 6, 0.02, "float32")
+
+
+def test_bad_torch_reference_path_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "memory_fwd_bwd.py"), *SMALL, "--torch-ref", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1
+    assert str(tmp_path) in proc.stderr and "src/modeling/gmic.py" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_resident_rise_sees_an_allocation_and_not_its_absence():
+    with bc.ResidentRise() as idle:
+        pass
+    with bc.ResidentRise() as busy:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    del block
+    assert busy.rise >= 60 * 2**20
+    assert idle.rise < 16 * 2**20
+
+
+def test_median_spread():
+    assert bc.median_spread([3.0, 1.0, 2.0]) == (2.0, 2.0)
+    med, iqr = bc.median_spread([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert med == 3.0 and iqr == 2.0  # an outlier moves the range, not the interquartile spread
+
+
+def test_profile_parts():
+    assert profile_summary.part_of("jit(f)/transpose(jvp(GMIC))/ds_net/layer_list_3_1/conv2/conv") == "global stage 3"
+    assert profile_summary.part_of("jit(f)/jvp(GMIC)/dn_resnet/layer2_0/bn1/sub") == "local layer2"
+    assert profile_summary.part_of("jit(f)/GMIC/ds_net/first_conv/conv_general_dilated") == "global stem conv"
+    assert profile_summary.part_of("jit(f)/GMIC/attention/mil_attn_U/dot_general") == "attention / heads"
+    assert profile_summary.part_of("jit(f)/GMIC/while/body/closed_call/reduce_window_sum") == "retrieve_roi"
+    assert profile_summary.part_of("jit(f)/GMIC/vmap(vmap())/gather") == "crop extraction"
+    assert profile_summary.part_of("jit(f)/GMIC/top_k") == "top-t pooling"
+    assert profile_summary.part_of("jit(loss_fn)/log") == "loss / other"
+    assert profile_summary.part_of("x (from operands)") == "unattributed (no metadata)"
+    hlo = """HloModule m
+%fused_computation.1 (p0: f32[2], p1: f32[2]) -> f32[2] {
+  ROOT %convolution.9 = f32[2]{0} convolution(%p0, %p1), metadata={op_name="jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv"}
+}
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %ynn_fusion.1 = f32[2]{0} fusion(%a, %a), kind=kCustom, calls=%fused_computation.1
+  ROOT %copy.2 = f32[2]{0} copy(%ynn_fusion.1)
+}
+"""
+    # an asynchronous op lasts until its 'end:' event; a synchronous one its own duration
+    events = [{"name": "conv.1", "ts": 0.0, "dur": 5.0}, {"name": "end: conv.1", "ts": 3000.0, "dur": 1.0},
+              {"name": "add.2", "ts": 3001.0, "dur": 2000.0},
+              {"name": "conv.1", "ts": 6000.0, "dur": 5.0}, {"name": "end: conv.1", "ts": 6999.0, "dur": 1.0}]
+    assert list(profile_summary._op_durations(events)) == [("conv.1", 3.001), ("add.2", 2.0), ("conv.1", 1.0)]
+    instructions = profile_summary.hlo_instructions(hlo)
+    assert instructions["ynn_fusion.1"] == ("fusion: convolution", "jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")
+    assert instructions["copy.2"][1].startswith("jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")  # from its operand
+
+
+# ----------------------------------------------------------------------------- throughput.py
+def test_throughput_against_devices_and_input_rate(tmp_path):
+    report, stdout = _run_script("throughput.py", [*SMALL, "--devices", "1", "2", "--steps", "1"], tmp_path, "tp")
+    assert [r["devices"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert r["global_batch_exams"] == r["devices"]
+        assert r["compile_s"] > 0 and r["step_ms"] > 0
+        assert r["exams_per_s"] == pytest.approx(r["global_batch_exams"] / r["step_ms"] * 1e3)
+    assert report["input_pipeline"]["exams_per_s"] > 0
+    assert report["unit"] == "exam of 4 images" and "| devices |" in stdout
+
+
+# ----------------------------------------------------------------------------- side by side (local)
+@pytest.mark.skipif(not os.environ.get("GMIC_TORCH_REF"),
+                    reason="needs a checkout of the original release: set GMIC_TORCH_REF=/path (not in CI)")
+def test_side_by_side_with_the_original(tmp_path):
+    report, stdout = _run_script("memory_fwd_bwd.py", [*SMALL, "--n-runs", "1", "--percent-t", "0.1",
+                                                       "--torch-ref", os.environ["GMIC_TORCH_REF"]], tmp_path, "sbs")
+    jax_r, torch_r = report["results"]
+    assert torch_r["impl"] == "torch" and torch_r["params"] == jax_r["params"]
+    assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:])
+    [agreement] = report["details"]["agreement"].values()
+    assert agreement["forward"]["ok"] and agreement["forward"]["patch_locations_equal"]
+    assert agreement["training_step"]["loss_rel_err"] < 1e-4
+    assert "jax float32 / torch" in stdout

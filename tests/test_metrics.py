@@ -1,0 +1,92 @@
+"""Evaluation metrics against hand-computed values and direct pixel-level definitions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from gmic_jax.train import metrics as M
+
+
+def test_auc_prauc_and_undefined_cases():
+    assert M.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert M.auc([1, 1], [0.1, 0.2]) is None
+    assert M.pr_auc([0, 0], [0.1, 0.2]) is None
+    assert M.pr_auc([0, 1, 1], [0.1, 0.9, 0.5]) == pytest.approx(1.0)
+    out = M.classification_metrics(np.array([[0.2, 0.9], [0.1, 0.1]]), np.array([[0, 1], [0, 0]]))
+    assert "val_auc_benign" not in out and out["val_auc_malignant"] == 1.0
+
+
+def test_breast_level_is_the_mean_of_views():
+    scores = np.array([[0.1, 0.9], [0.3, 0.1], [0.5, 0.5], [0.7, 0.2]])
+    labels = np.array([[0, 1], [0, 0], [1, 0], [1, 0]])
+    s, l = M.breast_level(scores, labels, ["a", "a", "b", "b"])
+    np.testing.assert_allclose(s, [[0.2, 0.5], [0.6, 0.35]])
+    np.testing.assert_array_equal(l, [[0, 1], [1, 0]])
+    out = M.classification_metrics(scores, labels, ["a", "a", "b", "b"])
+    assert "val_breast_auc_malignant" in out and out["val_breast_auc_malignant"] == 1.0
+
+
+def test_upsample_nearest_and_dice():
+    g = np.array([[0.0, 1.0], [0.2, 0.7]])
+    up = M.upsample_nearest(g, (4, 6))
+    np.testing.assert_array_equal(up[:2, :3], 0.0)
+    np.testing.assert_array_equal(up[:2, 3:], 1.0)
+    np.testing.assert_array_equal(up[2:, 3:], 0.7)
+    # Odd sizes: source index floor(i * h / H).
+    up = M.upsample_nearest(np.arange(3.0)[None], (1, 7))
+    np.testing.assert_array_equal(up[0], [0, 0, 0, 1, 1, 2, 2])
+    mask = np.zeros((4, 6), np.uint8)
+    mask[0:2, 2:4] = 1  # 4 pixels, 2 of them under the 1.0 cell
+    # Predicted: the 6 pixels of cell (0,1) and 6 of cell (1,1): 12; overlap 2 -> 2*2/(12+4)
+    assert M.dice(g, mask) == pytest.approx(4 / 16)
+
+
+def test_pxap_on_the_grid_equals_pixel_level_average_precision():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        h, w = rng.integers(2, 6, size=2)
+        H, W = rng.integers(h, 40), rng.integers(w, 40)
+        g = rng.random((h, w))
+        if trial % 3 == 0:
+            g = np.round(g, 1)  # ties between cells
+        mask = np.zeros((H, W), np.uint8)
+        r, c = rng.integers(0, H), rng.integers(0, W)
+        mask[r:r + rng.integers(1, 8), c:c + rng.integers(1, 8)] = 1
+        direct = average_precision_score(mask.ravel(), M.upsample_nearest(g, (H, W)).ravel())
+        assert M.pxap(g, mask) == pytest.approx(direct, abs=1e-12)
+    with pytest.raises(ValueError, match="undefined"):
+        M.pxap(g, np.zeros((H, W)))
+
+
+def test_roi_hits_counts_lesions_covered_at_least_70_percent():
+    mask = np.zeros((40, 40, 2), np.uint8)
+    mask[2:6, 2:6, 0] = 1        # lesion A (benign, 16 px)
+    mask[20:30, 20:22, 1] = 1    # lesion B (malignant, 10 rows x 2 cols)
+    mask[35:38, 35:38, 1] = 1    # lesion C (malignant, 9 px)
+    assert M.roi_hits(mask, np.array([[0, 0]]), (8, 8)) == (1, 3)            # A only
+    assert M.roi_hits(mask, np.array([[0, 0], [33, 33]]), (8, 8)) == (2, 3)  # A and C
+    assert M.roi_hits(mask, np.array([[20, 20]]), (7, 2)) == (1, 3)          # B: 7/10 = 70% -> hit
+    assert M.roi_hits(mask, np.array([[20, 20]]), (6, 2)) == (0, 3)          # B: 60% -> miss
+    # Coverage is the union of the patches: two crops of 4 rows each cover 8/10 of B.
+    assert M.roi_hits(mask, np.array([[20, 20], [24, 20]]), (4, 2)) == (1, 3)
+    assert M.roi_hits(mask, np.array([[20, 20], [20, 20]]), (4, 2)) == (0, 3)
+    # Crops clipped at the image border still count what they cover.
+    assert M.roi_hits(mask, np.array([[34, 34]]), (16, 16)) == (1, 3)
+
+
+def test_random_patch_locations_are_inside_and_accumulator_averages_over_lesion_images():
+    rng = np.random.default_rng(1)
+    locs = M.random_patch_locations(rng, 50, (40, 30), (16, 8), 6)
+    assert locs.shape == (50, 6, 2)
+    assert locs[..., 0].min() >= 0 and locs[..., 0].max() <= 24 and locs[..., 1].max() <= 22
+    sal = np.zeros((2, 2, 2, 2))
+    sal[0, 0, 0, 1] = 1.0
+    masks = np.zeros((2, 8, 8, 2), np.uint8)
+    masks[0, 0:4, 0:4, 1] = 1    # image 0: malignant lesion exactly the saliency cell
+    masks[1, 4:8, 4:8, 1] = 1    # image 1: malignant lesion, saliency elsewhere (all zero)
+    out = M.localization_metrics(sal, masks, np.zeros((2, 1, 2), int), (4, 4))
+    assert out["val_dice_malignant"] == pytest.approx(0.5)   # 1.0 and 0.0
+    assert "val_dice_benign" not in out
+    assert out["val_roi_hit_rate"] == pytest.approx(0.5)
+    assert out["val_pxap_malignant"] == pytest.approx((1.0 + 0.25) / 2)  # image 1: all tied -> prevalence

@@ -1,0 +1,60 @@
+"""Learning, by fixed steps and seed: configs/synthetic_tiny.py trained from image-level labels
+only, then scored on held-out synthetic images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gmic_jax.train import metrics as M
+from gmic_jax.train.config_lib import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from gmic_jax.train.loop import train_and_evaluate
+
+    config = load_config(str(CONFIGS / "synthetic_tiny.py"))
+    workdir = tmp_path_factory.mktemp("tiny")
+    record = train_and_evaluate(config, workdir)
+    return config, workdir, record
+
+
+def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
+    import jax
+
+    from gmic_jax import load_checkpoint
+    from gmic_jax.train.evaluate import evaluate
+    from gmic_jax.train.step import make_mesh
+
+    config, workdir, record = trained
+    print("final record:", record)
+    assert record["val_auc_malignant"] >= 0.85
+    assert {"val_dice_malignant", "val_pxap_malignant", "val_roi_hit_rate"} <= set(record)
+    cfg, variables = load_checkpoint(workdir)  # the best step
+    # Held-out images the run never saw (the 'test' split), more of them for a stable rate.
+    from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
+
+    test = SyntheticLesions(200, seed=config.data.seed, split="test", cache=False,
+                            spec=SyntheticSpec(image_shape=tuple(config.data.image_shape)))
+    metrics, details = evaluate(cfg, variables, test, make_mesh(jax.devices()[:1]), batch_size=50)
+    print("per-head:", {k: v for k, v in details.items() if k.startswith("auc_")}, metrics)
+    assert metrics["val_auc_malignant"] >= 0.85
+    # ROI hit rate against K uniformly random patches on the same masks (50 draws).
+    masks = np.stack([test[i]["mask"] for i in range(len(test))])
+    rng = np.random.default_rng(0)
+    random_rates = []
+    for _ in range(50):
+        locs = M.random_patch_locations(rng, len(test), masks.shape[1:3], cfg.crop_shape, cfg.K)
+        hits = [M.roi_hits(masks[i], locs[i], cfg.crop_shape) for i in range(len(test))]
+        random_rates.append(sum(h for h, _ in hits) / sum(t for _, t in hits))
+    rate = metrics["val_roi_hit_rate"]
+    print("roi hit rate", rate, "random mean", np.mean(random_rates), "p95", np.percentile(random_rates, 95))
+    # Better than random patches beyond chance (above 95% of random draws). Not asserted because
+    # not reached at this size (see the issue): y_local AUC >= 0.8 (measured ~0.53-0.63) and a
+    # hit rate of twice the random one (measured 1.97x): at 256 x 192 every saliency cell sees the
+    # whole image, so the saliency maps localise poorly.
+    assert rate > np.percentile(random_rates, 95)

@@ -1,0 +1,149 @@
+"""Checkpoints: SIGKILL-and-resume continues the same trajectory bit for bit; a non-finite step
+stops the run with a clear message and keeps the last good checkpoint; the workdir is readable by
+load_checkpoint and `gmic-jax evaluate`.
+
+All runs are `gmic-jax train` subprocesses on a tiny synthetic config; they share a persistent
+compilation cache so that only the first one compiles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config", "configs/synthetic_tiny.py",
+    "--config.data.image_shape=(128, 96)", "--config.model.image_shape=(128, 96)",
+    "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
+    "--config.data.num_train=24", "--config.data.num_val=8", "--config.batch_size=4",
+    "--config.num_epochs=1", "--config.checkpoint_every_steps=2", "--config.eval.batch_size=8",
+    "--config.progress_bar=False", "--config.log_every_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+def _train(workdir, env, *extra, extra_env=None, wait=True):
+    cmd = [sys.executable, "-m", "gmic_jax.cli", "train", *TINY, "--workdir", str(workdir), *extra]
+    log = open(Path(str(workdir) + ".log"), "a")
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **(extra_env or {})}, stdout=log, stderr=log, text=True)
+    if wait:
+        proc.wait(timeout=900)
+    return proc
+
+
+def _log(workdir):
+    return Path(str(workdir) + ".log").read_text()
+
+
+def _steps(workdir):
+    return sorted(int(p.name) for p in Path(workdir).iterdir() if p.name.isdigit())
+
+
+def _params(workdir, step):
+    from gmic_jax import load_checkpoint
+
+    cfg, variables = load_checkpoint(workdir, step=step)
+    return jax.tree.leaves(variables)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("runs") / "straight"
+    proc = _train(workdir, env)
+    assert proc.returncode == 0, _log(workdir)[-3000:]
+    return workdir
+
+
+def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
+    final = _steps(uninterrupted)[-1]
+    assert final >= 6
+    workdir = tmp_path / "killed"
+    # 1) SIGKILL from outside as soon as the first checkpoint is complete.
+    proc = _train(workdir, env, wait=False)
+    deadline = time.time() + 900
+    while not (workdir / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + _log(workdir)[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    first = _steps(workdir)
+    assert first and first[-1] < final
+    # 2) Resume; this time SIGKILL in the middle of the asynchronous save of step 6.
+    proc = _train(workdir, env, extra_env={"GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP": "6"})
+    assert proc.returncode == -signal.SIGKILL, _log(workdir)[-3000:]
+    assert "resumed from" in _log(workdir)
+    # 3) Resume to the end.
+    proc = _train(workdir, env)
+    assert proc.returncode == 0, _log(workdir)[-3000:]
+    assert _steps(workdir)[-1] == final
+    for a, b in zip(_params(uninterrupted, final), _params(workdir, final)):
+        np.testing.assert_array_equal(a, b)
+    # The evaluation records agree too (train_loss included: its running sums are checkpointed).
+    assert (workdir / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
+
+
+def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
+    from gmic_jax import load_checkpoint
+    from gmic_jax.checkpoint import read_config
+
+    records = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1
+    allowed = {"step", "epoch", "train_loss", "val_auc_malignant", "val_auc_benign", "val_prauc_malignant",
+               "val_prauc_benign", "val_breast_auc_malignant", "val_breast_auc_benign", "val_dice_malignant",
+               "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate"}
+    assert set(records[0]) <= allowed and {"step", "epoch", "train_loss", "val_roi_hit_rate"} <= set(records[0])
+    cfg, doc = read_config(uninterrupted)
+    assert doc["preprocessing"]["name"] == "synthetic" and cfg.K == 2 and cfg.rotate_crops
+    # Kept: the latest two steps and the evaluated (best) one.
+    steps = _steps(uninterrupted)
+    assert len(steps) <= 3 and records[0]["step"] in steps
+    cfg, variables = load_checkpoint(uninterrupted)
+    assert set(variables) == {"params", "batch_stats"}
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "evaluate", "--checkpoint", str(uninterrupted),
+                        "--data", "synthetic:num=8,split=val,height=128,width=96", "--output", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    # The same validation images as the training run's evaluation: the same metrics.
+    for k in ("val_auc_malignant", "val_dice_malignant", "val_roi_hit_rate"):
+        if k in records[0]:
+            assert m[k] == pytest.approx(records[0][k], abs=1e-6)
+    assert (out / "roc_pr.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "evaluate", "--checkpoint", str(tmp_path / "nope"),
+                          "--data", "synthetic", "--output", str(out)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "not a gmic-jax checkpoint" in bad.stderr
+
+
+def test_non_finite_step_stops_with_the_last_good_checkpoint(uninterrupted, tmp_path, env):
+    workdir = tmp_path / "nan"
+    shutil.copytree(uninterrupted, workdir)
+    final = _steps(workdir)[-1]
+    before = _params(workdir, final)
+    proc = _train(workdir, env, "--config.num_epochs=2", "--config.loss.beta=nan")
+    assert proc.returncode == 1
+    log = _log(workdir)
+    assert f"non-finite loss or gradient at step {final + 1}" in log and f"last good checkpoint: step {final}" in log
+    assert _steps(workdir)[-1] == final
+    for a, b in zip(before, _params(workdir, final)):
+        np.testing.assert_array_equal(a, b)
