@@ -11,22 +11,13 @@ Hyper-parameters: the paper draws them per run by random search -- learning rate
 there before quoting). The values below are mid-range picks. The paper also pretrains the global
 network f_g; pass such a checkpoint with --init-from DIR.
 """
-from gmic_jax.train.defaults import default_config
+from pathlib import Path
+
+from gmic_jax.train.config_lib import load_config
 
 
 def get_config():
-    c = default_config()
-    c.data.source = "cache"
+    c = load_config(str(Path(__file__).with_name("nyu_paper.py")))
     c.data.normalization = "unit_range"   # the CBIS-DDSM preprocessing's [0, 1] scaling
-    c.model.image_shape = (2944, 1920)
-    c.model.crop_shape = (256, 256)
-    c.model.K = 6
-    c.model.percent_t = 0.02
-    c.loss.beta = 3e-5
-    c.optimizer.learning_rate = 2e-5
-    c.batch_size = 8
-    c.num_epochs = 50
-    c.eval.batch_size = 8
     c.eval.tta_draws = 0                  # 10 for the paper's test-time augmentation
-    c.checkpoint_every_steps = 500
     return c
