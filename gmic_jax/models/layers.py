@@ -1,17 +1,18 @@
 """Building blocks shared by the global and local networks.
 
 Precision policy in one place: convolutions and dense layers run in the compute dtype
-(float32 or bfloat16) with float32 parameters; BatchNorm normalises in float32. Max-pooling keeps
-its input dtype: taking a maximum is exact in any dtype, so casting before it would only cost memory.
+(float32 or bfloat16) with float32 parameters; BatchNorm normalises in float32. Max-pooling
+(fast_ops.max_pool) keeps its input dtype: a maximum is exact in any dtype, so casting before it
+would only cost memory.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
+
+from gmic_jax.models.fast_ops import strided_conv
 
 Dtype = Any
 
@@ -33,8 +34,6 @@ class StridedConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        from gmic_jax.models.fast_ops import strided_conv
-
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
         return strided_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
@@ -71,20 +70,6 @@ def batch_norm(x, train: bool, *, name: str, axis_name: str | None = None):
         axis_name=axis_name if train else None,
         name=name,
     )(x.astype(jnp.float32))
-
-
-def max_pool(x, window: int, stride: int, padding: int):
-    """Max-pool, NHWC, with PyTorch's semantics: -inf padding, and gradient routed to the first
-    maximum in row-major order of each window (JAX's reduce_window max transposes to a
-    select-and-scatter that keeps the first of equal values)."""
-    return lax.reduce_window(
-        x,
-        -jnp.inf,  # a Python scalar: JAX recognises the max monoid and differentiates it
-        lax.max,
-        (1, window, window, 1),
-        (1, stride, stride, 1),
-        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-    )
 
 
 def spatial_mean(x):
