@@ -1,7 +1,8 @@
 """The `gmic-jax` command line: parses arguments and dispatches to library functions.
 
 Each subcommand lives in a library module that exposes ``add_arguments(parser)`` and
-``main(args) -> int``; this file only lists them. Heavy imports happen inside those modules,
+``main(args) -> int`` (and optionally ``parse_args(parser, argv)`` for arguments argparse cannot
+declare, such as ``--config.FIELD=VALUE``); this file only lists them. Heavy imports happen inside those modules,
 so ``gmic-jax --help`` stays fast.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         sub = argparse.ArgumentParser(prog=f"gmic-jax {name}", description=COMMANDS[name][1])
         module.add_arguments(sub)
-        args = sub.parse_args(argv[1:])
+        parse = getattr(module, "parse_args", None)
+        args = parse(sub, argv[1:]) if parse else sub.parse_args(argv[1:])
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help / usage errors
     return 2

@@ -248,24 +248,23 @@ def train_and_evaluate(config, workdir) -> dict:
 # ------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gmic_jax.train.config_lib import split_config_args
-
     parser.add_argument("--config", required=True, help="config file (configs/<name>.py[:arg])")
     parser.add_argument("--workdir", required=True, help="output directory; a run resumes from what it holds")
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint directory (converted model or pretrained global network)")
     parser.epilog = "Override any config field with --config.FIELD=VALUE (e.g. --config.optimizer.learning_rate=3e-4)."
-    parse_known = parser.parse_known_args
 
-    def parse_args(args=None, namespace=None):
-        ns, rest = parse_known(args, namespace)
-        rest, overrides = split_config_args(rest)
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        ns.config_overrides = overrides
-        return ns
 
-    parser.parse_args = parse_args
+def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """The declared arguments plus any number of --config.FIELD=VALUE overrides."""
+    from gmic_jax.train.config_lib import split_config_args
+
+    ns, rest = parser.parse_known_args(argv)
+    rest, overrides = split_config_args(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    ns.config_overrides = overrides
+    return ns
 
 
 def main(args) -> int:
