@@ -98,14 +98,15 @@ def test_overrides_and_argument_splitting():
     assert rest == ["--workdir", "w"] and over == ["model.K=3", "seed=4"]
 
 
-def test_cli_parses_train_overrides():
-    import argparse
-
+def test_cli_parses_train_overrides(monkeypatch):
+    from gmic_jax import cli
     from gmic_jax.train import loop
 
-    p = argparse.ArgumentParser()
-    loop.add_arguments(p)
-    ns = p.parse_args(["--config", "configs/synthetic.py", "--workdir", "w", "--config.num_epochs=2"])
-    assert ns.config_overrides == ["num_epochs=2"] and ns.workdir == "w"
+    seen = {}
+    monkeypatch.setattr(loop, "main", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["train", "--config", "configs/synthetic.py", "--workdir", "w", "--config.num_epochs=2",
+                     "--config.optimizer.learning_rate", "3e-4"]) == 0
+    ns = seen["args"]
+    assert ns.config_overrides == ["num_epochs=2", "optimizer.learning_rate=3e-4"] and ns.workdir == "w"
     with pytest.raises(SystemExit):
-        p.parse_args(["--config", "c", "--workdir", "w", "--bogus"])
+        cli.main(["train", "--config", "c", "--workdir", "w", "--bogus"])
