@@ -1,7 +1,8 @@
 """The paper's setting on NYU-style exam-list data (the original's preprocessing, cached).
 
     gmic-jax preprocess ...    # crop + optimal centres (the original's exam-list pipeline)
-    gmic-jax cache --output cache/train --source exam-list --exam-list OUT/exam_list.pkl --images OUT/cropped_images
+    gmic-jax cache --output cache/train --source exam-list --exam-list OUT/exam_list.pkl --images OUT/cropped_images \
+        --window-noise    # contexts for the original's window noise (train cache only)
     gmic-jax train --config configs/nyu_paper.py --workdir runs/nyu \
         --config.data.train_cache=cache/train --config.data.val_cache=cache/val [--init-from PRETRAINED_DIR]
 
@@ -18,6 +19,7 @@ def get_config():
     c = default_config()
     c.data.source = "cache"
     c.data.normalization = "standardize"  # the original's per-window standardisation
+    c.data.window_noise = True            # the original's window noise; train cache built with --window-noise
     c.model.image_shape = (2944, 1920)
     c.model.crop_shape = (256, 256)
     c.model.K = 6

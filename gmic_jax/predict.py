@@ -94,7 +94,7 @@ from gmic_jax.data import centers as centers_lib
 from gmic_jax.data import cropping
 from gmic_jax.data import exam_list as exam_list_lib
 from gmic_jax.data.image import VIEWS, DataError, is_dicom_path, read_image
-from gmic_jax.data.window import flip_for_model, load_segmentation, place_window, split_view
+from gmic_jax.data.window import flip_for_model, load_segmentation, noisy_window, place_window, split_view
 
 PREDICTIONS_CSV = "predictions.csv"
 BREAST_CSV = "breast_predictions.csv"
@@ -109,10 +109,7 @@ LOCALIZATION_COLUMNS = ("image_index", "dice_benign", "dice_malignant", "pxap_be
                         "roi_hit")
 CLASSES = ("benign", "malignant")
 
-# The original's training-time window noise at 2944 x 1920 (crop position, crop size), in pixels.
-ORIGINAL_WINDOW = (2944, 1920)
-MAX_CROP_NOISE = (100, 100)
-MAX_CROP_SIZE_NOISE = 100
+ORIGINAL_WINDOW = centers_lib.WINDOW_SHAPE
 
 
 class PredictError(Exception):
@@ -368,76 +365,6 @@ def original_source(pixels: np.ndarray, full_view: str, direction: str, prep: Pr
     center = centers_lib.best_center(cropped, view, crop.rightmost_points, crop.bottommost_points,
                                      prep.window_shape)
     return cropped, (int(center[0]), int(center[1]))
-
-
-def window_noise_amplitudes(window_shape) -> tuple[tuple[int, int], int]:
-    """(max crop noise (y, x), max crop size noise) for a window: the original's, scaled."""
-    sy, sx = window_shape[0] / ORIGINAL_WINDOW[0], window_shape[1] / ORIGINAL_WINDOW[1]
-    return (int(round(MAX_CROP_NOISE[0] * sy)), int(round(MAX_CROP_NOISE[1] * sx))), \
-        int(round(MAX_CROP_SIZE_NOISE * sy))
-
-
-def noisy_window(image: np.ndarray, full_view: str, center, window_shape, rng: np.random.Generator,
-                 crop_noise=None, size_noise=None) -> np.ndarray:
-    """One draw of the original's window noise around ``center`` on a flipped crop; float32 (H, W).
-
-    The image is zero-padded as for the plain window but with room for the noise (CC: above and
-    below; MLO: below; both: on the right); the window is moved inside, shifted by up to
-    ``crop_noise`` (only towards where there is room), each border moved by up to ``size_noise``
-    (scaled to the window's aspect ratio, limited by the room left), and the crop resized back to
-    the window shape (bicubic). With zero noise this is :func:`gmic_jax.data.window.place_window`.
-    """
-    from PIL import Image
-
-    _, view = split_view(full_view)
-    if crop_noise is None or size_noise is None:
-        default_crop, default_size = window_noise_amplitudes(window_shape)
-        crop_noise = default_crop if crop_noise is None else crop_noise
-        size_noise = default_size if size_noise is None else size_noise
-    wh, ww = window_shape
-    ny, nx = (int(v) for v in crop_noise)
-    s = int(size_noise)
-    h, w = image.shape
-    mult = rng.uniform(-1.0, 1.0, size=2) if (ny or nx) else np.zeros(2)
-
-    top, left = int(center[0]) - wh // 2, int(center[1]) - ww // 2
-    pad_top = pad_bottom = pad_right = 0
-    if view == "CC" and h < wh + 2 * (ny + s):
-        total = wh - h + 2 * (ny + s)
-        pad_top, pad_bottom, top = total // 2, total - total // 2, ny + s
-    elif view == "MLO" and h < wh + ny + s:
-        pad_bottom, top = wh - h + ny + s, 0
-    if w < ww + nx + s:
-        pad_right, left = ww - w + nx + s, 0
-    padded = np.zeros((h + pad_top + pad_bottom, w + pad_right), np.float32)
-    padded[pad_top:pad_top + h, :w] = image
-    H, W = padded.shape
-    top = min(max(top, 0), H - wh)
-    left = min(max(left, 0), W - ww)
-
-    # Crop noise: towards the side with room; the amplitude is limited by that room.
-    my = abs(mult[0]) if top == 0 else -abs(mult[0]) if top + wh == H else mult[0]
-    mx = abs(mult[1]) if left == 0 else -abs(mult[1]) if left + ww == W else mult[1]
-    room_y = (H - top - wh) if my >= 0 else top
-    room_x = (W - left - ww) if mx >= 0 else left
-    dy = int(np.round(min(ny, room_y) * my))
-    dx = int(np.round(min(nx, room_x) * mx))
-    b = np.array([top + dy, top + dy + wh, left + dx, left + dx + ww], np.int64)
-
-    # Size noise on each border, limited by the room around the window.
-    size_mult = rng.uniform(-1.0, 1.0, size=4)
-    s = min(s, b[0], H - b[1], b[2], W - b[3])
-    if wh >= ww:
-        sv, sh = s, np.round(s * ww / wh)
-    else:
-        sv, sh = np.round(s * wh / ww), s
-    b = b + np.round(np.array([sv, sv, sh, sh]) * size_mult).astype(np.int64)
-
-    crop = padded[b[0]:b[1], b[2]:b[3]]
-    if crop.shape != (wh, ww):
-        crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop), mode="F").resize(
-            (ww, wh), Image.Resampling.BICUBIC), np.float32)
-    return np.ascontiguousarray(crop, np.float32)
 
 
 def load_image(task: ImageTask, prep: Preprocessing, tta: int = 0, seed: int = 0) -> LoadedImage:

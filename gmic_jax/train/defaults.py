@@ -32,6 +32,9 @@ def default_config():
     c.data.val_cache = ""
     c.data.normalization = "standardize"  # 'standardize' (original) or 'unit_range' (CBIS-DDSM)
     c.data.balanced_sampling = True       # each epoch: all positives + as many random negatives
+    c.data.window_noise = False           # cache only: the original's window noise (shift + size around
+                                          # the best centre) on training images, a fresh draw per epoch;
+                                          # needs a train cache built with `gmic-jax cache --window-noise`
 
     c.loss = ml_collections.ConfigDict()
     c.loss.beta = 3.26e-6                 # saliency regularisation weight (paper: tuned per run)

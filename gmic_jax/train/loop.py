@@ -176,7 +176,10 @@ def train_and_evaluate(config, workdir) -> dict:
         epoch, j = divmod(step, spe)
         order = epoch_order(labels, epoch, config.seed, config.data.balanced_sampling)
         idx = order[j * B:(j + 1) * B][p * rows:(p + 1) * rows]
-        examples = [train_src[int(i)] for i in idx]
+        if config.data.window_noise:  # a draw per (seed, epoch, example): the same after a resume
+            examples = [train_src.noisy_example(int(i), epoch, config.seed, with_masks=False) for i in idx]
+        else:
+            examples = [train_src[int(i)] for i in idx]
         return {"image": np.stack([e["image"] for e in examples]),
                 "label": np.stack([e["label"] for e in examples]).astype(np.float32)}
 

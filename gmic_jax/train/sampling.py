@@ -7,7 +7,16 @@ SOURCES = ("synthetic", "cache")
 
 
 def make_sources(data_cfg):
-    """(train source, validation source, preprocessing dict for config.json) from ``config.data``."""
+    """(train source, validation source, preprocessing dict for config.json) from ``config.data``.
+
+    With ``data.window_noise`` the train source is a cache with window-noise contexts (training
+    then takes :meth:`~gmic_jax.data.cache.CacheSource.noisy_example` draws; validation stays plain).
+    """
+    window_noise = bool(data_cfg.get("window_noise", False))
+    if window_noise and data_cfg.source != "cache":
+        raise ValueError(f"data.window_noise=True needs data.source='cache' (a cache built with "
+                         f"`gmic-jax cache --source exam-list ... --window-noise`), got data.source="
+                         f"{data_cfg.source!r}; set data.window_noise=False")
     if data_cfg.source == "synthetic":
         from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
 
@@ -25,6 +34,13 @@ def make_sources(data_cfg):
         if not data_cfg.train_cache or not data_cfg.val_cache:
             raise ValueError("data.source='cache' needs data.train_cache and data.val_cache (gmic-jax cache outputs)")
         train, val = CacheSource(data_cfg.train_cache), CacheSource(data_cfg.val_cache)
+        if window_noise and not train.has_contexts:
+            from gmic_jax.data.cache import WINDOW_NOISE_OPTION
+            from gmic_jax.data.image import DataError
+
+            raise DataError(train.cache_dir, f"data.window_noise=True but this train cache has no window-noise "
+                                             f"contexts; rebuild it with `gmic-jax cache --source exam-list ... "
+                                             f"{WINDOW_NOISE_OPTION}` or set data.window_noise=False")
         prep = {"name": str(train.metadata.get("preprocessing", "unknown")), "window_shape": list(train.window_shape),
                 "normalization": _norm_name(data_cfg)}
         return train, val, prep
