@@ -13,7 +13,7 @@ AGGREGATIONS = ("top_t", "gmp", "gap")
 ATTENTIONS = ("gated", "uniform")
 PATCH_SELECTIONS = ("retrieve_roi", "random")
 DTYPES = ("float32", "bfloat16")
-LOCAL_NETS = ("resnet18", "resnet34", "resnet50")
+LOCAL_NETS = ("resnet18", "resnet34", "resnet50", "resnet18_narrow")
 
 # top-t of the five released models (index 1..5), from the original's inference parameters.
 RELEASED_PERCENT_T = {1: 0.02, 2: 0.03, 3: 0.03, 4: 0.05, 5: 0.1}
@@ -26,7 +26,8 @@ class GMICConfig:
     percent_t: t of top-t% pooling of the saliency maps (aggregation='top_t').
     K: number of regions of interest (patches) retrieved per image.
     crop_shape: (h, w) of each patch in input pixels.
-    local_net: local network f_l ('resnet18' is weight-compatible with the original).
+    local_net: local network f_l ('resnet18' is weight-compatible with the original;
+        'resnet18_narrow' is ResNet-18 at a quarter of the width, for small CPU configs).
     aggregation: 'top_t' (the paper's), 'gmp' (global max) or 'gap' (global average).
     attention: 'gated' (the paper's gated attention) or 'uniform' (plain mean of patches).
     patch_selection: 'retrieve_roi' (greedy, the paper's) or 'random' (ablation: uniform random
@@ -40,6 +41,10 @@ class GMICConfig:
         (paper's augmentation, 'roi' rng stream); inactive when train=False.
     remat: rematerialise the global network's stages in the backward pass (saves activation
         memory, costs recompute).
+    global_strides: strides of the global network's five stages. The paper's (1, 2, 2, 2, 2) makes
+        the saliency grid 1/64 of the image (46 x 30 for 2944 x 1920). Small images (the synthetic
+        CPU configs) keep the paper's grid-cell-to-lesion proportion with fewer stride-2 stages,
+        e.g. (1, 2, 2, 1, 1): 1/16. Parameter shapes do not depend on it.
     """
 
     percent_t: float = 0.02
@@ -53,11 +58,13 @@ class GMICConfig:
     image_shape: tuple[int, int] = (2944, 1920)
     rotate_crops: bool = False
     remat: bool = False
+    global_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
 
     def __post_init__(self):
         # Normalise sequences to tuples so configs read from JSON compare and hash equal.
         object.__setattr__(self, "crop_shape", tuple(int(v) for v in self.crop_shape))
         object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        object.__setattr__(self, "global_strides", tuple(int(v) for v in self.global_strides))
         checks = (
             ("aggregation", AGGREGATIONS),
             ("attention", ATTENTIONS),
@@ -76,6 +83,8 @@ class GMICConfig:
             raise ValueError(f"GMICConfig.crop_shape={self.crop_shape}; expected (h, w) >= 1")
         if len(self.image_shape) != 2 or min(self.image_shape) < 1:
             raise ValueError(f"GMICConfig.image_shape={self.image_shape}; expected (H, W) >= 1")
+        if len(self.global_strides) != 5 or not set(self.global_strides) <= {1, 2}:
+            raise ValueError(f"GMICConfig.global_strides={self.global_strides}; expected five strides of 1 or 2")
         if self.rotate_crops and self.crop_shape[0] != self.crop_shape[1]:
             raise ValueError(f"GMICConfig.rotate_crops needs square crops, got crop_shape={self.crop_shape}")
 
@@ -83,6 +92,7 @@ class GMICConfig:
         d = dataclasses.asdict(self)
         d["crop_shape"] = list(self.crop_shape)
         d["image_shape"] = list(self.image_shape)
+        d["global_strides"] = list(self.global_strides)
         return d
 
     @classmethod

@@ -56,6 +56,7 @@ def test_base_outputs(base):
         ("K", 2, "patch_attns"),
         ("crop_shape", (96, 96), "patches"),
         ("attention", "uniform", "patch_attns"),
+        ("global_strides", (1, 2, 2, 1, 1), "saliency_map"),
     ],
 )
 def test_field_changes_output(base, field, value, output):
@@ -158,6 +159,8 @@ def test_image_shape_is_checked_and_sets_grid():
         (dict(K=0), "K"),
         (dict(rotate_crops=True, crop_shape=(64, 32)), "square"),
         (dict(local_net="vgg"), "local_net"),
+        (dict(global_strides=(1, 2, 2, 2)), "global_strides"),
+        (dict(global_strides=(1, 2, 3, 2, 2)), "global_strides"),
     ],
 )
 def test_bad_config_is_rejected(kw, message):
@@ -165,8 +168,22 @@ def test_bad_config_is_rejected(kw, message):
         GMICConfig(**kw)
 
 
+def test_global_strides_set_the_saliency_grid(base):
+    """Fewer stride-2 stages: a finer saliency grid from the same parameters, the ROI windows
+    scaled to it (a 64-pixel crop is 4 x 4 cells at 1/16) and the locations on the finer lattice."""
+    variables, out = base
+    config = BASE.replace(global_strides=(1, 2, 2, 1, 1))
+    fine = run(config, variables)
+    h, w = saliency_grid_shape((512, 384), (1, 2, 2, 1, 1))
+    assert (h, w) == (32, 24) and fine["saliency_map"].shape == (2, h, w, 2)
+    assert out["saliency_map"].shape[1:3] == (8, 6)
+    assert (fine["patch_locations"] % 16 == 0).all() and (fine["patch_locations"] % 64 != 0).any()
+    # Parameter shapes do not depend on the strides: the same variables serve both.
+    assert jax.tree.map(np.shape, init_variables(config, jax.random.key(0))) == jax.tree.map(np.shape, variables)
+
+
 def test_config_dict_round_trip():
-    config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34")
+    config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34", global_strides=[1, 2, 2, 1, 1])
     assert GMICConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown GMICConfig fields"):
         GMICConfig.from_dict({"percent_t": 0.1, "typo": 1})

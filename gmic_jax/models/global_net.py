@@ -88,9 +88,9 @@ class SaliencyHead(nn.Module):
         return jax.nn.sigmoid(logits)
 
 
-def saliency_grid_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
+def saliency_grid_shape(image_shape: tuple[int, int], stage_strides=(1, 2, 2, 2, 2)) -> tuple[int, int]:
     """(h, w) of the saliency map for an (H, W) input: stem /2 (pad 3), pool 3/2 (no pad), then
-    four stride-2 3x3 convs (pad 1). 2944 x 1920 -> 46 x 30."""
+    one 3x3 conv (pad 1) per stage with that stage's stride. 2944 x 1920 -> 46 x 30."""
 
     def conv_out(n, k, s, p):
         return (n + 2 * p - k) // s + 1
@@ -99,7 +99,7 @@ def saliency_grid_shape(image_shape: tuple[int, int]) -> tuple[int, int]:
     for n in image_shape:
         n = conv_out(n, 7, 2, 3)
         n = conv_out(n, 3, 2, 0)
-        for _ in range(4):
-            n = conv_out(n, 3, 2, 1)
+        for stride in stage_strides:
+            n = conv_out(n, 3, stride, 1)
         out.append(n)
     return tuple(out)

@@ -43,7 +43,7 @@ class GMIC(nn.Module):
         x = x.astype(jnp.float32)
 
         # Global network: h_g and the saliency maps A; y_global by the chosen aggregation.
-        h_g = ResNet22(dtype=dtype, remat=cfg.remat, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
+        h_g = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, remat=cfg.remat, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
         saliency_map = SaliencyHead(NUM_CLASSES, name="left_postprocess_net")(h_g)
         y_global = aggregate(saliency_map, cfg.aggregation, cfg.percent_t)
 
@@ -87,8 +87,13 @@ class GMIC(nn.Module):
 
 def init_variables(config: GMICConfig, rng):
     """Parameters and batch statistics of GMIC(config). They do not depend on the image size, so
-    this initialises on a small image (a full-size init costs seconds of compile)."""
+    this initialises on a small image (a full-size init costs seconds of compile), in one jitted
+    call (the same values as eager init, in about half the time of its op-by-op dispatch)."""
     small = config.replace(image_shape=(256, 256))
-    params_rng, roi_rng = jax.random.split(rng)
-    x = jnp.zeros((1, *small.image_shape, 1), jnp.float32)
-    return GMIC(small).init({"params": params_rng, "roi": roi_rng}, x, train=False)
+
+    def init(key):
+        params_rng, roi_rng = jax.random.split(key)
+        x = jnp.zeros((1, *small.image_shape, 1), jnp.float32)
+        return GMIC(small).init({"params": params_rng, "roi": roi_rng}, x, train=False)
+
+    return jax.jit(init)(rng)

@@ -118,9 +118,14 @@ class RepeatedChannelStem(nn.Module):
 ResNet18 = functools.partial(ResNetV1, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
 ResNet34 = functools.partial(ResNetV1, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 ResNet50 = functools.partial(ResNetV1, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+# ResNet-18 at a quarter of the width (16/32/64/128 channels, 1/16 of the FLOPs): the local
+# network of the CPU-sized synthetic configs, whose crops are a few dozen pixels.
+ResNet18Narrow = functools.partial(ResNet18, width=16)
 
-LOCAL_NETWORKS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
+LOCAL_NETWORKS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,
+                  "resnet18_narrow": ResNet18Narrow}
 
 
 def local_feature_width(name: str) -> int:
-    return 2048 if name == "resnet50" else 512
+    """Length of h_crops for a local network."""
+    return {"resnet50": 2048, "resnet18_narrow": 128}.get(name, 512)

@@ -18,6 +18,7 @@ def default_config():
     c.model = GMICConfig(rotate_crops=True).to_dict()
     c.model.crop_shape = tuple(c.model.crop_shape)
     c.model.image_shape = tuple(c.model.image_shape)
+    c.model.global_strides = tuple(c.model.global_strides)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"           # 'synthetic' or 'cache' (a `gmic-jax cache` directory)
