@@ -2,10 +2,19 @@
 
     gmic-jax train --config configs/synthetic.py --workdir runs/demo
 
-Cost: ~12-15 min on a 2-core CPU (256 x 192 images, 32 x 32 crops, K = 3, 6 epochs of ~50 steps
-of 16 images). The paper's augmentation is off here: on this short schedule it cost more than it
-gave (measured: val_auc_malignant 0.78 after 5 epochs with it, 0.975 without); turn it on with
---config.augment.enabled=True.
+Cost: ~6 min on a quiet 2-core CPU (256 x 192 images, 12 epochs of 50 steps of 16 images).
+
+A scale model of the paper's setting: the images are 1/11.5 of 2944 x 1920 across, so the global
+network keeps two of its four stride-2 stages (global_strides (1, 2, 2, 1, 1): a 16 x 12 saliency
+grid, 1/16 of the image, where the paper's grid is 1/64 of an image 11.5x larger) -- with the
+paper's strides a 256 x 192 image has a 4 x 3 grid whose cells are bigger than any lesion, and
+the saliency maps cannot localise (measured: Dice 1.2x that of random maps). The local network is
+ResNet-18 at a quarter of the width on K = 6 crops of 48 x 48 (the paper's ResNet-18 costs 5x
+the whole step here). Cosine learning-rate decay lets the batch-norm running statistics catch up
+with the weights by the end (with a constant rate, y_local evaluated with running statistics
+was worse than chance). The paper's augmentation is off: on this short schedule it cost more
+than it gave (measured: val_auc_malignant 0.78 after 5 epochs with it, 0.975 without); turn it
+on with --config.augment.enabled=True.
 """
 from gmic_jax.train.defaults import default_config
 
@@ -17,15 +26,17 @@ def get_config():
     c.data.num_train = 800
     c.data.num_val = 200
     c.model.image_shape = (256, 192)
-    c.model.crop_shape = (32, 32)
-    c.model.K = 3
+    c.model.global_strides = (1, 2, 2, 1, 1)
+    c.model.crop_shape = (48, 48)
+    c.model.K = 6
+    c.model.local_net = "resnet18_narrow"
     c.model.percent_t = 0.1
     c.loss.beta = 1e-4
     c.optimizer.learning_rate = 1e-3
-    c.optimizer.schedule = "constant"
+    c.optimizer.schedule = "cosine"
     c.augment.enabled = False
     c.batch_size = 16
-    c.num_epochs = 6
+    c.num_epochs = 12
     c.eval.batch_size = 40
     c.checkpoint_every_steps = 50
     return c

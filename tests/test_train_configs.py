@@ -39,7 +39,7 @@ ABLATIONS = [
     ("ablation_aggregation.py:gmp", {"model.aggregation": "gmp"}),
     ("ablation_top_t.py:0.05", {"model.percent_t": 0.05}),
     ("ablation_k.py:1", {"model.K": 1}),
-    ("ablation_k.py:6", {"model.K": 6}),
+    ("ablation_k.py:3", {"model.K": 3}),
     ("ablation_uniform_attention.py", {"model.attention": "uniform"}),
     ("ablation_random_patches.py", {"model.patch_selection": "random"}),
     ("ablation_prediction.py:local", {"eval.prediction": "local"}),

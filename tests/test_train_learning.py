@@ -43,6 +43,8 @@ def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
     metrics, details = evaluate(cfg, variables, test, make_mesh(jax.devices()[:1]), batch_size=50)
     print("per-head:", {k: v for k, v in details.items() if k.startswith("auc_")}, metrics)
     assert metrics["val_auc_malignant"] >= 0.85
+    # The local network alone, on the patches the saliency maps chose.
+    assert details["auc_local_malignant"] >= 0.8
     # ROI hit rate against K uniformly random patches on the same masks (50 draws).
     masks = np.stack([test[i]["mask"] for i in range(len(test))])
     rng = np.random.default_rng(0)
@@ -53,8 +55,6 @@ def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
         random_rates.append(sum(h for h, _ in hits) / sum(t for _, t in hits))
     rate = metrics["val_roi_hit_rate"]
     print("roi hit rate", rate, "random mean", np.mean(random_rates), "p95", np.percentile(random_rates, 95))
-    # Better than random patches beyond chance (above 95% of random draws). Not asserted because
-    # not reached at this size (see the issue): y_local AUC >= 0.8 (measured ~0.53-0.63) and a
-    # hit rate of twice the random one (measured 1.97x): at 256 x 192 every saliency cell sees the
-    # whole image, so the saliency maps localise poorly.
+    # Well above random patches: beyond 95% of random draws and 1.5x their mean.
     assert rate > np.percentile(random_rates, 95)
+    assert rate >= 1.5 * np.mean(random_rates)
