@@ -10,6 +10,7 @@ import pytest
 
 from gmic_jax import GMIC, GMICConfig, init_variables
 from gmic_jax.models.global_net import saliency_grid_shape
+from gmic_jax.models.local_net import local_feature_width
 
 BASE = GMICConfig(image_shape=(512, 384), crop_shape=(64, 64), K=4, percent_t=0.05)
 X = jax.random.normal(jax.random.key(7), (2, 512, 384, 1))
@@ -83,11 +84,20 @@ def test_uniform_attention_weighs_equally(base):
     np.testing.assert_allclose(out["z"], out["h_crops"].mean(1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("local_net, width", [("resnet34", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("local_net, width", [("resnet34", 512), ("resnet50", 2048), ("resnet18_narrow", 128)])
 def test_local_nets(base, local_net, width):
-    out = run(BASE.replace(local_net=local_net))
+    config = BASE.replace(local_net=local_net)
+    out = run(config)
     assert out["h_crops"].shape == (2, 4, width)
     assert differs(out["y_local"], base[1]["y_local"])
+    assert local_feature_width(local_net) == width
+    if local_net == "resnet18_narrow":  # ResNet-18's layout at a quarter of the channels
+        from flax.traverse_util import flatten_dict
+
+        narrow = flatten_dict(init_variables(config, jax.random.key(0))["params"]["dn_resnet"])
+        full = flatten_dict(init_variables(BASE, jax.random.key(0))["params"]["dn_resnet"])
+        assert narrow.keys() == full.keys()
+        assert all(narrow[k].shape[-1] * 4 == full[k].shape[-1] for k in full)
 
 
 def test_random_patches_follow_roi_rng(base):
