@@ -41,8 +41,8 @@ from typing import Optional
 import numpy as np
 
 from gmic_jax.data import batch as batch_lib
-from gmic_jax.data.image import DataError, read_image
-from gmic_jax.data.window import (draw_window, flip_for_model, noise_context, window_noise_amplitudes,
+from gmic_jax.data.image import DataError
+from gmic_jax.data.window import (draw_window, noise_context, window_noise_amplitudes,
                                   window_to_context)
 
 FORMAT = "gmic-jax-cache/1"
@@ -61,14 +61,14 @@ def supports_window_noise(source) -> bool:
     return isinstance(source, ExamListSource)
 
 
-def exam_list_context(source, index: int, crop_noise, size_noise, window_mask=None) -> dict:
+def exam_list_context(source, index: int, crop_noise, size_noise, window_mask=None, pixels=None) -> dict:
     """The window-noise context of image ``index`` of an :class:`~gmic_jax.data.sources.ExamListSource`.
 
     ``window_mask`` (the example's (H, W, 2) mask in the window frame) is moved into the context
-    frame. Returns {pixels (h, w) uint16, window (top, left), origin (row, col), masks | None}."""
+    frame; ``pixels``: the image's ``source.flipped_pixels(index)`` when already read.
+    Returns {pixels (h, w) uint16, window (top, left), origin (row, col), masks | None}."""
     item = source.items[index]
-    path = os.path.join(source.images_dir, item["name"] + ".png")
-    pixels = flip_for_model(read_image(path).pixels, item["view"], item["horizontal_flip"])
+    pixels = source.flipped_pixels(index) if pixels is None else pixels
     center = item["best_center"]
     context, window_at, origin = noise_context(pixels, item["view"], center, source.window_shape,
                                                crop_noise, size_noise)
@@ -95,10 +95,11 @@ def _load_example(i, source=None, window_noise=None):
     if source is None:
         source, window_noise = _WORKER_SOURCE, _WORKER_NOISE
     try:
-        example = source[i]
-        context = None
-        if window_noise is not None:
-            context = exam_list_context(source, i, *window_noise, window_mask=example.get(batch_lib.MASK))
+        if window_noise is None:
+            return i, source[i], None
+        pixels = source.flipped_pixels(i)  # decoded once for the window and the context
+        example = source.example(i, pixels)
+        context = exam_list_context(source, i, *window_noise, window_mask=example.get(batch_lib.MASK), pixels=pixels)
         return i, example, context
     except DataError as e:
         return i, e, None

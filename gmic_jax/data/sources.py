@@ -23,7 +23,7 @@ from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
 from gmic_jax.data.image import VIEWS, DataError, read_image
 from gmic_jax.data.transforms import to_window
-from gmic_jax.data.window import load_raw_window, load_segmentation
+from gmic_jax.data.window import flip_for_model, load_segmentation, place_window
 
 SPLITS = ("train", "val", "test")
 
@@ -147,11 +147,20 @@ class ExamListSource:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def flipped_pixels(self, index: int) -> np.ndarray:
+        """The stored (cropped) image ``index``, flipped as the model sees it, raw values."""
         item = self.items[index]
         path = os.path.join(self.images_dir, item["name"] + ".png")
-        window = load_raw_window(path, item["view"], item["horizontal_flip"], item["best_center"],
-                                 self.window_shape)
+        return flip_for_model(read_image(path).pixels, item["view"], item["horizontal_flip"])
+
+    def __getitem__(self, index: int) -> dict:
+        return self.example(index)
+
+    def example(self, index: int, pixels: Optional[np.ndarray] = None) -> dict:
+        """Example ``index``; ``pixels``: its :meth:`flipped_pixels` when the caller has them already."""
+        item = self.items[index]
+        pixels = self.flipped_pixels(index) if pixels is None else pixels
+        window = place_window(pixels, item["view"], item["best_center"], self.window_shape)
         mask = None
         if self.with_masks:
             mask = np.stack([
