@@ -57,7 +57,7 @@ Outputs (in OUT)
                               the original's): image_index, dice_benign, dice_malignant,
                               pxap_benign, pxap_malignant, roi_hit -- one row per image with a
                               lesion; an empty cell is undefined (no lesion of that class).
-                              Definitions in :mod:`gmic_jax.train.metrics`.
+                              Definitions in :mod:`gmic_jax.metrics`.
     failures.txt              one line per failure, when anything failed
 
 Batching: images of all exams go through ONE compiled function with a fixed batch size (the
@@ -642,7 +642,7 @@ def _breast_rows(exam: Exam, finished: list) -> list:
 
 
 def _localization_row(task: ImageTask, out0: dict, masks: np.ndarray, crop_shape) -> Optional[dict]:
-    from gmic_jax.train import metrics
+    from gmic_jax import metrics
 
     if not masks.any():
         return None

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from gmic_jax.train import metrics as M
+from gmic_jax import metrics as M
 
 
 def test_auc_prauc_and_undefined_cases():

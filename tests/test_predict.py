@@ -28,7 +28,7 @@ from gmic_jax.data.testing import breast_image, corrupt_copy
 from gmic_jax.data.transforms import gmic_window
 from gmic_jax.data.window import normalize_window, place_window
 from gmic_jax import predict as P
-from gmic_jax.train import metrics
+from gmic_jax import metrics
 from gmic_jax.visualize import figure_size
 
 CFG = GMICConfig(image_shape=(256, 192), crop_shape=(48, 48), K=3, percent_t=0.05)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gmic_jax.train import metrics as M
+from gmic_jax import metrics as M
 from gmic_jax.train.config_lib import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gmic_jax.train import metrics as M
+from gmic_jax import metrics as M
 
 HEADS = {"global": "y_global", "local": "y_local", "fusion": "y_fusion"}
 
