@@ -44,7 +44,7 @@ Test-time augmentation (``--tta N``, seeded by ``--seed``)
     With the original preprocessing a draw is the original's training-time window noise: the
     window moved by up to 100 px and its borders by up to 100 px around the best centre, then
     resized back (amplitudes scaled by window_shape / (2944, 1920)). Otherwise a draw is the
-    training augmentation of :mod:`gmic_jax.train.augment` on device. Draws depend only on
+    training augmentation of :mod:`gmic_jax.augment` on device. Draws depend only on
     (seed, image name, draw), never on batching.
 
 Outputs (in OUT)
@@ -472,7 +472,7 @@ def _training_augment(doc: dict, directory):
     section = train.get("augment") if isinstance(train, dict) else None
     if not isinstance(section, dict):
         return None
-    from gmic_jax.train.augment import AugmentConfig
+    from gmic_jax.augment import AugmentConfig
 
     section = dict(section)
     if not section.pop("enabled", True):
@@ -542,7 +542,7 @@ def compiled_forward(configs: tuple, normalization: str, augment, devices: tuple
         x = normalize_images(images[..., None], normalization)
         base = jax.random.wrap_key_data(key_data)
         if augment is not None:
-            from gmic_jax.train.augment import augment_batch
+            from gmic_jax.augment import augment_batch
 
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i[0]), i[1]))(ids)
             x = jnp.where((ids[:, 1] > 0)[:, None, None, None], augment_batch(keys, x, augment), x)
@@ -714,7 +714,7 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
     device_tta = tta > 0 and prep.name != "original"
     augment = None
     if device_tta:
-        from gmic_jax.train.augment import AugmentConfig
+        from gmic_jax.augment import AugmentConfig
         augment = models[0].augment or AugmentConfig()
     forward, mesh = compiled_forward(tuple(m.config for m in models), prep.normalization, augment, devices)
     from jax.sharding import NamedSharding

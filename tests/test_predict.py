@@ -518,7 +518,7 @@ def synthetic_checkpoint(tmp_path_factory):
 
 def test_window_preprocessing_and_on_device_tta(synthetic_checkpoint, tmp_path):
     from gmic_jax.checkpoint import load_checkpoint
-    from gmic_jax.train.augment import AugmentConfig, augment_batch
+    from gmic_jax.augment import AugmentConfig, augment_batch
     from gmic_jax.train.step import normalize_images
 
     exam_list, images, seg = write_synthetic_exam(tmp_path, seed=3)

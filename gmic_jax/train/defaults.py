@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from gmic_jax.config import GMICConfig
-from gmic_jax.train.augment import AugmentConfig
+from gmic_jax.augment import AugmentConfig
 
 PREDICTIONS = ("fusion", "global", "local", "average")
 

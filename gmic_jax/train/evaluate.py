@@ -170,7 +170,7 @@ def main(args) -> int:
     import jax
 
     from gmic_jax.checkpoint import CheckpointError, load_checkpoint, read_config
-    from gmic_jax.train.augment import AugmentConfig
+    from gmic_jax.augment import AugmentConfig
     from gmic_jax.train.distributed import maybe_initialize_distributed
     from gmic_jax.train.step import make_mesh
 

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
-from gmic_jax.train.augment import AugmentConfig, augment_batch
+from gmic_jax.augment import AugmentConfig, augment_batch
 from gmic_jax.train.loss import gmic_loss
 from gmic_jax.train.state import TrainState
 
