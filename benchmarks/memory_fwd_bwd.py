@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc  # noqa: E402
 import flops as analytic  # noqa: E402
+from gmic_jax.models.global_net import saliency_grid_shape  # noqa: E402
 
 IMAGES_PER_EXAM = 4
 UNIT = "exam of 4 images"
@@ -190,7 +191,7 @@ class TorchRunner:
             state_dict = {k: f[k] for k in f.files}
         self.ref = TorchGMIC(spec["torch_ref"], state_dict, image_shape=spec["image_shape"],
                              crop_shape=spec["crop_shape"], K=spec["K"], percent_t=spec["percent_t"],
-                             cam_size=analytic.saliency_shape(spec["image_shape"]), device=spec["device"],
+                             cam_size=saliency_grid_shape(spec["image_shape"]), device=spec["device"],
                              threads=spec["threads"])
         self.x = self.ref.to_input(np.load(spec["input"])[..., None])
         self.y = self.ref.torch.from_numpy(bc.targets(self.x.shape[0])).to(self.ref.device)
@@ -367,7 +368,7 @@ def run_benchmark(args) -> int:
         from torch_reference import load_original
 
         load_original(args.torch_ref)  # a clear error now rather than in a worker
-        h, w = analytic.saliency_shape(args.image_shape)
+        h, w = saliency_grid_shape(args.image_shape)
         if int(round(h * w * args.percent_t)) < 1:
             raise ValueError(f"--percent-t {args.percent_t}: on the {h}x{w} saliency grid of "
                              f"{args.image_shape[0]}x{args.image_shape[1]} images the original's top-t pooling "
