@@ -2,7 +2,7 @@
 
     DIR/config.json          {"format": "gmic-jax", "version": 1,
                               "model": {every GMICConfig field},
-                              "preprocessing": {...what the weights expect...},
+                              "preprocessing": {what the weights expect: gmic_jax.preprocessing},
                               ... (training workdirs add "train": {...})}
     DIR/<step>/variables/    an Orbax checkpoint of {'params', 'batch_stats'}
     DIR/<step>/...           training adds its own items (optimizer state, data position)
@@ -13,28 +13,20 @@ by `BEST_METRIC` where metrics were saved, else the latest.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from gmic_jax.config import GMICConfig
+from gmic_jax.files import write_atomic
+from gmic_jax.preprocessing import Preprocessing
 
 FORMAT = "gmic-jax"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VARIABLES_ITEM = "variables"
 BEST_METRIC = "val_auc_malignant"
-
-# The original release's inference preprocessing (see gmic_jax.data): 16-bit PNG values as read,
-# cropped, flipped, 2944 x 1920 window at the optimal centre, per-window standardisation.
-ORIGINAL_PREPROCESSING = {
-    "name": "original",
-    "window_shape": [2944, 1920],
-    "normalization": "per_window_standardize",
-    "std_floor": 1e-5,
-}
 
 
 class CheckpointError(ValueError):
@@ -55,24 +47,27 @@ def manager_options(**overrides):
     return ocp.CheckpointManagerOptions(**kw)
 
 
-def write_config(directory, config: GMICConfig, preprocessing: Mapping[str, Any] | None = None, **extra):
-    """Write DIR/config.json atomically (extra top-level sections, e.g. train=..., are kept)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def write_config(directory, config: GMICConfig, preprocessing: Preprocessing | None = None, **extra):
+    """Write DIR/config.json atomically (extra top-level sections, e.g. train=..., are kept).
+
+    ``preprocessing`` defaults to the original pipeline at the model's window; its window must be
+    the model's image_shape."""
+    preprocessing = preprocessing or Preprocessing(window_shape=config.image_shape)
+    if preprocessing.window_shape != config.image_shape:
+        raise ValueError(f"preprocessing window_shape {list(preprocessing.window_shape)} differs from the "
+                         f"model's image_shape {list(config.image_shape)}")
     doc = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "model": config.to_dict(),
-        "preprocessing": dict(preprocessing if preprocessing is not None else ORIGINAL_PREPROCESSING),
+        "preprocessing": preprocessing.to_dict(),
     }
     doc.update(extra)
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    write_atomic(Path(directory) / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def read_config(directory) -> tuple[GMICConfig, dict]:
-    """(GMICConfig, the whole config.json document)."""
+def read_model_config(directory) -> tuple[GMICConfig, dict]:
+    """(GMICConfig, the whole config.json document as written): what loading the weights needs."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a gmic-jax checkpoint ({CONFIG_FILE} is missing)")
@@ -88,8 +83,22 @@ def read_config(directory) -> tuple[GMICConfig, dict]:
         raise CheckpointError(f"{path}: bad 'model' section: {e}") from None
 
 
-def save_checkpoint(directory, config: GMICConfig, variables, preprocessing=None, step: int = 0):
-    """Write config.json and `variables` ({'params', 'batch_stats'}) as step `step` of DIR."""
+def read_config(directory) -> tuple[GMICConfig, Preprocessing, dict]:
+    """(GMICConfig, :class:`Preprocessing`, the whole config.json document as written).
+
+    The preprocessing section is read through :meth:`Preprocessing.read`: files of older versions
+    are migrated in memory (the file is not rewritten)."""
+    config, doc = read_model_config(directory)
+    try:
+        preprocessing = Preprocessing.read(doc.get("preprocessing"), config.image_shape)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: bad 'preprocessing' section: {e}") from None
+    return config, preprocessing, doc
+
+
+def save_checkpoint(directory, config: GMICConfig, variables, preprocessing: Preprocessing | None = None,
+                    step: int = 0):
+    """Write config.json (:func:`write_config`) and `variables` ({'params', 'batch_stats'}) as step `step` of DIR."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -105,7 +114,7 @@ def load_checkpoint(directory, step: int | None = None):
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    config, _ = read_config(directory)
+    config, _ = read_model_config(directory)  # the weights need the model alone
     with ocp.CheckpointManager(directory, options=manager_options(read_only=True, create=False)) as mngr:
         steps = mngr.all_steps()
         if not steps:

@@ -19,6 +19,15 @@ LOCAL_NETS = ("resnet18", "resnet34", "resnet50", "resnet18_narrow")
 RELEASED_PERCENT_T = {1: 0.02, 2: 0.03, 3: 0.03, 4: 0.05, 5: 0.1}
 
 
+def check_fields(cls, d: Mapping[str, Any], what: str) -> dict:
+    """``d`` as a dict, after checking that every key is a field of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; known: {sorted(names)}")
+    return dict(d)
+
+
 @dataclasses.dataclass(frozen=True)
 class GMICConfig:
     """Hyper-parameters of GMIC (names follow the paper).
@@ -97,11 +106,7 @@ class GMICConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GMICConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GMICConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(d))
+        return cls(**check_fields(cls, d, "GMICConfig"))
 
     def replace(self, **kw) -> "GMICConfig":
         return dataclasses.replace(self, **kw)

@@ -111,8 +111,11 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
                "val_prauc_benign", "val_breast_auc_malignant", "val_breast_auc_benign", "val_dice_malignant",
                "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate"}
     assert set(records[0]) <= allowed and {"step", "epoch", "train_loss", "val_roi_hit_rate"} <= set(records[0])
-    cfg, doc = read_config(uninterrupted)
-    assert doc["preprocessing"]["name"] == "synthetic" and cfg.K == 2 and cfg.rotate_crops
+    cfg, prep, doc = read_config(uninterrupted)
+    assert cfg.K == 2 and cfg.rotate_crops
+    # The canonical schema as written; the synthetic data the run trained on comes with it.
+    assert doc["preprocessing"] == prep.to_dict() and prep.name == "window" and prep.window_shape == cfg.image_shape
+    assert prep.synthetic is not None and prep.synthetic.lesion_area == (0.002, 0.006)
     # Kept: the latest two steps and the evaluated (best) one.
     steps = _steps(uninterrupted)
     assert len(steps) <= 3 and records[0]["step"] in steps

@@ -73,7 +73,4 @@ def default_config():
 
 def augment_config(c):
     """AugmentConfig from the config's ``augment`` section, or None when disabled."""
-    if not c.augment.enabled:
-        return None
-    d = {k: v for k, v in c.augment.to_dict().items() if k != "enabled"}
-    return AugmentConfig.from_dict(d)
+    return AugmentConfig.from_section(c.augment.to_dict())

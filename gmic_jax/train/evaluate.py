@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gmic_jax import metrics as M
+from gmic_jax.files import write_atomic
 
 HEADS = {"global": "y_global", "local": "y_local", "fusion": "y_fusion"}
 
@@ -124,10 +125,11 @@ def plot_roc_pr(scores, labels, path, title: str = ""):
     plt.close(fig)
 
 
-def parse_data_spec(spec: str, image_shape, synthetic_defaults=None):
+def parse_data_spec(spec: str, image_shape, trained=None):
     """'synthetic[:key=value,...]' (num, seed, split, p_benign, p_malignant, height, width) or
-    'cache:PATH'. Synthetic settings not given come from ``synthetic_defaults`` (what the
-    checkpoint was trained on, from its config.json), else the generator's defaults."""
+    'cache:PATH'. Synthetic settings not given come from ``trained`` (the
+    :class:`~gmic_jax.preprocessing.SyntheticData` the checkpoint was trained on, from its
+    config.json), else the generator's defaults."""
     kind, _, rest = spec.partition(":")
     if kind == "cache":
         from gmic_jax.data.cache import CacheSource
@@ -136,18 +138,17 @@ def parse_data_spec(spec: str, image_shape, synthetic_defaults=None):
             raise ValueError("--data cache:PATH needs the cache directory")
         return CacheSource(rest)
     if kind == "synthetic":
-        from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
+        from gmic_jax.data.synthetic import SyntheticLesions
+        from gmic_jax.preprocessing import SyntheticData
 
         opts = dict(item.split("=", 1) for item in rest.split(",") if item)
         unknown = set(opts) - {"num", "seed", "split", "p_benign", "p_malignant", "height", "width"}
         if unknown:
             raise ValueError(f"unknown synthetic options {sorted(unknown)}")
-        trained = dict(synthetic_defaults or {})
+        trained = trained or SyntheticData()
         shape = (int(opts.get("height", image_shape[0])), int(opts.get("width", image_shape[1])))
-        spec_ = SyntheticSpec(image_shape=shape, p_benign=float(opts.get("p_benign", trained.get("p_benign", 0.35))),
-                              p_malignant=float(opts.get("p_malignant", trained.get("p_malignant", 0.35))),
-                              lesion_area=tuple(trained.get("lesion_area", SyntheticSpec.lesion_area)))
-        return SyntheticLesions(int(opts.get("num", 200)), seed=int(opts.get("seed", trained.get("seed", 0))),
+        spec_ = trained.spec(shape, **{k: float(opts[k]) for k in ("p_benign", "p_malignant") if k in opts})
+        return SyntheticLesions(int(opts.get("num", 200)), seed=int(opts.get("seed", trained.seed)),
                                 split=opts.get("split", "test"), spec=spec_, cache=False)
     raise ValueError(f"--data {spec!r}: expected 'synthetic[:opts]' or 'cache:PATH'")
 
@@ -159,7 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'synthetic[:num=200,seed=0,split=test]' or 'cache:PATH' (a gmic-jax cache with labels)")
     parser.add_argument("--output", required=True, help="output directory for metrics.json and roc_pr.png")
     parser.add_argument("--prediction", default="fusion", choices=sorted(HEADS) + ["average"])
-    parser.add_argument("--tta", type=int, default=0, help="test-time augmentation draws (paper: 10)")
+    parser.add_argument("--tta", type=int, default=0,
+                        help="test-time augmentation draws (paper: 10); the augmentation the checkpoint was trained "
+                             "with, else the paper's (gmic_jax.augment.tta_augment)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--normalization", default=None, choices=["standardize", "unit_range"],
                         help="default: what the checkpoint's config.json says")
@@ -169,37 +172,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import jax
 
+    from gmic_jax.augment import tta_augment
     from gmic_jax.checkpoint import CheckpointError, load_checkpoint, read_config
-    from gmic_jax.augment import AugmentConfig
     from gmic_jax.train.distributed import maybe_initialize_distributed
     from gmic_jax.train.step import make_mesh
 
     maybe_initialize_distributed()
     try:
         config, variables = load_checkpoint(args.checkpoint, step=args.step)
-        _, doc = read_config(args.checkpoint)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _, prep, doc = read_config(args.checkpoint)
+        augment = tta_augment((doc.get("train") or {}).get("augment")) if args.tta else None
+    except (CheckpointError, TypeError, ValueError) as e:
+        print(f"error: {args.checkpoint}: {e}", file=sys.stderr)
         return 1
-    prep = doc.get("preprocessing", {})
-    normalization = args.normalization or ("unit_range" if prep.get("normalization") == "unit_range" else "standardize")
-    window = prep.get("window_shape") or list(config.image_shape)
     try:
-        source = parse_data_spec(args.data, window, prep.get("synthetic"))
+        source = parse_data_spec(args.data, prep.window_shape, prep.synthetic)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
-                                normalization=normalization, prediction=args.prediction,
-                                augment=AugmentConfig() if args.tta else None, tta_draws=args.tta,
-                                seed=args.seed, progress=True)
+                                normalization=args.normalization or prep.normalization, prediction=args.prediction,
+                                augment=augment, tta_draws=args.tta, seed=args.seed, progress=True)
     if jax.process_index() == 0:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         extra = {k: v for k, v in details.items() if k.startswith("auc_")}
-        doc = {**metrics, **extra, "num_images": int(len(details["labels"])), "prediction": args.prediction,
-               "tta_draws": args.tta, "checkpoint": str(args.checkpoint), "data": args.data}
-        (out / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        report = {**metrics, **extra, "num_images": int(len(details["labels"])), "prediction": args.prediction,
+                  "tta_draws": args.tta, "checkpoint": str(args.checkpoint), "data": args.data}
+        write_atomic(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
         plot_roc_pr(details["scores"], details["labels"], out / "roc_pr.png",
                     title=f"{args.checkpoint} on {args.data} ({args.prediction})")
         print(json.dumps(metrics, indent=2, sort_keys=True))

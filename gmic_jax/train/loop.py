@@ -118,6 +118,7 @@ def train_and_evaluate(config, workdir) -> dict:
     from gmic_jax.config import GMICConfig
     from gmic_jax.models import init_variables
     from gmic_jax.train import checkpointing
+    from gmic_jax.augment import tta_augment
     from gmic_jax.train.defaults import PREDICTIONS, augment_config
     from gmic_jax.train.evaluate import evaluate
     from gmic_jax.train.sampling import epoch_order, make_sources, source_labels, steps_per_epoch
@@ -222,7 +223,7 @@ def train_and_evaluate(config, workdir) -> dict:
         if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
             val, details = evaluate(model_cfg, local_copy(state.variables), val_src, mesh,
                                     batch_size=config.eval.batch_size, normalization=config.data.normalization,
-                                    prediction=config.eval.prediction, augment=augment,
+                                    prediction=config.eval.prediction, augment=tta_augment(config.augment),
                                     tta_draws=config.eval.tta_draws, seed=config.seed)
             record = _jsonl_record(done, epoch, loss_sum / max(loss_count, 1), val)
             loss_sum, loss_count = 0.0, 0
