@@ -97,8 +97,6 @@ class Preprocessing:
         object.__setattr__(self, "window_shape", tuple(int(v) for v in self.window_shape))
         object.__setattr__(self, "iterations", int(self.iterations))
         object.__setattr__(self, "buffer_size", int(self.buffer_size))
-        if isinstance(self.synthetic, Mapping):
-            object.__setattr__(self, "synthetic", SyntheticData(**self.synthetic))
         if self.name not in NAMES:
             raise ValueError(f"preprocessing name {self.name!r}; expected one of {list(NAMES)}")
         if self.normalization not in NORMALIZATIONS:
