@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 
 from gmic_jax.config import GMICConfig
-from gmic_jax.train.config_lib import apply_overrides, load_config, split_config_args
+from gmic_jax.train.config_lib import apply_overrides, flat_fields as _flat, load_config, split_config_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _flat(c, prefix=""):
-    out = {}
-    for k, v in c.items():
-        if hasattr(v, "items"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @pytest.mark.parametrize("name", ["synthetic", "synthetic_tiny", "cbis_ddsm", "nyu_paper"])
