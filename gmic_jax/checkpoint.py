@@ -183,9 +183,11 @@ def _read_only_manager(directory):
     from gmic_jax.logs import quiet_library_noise
 
     quiet_library_noise()  # Orbax announces every read-only manager
-    # Options a read-only manager would otherwise reset, one warning each.
+    # Options a read-only manager would otherwise reset, one warning each; no root metadata (its
+    # save ends in a barrier of all processes, and a reader may be one process alone).
     return ocp.CheckpointManager(directory, options=manager_options(
-        read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False))
+        read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False,
+        save_root_metadata=False))
 
 
 def saved_steps(directory) -> list[int]:

@@ -51,10 +51,10 @@ TINY_TRAIN_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def train_env(tmp_path_factory):
     """Environment for `gmic-jax train` subprocesses: CPU, and a persistent compilation cache shared
-    by the module's runs so that only the first one compiles."""
+    by all their runs so that each program compiles once."""
     cache = tmp_path_factory.mktemp("jax_cache")
     e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -130,7 +130,7 @@ def test_non_finite_step_stops_with_the_last_good_checkpoint(uninterrupted, tmp_
     shutil.copytree(uninterrupted, workdir)
     final = _steps(workdir)[-1]
     before = _params(workdir, final)
-    proc = _train(workdir, env, "--config.num_epochs=2", "--config.loss.beta=nan")
+    proc = _train(workdir, env, "--config.num_epochs=2", "--config.loss.beta=nan", "--config-changes-ok")
     assert proc.returncode == 1
     log = _log(workdir)
     assert f"non-finite loss or gradient at step {final + 1}" in log and f"last good checkpoint: step {final}" in log

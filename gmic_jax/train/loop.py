@@ -264,8 +264,8 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False) -> d
     if bar is not None:
         bar.close()
     log.info("trained steps %d..%d in %.1f s", start, total_steps, time.time() - t0)
+    kept = ckpt_lib.select_checkpoint(workdir)  # in every process: Orbax readers may synchronise them
     if is_main:
-        kept = ckpt_lib.select_checkpoint(workdir)
         log.info("load_checkpoint(%s) (predict, evaluate) uses step %d: %s", workdir, kept.step, kept.reason)
     if not last_record and writers.path.exists():  # nothing left to train: report the last evaluation
         lines = writers.path.read_text().splitlines()
