@@ -23,6 +23,7 @@ setup(
         "scikit-learn>=1.4",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",

@@ -4,12 +4,16 @@ Each subcommand lives in a library module that exposes ``add_arguments(parser)``
 ``main(args) -> int`` (and optionally ``parse_args(parser, argv)`` for arguments argparse cannot
 declare, such as ``--config.FIELD=VALUE``); this file only lists them. Heavy imports happen inside those modules,
 so ``gmic-jax --help`` stays fast.
+
+Exit status: 0 done; 2 a mistake in the command line or config (one line on stderr, no traceback,
+nothing written); 1 the data, a checkpoint or the run failed (a batch job lists its failures).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported lazily, only for the chosen command.
 COMMANDS = {
@@ -19,7 +23,19 @@ COMMANDS = {
     "predict": ("gmic_jax.predict.cli", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
     "train": ("gmic_jax.train.loop", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
     "evaluate": ("gmic_jax.train.evaluate", "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure"),
+    "compare-steps": ("gmic_jax.train.compare_steps",
+                      "evaluate every evaluated checkpoint step of a training workdir on held-out data"),
 }
+# Options that name an output directory (each command has at most one).
+OUTPUT_DIR_OPTIONS = ("workdir", "output", "out")
+
+
+def _output_is_a_file(args) -> str | None:
+    for name in OUTPUT_DIR_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
+            return f"--{name} {value} is a file; give a directory (it is created if missing)"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +62,15 @@ def main(argv=None) -> int:
         module.add_arguments(sub)
         parse = getattr(module, "parse_args", None)
         args = parse(sub, argv[1:]) if parse else sub.parse_args(argv[1:])
-        return int(module.main(args) or 0)
+        problem = _output_is_a_file(args)
+        if problem:
+            print(f"gmic-jax {name}: error: {problem}", file=sys.stderr)
+            return 2
+        try:
+            return int(module.main(args) or 0)
+        except KeyboardInterrupt:
+            print(f"gmic-jax {name}: interrupted", file=sys.stderr)
+            return 130
     parser.parse_args(argv)  # prints help / usage errors
     return 2
 

@@ -216,7 +216,11 @@ def add_arguments(parser):
 
 def main(args) -> int:
     percent_t = args.percent_t if args.percent_t is not None else RELEASED_PERCENT_T[args.model_index]
-    config = GMICConfig(percent_t=percent_t)
+    try:
+        config = GMICConfig(percent_t=percent_t)
+    except ValueError as e:
+        print(f"gmic-jax convert: error: --percent-t {percent_t}: {e}", file=sys.stderr)
+        return 2
     try:
         variables = convert_checkpoint(args.src, args.out, config)
     except ConversionError as e:

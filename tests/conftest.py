@@ -38,3 +38,25 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_exam_dir() -> Path:
     return require_shared("sample_exam")
+
+
+# A training run of a few seconds: `gmic-jax train` on a tiny synthetic config (1 epoch of 6 steps).
+TINY_TRAIN_ARGS = [
+    "--config", "configs/synthetic_tiny.py",
+    "--config.data.image_shape=(128, 96)", "--config.model.image_shape=(128, 96)",
+    "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
+    "--config.data.num_train=24", "--config.data.num_val=8", "--config.batch_size=4",
+    "--config.num_epochs=1", "--config.checkpoint_every_steps=2", "--config.eval.batch_size=8",
+    "--config.progress_bar=False", "--config.log_every_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def train_env(tmp_path_factory):
+    """Environment for `gmic-jax train` subprocesses: CPU, and a persistent compilation cache shared
+    by all their runs so that each program compiles once."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    e.pop("XLA_FLAGS", None)
+    return e

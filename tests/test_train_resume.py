@@ -19,25 +19,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--config", "configs/synthetic_tiny.py",
-    "--config.data.image_shape=(128, 96)", "--config.model.image_shape=(128, 96)",
-    "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
-    "--config.data.num_train=24", "--config.data.num_val=8", "--config.batch_size=4",
-    "--config.num_epochs=1", "--config.checkpoint_every_steps=2", "--config.eval.batch_size=8",
-    "--config.progress_bar=False", "--config.log_every_steps=1",
-]
+TINY = TINY_TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    e.pop("XLA_FLAGS", None)
-    return e
+def env(train_env):
+    return train_env
 
 
 def _train(workdir, env, *extra, extra_env=None, wait=True):
@@ -143,7 +133,7 @@ def test_non_finite_step_stops_with_the_last_good_checkpoint(uninterrupted, tmp_
     shutil.copytree(uninterrupted, workdir)
     final = _steps(workdir)[-1]
     before = _params(workdir, final)
-    proc = _train(workdir, env, "--config.num_epochs=2", "--config.loss.beta=nan")
+    proc = _train(workdir, env, "--config.num_epochs=2", "--config.loss.beta=nan", "--config-changes-ok")
     assert proc.returncode == 1
     log = _log(workdir)
     assert f"non-finite loss or gradient at step {final + 1}" in log and f"last good checkpoint: step {final}" in log

@@ -406,6 +406,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    if args.shard_size < 1 or min(args.window_shape) < 1:
+        print(f"gmic-jax cache: error: --shard-size ({args.shard_size}) and --window-shape "
+              f"({' '.join(map(str, args.window_shape))}) must be >= 1", file=sys.stderr)
+        return 2
     try:
         source = make_source(args)
     except DataError as e:

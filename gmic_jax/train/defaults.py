@@ -65,6 +65,12 @@ def default_config():
 
     c.checkpoint_every_steps = 200        # plus one at every evaluation
     c.keep_latest = 2
+    # The checkpoint load_checkpoint / predict / evaluate use (gmic_jax.checkpoint.SelectionRule):
+    # the latest evaluated step whose best_metric is within best_min_delta of the best evaluated
+    # value (0: the best step; larger: differences this small are noise and the later step wins).
+    c.best_metric = "val_auc_malignant"   # any val_* key of metrics.jsonl (all higher-is-better)
+    c.best_min_delta = 0.0
+    c.keep_evaluated = False              # keep every evaluated step (for `gmic-jax compare-steps`)
     c.log_every_steps = 10
     c.init_from = ""                      # a checkpoint directory gmic_jax.load_checkpoint reads
     c.progress_bar = True
