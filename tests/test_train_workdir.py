@@ -10,7 +10,6 @@ no training run on a fake workdir.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -149,12 +148,15 @@ def _fake_workdir(path, config, steps=(12,)):
     from gmic_jax import checkpoint as ckpt_lib
     from gmic_jax.config import GMICConfig
 
+    from gmic_jax.train.sampling import make_sources
+
     model = GMICConfig.from_dict(config.model.to_dict())
-    ckpt_lib.write_config(path, model, {"name": "synthetic"}, train=config.to_dict())
+    prep = make_sources(config.data)[2]
+    ckpt_lib.write_config(path, model, prep, train=config.to_dict())
     with ocp.CheckpointManager(path, options=ckpt_lib.manager_options(enable_async_checkpointing=False)) as m:
         for step in steps:
             m.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave({"w": np.ones(2)})), force=True)
-    return {"model": model.to_dict(), "preprocessing": {"name": "synthetic"}, "train": config.to_dict()}
+    return {"model": model.to_dict(), "preprocessing": prep.to_dict(), "train": config.to_dict()}
 
 
 def _config(**fields):
@@ -167,9 +169,8 @@ def _config(**fields):
 def test_num_epochs_with_a_cosine_schedule_is_a_change_of_the_computation(tmp_path):
     from gmic_jax.train import workdir as W
 
-    _fake_workdir(tmp_path, _config(**{"optimizer.schedule": "cosine", "num_epochs": 2}), steps=(12,))
-    longer = {"train": _config(**{"optimizer.schedule": "cosine", "num_epochs": 3}).to_dict(),
-              "model": {}, "preprocessing": {"name": "synthetic"}}
+    doc = _fake_workdir(tmp_path, _config(**{"optimizer.schedule": "cosine", "num_epochs": 2}), steps=(12,))
+    longer = {**doc, "train": _config(**{"optimizer.schedule": "cosine", "num_epochs": 3}).to_dict()}
     with pytest.raises(W.WorkdirError, match=r"num_epochs 2 -> 3 \(optimizer.schedule='cosine'.*learning rate at "
                                              r"step 12 would be 0.00025 instead of 0\)"):
         W.check(tmp_path, longer, steps_per_epoch=6)
@@ -205,3 +206,26 @@ def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tm
     save_checkpoint(tmp_path / "converted", GMICConfig(), {"params": {"w": np.ones(2)}, "batch_stats": {}})
     with pytest.raises(W.WorkdirError, match="--init-from"):
         W.check(tmp_path / "converted", doc, steps_per_epoch=6)
+
+
+def test_a_730583d_workdir_resumes_with_its_preprocessing_migrated_not_changed(tmp_path):
+    """A workdir whose config.json 730583d wrote ("synthetic", "per_window_standardize") resumes with
+    the same training config: the old spellings are not config changes."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from gmic_jax import checkpoint as ckpt_lib
+    from gmic_jax.train import workdir as W
+    from gmic_jax.train.sampling import make_sources
+
+    fixture = Path(__file__).parent / "fixtures" / "config_730583d_train_synthetic.json"
+    shutil.copy(fixture, tmp_path / ckpt_lib.CONFIG_FILE)
+    with ocp.CheckpointManager(tmp_path, options=ckpt_lib.manager_options(enable_async_checkpointing=False)) as m:
+        m.save(4, args=ocp.args.Composite(variables=ocp.args.StandardSave({"w": np.ones(2)})), force=True)
+    old = json.loads(fixture.read_text())
+    config = ml_collections.ConfigDict(old["train"])
+    requested = {"model": old["model"], "preprocessing": make_sources(config.data)[2].to_dict(),
+                 "train": config.to_dict()}
+    resume = W.check(tmp_path, requested, steps_per_epoch=2)
+    assert resume.entry is None or not resume.entry.get("changes")
+    assert (tmp_path / ckpt_lib.CONFIG_FILE).read_text() == fixture.read_text()  # check() writes nothing

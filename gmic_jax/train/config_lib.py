@@ -148,15 +148,16 @@ def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def check_config(config) -> None:
     """Raise :class:`ConfigError` naming the first field of a training config whose value no run
     can use (checked before the run touches its workdir or compiles anything)."""
+    from gmic_jax.augment import AugmentConfig
     from gmic_jax.checkpoint import SelectionRule
     from gmic_jax.config import GMICConfig
-    from gmic_jax.train.augment import AugmentConfig
+    from gmic_jax.preprocessing import NORMALIZATIONS
     from gmic_jax.train.defaults import PREDICTIONS
     from gmic_jax.train.loop import JSONL_KEYS
     from gmic_jax.train.loss import SALIENCY_REDUCTIONS
     from gmic_jax.train.sampling import SOURCES
     from gmic_jax.train.state import learning_rate_schedule
-    from gmic_jax.train.step import BATCH_NORM_MODES, NORMALIZATIONS
+    from gmic_jax.train.step import BATCH_NORM_MODES
 
     def choice(field, allowed):
         value = config
