@@ -38,6 +38,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read; the message names the path and the problem."""
 
 
+ASKED_FOR = "the step asked for"
+LATEST = "the latest saved step"
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The step a rule picks, and why (``reason`` is one sentence for logs and outputs)."""
@@ -47,6 +51,15 @@ class Selection:
     value: float | None = None       # the rule's metric at ``step`` (None: no evaluated step)
     best_step: int | None = None     # the evaluated step with the highest metric
     best_value: float | None = None
+    rule: dict = dataclasses.field(default_factory=dict, hash=False)  # SelectionRule.to_dict(), or {"rule": ...}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The choice as outputs record it (``checkpoint_selection``): the rule, the reason and,
+        for a step chosen by a metric, the values it compared."""
+        out: dict[str, Any] = {**self.rule, "reason": self.reason}
+        if self.value is not None:
+            out.update(value=self.value, best_step=self.best_step, best_value=self.best_value)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +112,7 @@ class SelectionRule:
         else:
             reason = (f"{self.metric} {value:.4f}, within best_min_delta {self.min_delta:g} of the best "
                       f"{best:.4f} (step {best_step}): the later step wins")
-        return Selection(step, reason, value, best_step, best)
+        return Selection(step, reason, value, best_step, best, self.to_dict())
 
     def steps_to_preserve(self, evaluated: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
         """The chosen step and the best one: enough for the choice to stay the same as more steps
@@ -146,13 +159,17 @@ def write_config(directory, config: GMICConfig, preprocessing: Preprocessing | N
 def read_model_config(directory) -> tuple[GMICConfig, dict]:
     """(GMICConfig, the whole config.json document as written): what loading the weights needs."""
     path = Path(directory) / CONFIG_FILE
+    if Path(directory).is_file():
+        raise CheckpointError(f"{directory}: is a file; a gmic-jax checkpoint is a directory (with {CONFIG_FILE})")
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a gmic-jax checkpoint ({CONFIG_FILE} is missing)")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if doc.get("format") != FORMAT or "model" not in doc:
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "model" not in doc:
         raise CheckpointError(f"{path}: not a gmic-jax config (expected format={FORMAT!r} and a 'model' section)")
     try:
         return GMICConfig.from_dict(doc["model"]), doc
@@ -222,10 +239,10 @@ def _select(mngr, directory, doc, step):
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"{directory}: no step {step} (saved steps: {sorted(steps)})")
-        return Selection(int(step), "the step asked for")
+        return Selection(int(step), ASKED_FOR, rule={"rule": ASKED_FOR})
     chosen = SelectionRule.from_doc(doc).select({s: mngr.metrics(s) for s in steps})
     if chosen is None:
-        return Selection(int(max(steps)), "the latest saved step (no step saved at an evaluation)")
+        return Selection(int(max(steps)), f"{LATEST} (no step saved at an evaluation)", rule={"rule": LATEST})
     return chosen
 
 
@@ -241,15 +258,27 @@ def select_checkpoint(directory, step: int | None = None) -> Selection:
 def load_checkpoint(directory, step: int | None = None):
     """(GMICConfig, variables) from DIR: the given step, else the step the recorded
     :class:`SelectionRule` chooses (the one training logged as kept), else the latest."""
+    config, variables, _ = load_selected(directory, step)
+    return config, variables
+
+
+def load_selected(directory, step: int | None = None) -> tuple[GMICConfig, dict, Selection]:
+    """(GMICConfig, variables, the :class:`Selection` that chose the step): :func:`load_checkpoint`
+    and what predict and evaluate record of it. Any failure is a :class:`CheckpointError` naming DIR."""
     import orbax.checkpoint as ocp
 
+    given = directory
     directory = Path(directory).absolute()
-    config, doc = read_model_config(directory)  # the weights need the model alone
+    config, doc = read_model_config(given)  # the weights need the model alone
     with _read_only_manager(directory) as mngr:
-        chosen = _select(mngr, directory, doc, step)
-        restored = mngr.restore(chosen.step, args=ocp.args.Composite(**{VARIABLES_ITEM: ocp.args.StandardRestore()}))
+        chosen = _select(mngr, given, doc, step)
+        try:
+            restored = mngr.restore(chosen.step,
+                                    args=ocp.args.Composite(**{VARIABLES_ITEM: ocp.args.StandardRestore()}))
+        except Exception as e:  # Orbax's errors for a missing or damaged step
+            raise CheckpointError(f"{given}: cannot read step {chosen.step} ({type(e).__name__}: {e})") from None
     variables = restored[VARIABLES_ITEM]
-    return config, {k: _to_numpy_tree(v) for k, v in variables.items()}
+    return config, {k: _to_numpy_tree(v) for k, v in variables.items()}, chosen
 
 
 def _to_numpy_tree(tree):

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         module.add_arguments(sub)
         parse = getattr(module, "parse_args", None)
         args = parse(sub, argv[1:]) if parse else sub.parse_args(argv[1:])
+        args.command_line = ["gmic-jax", *argv]  # as typed; outputs that record their command take it
         problem = _output_is_a_file(args)
         if problem:
             print(f"gmic-jax {name}: error: {problem}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +61,20 @@ def train_env(tmp_path_factory):
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     e.pop("XLA_FLAGS", None)
     return e
+
+
+# The tiny run shared by the tests of a training workdir and of what evaluate and predict make of it.
+TINY_RUN_ARGS = [*TINY_TRAIN_ARGS, "--config.optimizer.schedule=constant", "--config.keep_evaluated=True"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, train_env):
+    """(workdir, its training log) of one `gmic-jax train` on TINY_RUN_ARGS: steps 4 and 6 saved,
+    6 evaluated. Read-only for the tests: copy it to change it. JAX_PLATFORMS is unset for this run
+    (JAX probes for a TPU runtime then, and must not say so: tests/test_train_workdir.py)."""
+    workdir = tmp_path_factory.mktemp("runs") / "tiny"
+    env = {k: v for k, v in train_env.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "train", *TINY_RUN_ARGS, "--workdir", str(workdir)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir, r.stderr

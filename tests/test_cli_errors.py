@@ -95,3 +95,87 @@ def test_missing_data_exits_1_bad_options_2(tmp_path):
     assert not (tmp_path / "model").exists() and not (tmp_path / "cache").exists()
     _cli("compare-steps", "--workdir", tmp_path / "none", "--output", tmp_path / "out", code=1,
          says="not a gmic-jax checkpoint")
+
+
+# ------------------------------------------------------------------------------- predict, evaluate
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny converted-style checkpoint (step 0, original preprocessing, no synthetic data)."""
+    import jax
+    import numpy as np
+
+    from gmic_jax.checkpoint import save_checkpoint
+    from gmic_jax.config import GMICConfig
+    from gmic_jax.models import init_variables
+
+    config = GMICConfig(image_shape=(64, 48), crop_shape=(16, 16), K=1, local_net="resnet18_narrow")
+    shapes = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(path, config, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    return path
+
+
+def _inputs(tmp_path):
+    (tmp_path / "exams.pkl").write_bytes(b"not read")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "a_file").write_text("x\n")
+    return tmp_path
+
+
+PREDICT_MISTAKES = [
+    (["--exam-list", "{t}/exams.pkl"], 2, "--exam-list needs --images"),
+    (["--exam-list", "{t}/none.pkl", "--images", "{t}/images"], 1, "--exam-list {t}/none.pkl: no such file"),
+    (["--exam-list", "{t}/exams.pkl", "--images", "{t}/none"], 1, "--images {t}/none: no such file"),
+    (["--exam-list", "{t}/exams.pkl", "--images", "{t}/a_file"], 1, "--images {t}/a_file: is a file"),
+    (["--dicom", "{t}/none"], 1, "--dicom {t}/none: no such file"),
+    (["--synthetic", "2"], 2, "--synthetic needs a checkpoint trained on synthetic data"),
+]
+
+
+@pytest.mark.parametrize("args,code,says", PREDICT_MISTAKES, ids=[" ".join(a) for a, _, _ in PREDICT_MISTAKES])
+def test_predict_mistakes_write_nothing(checkpoint, tmp_path, args, code, says):
+    t = _inputs(tmp_path)
+    _cli("predict", *[a.format(t=t) for a in args], "--checkpoint", checkpoint, "--output", t / "out",
+         "--no-progress", code=code, says=says.format(t=t))
+    assert not (t / "out").exists()
+
+
+def test_predict_with_a_checkpoint_it_cannot_use_claims_only_what_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("predictions.csv", "breast_predictions.csv", "run.json"):  # an earlier run's
+        (out / stale).write_text("stale\n")
+    (tmp_path / "a_file").write_text("x\n")
+    for checkpoint, problem in [(tmp_path / "none", "not a gmic-jax checkpoint"),
+                                (tmp_path / "a_file", "is a file; a gmic-jax checkpoint is a directory")]:
+        last = _cli("predict", "--synthetic", "2", "--checkpoint", checkpoint, "--output", out, "--no-progress",
+                    code=1, says=[str(checkpoint), problem, f"nothing was predicted (written: {out / 'failures.txt'} "
+                                                             "only)"])
+        assert "predictions.csv" not in last
+        assert sorted(p.name for p in out.iterdir()) == ["failures.txt"]
+        assert problem in (out / "failures.txt").read_text()
+
+
+EVALUATE_MISTAKES = [
+    (["--checkpoint", "{t}/none"], 1, "{t}/none: not a gmic-jax checkpoint"),
+    (["--checkpoint", "{t}/a_file"], 1, "{t}/a_file: is a file"),
+    (["--step", "7"], 1, "no step 7 (saved steps: [0])"),
+    (["--data", "synthtic"], 2, "expected 'synthetic[:opts]' or 'cache:PATH'"),
+    (["--data", "synthetic:num"], 2, "'num' is not key=value"),
+    (["--data", "synthetic:num=many"], 2, "num=many is not an integer"),
+    (["--data", "synthetic:split=val", "--split", "test"], 2, "split=val but --split says test"),
+    (["--split", "test set"], 2, "--split 'test set': a split name is"),
+    (["--data", "cache:{t}/none"], 1, "{t}/none/index.json: not a gmic-jax cache"),
+    (["--tta", "-1"], 2, "--tta must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("args,code,says", EVALUATE_MISTAKES, ids=[" ".join(a) for a, _, _ in EVALUATE_MISTAKES])
+def test_evaluate_mistakes_write_nothing(checkpoint, tmp_path, args, code, says):
+    t = _inputs(tmp_path)
+    given = dict(zip(args[::2], args[1::2]))
+    defaults = {"--checkpoint": str(checkpoint), "--data": "synthetic:num=4"}
+    args = [*args, *[x for k, v in defaults.items() if k not in given for x in (k, v)]]
+    _cli("evaluate", *[a.format(t=t) for a in args], "--output", t / "out", code=code, says=says.format(t=t))
+    assert not (t / "out").exists()

@@ -19,10 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_TRAIN_ARGS
+from conftest import TINY_RUN_ARGS as TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [*TINY_TRAIN_ARGS, "--config.optimizer.schedule=constant", "--config.keep_evaluated=True"]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,8 @@ def _kept_in_log(text):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, env):
-    workdir = tmp_path_factory.mktemp("runs") / "tiny"
-    # JAX_PLATFORMS unset for this one: JAX probes for a TPU runtime here, and must not say so.
-    r = _train(workdir, {k: v for k, v in env.items() if k != "JAX_PLATFORMS"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return workdir, r.stderr
+def run(tiny_run):
+    return tiny_run  # trained with JAX_PLATFORMS unset: JAX probes for a TPU runtime there, and must not say so
 
 
 def test_the_log_names_devices_and_kept_step_without_library_noise(run):

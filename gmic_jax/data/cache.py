@@ -430,7 +430,10 @@ def main(args) -> int:
     elif getattr(args, "crop_noise", None) or getattr(args, "size_noise", None) is not None:
         print(f"error: --crop-noise/--size-noise need {WINDOW_NOISE_OPTION}", file=sys.stderr)
         return 2
-    metadata = {"source": args.source, "split": args.split, "window_shape": list(args.window_shape)}
+    # The split the cache holds (CBIS-DDSM sources take 'train' when none is named; a manifest
+    # without --split and an exam list hold all they list: none recorded). evaluate names its keys by it.
+    split = args.split or ("train" if args.source in ("cbis-tcia", "cbis-tfds") else None)
+    metadata = {"source": args.source, "split": split, "window_shape": list(args.window_shape)}
     count, failures = build_cache(source, args.output, shard_size=args.shard_size, num_workers=args.num_workers,
                                   metadata=metadata, progress=not args.no_progress,
                                   prior_failures=getattr(source, "load_errors", ()), window_noise=window_noise)

@@ -34,7 +34,9 @@ Checkpoints
     model with its own configuration (its own t). Saliency maps, patches and figures are those of
     the first checkpoint (as the original's ensemble visualises its first model). All checkpoints
     must take the same window and preprocessing (config.json's ``preprocessing`` section, see
-    :mod:`gmic_jax.preprocessing`).
+    :mod:`gmic_jax.preprocessing`). Of a training workdir, the step its selection rule keeps is
+    loaded (:func:`gmic_jax.checkpoint.select_checkpoint`); the log names each checkpoint's step and
+    why, and run.json records them.
 
 Test-time augmentation (``--tta N``, seeded by ``--seed``)
     The prediction becomes the mean over N augmented draws of each image (saliency maps, patches
@@ -58,6 +60,10 @@ Outputs (in OUT)
                               lesion; an empty cell is undefined (no lesion of that class).
                               Definitions in :mod:`gmic_jax.metrics`.
     failures.txt              one line per failure, when anything failed
+    run.json                  how the outputs were made: per checkpoint (in --checkpoint order)
+                              checkpoint, checkpoint_step and checkpoint_selection (rule, reason);
+                              the inputs and settings; num_exams, num_images, num_failures; the
+                              outputs written; the command line and the versions
 
 Batching: images of all exams go through ONE compiled function with a fixed batch size (the
 last batch is padded), split over the local devices; nothing about an image's result depends on
@@ -67,7 +73,7 @@ Bad input: a missing or corrupt image, an unknown view, a malformed exam, ... is
 exam and the file; that exam is left out of every output and the others are predicted; the exit
 status is then 1. A checkpoint that cannot be used (unreadable, parameters that do not fit its
 configuration, ensemble members that disagree on the input) affects every exam: nothing is
-predicted and the exit status is 1.
+predicted, failures.txt is the only output (no CSVs, no run.json) and the exit status is 1.
 """
 from gmic_jax.files import FAILURES_TXT
 from gmic_jax.predict.cli import add_arguments, main
@@ -75,11 +81,11 @@ from gmic_jax.predict.exams import (Exam, ImageTask, PredictError, exams_from_di
                                     exams_from_synthetic)
 from gmic_jax.predict.images import LoadedImage, load_image
 from gmic_jax.predict.models import check_variables, compiled_forward, load_models
-from gmic_jax.predict.outputs import (BREAST_CSV, LOCALIZATION_CSV, PREDICTIONS_CSV, SALIENCY_DIR,
+from gmic_jax.predict.outputs import (BREAST_CSV, LOCALIZATION_CSV, PREDICTIONS_CSV, RUN_JSON, SALIENCY_DIR,
                                       VISUALIZATION_DIR, PredictResult)
 from gmic_jax.predict.runner import predict
 
 __all__ = ["BREAST_CSV", "Exam", "FAILURES_TXT", "ImageTask", "LOCALIZATION_CSV", "LoadedImage",
-           "PREDICTIONS_CSV", "PredictError", "PredictResult", "SALIENCY_DIR", "VISUALIZATION_DIR",
+           "PREDICTIONS_CSV", "PredictError", "PredictResult", "RUN_JSON", "SALIENCY_DIR", "VISUALIZATION_DIR",
            "add_arguments", "check_variables", "compiled_forward", "exams_from_dicom", "exams_from_exam_list",
            "exams_from_synthetic", "load_image", "load_models", "main", "predict"]

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from gmic_jax.files import FAILURES_TXT, print_failures
-from gmic_jax.predict.outputs import PREDICTIONS_CSV
 from gmic_jax.predict.runner import predict
 
 
@@ -33,27 +32,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _error(message: str, code: int) -> int:
+    print(f"gmic-jax predict: error: {message}", file=sys.stderr)
+    return code
+
+
+def _missing_input(args):
+    """The first input path named on the command line that does not exist (or is of the wrong kind)."""
+    for option, value, kind in (("--exam-list", args.exam_list, "file"), ("--images", args.images, "dir"),
+                                ("--dicom", args.dicom, "any"), ("--segmentations", args.segmentations, "dir")):
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.exists():
+            return f"{option} {value}: no such file or directory"
+        if kind == "dir" and not path.is_dir():
+            return f"{option} {value}: is a file; give the folder"
+        if kind == "file" and path.is_dir():
+            return f"{option} {value}: is a folder; give the exam list file"
+    return None
+
+
 def main(args) -> int:
+    from gmic_jax import logs
+
+    logs.configure()
     if args.exam_list is not None and args.images is None:
-        print("error: --exam-list needs --images", file=sys.stderr)
-        return 2
+        return _error("--exam-list needs --images (the folder of its images)", 2)
+    problem = _missing_input(args)
+    if problem:
+        return _error(problem, 1)
+    out = Path(args.output)
     try:
         result = predict(args.checkpoint, args.output, exam_list=args.exam_list, images_dir=args.images,
                          dicom=args.dicom, synthetic=args.synthetic, preprocessed=args.preprocessed,
                          tta=args.tta, seed=args.seed, visualize=args.visualize,
                          segmentations_dir=args.segmentations, batch_size=args.batch_size,
-                         num_workers=args.num_workers, progress=not args.no_progress)
+                         num_workers=args.num_workers, progress=not args.no_progress,
+                         command=getattr(args, "command_line", None))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2)
+    if result.checkpoint_error is not None:
+        return _error(f"{result.checkpoint_error}; nothing was predicted (written: {out / FAILURES_TXT} only)", 1)
     print_failures(result.failures)
     steady = ""
     if result.num_exams and result.seconds > result.first_batch_seconds:
         steady = f"; first batch incl. compile {result.first_batch_seconds:.1f} s"
     print(f"{result.num_exams} exam(s), {result.num_images} image(s) in {result.seconds:.1f} s: "
-          f"{result.exams_per_second:.3f} exams/s{steady} -> {Path(args.output) / PREDICTIONS_CSV}")
+          f"{result.exams_per_second:.3f} exams/s{steady} -> {out}: {', '.join(result.written)}")
     if result.failures:
-        print(f"{len(result.failures)} failure(s); the CSVs hold only the exams that succeeded "
-              f"(see {Path(args.output) / FAILURES_TXT})", file=sys.stderr)
-        return 1
+        held = (f"the outputs hold only the {result.num_exams} exam(s) that succeeded" if result.num_exams
+                else "nothing was predicted: the CSVs have no rows")
+        return _error(f"{len(result.failures)} failure(s); {held} (see {out / FAILURES_TXT})", 1)
     return 0

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gmic_jax.checkpoint import CheckpointError
+from gmic_jax.checkpoint import CheckpointError, Selection
 from gmic_jax.config import GMICConfig
 from gmic_jax.preprocessing import Preprocessing
 
@@ -25,6 +25,7 @@ class Model:
     variables: dict
     preprocessing: Preprocessing
     train_augment: object = None  # the training config's augment section, when config.json records one
+    selection: Selection | None = None  # the step loaded and why
 
 
 def _flat_shapes(tree) -> dict:
@@ -75,14 +76,14 @@ def _input(prep: Preprocessing) -> Preprocessing:
 def load_models(directories: Sequence) -> list:
     """Load and check every checkpoint of an ensemble; raise :class:`CheckpointError` naming the bad one."""
     from gmic_jax.augment import AugmentConfig
-    from gmic_jax.checkpoint import load_checkpoint, read_config
+    from gmic_jax.checkpoint import load_selected, read_config
 
     if not directories:
         raise CheckpointError("no --checkpoint given")
     models = []
     for d in directories:
         try:
-            config, variables = load_checkpoint(d)
+            config, variables, selection = load_selected(d)
             _, prep, doc = read_config(d)
         except CheckpointError:
             raise
@@ -95,7 +96,7 @@ def load_models(directories: Sequence) -> list:
             AugmentConfig.from_section(augment)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{d}/config.json: bad train.augment section: {e}") from None
-        models.append(Model(str(d), config, variables, prep, augment))
+        models.append(Model(str(d), config, variables, prep, augment, selection))
     first = models[0]
     for m in models[1:]:
         if m.config.image_shape != first.config.image_shape or _input(m.preprocessing) != _input(first.preprocessing):

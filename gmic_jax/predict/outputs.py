@@ -1,15 +1,17 @@
-"""predict's outputs: the result of a run, the rows of its CSVs, the files of a finished exam."""
+"""predict's outputs: the result of a run, the rows of its CSVs, the files of a finished exam, the
+run's record (run.json: the checkpoints' steps and why, the settings, the command, the versions)."""
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
-from gmic_jax.files import FAILURES_TXT, atomic_path
+from gmic_jax.files import FAILURES_TXT, atomic_path, write_atomic
 from gmic_jax.predict.exams import CLASSES, Exam, ImageTask
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -17,7 +19,8 @@ BREAST_CSV = "breast_predictions.csv"
 LOCALIZATION_CSV = "localization.csv"
 SALIENCY_DIR = "saliency"
 VISUALIZATION_DIR = "visualization"
-OUTPUT_FILES = (PREDICTIONS_CSV, BREAST_CSV, LOCALIZATION_CSV, FAILURES_TXT)
+RUN_JSON = "run.json"
+OUTPUT_FILES = (PREDICTIONS_CSV, BREAST_CSV, LOCALIZATION_CSV, FAILURES_TXT, RUN_JSON)
 
 PREDICTION_COLUMNS = ("image_index", "benign_pred", "malignant_pred", "benign_label", "malignant_label")
 BREAST_COLUMNS = ("exam", "breast", "benign_pred", "malignant_pred", "benign_label", "malignant_label")
@@ -36,6 +39,9 @@ class PredictResult:
     seconds: float = 0.0       # whole run, from the first load to the last output
     first_batch_seconds: float = 0.0  # includes compiling the forward function
     per_model: dict = dataclasses.field(default_factory=dict)  # image_index -> (M, 2) y_fusion of each model
+    checkpoints: list = dataclasses.field(default_factory=list)  # per model: gmic_jax.records.checkpoint_record
+    checkpoint_error: Optional[str] = None  # a checkpoint could not be used: nothing was predicted
+    written: list = dataclasses.field(default_factory=list)  # what the run wrote in its output folder, in order
 
     @property
     def exams_per_second(self) -> float:
@@ -77,9 +83,25 @@ def write_csvs(result: PredictResult, output_dir: Path, localization: bool) -> N
     """predictions.csv and breast_predictions.csv (and localization.csv) of ``result``."""
     write_csv(output_dir / PREDICTIONS_CSV, PREDICTION_COLUMNS, result.predictions, _PRED_FORMATS)
     write_csv(output_dir / BREAST_CSV, BREAST_COLUMNS, result.breast_predictions, _PRED_FORMATS)
+    result.written += [PREDICTIONS_CSV, BREAST_CSV]
     if localization:
         write_csv(output_dir / LOCALIZATION_CSV, LOCALIZATION_COLUMNS, result.localization,
                   {c: _fmt_metric for c in LOCALIZATION_COLUMNS[1:]})
+        result.written.append(LOCALIZATION_CSV)
+
+
+def write_run_record(result: PredictResult, output_dir: Path, settings: dict,
+                     command: Optional[Sequence[str]] = None) -> None:
+    """OUT/run.json: every checkpoint's step and why it was chosen (an ensemble: each member's, in
+    ``--checkpoint`` order), the run's settings, what it predicted and wrote, the command, the
+    versions (:mod:`gmic_jax.records`)."""
+    from gmic_jax import records
+
+    result.written.append(RUN_JSON)
+    doc = {"checkpoints": result.checkpoints, **settings, "num_exams": result.num_exams,
+           "num_images": result.num_images, "num_failures": len(result.failures), "outputs": list(result.written),
+           **records.provenance(command)}
+    write_atomic(output_dir / RUN_JSON, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def breast_rows(exam: Exam, finished: list) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import sys
 import time
 import zlib
@@ -12,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gmic_jax import records
 from gmic_jax.checkpoint import CheckpointError
 from gmic_jax.files import write_failures
 from gmic_jax.predict import outputs as out_lib
@@ -21,16 +23,20 @@ from gmic_jax.predict.images import LoadedImage, load_image
 from gmic_jax.predict.models import FORWARD_OUTPUTS, compiled_forward, load_models
 from gmic_jax.predict.outputs import PredictResult
 
+log = logging.getLogger("gmic_jax.predict")
+
 
 def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=None, dicom=None,
             synthetic: Optional[int] = None, preprocessed: bool = False, tta: int = 0, seed: int = 0,
             visualize: bool = False, segmentations_dir=None, batch_size: int = 4, num_workers: int = 2,
-            progress: bool = True, devices=None) -> PredictResult:
+            progress: bool = True, devices=None, command: Optional[Sequence[str]] = None) -> PredictResult:
     """Predict every exam of an exam list (``exam_list`` + ``images_dir``), of DICOM files
     (``dicom``) or the first ``synthetic`` synthetic exams with the ensemble of ``checkpoints``;
-    write the outputs to ``output_dir`` (see :mod:`gmic_jax.predict`) and return them. Failures
-    are collected, never raised, except for a checkpoint that cannot be used (then nothing is
-    predicted)."""
+    write the outputs to ``output_dir`` (see :mod:`gmic_jax.predict`; ``command``, the command
+    line, goes into run.json) and return them. Failures are collected, never raised. A checkpoint
+    that cannot be used affects every exam: nothing is predicted, failures.txt is the only output
+    and ``result.checkpoint_error`` says why. Settings that contradict each other or the
+    checkpoint raise ValueError before anything is written."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -49,29 +55,35 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
     if tta < 0 or batch_size < 1:
         raise ValueError(f"tta must be >= 0 and batch_size >= 1, got tta={tta}, batch_size={batch_size}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_lib.OUTPUT_FILES:
-        (output_dir / stale).unlink(missing_ok=True)
-
     result = PredictResult([], [], [], [])
     try:
         models = load_models(list(checkpoints))
     except CheckpointError as e:
-        result.failures.append(PredictError("(all)", "checkpoint", str(e)))
+        models, result.checkpoint_error = [], str(e)
+    if models:
+        prep = models[0].preprocessing
+        if preprocessed and prep.name != "original":
+            raise ValueError(f"--preprocessed reads gmic-jax preprocess output, but the checkpoint expects "
+                             f"preprocessing {prep.name!r}")
+        if synthetic is not None and prep.synthetic is None:
+            raise ValueError(f"--synthetic needs a checkpoint trained on synthetic data (its config.json "
+                             f"records preprocessing {prep.name!r} and no synthetic data)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_lib.OUTPUT_FILES:
+        (output_dir / stale).unlink(missing_ok=True)
+    if result.checkpoint_error is not None:
+        result.failures.append(PredictError("(all)", "checkpoint", result.checkpoint_error))
         write_failures(output_dir, result.failures)
+        result.written.append(out_lib.FAILURES_TXT)
         return result
-    prep = models[0].preprocessing
-    if preprocessed and prep.name != "original":
-        raise ValueError(f"--preprocessed reads gmic-jax preprocess output, but the checkpoint expects "
-                         f"preprocessing {prep.name!r}")
+    for m in models:
+        log.info("checkpoint %s", records.describe(m.directory, m.selection))
+        result.checkpoints.append(records.checkpoint_record(m.directory, m.selection))
     if exam_list is not None:
         exams, failures = exams_from_exam_list(exam_list, images_dir, preprocessed, segmentations_dir)
     elif dicom is not None:
         exams, failures = exams_from_dicom(dicom)
     else:
-        if prep.synthetic is None:
-            raise ValueError(f"--synthetic needs a checkpoint trained on synthetic data (its config.json "
-                             f"records preprocessing {prep.name!r} and no synthetic data)")
         exams, failures = exams_from_synthetic(synthetic, prep)
     result.failures.extend(failures)
 
@@ -98,8 +110,19 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
     result.num_images = len(result.predictions)
     result.first_batch_seconds = run.first_batch_seconds or 0.0
     out_lib.write_csvs(result, output_dir, localization=segmentations_dir is not None or synthetic is not None)
+    if result.num_images:
+        result.written.append(out_lib.SALIENCY_DIR + "/")
+        if visualize:
+            result.written.append(out_lib.VISUALIZATION_DIR + "/")
     if result.failures:
         write_failures(output_dir, result.failures)
+        result.written.append(out_lib.FAILURES_TXT)
+    inputs = {"exam_list": exam_list, "images": images_dir, "dicom": dicom, "synthetic": synthetic,
+              "segmentations": segmentations_dir}
+    settings = {"inputs": {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items() if v is not None},
+                "preprocessed": preprocessed, "tta": tta, "seed": seed, "batch_size": batch_size,
+                "devices": len(devices)}
+    out_lib.write_run_record(result, output_dir, settings, command)
     result.seconds = time.perf_counter() - t_start
     return result
 
