@@ -61,6 +61,7 @@ def test_evaluate_names_the_split_the_step_and_why(tiny_run, train_env, tmp_path
                                  "--output", str(tmp_path / "kept")]
     assert report["versions"]["jax"] and report["versions"]["gmic-jax"]
     assert f"step 6 ({kept.reason})" in log and "split 'test'" in log
+    assert "Given directory is read only" not in log and "Unable to initialize backend" not in log
     assert "step 6" in _title(tmp_path / "kept") and "split test" in _title(tmp_path / "kept")
 
     # --step: another step, recorded as asked for.
@@ -164,4 +165,5 @@ def test_predict_records_each_members_step_and_what_it_wrote(tiny_run, train_env
     written = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
     assert sorted(run["outputs"]) == written and "failures.txt" not in written
     assert f"{workdir}: step 6 ({members[0].reason})" in r.stderr and f"{member}: step 4" in r.stderr
+    assert "Given directory is read only" not in r.stderr
     assert "run.json" in r.stdout.strip().splitlines()[-1]

@@ -272,9 +272,10 @@ def main(args) -> int:
         return _error(str(e), 1)
     except ValueError as e:
         return _error(str(e), 2)
-    if recorded_split is not None:
-        log.warning("%s records split %r; scored as --split %r", args.data, recorded_split, split)
-    log.info("evaluating %s on split %r of %s", records.describe(args.checkpoint, chosen), split, args.data)
+    if jax.process_index() == 0:
+        if recorded_split is not None:
+            log.warning("%s records split %r; scored as --split %r", args.data, recorded_split, split)
+        log.info("evaluating %s on split %r of %s", records.describe(args.checkpoint, chosen), split, args.data)
     prefix = f"{split}_"
     metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
                                 normalization=args.normalization or prep.normalization, prediction=args.prediction,
