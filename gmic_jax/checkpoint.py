@@ -9,7 +9,8 @@
 
 Training workdirs add "checkpoint_selection": {"metric", "min_delta", "rule"}, the rule by which
 `load_checkpoint` picks a step (see `SelectionRule`); training logs the step it keeps by the same
-rule. Steps are managed by `orbax.checkpoint.CheckpointManager`; steps saved at an evaluation carry
+rule, and predict and evaluate record the step they load and why (`load_selected`,
+`Selection.to_dict`, through :mod:`gmic_jax.records`). Steps are managed by `orbax.checkpoint.CheckpointManager`; steps saved at an evaluation carry
 the validation metrics the rule reads.
 """
 from __future__ import annotations
