@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from gmic_jax.xla_flags import apply_cpu_defaults
+    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
 
     apply_cpu_defaults()  # before any JAX work
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         module.add_arguments(sub)
         parse = getattr(module, "parse_args", None)
         args = parse(sub, argv[1:]) if parse else sub.parse_args(argv[1:])
+        enable_compile_cache()  # persistent compilation cache: GMIC_JAX_COMPILE_CACHE=DIR or off
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help / usage errors
     return 2
