@@ -99,7 +99,8 @@ class DevicelessRunner:
             compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
             compile_s = time.perf_counter() - t0
             [live_range] = Path(dump).glob("*after_optimizations-live-range.txt")
-            live_range_text = live_range.read_text()
+            [assignment] = Path(dump).glob("*after_optimizations-buffer-assignment.txt")
+            live_range_text, assignment_text = live_range.read_text(), assignment.read_text()
         hlo_text = compiled.as_text()
         mem = compiled.memory_analysis()
         return {
@@ -111,7 +112,7 @@ class DevicelessRunner:
             "flops": flops_before_optimization(lowered),
             "hlo_has_cpu_kernel": "cpu_kernel" in hlo_text,
             **hlo_report.program_counts(hlo_text),
-            "peak": hlo_report.attribute_peak(live_range_text, hlo_text),
+            "peak": hlo_report.attribute_peak(assignment_text, live_range_text, hlo_text),
             "kernels": os.environ.get("GMIC_JAX_KERNELS") or "auto",
         }
 

@@ -76,7 +76,7 @@ RESULT_KEYS = ("impl", "dtype", "remat", "params", "params_global", "params_loca
 # One row per configuration and phase of a --deviceless run (bytes and FLOPs per exam).
 DEVICELESS_KEYS = ("impl", "phase", "device", "dtype", "remat", "batch_exams", "arg_bytes", "temp_bytes",
                    "out_bytes", "alias_bytes", "flops", "recompute_flops", "compile_s", "compile_cache",
-                   "cudnn_convs", "fusions", "host_transfers", "peak_bytes", "kernels")
+                   "cudnn_convs", "fusions", "host_transfers", "peak_temp_bytes", "kernels")
 TOP_KEYS = ("device", "versions", "threads", "image_shape", "unit", "results")
 # XLA flags of the inference and of the training worker when none are given on the command line.
 INFERENCE_XLA_FLAGS = ""
@@ -585,7 +585,7 @@ def assemble_deviceless(args, cores, entries, user_env) -> dict:
             "recompute_flops": None if base_flops is None else (e["flops"] - base_flops) / n,
             "compile_s": e["compile_s"], "compile_cache": e["compile_cache"],
             "cudnn_convs": e["cudnn_convs"], "fusions": e["fusions"], "host_transfers": len(e["host_transfers"]),
-            "peak_bytes": e["peak"]["peak_bytes"] // n, "kernels": e["kernels"],
+            "peak_temp_bytes": e["peak"]["bytes"] // n, "kernels": e["kernels"],
         })
         details.append({k: e[k] for k in ("phase", "dtype", "remat", "batch_exams", "cudnn_by_kind", "custom_calls",
                                           "host_transfers", "hlo_has_cpu_kernel", "peak")})
