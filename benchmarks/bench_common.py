@@ -243,11 +243,12 @@ def cpu_name(info: dict | None = None) -> str:
     return f"{info['name']} ({', '.join(parts)})"
 
 
-def versions(with_torch: bool = False) -> dict[str, str]:
+def versions(with_torch: bool = False, extra: Sequence[str] = ()) -> dict[str, str]:
     out = {"python": platform.python_version()}
     names = ["jax", "jaxlib", "flax", "optax", "numpy", "gmic-jax"]
     if with_torch:
         names += ["torch", "torchvision"]
+    names += list(extra)
     for name in names:
         try:
             out[name] = importlib.metadata.version(name)

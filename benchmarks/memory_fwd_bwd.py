@@ -591,7 +591,7 @@ def assemble_deviceless(args, cores, entries, user_env) -> dict:
                                           "host_transfers", "hlo_has_cpu_kernel", "peak")})
     report = {
         "device": device,
-        "versions": bc.versions(),
+        "versions": bc.versions(extra=("jax-cuda12-plugin", "nvidia-cudnn-cu12", "nvidia-cuda-nvcc-cu12")),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
         "unit": UNIT,
