@@ -88,5 +88,6 @@ def enable_compile_cache() -> Path | None:
 
         warnings.warn(f"the compilation cache in {path} has no size limit: `pip install filelock` for "
                       f"the {COMPILE_CACHE_MAX_BYTES / 2**30:.0f} GiB cap", stacklevel=2)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_COMPILE_S)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's threshold wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_COMPILE_S)
     return path
