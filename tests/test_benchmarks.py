@@ -298,6 +298,19 @@ ENTRY %main (a: f32[2]) -> f32[2] {
     assert instructions["copy.2"][1].startswith("jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")  # from its operand
 
 
+# ----------------------------------------------------------------------------- compile_time.py
+def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
+    report, stdout = _run_script("compile_time.py", ["--rounds", "1", "--image-shape", *map(str, IMAGE), "--crop-shape",
+                                                     *map(str, CROP), "--threads", str(THREADS)], tmp_path, "ct")
+    runs = {kind: r[0] for kind, r in report["runs"].items()}
+    assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit"]
+    for r in runs.values():
+        assert r["total_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["compile_s"])
+    # Loading the compiled program is faster than compiling it.
+    assert runs["warm, cache hit"]["compile_s"] < runs["cold, cache off"]["compile_s"]
+    assert "| warm, cache hit |" in stdout and report["cpu"]["family"] is not None
+
+
 # ----------------------------------------------------------------------------- throughput.py
 def test_throughput_against_devices_and_input_rate(tmp_path):
     report, stdout = _run_script("throughput.py", [*SMALL, "--devices", "1", "2", "--steps", "1"], tmp_path, "tp")
