@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from gmic_jax.xla_flags import apply_cpu_defaults
+    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
 
     apply_cpu_defaults()  # before any JAX work
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         if problem:
             print(f"gmic-jax {name}: error: {problem}", file=sys.stderr)
             return 2
+        enable_compile_cache()  # persistent compilation cache: GMIC_JAX_COMPILE_CACHE=DIR or off
         try:
             return int(module.main(args) or 0)
         except KeyboardInterrupt:

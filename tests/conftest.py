@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never write into the user's compilation cache: the CLI and benchmarks they run (in this
+# process or in subprocesses, which inherit it) get the cache off unless a test sets a directory.
+os.environ.setdefault("GMIC_JAX_COMPILE_CACHE", "off")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

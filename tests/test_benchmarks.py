@@ -152,10 +152,15 @@ def test_script_writes_the_json_with_every_field_filled(small_runs):
     assert report["unit"] == "exam of 4 images"
     assert report["image_shape"] == list(IMAGE) and report["threads"] == THREADS
     assert "CPU" in report["device"] and report["versions"]["jax"] == jax.__version__
+    cpu = report["details"]["cpu"]  # every table names the CPU: family / model numbers and AMX
+    assert f"family {cpu['family']} model {cpu['model']}" in report["device"]
+    assert ("no AMX" in report["device"]) == (not cpu["amx"])
+    assert "CPU: " in stdout and "AMX" in stdout
     [result] = report["results"]
     assert tuple(result) == mfb.RESULT_KEYS
     assert (result["impl"], result["dtype"], result["remat"]) == ("jax", "float32", "none")
-    for key in mfb.RESULT_KEYS[3:]:
+    assert result["compile_cache"] == "off"  # tests never use the user's compilation cache
+    for key in mfb.RESULT_KEYS[3:-1]:
         assert _finite_number(result[key]), (key, result[key])
         assert result[key] >= 0, key
         if not key.endswith("spread"):
@@ -211,8 +216,8 @@ def test_remat_flag_follows_the_models_config(monkeypatch):
     spec = {"image_shape": IMAGE, "crop_shape": CROP, "K": 6, "percent_t": 0.02, "dtype": "float32"}
     fields = {f.name for f in dataclasses.fields(GMICConfig)}
     if "remat" in fields:
-        assert mfb.make_config({**spec, "remat": "global"}).remat
-        assert not mfb.make_config({**spec, "remat": "none"}).remat
+        assert mfb.make_config({**spec, "remat": "global"}).remat == "global"
+        assert mfb.make_config({**spec, "remat": "none"}).remat == "none"
 
     @dataclasses.dataclass(frozen=True)
     class NoRemat:
@@ -246,6 +251,16 @@ def test_resident_rise_sees_an_allocation_and_not_its_absence():
     del block
     assert busy.rise >= 60 * 2**20
     assert idle.rise < 16 * 2**20
+
+
+def test_cpu_identity_reads_the_flags():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    info = bc.cpu_identity()
+    assert info["amx"] == any(f.startswith("amx") for f in flags) and info["avx512"] == ("avx512f" in flags)
+    assert isinstance(info["family"], int) and isinstance(info["model"], int)
+    fake = {"name": "Xeon", "family": 6, "model": 143, "amx": True, "avx512": True, "amx_flags": ["amx_bf16", "amx_tile"]}
+    assert bc.cpu_name(fake) == "Xeon (family 6 model 143, AVX-512, AMX (amx_bf16, amx_tile))"
 
 
 def test_median_spread():
@@ -283,6 +298,19 @@ ENTRY %main (a: f32[2]) -> f32[2] {
     assert instructions["copy.2"][1].startswith("jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")  # from its operand
 
 
+# ----------------------------------------------------------------------------- compile_time.py
+def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
+    report, stdout = _run_script("compile_time.py", ["--rounds", "1", "--image-shape", *map(str, IMAGE), "--crop-shape",
+                                                     *map(str, CROP), "--threads", str(THREADS)], tmp_path, "ct")
+    runs = {kind: r[0] for kind, r in report["runs"].items()}
+    assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit"]
+    for r in runs.values():
+        assert r["total_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["compile_s"])
+    # Loading the compiled program is faster than compiling it.
+    assert runs["warm, cache hit"]["compile_s"] < runs["cold, cache off"]["compile_s"]
+    assert "| warm, cache hit |" in stdout and report["cpu"]["family"] is not None
+
+
 # ----------------------------------------------------------------------------- throughput.py
 def test_throughput_against_devices_and_input_rate(tmp_path):
     report, stdout = _run_script("throughput.py", [*SMALL, "--devices", "1", "2", "--steps", "1"], tmp_path, "tp")
@@ -303,7 +331,7 @@ def test_side_by_side_with_the_original(tmp_path):
                                                        "--torch-ref", os.environ["GMIC_TORCH_REF"]], tmp_path, "sbs")
     jax_r, torch_r = report["results"]
     assert torch_r["impl"] == "torch" and torch_r["params"] == jax_r["params"]
-    assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:])
+    assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:-1])
     [agreement] = report["details"]["agreement"].values()
     assert agreement["forward"]["ok"] and agreement["forward"]["patch_locations_equal"]
     assert agreement["training_step"]["loss_rel_err"] < 1e-4
