@@ -13,6 +13,7 @@ AGGREGATIONS = ("top_t", "gmp", "gap")
 ATTENTIONS = ("gated", "uniform")
 PATCH_SELECTIONS = ("retrieve_roi", "random")
 DTYPES = ("float32", "bfloat16")
+SALIENCY_SYMMETRIES = ("none", "rot180")
 LOCAL_NETS = ("resnet18", "resnet34", "resnet50", "resnet18_narrow")
 
 # Rematerialisation policies, GMICConfig.remat (implemented in gmic_jax.models.remat; memory and
@@ -86,6 +87,12 @@ class GMICConfig:
         localise. Block 0 of each stage stays (it changes the width), so each count is >= 1.
     global_widths: channels of the global network's five stages (the paper's: 16, 32, 64, 128,
         256; h_g has the last). Narrower stages pay for a finer saliency grid on small images.
+    saliency_symmetry: "none" (the paper's) or "rot180": h_g is the mean of the global network on
+        the image and, rotated back, on the image turned by 180 degrees. A network whose evidence
+        for a finding lands at a fixed offset from it (image-level labels leave that offset free:
+        every saliency cell of a small image sees the whole image) then puts its two halves at
+        +offset and -offset; only offset 0 makes them add up, so training is pushed to the
+        finding. Costs a second pass of the global network.
     """
 
     percent_t: float = 0.02
@@ -102,6 +109,7 @@ class GMICConfig:
     global_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
     global_blocks: tuple[int, ...] = (2, 2, 2, 2, 2)
     global_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    saliency_symmetry: str = "none"
 
     def __post_init__(self):
         # Normalise sequences to tuples so configs read from JSON compare and hash equal.
@@ -133,6 +141,8 @@ class GMICConfig:
             raise ValueError(f"GMICConfig.global_strides={self.global_strides}; expected five strides of 1 or 2")
         if len(self.global_blocks) != 5 or min(self.global_blocks) < 1:
             raise ValueError(f"GMICConfig.global_blocks={self.global_blocks}; expected five block counts >= 1")
+        if self.saliency_symmetry not in SALIENCY_SYMMETRIES:
+            raise ValueError(f"GMICConfig.saliency_symmetry={self.saliency_symmetry!r}; expected one of {SALIENCY_SYMMETRIES}")
         if len(self.global_widths) != 5 or min(self.global_widths) < 1:
             raise ValueError(f"GMICConfig.global_widths={self.global_widths}; expected five channel counts >= 1")
         if self.rotate_crops and self.crop_shape[0] != self.crop_shape[1]:

@@ -205,6 +205,7 @@ def test_image_shape_is_checked_and_sets_grid():
         (dict(global_blocks=(2, 2, 2, 2)), "global_blocks"),
         (dict(global_blocks=(1, 1, 0, 1, 1)), "global_blocks"),
         (dict(global_widths=(16, 32, 64, 128)), "global_widths"),
+        (dict(saliency_symmetry="flip"), "saliency_symmetry"),
     ],
 )
 def test_bad_config_is_rejected(kw, message):
@@ -250,9 +251,30 @@ def test_global_blocks_bound_the_receptive_field(strides, blocks):
         assert any(f"layer_list_{s}_{n - 1}/" in k for k in names) and not any(f"layer_list_{s}_{n}/" in k for k in names)
 
 
+def test_rot180_symmetry_makes_the_saliency_map_equivariant(base):
+    """saliency_symmetry="rot180": turning the image by 180 degrees turns its saliency map (exactly,
+    in eval mode), from the same parameters; without it the network is not equivariant."""
+    variables, out = base
+    config = BASE.replace(saliency_symmetry="rot180")
+    turned = X[:, ::-1, ::-1]
+
+    def saliency(config, x):
+        return np.asarray(GMIC(config).apply(variables, x, train=False, rngs={"roi": jax.random.key(0)})["saliency_map"])
+
+    sym, sym_turned = saliency(config, X), saliency(config, turned)
+    np.testing.assert_allclose(sym_turned, sym[:, ::-1, ::-1], rtol=1e-5, atol=1e-6)
+    assert differs(sym, out["saliency_map"])  # a different map from the paper's network
+    plain_turned = saliency(BASE, turned)
+    assert differs(plain_turned, out["saliency_map"][:, ::-1, ::-1])
+    # Training mode runs (both turns share the batch statistics) and gives finite outputs.
+    trained = run(config, variables, train=True)
+    assert all(np.isfinite(v).all() for v in trained.values() if v.dtype.kind == "f")
+
+
 def test_config_dict_round_trip():
     config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34", global_strides=[1, 2, 2, 1, 1],
-                        global_blocks=[1, 1, 1, 2, 1], global_widths=[8, 16, 32, 64, 64])
+                        global_blocks=[1, 1, 1, 2, 1], global_widths=[8, 16, 32, 64, 64],
+                        saliency_symmetry="rot180")
     assert GMICConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown GMICConfig fields"):
         GMICConfig.from_dict({"percent_t": 0.1, "typo": 1})

@@ -43,8 +43,14 @@ class GMIC(nn.Module):
         x = x.astype(jnp.float32)
 
         # Global network: h_g and the saliency maps A; y_global by the chosen aggregation.
-        h_g = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, stage_blocks=cfg.global_blocks,
-                       stage_features=cfg.global_widths, remat=cfg.remat, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
+        global_net = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, stage_blocks=cfg.global_blocks,
+                              stage_features=cfg.global_widths, remat=cfg.remat, bn_axis_name=self.bn_axis_name,
+                              name="ds_net")
+        if cfg.saliency_symmetry == "rot180":  # both turns in one batch; see GMICConfig.saliency_symmetry
+            both = global_net(jnp.concatenate([x, x[:, ::-1, ::-1]]), train)
+            h_g = 0.5 * (both[:n] + both[n:, ::-1, ::-1])
+        else:
+            h_g = global_net(x, train)
         saliency_map = SaliencyHead(NUM_CLASSES, name="left_postprocess_net")(h_g)
         y_global = aggregate(saliency_map, cfg.aggregation, cfg.percent_t)
 
