@@ -289,10 +289,12 @@ def main(argv=None) -> int:
     ev = out / f"eval_seed{args.seed}"
     _cli("evaluate", "--checkpoint", run, "--data", f"cache:{caches['test']}", "--output", ev, log=log)
     metrics = json.loads((ev / "metrics.json").read_text())
-    keys = ("val_auc_malignant", "val_auc_benign", "val_dice_malignant", "val_dice_benign", "val_pointing_malignant",
-            "val_pointing_malignant_random", "val_pointing_benign", "val_pointing_benign_random", "val_roi_hit_rate")
+    keys = ("auc_malignant", "auc_benign", "dice_malignant", "dice_benign", "pointing_malignant",
+            "pointing_malignant_random", "pointing_benign", "pointing_benign_random", "roi_hit_rate")
+    split = metrics["split"]  # evaluate's keys carry the split it scored: test_auc_malignant, ...
     summary = {"variant": args.variant, "config": args.config, "seed": args.seed, "overrides": args.overrides,
-               "test": {k.replace("val_", "", 1): metrics.get(k) for k in keys},
+               "split": split, "checkpoint_step": metrics.get("checkpoint_step"),
+               "test": {k: metrics.get(f"{split}_{k}") for k in keys},
                "data_s": round(t_data, 1), "train_s": round(t_train, 1)}
     (out / f"summary_seed{args.seed}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
