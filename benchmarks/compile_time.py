@@ -9,12 +9,19 @@ Per round, three fresh worker processes, in this order:
 * warm, cache hit        (the directory the miss just filled): what every later run costs.
 Times are medians over --rounds rounds; the JSON has every round. The XLA flags are the CLI's
 (gmic_jax.xla_flags); --xla-flags adds more (to try a flag's effect on compile time).
+
+--profile adds one more cold worker (cache off) with XLA's compile timers logged
+(TF_CPP_VMODULE=cpu_compiler=1,hlo_pass_pipeline=1) and splits its XLA compile of the training
+step into the HLO passes (the slowest by name) and the backend (LLVM code generation of the
+fusions, thunks): where a cold compile goes. The logging itself costs a little time.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -29,6 +36,31 @@ import bench_common as bc  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 KINDS = ("cold, cache off", "cold, cache miss", "warm, cache hit")
+PROFILE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "cpu_compiler=1,hlo_pass_pipeline=1"}
+_US = r"time: [^(]*\((\d+) us\)"
+
+
+def xla_compile_profile(log: str, top: int = 12) -> dict:
+    """XLA:CPU's compile timers (logged under PROFILE_ENV) of the module whose HLO passes took longest:
+    {"module", "hlo_passes_s", "backend_s", "passes": [(pass name, seconds summed, calls)] slowest first}."""
+    module, per_module = None, collections.defaultdict(lambda: {"hlo_passes_s": 0.0, "backend_s": 0.0,
+                                                                "passes": collections.Counter(),
+                                                                "calls": collections.Counter()})
+    for line in log.splitlines():
+        if m := re.search(r"Running HLO pass pipeline on module (\S+?):", line):
+            module = m.group(1)
+        elif (m := re.search(r"HLO pass: (\S+) " + _US, line)) and module is not None:
+            per_module[module]["passes"][m.group(1)] += int(m.group(2)) / 1e6
+            per_module[module]["calls"][m.group(1)] += 1
+        elif m := re.search(r"Running HLO passes on \[(\S+)\] for CPU " + _US, line):
+            per_module[m.group(1)]["hlo_passes_s"] += int(m.group(2)) / 1e6
+        elif m := re.search(r"Compiling \[(\S+)\] for CPU using JIT " + _US, line):
+            per_module[m.group(1)]["backend_s"] += int(m.group(2)) / 1e6
+    if not per_module:
+        raise RuntimeError("no XLA compile timers in the worker's log: did TF_CPP_VMODULE reach it?")
+    name, info = max(per_module.items(), key=lambda kv: kv[1]["hlo_passes_s"])
+    return {"module": name, "hlo_passes_s": info["hlo_passes_s"], "backend_s": info["backend_s"],
+            "passes": [(k, v, info["calls"][k]) for k, v in info["passes"].most_common(top)]}
 
 
 def run_worker(spec: dict) -> int:
@@ -75,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-exams", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--xla-flags", default="", help="extra XLA flags of the workers")
+    p.add_argument("--profile", action="store_true", help="also split one cold compile into XLA's passes and "
+                   "backend [off]")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -97,13 +131,22 @@ def main(argv=None) -> int:
                     worker.close()
                 print(f"[round {r}] {kind}: {runs[kind][-1]['total_s']:.2f} s ({runs[kind][-1]['compile_cache']})",
                       file=sys.stderr, flush=True)
+        profile = None
+        if args.profile:
+            env = bc.worker_env(args.threads, "cpu", args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": "off", **PROFILE_ENV})
+            worker = bc.Worker(SCRIPT, spec, cores, env, tmp / "profile.log")
+            try:
+                profile = {**worker.receive()}
+            finally:
+                worker.close()
+            profile.update(xla_compile_profile((tmp / "profile.log").read_text()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: {f: statistics.median(x[f] for x in v) for f in ("trace_s", "lower_s", "compile_s", "total_s")}
            for k, v in runs.items()}
     report = {"device": f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})",
               "cpu": bc.cpu_identity(), "versions": bc.versions(), "spec": spec, "rounds": args.rounds,
-              "xla_flags": runs[KINDS[0]][0]["xla_flags"], "median": med, "runs": runs,
+              "xla_flags": runs[KINDS[0]][0]["xla_flags"], "median": med, "runs": runs, "profile": profile,
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     lines = [f"Device: {report['device']}  ", f"XLA_FLAGS: {report['xla_flags']!r}; medians of {args.rounds} rounds, "
              "each kind in a fresh process", "", "| training step | trace (s) | lower (s) | XLA compile / cache load (s) | total (s) |",
@@ -111,6 +154,14 @@ def main(argv=None) -> int:
     for kind in KINDS:
         m = med[kind]
         lines.append(f"| {kind} | {m['trace_s']:.2f} | {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['total_s']:.2f} |")
+    if profile:
+        other = profile["compile_s"] - profile["hlo_passes_s"] - profile["backend_s"]
+        lines += ["", f"Where one cold compile goes (cache off, XLA timers logged; module {profile['module']}): "
+                  f"trace {profile['trace_s']:.2f} s, lower {profile['lower_s']:.2f} s, XLA compile "
+                  f"{profile['compile_s']:.2f} s = HLO passes {profile['hlo_passes_s']:.2f} s + backend (LLVM code "
+                  f"generation, thunks) {profile['backend_s']:.2f} s + rest {other:.2f} s", "",
+                  "| slowest HLO passes | s | calls |", "|---|---:|---:|"]
+        lines += [f"| {name} | {sec:.3f} | {calls} |" for name, sec, calls in profile["passes"]]
     print("\n".join(lines))
     statuses = {k: sorted({x["compile_cache"] for x in v}) for k, v in runs.items()}
     if statuses != {KINDS[0]: ["off"], KINDS[1]: ["miss"], KINDS[2]: ["hit"]}:

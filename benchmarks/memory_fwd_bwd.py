@@ -759,7 +759,7 @@ def markdown(report: dict) -> str:
                 if i != torch_i:
                     cells.append(_fmt_ratio(vals[i], vals[torch_i]) if name in ratio_rows else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nCPU: {report['details']['cpu']['name']}; kernels: {report['details']['kernels']}; "
+    lines.append(f"\nCPU: {bc.cpu_name(report['details']['cpu'])}; kernels: {report['details']['kernels']}; "
                  f"compile cache: {report['details']['compile_cache_dir']}")
     for tag, a in report["details"]["agreement"].items():
         f, t = a["forward"], a["training_step"]

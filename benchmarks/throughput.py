@@ -36,15 +36,17 @@ import bench_common as bc  # noqa: E402
 UNIT = "exam of 4 images"
 IMAGES_PER_EXAM = 4
 SCRIPT = Path(__file__).resolve()
-RESULT_KEYS = ("devices", "global_batch_exams", "compile_s", "step_ms", "step_ms_spread", "exams_per_s")
+RESULT_KEYS = ("devices", "global_batch_exams", "compile_s", "compile_cache", "step_ms", "step_ms_spread",
+               "exams_per_s")
 
 
 # =============================================================================== worker side
 def measure_training(spec: dict) -> dict:
     """Compile and time the data-parallel training step on spec['devices'] devices."""
-    from gmic_jax.xla_flags import apply_cpu_defaults
+    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
 
     apply_cpu_defaults()  # before any JAX work
+    enable_compile_cache()  # as the CLI: GMIC_JAX_COMPILE_CACHE=DIR or off
     import jax
 
     if spec["device"] == "cpu":
@@ -71,9 +73,10 @@ def measure_training(spec: dict) -> dict:
         "image": rng.standard_normal((n_images, *spec["image_shape"], 1)).astype(np.float32),
         "label": bc.targets(n_images),
     }, mesh)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    with bc.CompileCacheEvents() as cache:
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
     state, metrics = jax.block_until_ready(compiled(state, batch))  # warm-up
     if not bool(metrics["finite"]):
         raise RuntimeError(f"the training step gave a non-finite loss ({float(metrics['loss'])})")
@@ -82,7 +85,7 @@ def measure_training(spec: dict) -> dict:
         t0 = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, batch))
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"compile_s": compile_s, "runs_ms": times, "device_kind": devices[0].device_kind,
+    return {"compile_s": compile_s, "compile_cache": cache.status, "runs_ms": times, "device_kind": devices[0].device_kind,
             "platform": devices[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -205,9 +208,10 @@ def run(args) -> int:
             med, spread = bc.median_spread(out["runs_ms"])
             exams = k * args.per_device_exams
             results.append({"devices": k, "global_batch_exams": exams, "compile_s": out["compile_s"],
+                            "compile_cache": out["compile_cache"],
                             "step_ms": med, "step_ms_spread": spread, "exams_per_s": exams / (med / 1e3)})
     report = {
-        "device": (f"{bc.cpu_model()} (CPU; {args.threads} threads pinned to cores {cores}; forced devices share them)"
+        "device": (f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores}; forced devices share them)"
                    if device == "cpu" else ", ".join(sorted(kinds))),
         "versions": bc.versions(),
         "threads": args.threads,
@@ -218,6 +222,7 @@ def run(args) -> int:
         "results": results,
         "input_pipeline": pipeline_rate,
         "xla_flags": xla_flags,
+        "cpu": bc.cpu_identity() if device == "cpu" else None,
     }
     print(markdown(report))
     if args.json:
@@ -231,10 +236,10 @@ def markdown(report: dict) -> str:
              f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}, "
              f"{report['dtype']}, {report['threads']} threads  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
-             "| devices | global batch (exams) | compile (s) | step (ms) | spread, IQR (ms) | exams/s | per device vs 1 |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| devices | global batch (exams) | compile (s) | compile cache | step (ms) | spread, IQR (ms) | exams/s | per device vs 1 |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in report["results"]:
-        lines.append(f"| {r['devices']} | {r['global_batch_exams']} | {r['compile_s']:.1f} | {r['step_ms']:.0f} | "
+        lines.append(f"| {r['devices']} | {r['global_batch_exams']} | {r['compile_s']:.1f} | {r['compile_cache']} | {r['step_ms']:.0f} | "
                      f"{r['step_ms_spread']:.0f} | {r['exams_per_s']:.3f} | "
                      f"{r['exams_per_s'] / r['devices'] / base:.2f} |")
     ip = report["input_pipeline"]

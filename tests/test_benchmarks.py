@@ -27,9 +27,11 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_common as bc  # noqa: E402
+import compile_time  # noqa: E402
 import flops  # noqa: E402
 import memory_fwd_bwd as mfb  # noqa: E402
 import profile_summary  # noqa: E402
+import throughput as tp  # noqa: E402
 
 from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
 
@@ -311,6 +313,29 @@ def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
     assert "| warm, cache hit |" in stdout and report["cpu"]["family"] is not None
 
 
+XLA_TIMER_LOG = """\
+I1130 11:39:48.915 1 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_small: simplification
+I1130 11:39:48.915 1 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 8 us (8 us) (cumulative: 8 us, max: 8 us, #called: 1)
+I1130 11:39:48.915 1 cpu_compiler.cc:1269] Running HLO passes on [jit_small] for CPU time: 2.62 ms (2622 us) (cumulative: 2.62 ms)
+I1130 11:39:48.921 1 cpu_compiler.cc:2094] Compiling [jit_small] for CPU using JIT time: 5.84 ms (5838 us) (cumulative: 5.84 ms)
+I1130 11:39:49.000 1 hlo_pass_pipeline.cc:303] Running HLO pass pipeline on module jit_loss_fn: HLO passes through layout assignment
+I1130 11:39:49.001 1 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 1.20 ms (1200 us) (cumulative: 1.2 ms)
+I1130 11:39:49.002 1 hlo_pass_pipeline.cc:176] HLO pass: fusion time: 40.0 ms (40000 us) (cumulative: 41.2 ms)
+I1130 11:39:49.003 1 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 0.80 ms (800 us) (cumulative: 42 ms)
+I1130 11:39:49.100 1 cpu_compiler.cc:1269] Running HLO passes on [jit_loss_fn] for CPU time: 50.0 ms (50000 us) (cumulative: 52.6 ms)
+I1130 11:39:52.100 1 cpu_compiler.cc:2094] Compiling [jit_loss_fn] for CPU using JIT time: 3.00 s (3000000 us) (cumulative: 3 s)
+"""
+
+
+def test_compile_profile_reads_xla_timers_of_the_largest_module():
+    prof = compile_time.xla_compile_profile(XLA_TIMER_LOG)
+    assert prof["module"] == "jit_loss_fn"
+    assert prof["hlo_passes_s"] == pytest.approx(0.05) and prof["backend_s"] == pytest.approx(3.0)
+    assert prof["passes"] == [("fusion", pytest.approx(0.04), 1), ("algsimp", pytest.approx(0.002), 2)]
+    with pytest.raises(RuntimeError, match="no XLA compile timers"):
+        compile_time.xla_compile_profile("nothing logged\n")
+
+
 # ----------------------------------------------------------------------------- throughput.py
 def test_throughput_against_devices_and_input_rate(tmp_path):
     report, stdout = _run_script("throughput.py", [*SMALL, "--devices", "1", "2", "--steps", "1"], tmp_path, "tp")
@@ -318,9 +343,11 @@ def test_throughput_against_devices_and_input_rate(tmp_path):
     for r in report["results"]:
         assert r["global_batch_exams"] == r["devices"]
         assert r["compile_s"] > 0 and r["step_ms"] > 0
+        assert tuple(r) == tp.RESULT_KEYS and r["compile_cache"] == "off"  # tests turn the cache off
         assert r["exams_per_s"] == pytest.approx(r["global_batch_exams"] / r["step_ms"] * 1e3)
     assert report["input_pipeline"]["exams_per_s"] > 0
     assert report["unit"] == "exam of 4 images" and "| devices |" in stdout
+    assert report["cpu"] == bc.cpu_identity() and bc.cpu_name() in report["device"]  # family/model, AMX
 
 
 # ----------------------------------------------------------------------------- side by side (local)
