@@ -3,7 +3,9 @@
     gmic-jax evaluate --checkpoint DIR --data synthetic:num=200,seed=0 --output OUT
     gmic-jax evaluate --checkpoint DIR --data cache:PATH --output OUT [--tta 10] [--prediction fusion]
 
-writes OUT/metrics.json (the metrics.jsonl keys plus per-head AUCs) and OUT/roc_pr.png.
+writes OUT/metrics.json (the metrics.jsonl keys plus per-head AUCs) and OUT/roc_pr.png. Images
+come through the input pipeline (``--workers``); an image that cannot be loaded is left out of the
+metrics, named on stderr and in OUT/failures.txt, and the command exits 1.
 """
 from __future__ import annotations
 
@@ -29,11 +31,17 @@ def prediction_scores(outputs: dict, prediction: str) -> np.ndarray:
 
 
 def run_model(model_config, variables, source, mesh, *, batch_size: int, normalization: str = "standardize",
-              augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False):
-    """Model outputs over the whole source (host numpy, source order) and the localisation
-    metrics accumulated batch by batch (masks never pile up in memory)."""
+              augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False, workers: int = 0):
+    """Model outputs over the source (host numpy, source order), the localisation metrics
+    accumulated batch by batch (masks never pile up in memory) and the examples that could not be
+    loaded (:class:`~gmic_jax.data.pipeline.Failure`; left out of the outputs and metrics).
+
+    Examples come through the input pipeline (``workers`` processes, 0: this one); every process
+    loads the whole evaluation batch (the metrics need every label and mask) and feeds its rows."""
     import jax
 
+    from gmic_jax.data.pipeline import FAILURES, OK, SourceExamples, load_batches
+    from gmic_jax.train.input import eval_plan
     from gmic_jax.train.step import make_eval_step, replicate, shard_batch, to_host
 
     n_dev = mesh.devices.size
@@ -43,50 +51,64 @@ def run_model(model_config, variables, source, mesh, *, batch_size: int, normali
     variables = replicate({k: variables[k] for k in ("params", "batch_stats")}, mesh)
     key = np.asarray(jax.random.key_data(jax.random.key(seed)))
     n = len(source)
-    outs, labels, breast_ids = [], [], []
+    outs, labels, breast_ids, failures = [], [], [], []
     loc = M.LocalizationAccumulator(model_config.crop_shape)
     has_masks = False
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
         bar = tqdm(total=n, desc="eval", leave=False)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        real = len(idx)
-        idx += [idx[-1]] * (batch_size - real)  # pad the last batch; padded rows are dropped
-        examples = [source[i] for i in idx]
-        images = np.stack([e["image"] for e in examples])
-        rows = batch_size // n_proc
-        p = jax.process_index()
-        local = {"image": images[p * rows:(p + 1) * rows]}
-        out = to_host(step(variables, shard_batch(local, mesh)["image"], key))
-        out = {k: v[:real] for k, v in out.items()}
-        outs.append(out)
-        labels.append(np.stack([e["label"] for e in examples[:real]]))
-        breast_ids += [str(e["breast_id"]) for e in examples[:real]]
-        if "mask" in examples[0]:
-            has_masks = True
-            loc.update(out["saliency_map"], np.stack([e["mask"] for e in examples[:real]]), out["patch_locations"])
-        if bar is not None:
-            bar.update(real)
+    rows = batch_size // n_proc
+    p = jax.process_index()
+    plan = eval_plan(n, batch_size)
+    batches = load_batches(plan, SourceExamples(source), workers=workers)
+    batch = None
+    try:
+        for k in range(len(plan)):
+            batch = next(batches)
+            real = min(batch_size, n - k * batch_size)  # the rest pads the last batch
+            failures += [f for f in batch[FAILURES] if f.row < real]
+            keep = batch[OK][:real]
+            images = batch.get("image")
+            if images is None:  # every example of the batch failed: zeros keep the processes in step
+                images = np.zeros((batch_size, *model_config.image_shape, 1), np.uint16)
+            out = to_host(step(variables, shard_batch({"image": images[p * rows:(p + 1) * rows]}, mesh)["image"], key))
+            if not keep.any():
+                continue
+            out = {name: v[:real][keep] for name, v in out.items()}
+            outs.append(out)
+            labels.append(batch["label"][:real][keep])
+            breast_ids += [str(b) for b in batch["breast_id"][:real][keep]]
+            if "mask" in batch:
+                has_masks = True
+                loc.update(out["saliency_map"], batch["mask"][:real][keep], out["patch_locations"])
+            if bar is not None:
+                bar.update(real)
+    finally:
+        batch = None  # released before the pipeline closes (its memory is shared with a worker)
+        batches.close()
     if bar is not None:
         bar.close()
+    if not outs:
+        raise RuntimeError(f"no example of {source!r} could be loaded:\n" + "\n".join(f"  {f}" for f in failures))
     outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None)
+    return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None), failures
 
 
 def evaluate(model_config, variables, source, mesh, *, batch_size: int = 32, normalization: str = "standardize",
-             prediction: str = "fusion", augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False):
+             prediction: str = "fusion", augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False,
+             workers: int = 0):
     """(metrics, details): ``metrics`` has exactly the metrics.jsonl validation keys that are
-    defined; ``details`` adds per-head AUCs and the raw scores/labels."""
-    outputs, labels, breast_ids, loc = run_model(
+    defined; ``details`` adds per-head AUCs, the raw scores/labels and ``failures`` (examples that
+    could not be loaded: left out of everything else)."""
+    outputs, labels, breast_ids, loc, failures = run_model(
         model_config, variables, source, mesh, batch_size=batch_size, normalization=normalization,
-        augment=augment, tta_draws=tta_draws, seed=seed, progress=progress)
+        augment=augment, tta_draws=tta_draws, seed=seed, progress=progress, workers=workers)
     scores = prediction_scores(outputs, prediction)
     metrics = M.classification_metrics(scores, labels, breast_ids)
     if loc is not None:
         metrics.update(loc.result())
-    details = {"scores": scores, "labels": labels, "breast_ids": breast_ids, "outputs": outputs}
+    details = {"scores": scores, "labels": labels, "breast_ids": breast_ids, "outputs": outputs, "failures": failures}
     for name, head in HEADS.items():
         for c, cls in enumerate(M.CLASSES):
             v = M.auc(labels[:, c], outputs[head][:, c])
@@ -164,12 +186,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalization", default=None, choices=["standardize", "unit_range"],
                         help="default: what the checkpoint's config.json says")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="input worker processes (0: load in this process; default: the usable cores less one)")
 
 
 def main(args) -> int:
     import jax
 
     from gmic_jax.checkpoint import CheckpointError, load_checkpoint, read_config
+    from gmic_jax.data.pipeline import default_workers
     from gmic_jax.train.augment import AugmentConfig
     from gmic_jax.train.distributed import maybe_initialize_distributed
     from gmic_jax.train.step import make_mesh
@@ -189,18 +214,32 @@ def main(args) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
-                                normalization=normalization, prediction=args.prediction,
-                                augment=AugmentConfig() if args.tta else None, tta_draws=args.tta,
-                                seed=args.seed, progress=True)
+    workers = default_workers() if args.workers is None else args.workers
+    try:
+        metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
+                                    normalization=normalization, prediction=args.prediction,
+                                    augment=AugmentConfig() if args.tta else None, tta_draws=args.tta,
+                                    seed=args.seed, progress=True, workers=workers)
+    except RuntimeError as e:  # nothing could be loaded
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    failures = details["failures"]
     if jax.process_index() == 0:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
+        (out / "failures.txt").unlink(missing_ok=True)
+        if failures:  # scored without them; the run says so and fails
+            (out / "failures.txt").write_text("".join(f"{f}\n" for f in failures), encoding="utf-8")
+            for f in failures:
+                print(f"error: {f}", file=sys.stderr)
+            print(f"{len(failures)} image(s) could not be loaded and are left out of metrics.json "
+                  f"(see {out / 'failures.txt'})", file=sys.stderr)
         extra = {k: v for k, v in details.items() if k.startswith("auc_")}
-        doc = {**metrics, **extra, "num_images": int(len(details["labels"])), "prediction": args.prediction,
+        doc = {**metrics, **extra, "num_images": int(len(details["labels"])), "failed_images": len(failures),
+               "prediction": args.prediction,
                "tta_draws": args.tta, "checkpoint": str(args.checkpoint), "data": args.data}
         (out / "metrics.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         plot_roc_pr(details["scores"], details["labels"], out / "roc_pr.png",
                     title=f"{args.checkpoint} on {args.data} ({args.prediction})")
         print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+    return 1 if failures else 0
