@@ -64,35 +64,60 @@ def _params(workdir, step):
     return jax.tree.leaves(variables)
 
 
+def _children(pid):
+    """Process ids of ``pid``'s children (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, env):
     workdir = tmp_path_factory.mktemp("runs") / "straight"
-    proc = _train(workdir, env)
+    proc = _train(workdir, env, "--config.data.workers=0")  # in-process loading
     assert proc.returncode == 0, _log(workdir)[-3000:]
     return workdir
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes in /proc (Linux)")
 def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
+    """With 2 input worker processes, killed twice and resumed: the same parameters and
+    metrics.jsonl as the uninterrupted in-process run, and no worker outlives a killed run."""
     final = _steps(uninterrupted)[-1]
     assert final >= 6
     workdir = tmp_path / "killed"
+    workers = "--config.data.workers=2"
     # 1) SIGKILL from outside as soon as the first checkpoint is complete.
-    proc = _train(workdir, env, wait=False)
+    proc = _train(workdir, env, workers, wait=False)
     deadline = time.time() + 900
     while not (workdir / "2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed:\n" + _log(workdir)[-2000:]
+    children = _children(proc.pid)  # Grain's two workers (and Python's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert len(children) >= 2
+    deadline = time.time() + 30
+    while any(_alive(c) for c in children) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [c for c in children if _alive(c)]
+    for c in survivors:  # leave nothing behind, then fail
+        os.kill(c, signal.SIGKILL)
+    assert not survivors, "input worker processes outlived the killed training process"
     first = _steps(workdir)
     assert first and first[-1] < final
     # 2) Resume; this time SIGKILL in the middle of the asynchronous save of step 6.
-    proc = _train(workdir, env, extra_env={"GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP": "6"})
+    proc = _train(workdir, env, workers, extra_env={"GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP": "6"})
     assert proc.returncode == -signal.SIGKILL, _log(workdir)[-3000:]
     assert "resumed from" in _log(workdir)
     # 3) Resume to the end.
-    proc = _train(workdir, env)
+    proc = _train(workdir, env, workers)
     assert proc.returncode == 0, _log(workdir)[-3000:]
     assert _steps(workdir)[-1] == final
     for a, b in zip(_params(uninterrupted, final), _params(workdir, final)):

@@ -120,8 +120,13 @@ class _Writers:
             self.tb.add_scalar(name, value, step)
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics record."""
+def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None = None) -> dict:
+    """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics record.
+
+    ``step_fn`` replaces the compiled training step ``(state, batch) -> (state, metrics)`` (the
+    input benchmark's simulated device). ``step_times``, a list, receives per step
+    {loader_wait_s: waiting for the next batch, step_s: the step until its metrics are on the
+    host, host_s: the loop's other work}."""
     from gmic_jax.train.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed()
@@ -181,9 +186,10 @@ def train_and_evaluate(config, workdir) -> dict:
     if is_main:
         _truncate_jsonl(writers.path, start)
 
-    step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
-                              saliency_reduction=config.loss.saliency_reduction, batch_norm=config.batch_norm,
-                              augment=augment, normalization=config.data.normalization)
+    if step_fn is None:
+        step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
+                                  saliency_reduction=config.loss.saliency_reduction, batch_norm=config.batch_norm,
+                                  augment=augment, normalization=config.data.normalization)
     plan = TrainPlan(labels, batch_size=B, steps_per_epoch=spe, num_steps=total_steps, seed=config.seed,
                      balanced=config.data.balanced_sampling, process_index=jax.process_index(), process_count=n_proc)
     examples = TrainExamples(train_src, seed=config.seed, window_noise=config.data.window_noise)
@@ -203,14 +209,24 @@ def train_and_evaluate(config, workdir) -> dict:
     # `workers` processes and put on device ahead of use.
     batches = load_batches(plan, examples, workers=workers, start=start, put=functools.partial(shard_array, mesh=mesh))
     batch = None
+    every = int(config.eval.every_epochs)  # <= 0: no evaluation
+    waited = 0.0  # seconds spent waiting for batches since the last log line (at t_log)
+    t_end = t_log = time.perf_counter()
     try:
         for step in range(start, total_steps):
+            t_start = time.perf_counter()
             batch = next(batches)
+            t_batch = time.perf_counter()
             if batch[FAILURES]:
                 manager.wait_until_finished()
                 raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
             state, m = step_fn(state, {"image": batch["image"], "label": batch["label"]})
             m = local_copy(m)
+            t_step = time.perf_counter()
+            waited += t_batch - t_start
+            if step_times is not None and step > start:
+                step_times.append({"loader_wait_s": t_batch - t_start, "step_s": t_step - t_batch,
+                                   "host_s": t_start - t_end})
             if not bool(m["finite"]):
                 manager.wait_until_finished()
                 latest = manager.latest_step()
@@ -227,11 +243,13 @@ def train_and_evaluate(config, workdir) -> dict:
             if done % config.log_every_steps == 0:
                 writers.scalar("train/loss_step", float(m["loss"]), done)
                 if bar is None and is_main:
-                    log.info("step %d/%d loss %.4f (%.2f s/step)", done, total_steps, float(m["loss"]),
-                             (time.time() - t0) / (done - start))
+                    log.info("step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)", done, total_steps,
+                             float(m["loss"]), (time.time() - t0) / (done - start),
+                             100 * waited / max(time.perf_counter() - t_log, 1e-9))
+                waited, t_log = 0.0, time.perf_counter()
             epoch_end = done % spe == 0
             epoch = done // spe
-            if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
+            if epoch_end and every > 0 and (epoch % every == 0 or done == total_steps):
                 val, details = evaluate(model_cfg, local_copy(state.variables), val_src, mesh,
                                         batch_size=config.eval.batch_size, normalization=config.data.normalization,
                                         prediction=config.eval.prediction, augment=augment,
@@ -252,6 +270,7 @@ def train_and_evaluate(config, workdir) -> dict:
                 checkpointing.save(manager, state, data_position(done))
             if done == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            t_end = time.perf_counter()
     finally:
         batch = None  # released before the pipeline closes (its memory is shared with a worker)
         batches.close()
