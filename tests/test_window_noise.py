@@ -368,6 +368,34 @@ def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch):
     assert len(calls) == steps * c.batch_size and {(e, s) for _, e, s in calls} == {(0, 3)}
 
 
+def test_an_unreadable_training_example_stops_training_naming_it(caches, tmp_path, monkeypatch):
+    import jax
+
+    from gmic_jax.train.defaults import default_config
+    from gmic_jax.train.loop import DataFailure, train_and_evaluate
+
+    _, _, noise = caches
+    draw = CacheSource.noisy_example
+
+    def broken(self, index, epoch, seed, with_masks=True):
+        if index == 5:
+            raise DataError("contexts-00001.npy", "example 5: short read")
+        return draw(self, index, epoch, seed, with_masks)
+
+    monkeypatch.setattr(CacheSource, "noisy_example", broken)
+    c = default_config()
+    c.data.source, c.data.window_noise, c.data.workers = "cache", True, 0
+    c.data.train_cache = c.data.val_cache = str(noise.cache_dir)
+    c.data.balanced_sampling = False
+    c.model.image_shape, c.model.crop_shape, c.model.K = WINDOW, (32, 32), 1
+    c.augment.enabled = False
+    c.batch_size, c.num_epochs, c.progress_bar = 4 * jax.device_count(), 1, False
+    with pytest.raises(DataFailure, match=r"1 training example\(s\) of step \d could not be loaded:\n"
+                                          r"  contexts-00001.npy: example 5: short read\n"
+                                          r"stopped; last good checkpoint: step (None|1) in "):
+        train_and_evaluate(c, tmp_path / "run")
+
+
 def test_grain_workers_give_the_same_noisy_batches(caches):
     """Through worker processes, each example's draw is still the one of (seed, epoch, example):
     every batch equals the in-process one bit for bit, over an epoch boundary and from a later start."""
