@@ -86,11 +86,13 @@ def _describe(task, error: BaseException) -> str:
     return f"example {task!r}: {type(error).__name__}: {text}"
 
 
-def load_batch(load: Callable, tasks: Sequence) -> dict:
+def load_batch(load: Callable, tasks: Sequence, shared: bool = False) -> dict:
     """The examples of ``tasks`` stacked into one batch, failures as values (see the module doc).
 
     Keys: the batch layout's (those the examples have), ``ok`` (n,) bool and ``failures`` (a tuple
-    of :class:`Failure`). When every task fails only ``ok`` and ``failures`` are present."""
+    of :class:`Failure`). When every task fails only ``ok`` and ``failures`` are present.
+    ``shared``: stack numeric arrays straight into shared memory (in a worker process: Grain then
+    hands them to the consumer without another copy)."""
     rows: list = []
     failures: list = []
     for row, task in enumerate(tasks):
@@ -103,20 +105,32 @@ def load_batch(load: Callable, tasks: Sequence) -> dict:
     batch: dict = {}
     if good is not None:
         blank = {k: np.zeros_like(np.asarray(v)) for k, v in good.items()}
-        batch = batch_lib.stack([blank if r is None else r for r in rows])
+        filled = [blank if r is None else r for r in rows]
+        batch = {k: _stack([r[k] for r in filled], shared) for k in good}
     batch[OK] = np.array([r is not None for r in rows], bool)
     batch[FAILURES] = tuple(failures)
     return batch
 
 
+def _stack(values: list, shared: bool) -> np.ndarray:
+    first = np.asarray(values[0])
+    if not shared or first.dtype.kind not in "biuf":
+        return np.stack([np.asarray(v) for v in values])
+    from grain.multiprocessing import SharedMemoryArray
+
+    out = SharedMemoryArray((len(values),) + first.shape, first.dtype)
+    np.stack([np.asarray(v) for v in values], out=out)
+    return out
+
+
 class _LoadBatch:
     """Picklable ``tasks -> load_batch(load, tasks)`` (what Grain maps over the plan)."""
 
-    def __init__(self, load: Callable):
-        self.load = load
+    def __init__(self, load: Callable, shared: bool = False):
+        self.load, self.shared = load, shared
 
     def __call__(self, tasks) -> dict:
-        return load_batch(self.load, tasks)
+        return load_batch(self.load, tasks, self.shared)
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -158,7 +172,7 @@ def load_batches(plan: Sequence[Sequence], load: Callable, *, workers: int = 0, 
     ds = grain.MapDataset.source(plan)
     if start:
         ds = ds[start:]
-    ds = ds.map(_LoadBatch(load))
+    ds = ds.map(_LoadBatch(load, shared=workers > 0))
     # In-process: one thread loads ahead; in worker processes each worker loads in its main thread.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 1,
                                               prefetch_buffer_size=0 if workers else buffer))
