@@ -160,6 +160,28 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
     assert bad.returncode == 1 and "not a gmic-jax checkpoint" in bad.stderr
 
 
+def test_evaluate_scores_the_readable_images_and_reports_the_rest(uninterrupted, tmp_path, capsys):
+    """A cache with one shard gone bad: evaluate scores the other images, names the bad ones on
+    stderr and in failures.txt, and exits 1."""
+    from gmic_jax.cli import main
+    from gmic_jax.data.cache import build_cache
+    from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
+
+    source = SyntheticLesions(8, seed=0, split="val", spec=SyntheticSpec(image_shape=(128, 96)))
+    assert build_cache(source, tmp_path / "cache", shard_size=4) == (8, [])
+    shard = tmp_path / "cache" / "images-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: images 4..7 unreadable
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--checkpoint", str(uninterrupted), "--data", f"cache:{tmp_path / 'cache'}",
+                 "--output", str(out), "--batch-size", "4", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("images-00001.npy: unreadable cache shard") == 4 and "left out of metrics.json" in err
+    assert len((out / "failures.txt").read_text().splitlines()) == 4
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["num_images"] == 4 and doc["failed_images"] == 4
+
+
 def test_non_finite_step_stops_with_the_last_good_checkpoint(uninterrupted, tmp_path, env):
     workdir = tmp_path / "nan"
     shutil.copytree(uninterrupted, workdir)

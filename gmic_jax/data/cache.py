@@ -268,7 +268,10 @@ class CacheSource:
     def _map(self, name: str) -> np.ndarray:
         arr = self._maps.get(name)
         if arr is None:
-            arr = self._maps[name] = np.load(self.cache_dir / name, mmap_mode="r")
+            try:
+                arr = self._maps[name] = np.load(self.cache_dir / name, mmap_mode="r")
+            except (OSError, ValueError) as e:  # missing, truncated or not .npy
+                raise DataError(self.cache_dir / name, f"unreadable cache shard: {e}") from None
         return arr
 
     @property
