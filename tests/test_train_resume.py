@@ -64,9 +64,17 @@ def _params(workdir, step):
     return jax.tree.leaves(variables)
 
 
-def _children(pid):
-    """Process ids of ``pid``'s children (Linux /proc)."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+def _workers(pid):
+    """Process ids of ``pid``'s input worker processes (spawned Python processes; Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
+                    and b"multiprocessing.spawn" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except (OSError, IndexError):
+            continue
+    return out
 
 
 def _alive(pid):
@@ -90,19 +98,16 @@ def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
     metrics.jsonl as the uninterrupted in-process run, and no worker outlives a killed run."""
     final = _steps(uninterrupted)[-1]
     assert final >= 6
-    workdir = tmp_path / "killed"
     workers = "--config.data.workers=2"
-    # 1) SIGKILL from outside as soon as the first checkpoint is complete.
-    proc = _train(workdir, env, workers, wait=False)
+    # 0) SIGKILL a run whose two workers are busy (many epochs ahead): they go with it.
+    proc = _train(tmp_path / "orphans", env, workers, "--config.num_epochs=50", wait=False)
     deadline = time.time() + 900
-    while not (workdir / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+    while len(_workers(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + _log(workdir)[-2000:]
-    children = _children(proc.pid)  # Grain's two workers (and Python's resource tracker)
+    children = _workers(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert len(children) >= 2
+    assert len(children) == 2, _log(tmp_path / "orphans")[-2000:]
     deadline = time.time() + 30
     while any(_alive(c) for c in children) and time.time() < deadline:
         time.sleep(0.1)
@@ -110,6 +115,16 @@ def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
     for c in survivors:  # leave nothing behind, then fail
         os.kill(c, signal.SIGKILL)
     assert not survivors, "input worker processes outlived the killed training process"
+    # 1) SIGKILL from outside as soon as the first checkpoint is complete.
+    workdir = tmp_path / "killed"
+    proc = _train(workdir, env, workers, wait=False)
+    deadline = time.time() + 900
+    while not (workdir / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + _log(workdir)[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     first = _steps(workdir)
     assert first and first[-1] < final
     # 2) Resume; this time SIGKILL in the middle of the asynchronous save of step 6.
