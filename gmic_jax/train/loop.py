@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
     batch = None
     every = int(config.eval.every_epochs)  # <= 0: no evaluation
     waited = 0.0  # seconds spent waiting for batches since the last log line (at t_log)
-    t_end = t_log = time.perf_counter()
+    t_step = t_log = time.perf_counter()
     try:
         for step in range(start, total_steps):
             t_start = time.perf_counter()
@@ -222,11 +222,11 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
                 raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
             state, m = step_fn(state, {"image": batch["image"], "label": batch["label"]})
             m = local_copy(m)
-            t_step = time.perf_counter()
+            t_previous, t_step = t_step, time.perf_counter()
             waited += t_batch - t_start
-            if step_times is not None and step > start:
+            if step_times is not None and step > start:  # host: from the last step's end to this batch's request
                 step_times.append({"loader_wait_s": t_batch - t_start, "step_s": t_step - t_batch,
-                                   "host_s": t_start - t_end})
+                                   "host_s": t_start - t_previous})
             if not bool(m["finite"]):
                 manager.wait_until_finished()
                 latest = manager.latest_step()
@@ -270,7 +270,6 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
                 checkpointing.save(manager, state, data_position(done))
             if done == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
-            t_end = time.perf_counter()
     finally:
         batch = None  # released before the pipeline closes (its memory is shared with a worker)
         batches.close()
