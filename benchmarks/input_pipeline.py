@@ -1,6 +1,6 @@
 """Input pipeline at steady state: images/s of the training pipeline per path and worker count.
 
-    python benchmarks/input_pipeline.py --json input.json                  # ~6 min on a 2-core CPU
+    python benchmarks/input_pipeline.py --json input.json                  # ~15 min on a 2-core CPU
     python benchmarks/input_pipeline.py --simulate-step-ms 60 --json loop.json
 
 Every figure comes from :func:`gmic_jax.data.pipeline.load_batches` -- the code training reads
@@ -14,7 +14,8 @@ through -- producing 2944 x 1920 uint16 training windows in batches of ``--batch
 
 Each path is timed with ``--workers`` (default 0 1 2; 0 = in this process, one prefetch thread)
 in the same run: the first ``2 + workers x buffer`` batches are warm-up (worker start-up, filled
-buffers), then at least ``--images`` images are timed. The data are ``--distinct`` synthetic
+buffers), then ``--repeats`` consecutive windows of at least ``--images`` images are timed;
+``images_per_s`` is their median, ``images`` all the timed images. The data are ``--distinct`` synthetic
 images (default 16, read over and over: the page cache is warm, as for a cache that fits in RAM).
 
 ``--simulate-step-ms MS`` runs the real training loop (:func:`gmic_jax.train.loop.train_and_evaluate`
@@ -130,8 +131,9 @@ def sources(root: Path, window=WINDOW) -> dict:
                                    iterations=max(2, round(100 * window[0] / WINDOW[0])))}
 
 
-def measure(source, path: str, workers: int, images: int, batch: int) -> dict:
-    """Steady-state images/s of the training pipeline over ``source`` (see the module doc)."""
+def measure(source, path: str, workers: int, images: int, batch: int, repeats: int) -> dict:
+    """Steady-state images/s of the training pipeline over ``source``: the median over ``repeats``
+    consecutive windows of at least ``images`` images each, after warm-up (see the module doc)."""
     from gmic_jax.data.pipeline import load_batches
     from gmic_jax.train.input import TrainExamples
 
@@ -139,20 +141,25 @@ def measure(source, path: str, workers: int, images: int, batch: int) -> dict:
     timed = -(-images // batch)
     n = len(source)
     # Training's tasks (example, epoch): a new epoch each pass over the data (fresh noise draws).
-    plan = [tuple(((k * batch + r) % n, (k * batch + r) // n) for r in range(batch)) for k in range(warmup + timed)]
+    plan = [tuple(((k * batch + r) % n, (k * batch + r) // n) for r in range(batch))
+            for k in range(warmup + repeats * timed)]
     examples = TrainExamples(source, seed=0, window_noise=path == "cache_noise")
+    rates = []
     t_start = time.perf_counter()
     with load_batches(plan, examples, workers=workers) as batches:
         for _ in range(warmup):
             first = next(batches)
-        t0 = time.perf_counter()
-        for _ in range(timed):
-            b = next(batches)
-        elapsed = time.perf_counter() - t0
-    if b["failures"] or tuple(first["image"].shape) != (batch, *source[0]["image"].shape):
-        raise RuntimeError(f"{path}: unexpected batch {first['image'].shape} / {b['failures']}")
-    return {"path": path, "workers": workers, "images": timed * batch, "images_per_s": timed * batch / elapsed,
-            "_seconds": elapsed, "_warmup_s": t0 - t_start}
+        t_warm = time.perf_counter()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(timed):
+                b = next(batches)
+            rates.append(timed * batch / (time.perf_counter() - t0))
+        if b["failures"] or tuple(first["image"].shape) != (batch, *source[0]["image"].shape):
+            raise RuntimeError(f"{path}: unexpected batch {first.get('image', np.zeros(0)).shape} / {b['failures']}")
+        del first, b
+    return {"path": path, "workers": workers, "images": repeats * timed * batch,
+            "images_per_s": statistics.median(rates), "_rates": rates, "_warmup_s": t_warm - t_start}
 
 
 def simulation_warmup(workers: int) -> int:
@@ -215,7 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=200, help="timed images per path and worker count (after warm-up)")
+    parser.add_argument("--images", type=int, default=200, help="timed images per window (after warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per path and worker count (median)")
     parser.add_argument("--batch", type=int, default=4, help="images per batch (an exam)")
     parser.add_argument("--distinct", type=int, default=16, help="distinct images, read over and over")
     parser.add_argument("--window", type=int, nargs=2, default=list(WINDOW), metavar=("H", "W"),
@@ -244,11 +252,12 @@ def main(argv=None) -> int:
         srcs = sources(root, window)
         for path in args.paths:
             for workers in args.workers:
-                r = measure(srcs[path], path, workers, args.images, args.batch)
+                r = measure(srcs[path], path, workers, args.images, args.batch, args.repeats)
                 details.setdefault("runs", []).append({k.lstrip("_"): v for k, v in r.items()})
                 report["results"].append({k: v for k, v in r.items() if not k.startswith("_")})
-                print(f"{path:12s} workers={workers}: {r['images_per_s']:8.2f} images/s "
-                      f"({r['images']} images in {r['_seconds']:.1f} s; warm-up {r['_warmup_s']:.1f} s)", flush=True)
+                print(f"{path:12s} workers={workers}: {r['images_per_s']:8.2f} images/s (median of "
+                      f"{', '.join(f'{v:.2f}' for v in r['_rates'])}; {r['images']} images after a "
+                      f"{r['_warmup_s']:.1f} s warm-up)", flush=True)
         if args.simulate_step_ms is not None:
             loop, sim = simulate(root, args.simulate_path, args.simulate_workers, args.simulate_step_ms,
                                  args.simulate_batch, args.simulate_steps, window)
