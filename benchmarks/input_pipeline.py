@@ -202,14 +202,21 @@ def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, st
     mean = lambda key: 1e3 * statistics.fmean(t[key] for t in steady)
     loop = {"step_ms": step_ms, "loader_wait_ms": mean("loader_wait_s"), "host_ms": mean("host_s"),
             "input_bound": mean("loader_wait_s") > 0.05 * step_ms}
-    # The device put alone (the pipeline's prefetch thread does it for each batch).
+    # The device put alone, of a batch as the pipeline gives it (its prefetch thread puts each one).
+    from gmic_jax.data.pipeline import load_batches
+    from gmic_jax.train.input import TrainExamples
+
     mesh = make_mesh()
-    images = np.zeros((batch, *window, 1), np.uint16)
+    source = sources(root, window)[path]
+    with load_batches([tuple((i % n, 0) for i in range(batch))], TrainExamples(source, seed=0),
+                      workers=workers) as one:
+        images = next(one)["image"]
     puts = []
     for _ in range(5):
         t = time.perf_counter()
         shard_array(images, mesh).block_until_ready()
         puts.append(1e3 * (time.perf_counter() - t))
+    del images
     details = {"path": path, "workers": workers, "batch": batch, "timed_steps": len(steady),
                "measured_step_ms": mean("step_s"), "median_loader_wait_ms": 1e3 * statistics.median(
                    t["loader_wait_s"] for t in steady), "device_put_ms": statistics.median(puts),

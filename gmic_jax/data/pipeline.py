@@ -112,13 +112,24 @@ def load_batch(load: Callable, tasks: Sequence, shared: bool = False) -> dict:
     return batch
 
 
-def _stack(values: list, shared: bool) -> np.ndarray:
-    first = np.asarray(values[0])
-    if not shared or first.dtype.kind not in "biuf":
-        return np.stack([np.asarray(v) for v in values])
-    from grain.multiprocessing import SharedMemoryArray
+ALIGNMENT = 64  # bytes: what XLA:CPU needs to use a host array in place (no copy on device_put)
 
-    out = SharedMemoryArray((len(values),) + first.shape, first.dtype)
+
+def _stack(values: list, shared: bool) -> np.ndarray:
+    """``np.stack(values)``; numeric arrays into shared memory (``shared``) or an aligned buffer."""
+    first = np.asarray(values[0])
+    if first.dtype.kind not in "biuf":
+        return np.stack([np.asarray(v) for v in values])
+    shape = (len(values),) + first.shape
+    if shared:
+        from grain.multiprocessing import SharedMemoryArray
+
+        out = SharedMemoryArray(shape, first.dtype)  # page-aligned
+    else:
+        nbytes = int(np.prod(shape)) * first.dtype.itemsize
+        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+        offset = -raw.ctypes.data % ALIGNMENT
+        out = raw[offset:offset + nbytes].view(first.dtype).reshape(shape)
     np.stack([np.asarray(v) for v in values], out=out)
     return out
 
