@@ -56,13 +56,16 @@ class Failure:
 
 
 def default_workers() -> int:
-    """Worker processes by default: the cores this process may use, less one for the training
-    loop itself, at most 16 (0 on a single core: load in this process)."""
+    """Worker processes by default: the cores this process may use less one (for the training loop
+    itself), at most 16, and 0 (load in this process) when that leaves fewer than two: a single
+    worker only adds the transfer of each batch (measured: never faster than loading in process,
+    benchmarks/RESULTS.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))
+    workers = min(MAX_DEFAULT_WORKERS, cores - 1)
+    return workers if workers >= 2 else 0
 
 
 class SourceExamples:

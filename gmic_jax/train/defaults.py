@@ -38,7 +38,7 @@ def default_config():
                                           # the best centre) on training images, a fresh draw per epoch;
                                           # needs a train cache built with `gmic-jax cache --window-noise`
     c.data.workers = default_workers()    # input worker processes (0: load in the training process); by
-                                          # default the usable cores less one, at most 16
+                                          # default the usable cores less one (0 if that is 1), at most 16
 
     c.loss = ml_collections.ConfigDict()
     c.loss.beta = 3.26e-6                 # saliency regularisation weight (paper: tuned per run)

@@ -187,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: what the checkpoint's config.json says")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None,
-                        help="input worker processes (0: load in this process; default: the usable cores less one)")
+                        help="input worker processes (0: load in this process; default: the usable cores less "
+                             "one, 0 below 3 cores)")
 
 
 def main(args) -> int:
