@@ -20,7 +20,8 @@ One way through the data for training, validation during training and ``gmic-jax
 - **Failures are values.** A task whose load raises does not stop the iterator: its row is zeros,
   ``batch["ok"][row]`` is False and ``batch["failures"]`` holds a :class:`Failure` naming the
   file and what is wrong. The consumer decides: training stops with the message (its data would
-  otherwise differ from what its config says), evaluation scores the rest and reports them.
+  otherwise differ from what its config says), evaluation scores the rest and reports them; a
+  consumer with per-exam semantics (predict) puts the exam in its tasks and fails that exam only.
 - **No orphans.** A worker process exits as soon as the process that started it is gone, even
   after SIGKILL (Grain's own workers would wait forever on a full queue).
 """
