@@ -177,7 +177,9 @@ TRAIN = ["--config", "configs/synthetic_tiny.py", "--config.data.image_shape=(12
          "--config.model.image_shape=(128, 96)", "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
          "--config.data.num_train=16", "--config.data.num_val=8", "--config.batch_size=4",
          "--config.num_epochs=1", "--config.eval.batch_size=8", "--config.progress_bar=False",
-         "--config.batch_norm=sync", "--config.data.balanced_sampling=False", "--config.data.workers=1"]
+         "--config.batch_norm=sync", "--config.data.balanced_sampling=False", "--config.data.workers=1",
+         # crop rotation draws per device (the step folds the roi key with the device index)
+         "--config.model.rotate_crops=False"]
 
 
 def _train(workdir, env_extra):
