@@ -23,6 +23,7 @@ setup(
         "scikit-learn>=1.4",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "grain>=0.2.18",  # the version the input pipeline is tested with
     ],
     extras_require={

@@ -213,11 +213,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def versions(with_torch: bool = False) -> dict[str, str]:
+def cpu_identity() -> dict:
+    """The CPU as /proc/cpuinfo names it: model name, family and model numbers, and whether its
+    flags include AMX (amx_tile / amx_bf16 / amx_int8) and AVX-512. Two Xeons of one model name
+    can differ in both, and the speed of XLA's and PyTorch's CPU kernels with them."""
+    info = {"name": cpu_model(), "family": None, "model": None, "amx": False, "avx512": False, "amx_flags": []}
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "cpu family" and info["family"] is None:
+                info["family"] = int(value)
+            elif key == "model" and info["model"] is None:
+                info["model"] = int(value)
+            elif key == "flags":
+                flags = value.split()
+                info["amx_flags"] = sorted(f for f in flags if f.startswith("amx"))
+                info["amx"] = bool(info["amx_flags"])
+                info["avx512"] = "avx512f" in flags
+                break
+    return info
+
+
+def cpu_name(info: dict | None = None) -> str:
+    """'Intel(R) Xeon(R) Processor (family 6 model 207, AVX-512, no AMX)'."""
+    info = info or cpu_identity()
+    parts = [f"family {info['family']} model {info['model']}"] if info["family"] is not None else []
+    parts.append("AVX-512" if info["avx512"] else "no AVX-512")
+    parts.append(f"AMX ({', '.join(info['amx_flags'])})" if info["amx"] else "no AMX")
+    return f"{info['name']} ({', '.join(parts)})"
+
+
+def versions(with_torch: bool = False, extra: Sequence[str] = ()) -> dict[str, str]:
     out = {"python": platform.python_version()}
     names = ["jax", "jaxlib", "flax", "optax", "numpy", "gmic-jax"]
     if with_torch:
         names += ["torch", "torchvision"]
+    names += list(extra)
     for name in names:
         try:
             out[name] = importlib.metadata.version(name)
@@ -238,6 +269,32 @@ def median_spread(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- JAX side
+class CompileCacheEvents:
+    """Whether the compilations inside the block went through JAX's persistent compilation cache:
+    `status` is "off" (not used), "hit" (every cache lookup hit) or "miss"."""
+
+    def __enter__(self):
+        import jax
+
+        self.events: list[str] = []
+        self._listener = lambda event, **kw: self.events.append(event)
+        jax.monitoring.register_event_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax._src import monitoring
+
+        monitoring.unregister_event_listener(self._listener)
+        return False
+
+    @property
+    def status(self) -> str:
+        lookups = self.events.count("/jax/compilation_cache/compile_requests_use_cache")
+        if not lookups:
+            return "off"
+        return "hit" if self.events.count("/jax/compilation_cache/cache_hits") >= lookups else "miss"
+
+
 def param_counts(flat: Mapping[str, int]) -> dict[str, int]:
     """{'params', 'params_global', 'params_local', 'params_heads'} from {dotted name: size}."""
     out = {"params_global": 0, "params_local": 0, "params_heads": 0}

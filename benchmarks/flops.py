@@ -25,6 +25,8 @@ import dataclasses
 import sys
 from typing import Sequence
 
+from gmic_jax.models.global_net import saliency_grid_shape
+
 GLOBAL_STAGE_FEATURES = (16, 32, 64, 128, 256)
 GLOBAL_STAGE_STRIDES = (1, 2, 2, 2, 2)
 LOCAL_STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
@@ -90,13 +92,15 @@ def _dense(name, count, cin, cout) -> Layer:
     return Layer(name, "dense", count, (1, 1), (1, 1), 1, 0, cin, cout)
 
 
-def global_layers(image_shape: Sequence[int], n_images: int) -> list[Layer]:
-    """ResNet-22 (pre-activation) and the saliency 1x1 conv on (n_images, H, W, 1)."""
+def global_layers(image_shape: Sequence[int], n_images: int,
+                  global_strides: Sequence[int] = GLOBAL_STAGE_STRIDES) -> list[Layer]:
+    """ResNet-22 (pre-activation) and the saliency 1x1 conv on (n_images, H, W, 1); the stages'
+    strides are GMICConfig.global_strides (the paper's by default)."""
     layers = [_conv("ds_net.first_conv", n_images, image_shape, 7, 2, 3, 1, 16, needs_input_grad=False)]
     hw = tuple(conv_out(n, 7, 2, 3) for n in image_shape)
     hw = tuple(conv_out(n, 3, 2, 0) for n in hw)  # first_pool
     cin = GLOBAL_STAGE_FEATURES[0]
-    for s, (c, stride) in enumerate(zip(GLOBAL_STAGE_FEATURES, GLOBAL_STAGE_STRIDES)):
+    for s, (c, stride) in enumerate(zip(GLOBAL_STAGE_FEATURES, global_strides)):
         for b in range(2):
             st = stride if b == 0 else 1
             prefix = f"ds_net.layer_list.{s}.{b}"
@@ -106,16 +110,9 @@ def global_layers(image_shape: Sequence[int], n_images: int) -> list[Layer]:
             hw = tuple(conv_out(n, 3, st, 1) for n in hw)
             layers.append(_conv(f"{prefix}.conv2", n_images, hw, 3, 1, 1, c, c))
             cin = c
+    assert hw == saliency_grid_shape(tuple(image_shape), tuple(global_strides))  # the model's grid rule
     layers.append(_conv("left_postprocess_net.gn_conv_last", n_images, hw, 1, 1, 0, cin, 2))
     return layers
-
-
-def saliency_shape(image_shape: Sequence[int]) -> tuple[int, int]:
-    hw = tuple(conv_out(n, 7, 2, 3) for n in image_shape)
-    hw = tuple(conv_out(n, 3, 2, 0) for n in hw)
-    for _ in range(4):
-        hw = tuple(conv_out(n, 3, 2, 1) for n in hw)
-    return hw
 
 
 def local_layers(crop_shape: Sequence[int], n_crops: int, local_net: str = "resnet18",
@@ -163,12 +160,13 @@ def head_layers(n_images: int, K: int, feature_width: int, post_processing_dim: 
 
 
 def gmic_layers(n_images: int, image_shape=(2944, 1920), crop_shape=(256, 256), K: int = 6,
-                local_net: str = "resnet18", attention: str = "gated", local_stem_channels: int = 3) -> list[Layer]:
+                local_net: str = "resnet18", attention: str = "gated", local_stem_channels: int = 3,
+                global_strides: Sequence[int] = GLOBAL_STAGE_STRIDES) -> list[Layer]:
     width = 2048 if local_net == "resnet50" else 512
     heads = head_layers(n_images, K, width)
     if attention != "gated":
         heads = [layer for layer in heads if not layer.name.startswith("mil_attn")]
-    return (global_layers(image_shape, n_images)
+    return (global_layers(image_shape, n_images, global_strides)
             + local_layers(crop_shape, n_images * K, local_net, local_stem_channels)
             + heads)
 
@@ -176,7 +174,7 @@ def gmic_layers(n_images: int, image_shape=(2944, 1920), crop_shape=(256, 256), 
 def layers_for_config(config, n_images: int, image_shape=None, local_stem_channels: int = 3) -> list[Layer]:
     """Layers of GMIC(config) (a `GMICConfig`) on n_images images of `image_shape` (default: the config's)."""
     return gmic_layers(n_images, tuple(image_shape or config.image_shape), tuple(config.crop_shape), config.K,
-                       config.local_net, config.attention, local_stem_channels)
+                       config.local_net, config.attention, local_stem_channels, config.global_strides)
 
 
 def forward_flops(layers: Sequence[Layer], count_padding: bool = False) -> int:

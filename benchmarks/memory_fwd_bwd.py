@@ -4,6 +4,7 @@ with the original PyTorch release.
     python benchmarks/memory_fwd_bwd.py                                   # JAX, CPU, 2944 x 1920
     python benchmarks/memory_fwd_bwd.py --torch-ref ~/src/GMIC --json cpu.json
     python benchmarks/memory_fwd_bwd.py --device gpu --dtype float32 bfloat16 --remat none global
+    python benchmarks/memory_fwd_bwd.py --deviceless h100 --dtype bfloat16 --json h100.json  # no GPU needed
 
 What is measured, per exam (a batch of N exams is 4N images; every figure is divided by N):
 * parameters of the global network (ResNet-22 + saliency conv), the local network, the heads;
@@ -27,6 +28,19 @@ any number is reported. JAX workers start from the project's XLA:CPU defaults
 workers may get different extra flags (--xla-flags-fwd / --xla-flags-train); the table and the
 JSON show the XLA_FLAGS each worker ran with.
 
+--deviceless h100|h200 compiles instead for that GPU without one (benchmarks/deviceless.py; needs
+the [gpu] extra): per configuration (dtype x remat policy x exams per batch; the forward once per
+dtype and batch) the compiled memory (argument, temporary, output bytes per exam), FLOPs, cuDNN
+convolution calls, fusions, host transfers and the buffers live at the peak by part of the
+model. Compiled memory, not runtime; one "results" row per configuration and phase.
+
+Compile time (`compile_s`) is the wall time of lower + compile, tracing included; JAX workers use
+the persistent compilation cache like the CLI (`gmic_jax.xla_flags.enable_compile_cache`;
+GMIC_JAX_COMPILE_CACHE=DIR or off) and each JAX row says whether its training-step compile was a
+cache "hit", a "miss" or "off". --kernels forces the kernel variant (gmic_jax.models.fast_ops).
+
+Every table names the CPU by its family / model numbers and whether it has AMX.
+
 Output: a markdown table on stdout and, with --json, the JSON file
 {"device", "versions", "threads", "image_shape", "unit": "exam of 4 images", "results": [...],
  "details": {...}} with one entry per implementation/configuration in "results".
@@ -47,20 +61,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the gmic_jax of this checkout
 
 import bench_common as bc  # noqa: E402
+import deviceless  # noqa: E402
 import flops as analytic  # noqa: E402
+from gmic_jax.config import REMAT_POLICIES  # noqa: E402
+from gmic_jax.models.global_net import saliency_grid_shape  # noqa: E402
 
 IMAGES_PER_EXAM = 4
 UNIT = "exam of 4 images"
 RESULT_KEYS = ("impl", "dtype", "remat", "params", "params_global", "params_local", "flops_fwd", "flops_fwd_bwd",
                "flops_fwd_analytic", "compile_s", "fwd_ms", "fwd_ms_spread", "fwd_bwd_ms", "fwd_bwd_ms_spread",
-               "peak_mem_bytes")
+               "peak_mem_bytes", "compile_cache")
+# One row per configuration and phase of a --deviceless run (bytes and FLOPs per exam).
+DEVICELESS_KEYS = ("impl", "phase", "device", "dtype", "remat", "batch_exams", "arg_bytes", "temp_bytes",
+                   "out_bytes", "alias_bytes", "flops", "recompute_flops", "compile_s", "compile_cache",
+                   "cudnn_convs", "fusions", "host_transfers", "peak_temp_bytes", "kernels")
 TOP_KEYS = ("device", "versions", "threads", "image_shape", "unit", "results")
 # XLA flags of the inference and of the training worker when none are given on the command line.
 INFERENCE_XLA_FLAGS = ""
 TRAINING_XLA_FLAGS = ""
-REMAT_MODES = ("none", "global")
+REMAT_MODES = tuple(REMAT_POLICIES)
 # Agreement of the two implementations' forward outputs (max abs error / max abs value).
 AGREE_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}
 SCRIPT = Path(__file__).resolve()
@@ -126,9 +148,11 @@ class JaxRunner:
         else:
             fn = jax.jit(bc.make_grad_fn(self.model, train=True))
             self.args = (self.variables["params"], self.variables["batch_stats"], self.x, self.y, self.rng)
-        t0 = time.perf_counter()
-        self.compiled = fn.lower(*self.args).compile()
-        info["compile_s"] = time.perf_counter() - t0
+        with bc.CompileCacheEvents() as cache:
+            t0 = time.perf_counter()
+            self.compiled = fn.lower(*self.args).compile()
+            info["compile_s"] = time.perf_counter() - t0
+        info["compile_cache"] = cache.status
         info["flops"] = _cost_flops(self.compiled)
         info["xla_temp_bytes"] = _temp_bytes(self.compiled)
         if self.spec["phase"] == "train":
@@ -190,7 +214,7 @@ class TorchRunner:
             state_dict = {k: f[k] for k in f.files}
         self.ref = TorchGMIC(spec["torch_ref"], state_dict, image_shape=spec["image_shape"],
                              crop_shape=spec["crop_shape"], K=spec["K"], percent_t=spec["percent_t"],
-                             cam_size=analytic.saliency_shape(spec["image_shape"]), device=spec["device"],
+                             cam_size=saliency_grid_shape(spec["image_shape"]), device=spec["device"],
                              threads=spec["threads"])
         self.x = self.ref.to_input(np.load(spec["input"])[..., None])
         self.y = self.ref.torch.from_numpy(bc.targets(self.x.shape[0])).to(self.ref.device)
@@ -200,6 +224,7 @@ class TorchRunner:
         torch = self.ref.torch
         info = {"device_kind": torch.cuda.get_device_name(0) if self.ref.device.type == "cuda" else "cpu",
                 "platform": self.ref.device.type, "params": self.ref.param_counts(), "compile_s": 0.0,
+                "compile_cache": "off",
                 "xla_temp_bytes": None, "torch_threads": torch.get_num_threads()}
         if self.spec["phase"] == "train":
             if self.ref.device.type == "cuda":
@@ -248,9 +273,15 @@ def run_worker(spec: dict) -> int:
 
     def ready():
         if spec["impl"] == "jax":
-            from gmic_jax.xla_flags import apply_cpu_defaults
+            from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
 
             apply_cpu_defaults()  # the project's XLA:CPU defaults, unless the flags given say otherwise
+            enable_compile_cache()  # as the CLI: GMIC_JAX_COMPILE_CACHE=DIR or off
+        if spec.get("deviceless"):
+            from deviceless import DevicelessRunner
+
+            holder["runner"] = DevicelessRunner(spec)
+            return holder["runner"].ready()
         holder["runner"] = (JaxRunner if spec["impl"] == "jax" else TorchRunner)(spec)
         return {**holder["runner"].ready(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -313,12 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where to run: auto = GPU when JAX sees one, else CPU [auto]")
-    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
-                   help="compute dtype(s) of the JAX model; each is its own configuration [float32]")
-    p.add_argument("--remat", nargs="+", choices=REMAT_MODES, default=["none"],
-                   help="rematerialisation: none, or global (the global network's stages; needs "
-                        "GMICConfig.remat) [none]")
-    p.add_argument("--batch-exams", type=int, default=1, help="exams per batch (4 images each) [1]")
+    p.add_argument("--deviceless", choices=sorted(deviceless.TARGETS), default=None,
+                   help="compile for this GPU without one (needs the [gpu] extra) and report compiled memory, "
+                        "FLOPs, cuDNN calls, fusions, host transfers and the peak's buffers; nothing runs [off]")
+    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype(s) of the JAX model; each is its own configuration "
+                        "[float32; --deviceless: float32 bfloat16]")
+    p.add_argument("--remat", nargs="+", choices=REMAT_MODES, default=None,
+                   help="rematerialisation policies (GMICConfig.remat), each its own configuration "
+                        "[none; --deviceless: all of them]")
+    p.add_argument("--batch-exams", type=int, nargs="+", default=None,
+                   help="exams per batch (4 images each); several only with --deviceless [1; --deviceless: 1 4]")
+    p.add_argument("--kernels", choices=("auto", "cpu", "xla"), default="auto",
+                   help="kernel variant of the JAX model (gmic_jax.models.fast_ops): by the platform, or "
+                        "forced [auto]")
     p.add_argument("--image-shape", type=int, nargs=2, default=(2944, 1920), metavar=("H", "W"),
                    help="image size [2944 1920]")
     p.add_argument("--crop-shape", type=int, nargs=2, default=(256, 256), metavar=("H", "W"),
@@ -359,15 +398,30 @@ def main(argv=None) -> int:
 def run_benchmark(args) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"  # the parent only makes weights; workers pick their own platform
     user_env = {k: v for k, v in os.environ.items()}
-    if args.batch_exams < 1 or args.n_runs < 1 or args.threads < 1:
+    deviceless_run = args.deviceless is not None
+    args.dtype = args.dtype or (["float32", "bfloat16"] if deviceless_run else ["float32"])
+    args.remat = args.remat or (list(REMAT_MODES) if deviceless_run else ["none"])
+    batches = args.batch_exams or ([1, 4] if deviceless_run else [1])
+    if min(batches) < 1 or args.n_runs < 1 or args.threads < 1:
         raise ValueError("--batch-exams, --n-runs and --threads must be >= 1")
     cores = bc.parse_cores(args.cores, args.threads)
+    if deviceless_run:
+        if args.torch_ref or args.profile:
+            raise ValueError("--deviceless compiles only: --torch-ref and --profile need a device")
+        if not deviceless.plugin_available():
+            raise ValueError(deviceless.PLUGIN_MISSING)
+        args.batch_exams = batches
+        return run_deviceless(args, cores, user_env)
+    if len(batches) != 1:
+        raise ValueError("--batch-exams takes one value except with --deviceless")
+    args.batch_exams = batches[0]
     device = detect_device() if args.device == "auto" else args.device
+    os.environ["GMIC_JAX_KERNELS"] = args.kernels  # read by the JAX workers when they trace
     if args.torch_ref:
         from torch_reference import load_original
 
         load_original(args.torch_ref)  # a clear error now rather than in a worker
-        h, w = analytic.saliency_shape(args.image_shape)
+        h, w = saliency_grid_shape(args.image_shape)
         if int(round(h * w * args.percent_t)) < 1:
             raise ValueError(f"--percent-t {args.percent_t}: on the {h}x{w} saliency grid of "
                              f"{args.image_shape[0]}x{args.image_shape[1]} images the original's top-t pooling "
@@ -471,6 +525,120 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
     return 0
 
 
+def _cache_dir_note() -> str:
+    from gmic_jax.xla_flags import compile_cache_dir
+
+    path = compile_cache_dir()
+    return "off" if path is None else str(path)
+
+
+# =============================================================================== --deviceless
+def deviceless_configs(args) -> list[dict]:
+    """The forward once per dtype and batch (remat does not change inference; tagged 'none' when
+    asked for, else the first policy given), the training step per dtype, policy and batch."""
+    fwd_remat = "none" if "none" in args.remat else args.remat[0]
+    out = []
+    for dtype in args.dtype:
+        for batch in args.batch_exams:
+            out.append(dict(phase="fwd", dtype=dtype, remat=fwd_remat, batch_exams=batch))
+            out += [dict(phase="train", dtype=dtype, remat=r, batch_exams=batch) for r in args.remat]
+    return out
+
+
+def run_deviceless(args, cores, user_env) -> int:
+    base = {"impl": "jax", "deviceless": args.deviceless, "image_shape": list(args.image_shape),
+            "crop_shape": list(args.crop_shape), "K": args.K, "percent_t": args.percent_t}
+    env = {**bc.worker_env(args.threads, "cpu", ""), **deviceless.WORKER_ENV, "GMIC_JAX_KERNELS": args.kernels}
+    workdir = Path(tempfile.mkdtemp(prefix="gmic_deviceless_"))
+    entries = []
+    try:
+        for config in deviceless_configs(args):
+            spec = {**base, **config}
+            tag = f"{config['phase']}_{config['dtype']}_{config['remat']}_b{config['batch_exams']}"
+            print(f"[deviceless {args.deviceless}] compiling {tag} ...", file=sys.stderr, flush=True)
+            worker = bc.Worker(SCRIPT, spec, cores, env, workdir / f"{tag}.log")
+            try:
+                entries.append({**config, **worker.receive()})
+            finally:
+                worker.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = assemble_deviceless(args, cores, entries, user_env)
+    print(markdown_deviceless(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def assemble_deviceless(args, cores, entries, user_env) -> dict:
+    kinds = sorted({e["device_kind"] for e in entries})
+    device = f"{', '.join(kinds)} (deviceless compile for target {entries[0]['target_file']}; compiled memory, not runtime)"
+    baseline = {(e["dtype"], e["batch_exams"]): e["flops"] for e in entries
+                if e["phase"] == "train" and e["remat"] == "none"}
+    results, details = [], []
+    for e in entries:
+        n = e["batch_exams"]
+        base_flops = baseline.get((e["dtype"], n)) if e["phase"] == "train" else None
+        results.append({
+            "impl": "jax", "phase": e["phase"], "device": device, "dtype": e["dtype"], "remat": e["remat"],
+            "batch_exams": n, "arg_bytes": e["arg_bytes"] // n, "temp_bytes": e["temp_bytes"] // n,
+            "out_bytes": e["out_bytes"] // n, "alias_bytes": e["alias_bytes"] // n, "flops": e["flops"] / n,
+            "recompute_flops": None if base_flops is None else (e["flops"] - base_flops) / n,
+            "compile_s": e["compile_s"], "compile_cache": e["compile_cache"],
+            "cudnn_convs": e["cudnn_convs"], "fusions": e["fusions"], "host_transfers": len(e["host_transfers"]),
+            "peak_temp_bytes": e["peak"]["bytes"] // n, "kernels": e["kernels"],
+        })
+        details.append({k: e[k] for k in ("phase", "dtype", "remat", "batch_exams", "cudnn_by_kind", "custom_calls",
+                                          "host_transfers", "hlo_has_cpu_kernel", "peak")})
+    report = {
+        "device": device,
+        "versions": bc.versions(extra=("jax-cuda12-plugin", "nvidia-cudnn-cu12", "nvidia-cuda-nvcc-cu12")),
+        "threads": args.threads,
+        "image_shape": list(args.image_shape),
+        "unit": UNIT,
+        "results": results,
+        "details": {
+            "target": args.deviceless, "target_file": entries[0]["target_file"], "crop_shape": list(args.crop_shape),
+            "K": args.K, "percent_t": args.percent_t, "kernels": args.kernels, "host_cpu": bc.cpu_identity(),
+            "per_result": details, "user_xla_flags": user_env.get("XLA_FLAGS", ""),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "memory": "XLA buffer assignment of the compiled program (argument, temporary, output bytes); "
+                      "no autotuning ran, so cuDNN workspaces are not in it; not runtime peak_bytes_in_use",
+            "flops": "XLA cost analysis of the HLO before optimisation; recompute_flops = this policy's minus "
+                     "remat='none' of the same dtype and batch",
+            "compile_s": "wall time of lower + compile (tracing included), one fresh process per configuration, "
+                         "persistent cache off, XLA dump of the buffer assignment included",
+        },
+    }
+    assert all(tuple(r) == DEVICELESS_KEYS for r in results)
+    return report
+
+
+def markdown_deviceless(report: dict) -> str:
+    import hlo_report
+
+    MiB, GiB, G = 2**20, 2**30, 1e9
+    lines = [f"Device: {report['device']}  ",
+             f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}; compiled on "
+             f"{bc.cpu_name(report['details']['host_cpu'])}  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
+             "| phase | dtype | remat | exams/batch | args MiB | temp MiB | out MiB | args + temp GiB | GFLOP | "
+             "recompute GFLOP | cuDNN convs | fusions | host transfers | compile s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        recompute = "-" if r["recompute_flops"] is None else f"{r['recompute_flops'] / G:.1f}"
+        lines.append(f"| {r['phase']} | {r['dtype']} | {r['remat']} | {r['batch_exams']} | {r['arg_bytes'] / MiB:.0f} | "
+                     f"{r['temp_bytes'] / MiB:.0f} | {r['out_bytes'] / MiB:.0f} | "
+                     f"{(r['arg_bytes'] + r['temp_bytes']) / GiB:.3f} | {r['flops'] / G:.1f} | {recompute} | "
+                     f"{r['cudnn_convs']} | {r['fusions']} | {r['host_transfers']} | {r['compile_s']:.1f} |")
+    lines.append("\n(per exam; compiled memory of XLA's buffer assignment, not runtime)")
+    for r, d in zip(report["results"], report["details"]["per_result"]):
+        if r["phase"] == "train" and r["batch_exams"] == min(x["batch_exams"] for x in report["results"]):
+            lines += ["", f"### Peak of the training step: {r['dtype']}, remat={r['remat']}, {r['batch_exams']} exam(s)", "",
+                      hlo_report.peak_markdown(d["peak"], per=r["batch_exams"])]
+    return "\n".join(lines)
+
+
 def assemble(args, device, cores, entries, agreement, weights_source, n_images, user_env) -> dict:
     n = args.batch_exams
     results, details = [], []
@@ -492,6 +660,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
             "fwd_ms": fwd_med / n, "fwd_ms_spread": fwd_spread / n,
             "fwd_bwd_ms": bwd_med / n, "fwd_bwd_ms_spread": bwd_spread / n,
             "peak_mem_bytes": int(train["peak_mem_bytes"] / n),
+            "compile_cache": train["compile_cache"],
         })
         details.append({
             "impl": e["impl"], "dtype": e["dtype"], "remat": e["remat"],
@@ -500,6 +669,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
             "flops_fwd_analytic_every_tap": analytic.forward_flops(layers, count_padding=True) / n,
             "flops_source": "XLA cost analysis" if e["impl"] == "jax" else "torch.utils.flop_counter",
             "compile_fwd_s": fwd["compile_s"], "compile_train_step_s": train["compile_s"],
+            "compile_cache_fwd": fwd["compile_cache"],
             "xla_temp_bytes_fwd": fwd["xla_temp_bytes"], "xla_temp_bytes_train_step": train["xla_temp_bytes"],
             "peak_mem_method": train["mem_method"], "rss_before_step_bytes": train.get("rss_before_bytes"),
             "fwd_ms_runs": fwd["runs_ms"], "fwd_bwd_ms_runs": train["runs_ms"],
@@ -509,7 +679,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
         })
     kinds = {d["device_kind"] for d in details if d["impl"] == "jax"}
     if device == "cpu":
-        device_name = f"{bc.cpu_model()} (CPU; {args.threads} threads pinned to cores {cores})"
+        device_name = f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})"
     else:
         device_name = ", ".join(sorted(kinds))
     report = {
@@ -522,6 +692,8 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
         "details": {
             "batch_exams": n, "crop_shape": list(args.crop_shape), "K": args.K, "n_runs": args.n_runs,
             "cores": cores, "weights": weights_source, "input": "standard normal, seed 0",
+            "cpu": bc.cpu_identity(), "kernels": args.kernels,
+            "compile_cache_dir": _cache_dir_note(),
             "per_result": details, "agreement": agreement,
             "user_xla_flags": user_env.get("XLA_FLAGS", ""),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -562,6 +734,7 @@ def markdown(report: dict) -> str:
         ("GFLOP fwd+bwd, analytic", lambda r, d: d["flops_fwd_bwd_analytic"] / G, "{:.1f}"),
         ("compile forward (s)", lambda r, d: d["compile_fwd_s"], "{:.2f}"),
         ("compile training step (s)", lambda r, d: r["compile_s"], "{:.2f}"),
+        ("compile cache, training step", lambda r, d: r["compile_cache"], "{}"),
         ("forward (ms)", lambda r, d: r["fwd_ms"], "{:.0f}"),
         ("forward spread, IQR (ms)", lambda r, d: r["fwd_ms_spread"], "{:.0f}"),
         ("forward + backward (ms)", lambda r, d: r["fwd_bwd_ms"], "{:.0f}"),
@@ -586,6 +759,8 @@ def markdown(report: dict) -> str:
                 if i != torch_i:
                     cells.append(_fmt_ratio(vals[i], vals[torch_i]) if name in ratio_rows else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"\nCPU: {report['details']['cpu']['name']}; kernels: {report['details']['kernels']}; "
+                 f"compile cache: {report['details']['compile_cache_dir']}")
     for tag, a in report["details"]["agreement"].items():
         f, t = a["forward"], a["training_step"]
         lines.append("")

@@ -74,18 +74,30 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+# Name-stack entries that wrap a module's ops without being a module: jax.checkpoint (remat), the
+# per-platform kernel choice (cond branches, the CPU kernels' scope), lifted functions.
+_WRAPPERS_IN_PATH = re.compile(r"^(checkpoint|rematted_computation|remat\d*|cond|branch_\d+_fun|cpu_kernel|jit|"
+                               r"[\w.]*<locals>[\w.<>]*|(ds_net|dn_resnet)\.\w+|)$")
+
+
+def _module_path(path: list[str], net: str) -> list[str]:
+    """The module names below the last `net` entry of a name stack, wrappers left out."""
+    last = len(path) - 1 - path[::-1].index(net)
+    return [p for p in path[last + 1:] if not _WRAPPERS_IN_PATH.match(p)]
+
+
 def part_of(op_name: str) -> str:
     """Part of GMIC an op belongs to, from its op_name ('jit(f)/transpose(jvp(GMIC))/ds_net/...')."""
     path = re.sub(r"[a-z_]+\(|\)", "", op_name).split("/")
     if "ds_net" in path:
-        sub = path[path.index("ds_net") + 1:]
+        sub = _module_path(path, "ds_net")
         head = sub[0] if sub else ""
         m = re.match(r"layer_list_(\d+)_\d+", head)
         if m:
             return f"global stage {m.group(1)}"
         return {"first_conv": "global stem conv", "final_bn": "global final BN"}.get(head, "global stem pool / other")
     if "dn_resnet" in path:
-        sub = path[path.index("dn_resnet") + 1:]
+        sub = _module_path(path, "dn_resnet")
         head = sub[0] if sub else ""
         m = re.match(r"(layer\d+)_\d+", head)
         if m:

@@ -9,7 +9,7 @@
 Cost: an accelerator job (2944 x 1920 images, K = 6, 256 x 256 crops); not for a CPU.
 Paper settings: Adam; learning rate 10^U(-5.5, -4), beta 10^U(-5.5, -3.5), t in [0.02, 0.1]
 drawn per run (as we read Sec. 4 of the paper; check there before quoting); balanced sampling of
-positives and negatives each epoch; augmentation as in gmic_jax.train.augment; test-time
+positives and negatives each epoch; augmentation as in gmic_jax.augment; test-time
 augmentation with 10 draws; the global network pretrained (use --init-from).
 """
 from gmic_jax.train.defaults import default_config

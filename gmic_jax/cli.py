@@ -4,22 +4,38 @@ Each subcommand lives in a library module that exposes ``add_arguments(parser)``
 ``main(args) -> int`` (and optionally ``parse_args(parser, argv)`` for arguments argparse cannot
 declare, such as ``--config.FIELD=VALUE``); this file only lists them. Heavy imports happen inside those modules,
 so ``gmic-jax --help`` stays fast.
+
+Exit status: 0 done; 2 a mistake in the command line or config (one line on stderr, no traceback,
+nothing written); 1 the data, a checkpoint or the run failed (a batch job lists its failures).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported lazily, only for the chosen command.
 COMMANDS = {
     "convert": ("gmic_jax.convert", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
     "preprocess": ("gmic_jax.data.preprocess", "crop images and find window centres (the original's exam-list pipeline)"),
     "cache": ("gmic_jax.data.cache", "preprocess a dataset once into memory-mapped uint16 window shards"),
-    "predict": ("gmic_jax.predict", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
+    "predict": ("gmic_jax.predict.cli", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
     "train": ("gmic_jax.train.loop", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
     "evaluate": ("gmic_jax.train.evaluate", "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure"),
+    "compare-steps": ("gmic_jax.train.compare_steps",
+                      "evaluate every evaluated checkpoint step of a training workdir on held-out data"),
 }
+# Options that name an output directory (each command has at most one).
+OUTPUT_DIR_OPTIONS = ("workdir", "output", "out")
+
+
+def _output_is_a_file(args) -> str | None:
+    for name in OUTPUT_DIR_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and Path(value).exists() and not Path(value).is_dir():
+            return f"--{name} {value} is a file; give a directory (it is created if missing)"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from gmic_jax.xla_flags import apply_cpu_defaults
+    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
 
     apply_cpu_defaults()  # before any JAX work
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -46,7 +62,17 @@ def main(argv=None) -> int:
         module.add_arguments(sub)
         parse = getattr(module, "parse_args", None)
         args = parse(sub, argv[1:]) if parse else sub.parse_args(argv[1:])
-        return int(module.main(args) or 0)
+        args.command_line = ["gmic-jax", *argv]  # as typed; outputs that record their command take it
+        problem = _output_is_a_file(args)
+        if problem:
+            print(f"gmic-jax {name}: error: {problem}", file=sys.stderr)
+            return 2
+        enable_compile_cache()  # persistent compilation cache: GMIC_JAX_COMPILE_CACHE=DIR or off
+        try:
+            return int(module.main(args) or 0)
+        except KeyboardInterrupt:
+            print(f"gmic-jax {name}: interrupted", file=sys.stderr)
+            return 130
     parser.parse_args(argv)  # prints help / usage errors
     return 2
 

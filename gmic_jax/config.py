@@ -15,8 +15,41 @@ PATCH_SELECTIONS = ("retrieve_roi", "random")
 DTYPES = ("float32", "bfloat16")
 LOCAL_NETS = ("resnet18", "resnet34", "resnet50", "resnet18_narrow")
 
+# Rematerialisation policies, GMICConfig.remat (implemented in gmic_jax.models.remat; memory and
+# recompute cost per exam in benchmarks/RESULTS.md). False and True are the names "none" and "global".
+REMAT_POLICIES = {
+    "none": "keep every activation the backward pass needs",
+    "global": "recompute the global network's blocks (one checkpoint per block)",
+    "global_convs": "as global, but keep the blocks' convolution outputs (recompute BatchNorm and ReLU only)",
+    "global_stages": "recompute the global network's stages (one checkpoint per stage of two blocks)",
+    "global_stem": "as global, and recompute the global stem (stem conv + max-pool)",
+    "local": "recompute the local network's stem and blocks",
+    "all": "global_stem and local together",
+}
+
+
+def remat_policy_name(remat) -> str:
+    """The policy name of a GMICConfig.remat value: a name of REMAT_POLICIES, or False / True."""
+    if remat is False or remat is None:
+        return "none"
+    if remat is True:
+        return "global"
+    if isinstance(remat, str) and remat in REMAT_POLICIES:
+        return remat
+    raise ValueError(f"GMICConfig.remat={remat!r}; expected False, True or one of {tuple(REMAT_POLICIES)}")
+
+
 # top-t of the five released models (index 1..5), from the original's inference parameters.
 RELEASED_PERCENT_T = {1: 0.02, 2: 0.03, 3: 0.03, 4: 0.05, 5: 0.1}
+
+
+def check_fields(cls, d: Mapping[str, Any], what: str) -> dict:
+    """``d`` as a dict, after checking that every key is a field of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; known: {sorted(names)}")
+    return dict(d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +72,10 @@ class GMICConfig:
         2944 x 1920.
     rotate_crops: training-time rotation of each patch by a random multiple of 90 degrees
         (paper's augmentation, 'roi' rng stream); inactive when train=False.
-    remat: rematerialise the global network's stages in the backward pass (saves activation
-        memory, costs recompute).
+    remat: rematerialisation policy, by name (REMAT_POLICIES: 'none', 'global', ...): which parts
+        the backward pass recomputes instead of keeping their activations (saves memory, costs
+        recompute). False and True are accepted and mean 'none' and 'global' (the global
+        network's blocks); the field holds the name.
     global_strides: strides of the global network's five stages. The paper's (1, 2, 2, 2, 2) makes
         the saliency grid 1/64 of the image (46 x 30 for 2944 x 1920). Small images (the synthetic
         CPU configs) keep the paper's grid-cell-to-lesion proportion with fewer stride-2 stages,
@@ -57,7 +92,7 @@ class GMICConfig:
     dtype: str = "float32"
     image_shape: tuple[int, int] = (2944, 1920)
     rotate_crops: bool = False
-    remat: bool = False
+    remat: str = "none"
     global_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
 
     def __post_init__(self):
@@ -65,6 +100,7 @@ class GMICConfig:
         object.__setattr__(self, "crop_shape", tuple(int(v) for v in self.crop_shape))
         object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
         object.__setattr__(self, "global_strides", tuple(int(v) for v in self.global_strides))
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
         checks = (
             ("aggregation", AGGREGATIONS),
             ("attention", ATTENTIONS),
@@ -97,11 +133,7 @@ class GMICConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GMICConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GMICConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**dict(d))
+        return cls(**check_fields(cls, d, "GMICConfig"))
 
     def replace(self, **kw) -> "GMICConfig":
         return dataclasses.replace(self, **kw)

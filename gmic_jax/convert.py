@@ -192,14 +192,17 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
 
 def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
     """Read SRC, convert strictly, write OUT_DIR in the gmic-jax checkpoint layout; returns variables."""
-    from gmic_jax.checkpoint import ORIGINAL_PREPROCESSING, save_checkpoint
+    from gmic_jax.checkpoint import save_checkpoint
+    from gmic_jax.preprocessing import Preprocessing
 
     state_dict = read_state_dict(src)
     try:
         variables = convert_state_dict(state_dict, config)
     except ConversionError as e:
         raise ConversionError(f"{src}: {e}") from None
-    save_checkpoint(out_dir, config, variables, preprocessing=ORIGINAL_PREPROCESSING)
+    # The original release's inference preprocessing: stored values, cropped, flipped, window at
+    # the best centre, per-window standardisation.
+    save_checkpoint(out_dir, config, variables, preprocessing=Preprocessing.for_name("original", config.image_shape))
     return variables
 
 
@@ -213,7 +216,11 @@ def add_arguments(parser):
 
 def main(args) -> int:
     percent_t = args.percent_t if args.percent_t is not None else RELEASED_PERCENT_T[args.model_index]
-    config = GMICConfig(percent_t=percent_t)
+    try:
+        config = GMICConfig(percent_t=percent_t)
+    except ValueError as e:
+        print(f"gmic-jax convert: error: --percent-t {percent_t}: {e}", file=sys.stderr)
+        return 2
     try:
         variables = convert_checkpoint(args.src, args.out, config)
     except ConversionError as e:

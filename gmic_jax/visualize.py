@@ -13,11 +13,12 @@ Rendered with matplotlib's object API (no pyplot state), so it works headless an
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from gmic_jax.files import atomic_path
 
 PANEL_PX = 300      # width of every panel
 TITLE_PX = 40       # band above the panels for their titles
@@ -146,8 +147,6 @@ def save_figure(path, image: np.ndarray, saliency_map: np.ndarray, patch_locatio
         ax.set_axis_off()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     return path

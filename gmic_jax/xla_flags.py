@@ -1,5 +1,6 @@
-"""XLA flags gmic-jax sets for the CPU backend, before JAX starts (the CLI and benchmarks call
-`apply_cpu_defaults()` first thing).
+"""Process-wide JAX/XLA settings of gmic-jax: the XLA:CPU flags, set before JAX starts, and the
+persistent compilation cache (the CLI and the benchmarks call `apply_cpu_defaults()` and
+`enable_compile_cache()` first thing).
 
 `--xla_cpu_experimental_ynn_fusion_type=` (empty) turns off XLA:CPU's YNNPACK fusions. Measured on
 the development CPU (benchmarks/RESULTS.md): a training step of the full model (one exam of four
@@ -7,13 +8,28 @@ the development CPU (benchmarks/RESULTS.md): a training step of the full model (
 3.00 s and 2.88 s. The flag names only the CPU backend: GPUs are unaffected.
 
 Set GMIC_JAX_KEEP_XLA_FLAGS=1 to leave XLA_FLAGS exactly as the environment has it.
+
+Compile cache: JAX's persistent compilation cache keeps compiled programs on disk, so a second
+run of the same program (same shapes, config, flags and versions) loads it instead of compiling
+(benchmarks/RESULTS.md: cold and warm compile of the training step). GMIC_JAX_COMPILE_CACHE=DIR
+puts it in DIR, GMIC_JAX_COMPILE_CACHE=off turns it off; by default it lives in
+$XDG_CACHE_HOME/gmic-jax/jax-compile-cache (~/.cache/...), capped at COMPILE_CACHE_MAX_BYTES
+(least recently used entries go first). A cache directory JAX was already given
+(JAX_COMPILATION_CACHE_DIR) is kept when GMIC_JAX_COMPILE_CACHE is not set.
 """
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 CPU_DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+COMPILE_CACHE_ENV = "GMIC_JAX_COMPILE_CACHE"
+COMPILE_CACHE_MAX_BYTES = 4 * 2**30
+# Programs that compile faster than this are not written to the cache (JAX's default is 1 s; the
+# forward of a small config compiles in ~0.5 s on a 2-core CPU).
+COMPILE_CACHE_MIN_COMPILE_S = 0.3
+_OFF = ("off", "0", "false", "no", "none")
 
 
 def apply_cpu_defaults() -> str:
@@ -34,3 +50,44 @@ def apply_cpu_defaults() -> str:
         flags = " ".join([flags, *extra]).strip()
         os.environ["XLA_FLAGS"] = flags
     return flags
+
+
+def compile_cache_dir() -> Path | None:
+    """The persistent compilation cache's directory gmic-jax uses, or None when it is off."""
+    value = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if value.lower() in _OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gmic-jax" / "jax-compile-cache"
+
+
+def enable_compile_cache() -> Path | None:
+    """Turn JAX's persistent compilation cache on at `compile_cache_dir()` (or leave it off);
+    returns the directory. Call before the first compilation of the process."""
+    import jax  # noqa: PLC0415
+
+    path = compile_cache_dir()
+    if path is None:
+        if os.environ.get(COMPILE_CACHE_ENV, "").strip():  # asked off: also a cache JAX was given
+            jax.config.update("jax_compilation_cache_dir", None)
+            jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    try:  # JAX's size limit (least recently used entries evicted) needs filelock
+        import filelock  # noqa: F401, PLC0415
+
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    except ImportError:  # without it JAX would fail every cache read: keep the cache, unlimited
+        import warnings  # noqa: PLC0415
+
+        warnings.warn(f"the compilation cache in {path} has no size limit: `pip install filelock` for "
+                      f"the {COMPILE_CACHE_MAX_BYTES / 2**30:.0f} GiB cap", stacklevel=2)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's threshold wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_COMPILE_S)
+    return path

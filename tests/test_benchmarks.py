@@ -104,7 +104,7 @@ def test_single_dense_flops_match_xla_exactly():
 def test_analytic_count_matches_the_papers_multiply_adds():
     # Paper: 122 billion multiply-adds per exam of 4 images at 2944 x 1920 (every tap counted).
     layers = flops.gmic_layers(4)
-    assert flops.saliency_shape((2944, 1920)) == (46, 30)
+    assert flops.global_layers((2944, 1920), 1)[-1].in_hw == (46, 30)  # the saliency conv, on the 46 x 30 grid
     assert abs(flops.forward_flops(layers, count_padding=True) / 2 / 122e9 - 1) < 0.02
     parts = flops.summary(layers)
     assert sum(parts.values()) == flops.forward_flops(layers)
@@ -152,10 +152,15 @@ def test_script_writes_the_json_with_every_field_filled(small_runs):
     assert report["unit"] == "exam of 4 images"
     assert report["image_shape"] == list(IMAGE) and report["threads"] == THREADS
     assert "CPU" in report["device"] and report["versions"]["jax"] == jax.__version__
+    cpu = report["details"]["cpu"]  # every table names the CPU: family / model numbers and AMX
+    assert f"family {cpu['family']} model {cpu['model']}" in report["device"]
+    assert ("no AMX" in report["device"]) == (not cpu["amx"])
+    assert "CPU: " in stdout and "AMX" in stdout
     [result] = report["results"]
     assert tuple(result) == mfb.RESULT_KEYS
     assert (result["impl"], result["dtype"], result["remat"]) == ("jax", "float32", "none")
-    for key in mfb.RESULT_KEYS[3:]:
+    assert result["compile_cache"] == "off"  # tests never use the user's compilation cache
+    for key in mfb.RESULT_KEYS[3:-1]:
         assert _finite_number(result[key]), (key, result[key])
         assert result[key] >= 0, key
         if not key.endswith("spread"):
@@ -211,8 +216,8 @@ def test_remat_flag_follows_the_models_config(monkeypatch):
     spec = {"image_shape": IMAGE, "crop_shape": CROP, "K": 6, "percent_t": 0.02, "dtype": "float32"}
     fields = {f.name for f in dataclasses.fields(GMICConfig)}
     if "remat" in fields:
-        assert mfb.make_config({**spec, "remat": "global"}).remat
-        assert not mfb.make_config({**spec, "remat": "none"}).remat
+        assert mfb.make_config({**spec, "remat": "global"}).remat == "global"
+        assert mfb.make_config({**spec, "remat": "none"}).remat == "none"
 
     @dataclasses.dataclass(frozen=True)
     class NoRemat:
@@ -248,6 +253,16 @@ def test_resident_rise_sees_an_allocation_and_not_its_absence():
     assert idle.rise < 16 * 2**20
 
 
+def test_cpu_identity_reads_the_flags():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    info = bc.cpu_identity()
+    assert info["amx"] == any(f.startswith("amx") for f in flags) and info["avx512"] == ("avx512f" in flags)
+    assert isinstance(info["family"], int) and isinstance(info["model"], int)
+    fake = {"name": "Xeon", "family": 6, "model": 143, "amx": True, "avx512": True, "amx_flags": ["amx_bf16", "amx_tile"]}
+    assert bc.cpu_name(fake) == "Xeon (family 6 model 143, AVX-512, AMX (amx_bf16, amx_tile))"
+
+
 def test_median_spread():
     assert bc.median_spread([3.0, 1.0, 2.0]) == (2.0, 2.0)
     med, iqr = bc.median_spread([1.0, 2.0, 3.0, 4.0, 100.0])
@@ -281,6 +296,19 @@ ENTRY %main (a: f32[2]) -> f32[2] {
     instructions = profile_summary.hlo_instructions(hlo)
     assert instructions["ynn_fusion.1"] == ("fusion: convolution", "jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")
     assert instructions["copy.2"][1].startswith("jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")  # from its operand
+
+
+# ----------------------------------------------------------------------------- compile_time.py
+def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
+    report, stdout = _run_script("compile_time.py", ["--rounds", "1", "--image-shape", *map(str, IMAGE), "--crop-shape",
+                                                     *map(str, CROP), "--threads", str(THREADS)], tmp_path, "ct")
+    runs = {kind: r[0] for kind, r in report["runs"].items()}
+    assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit"]
+    for r in runs.values():
+        assert r["total_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["compile_s"])
+    # Loading the compiled program is faster than compiling it.
+    assert runs["warm, cache hit"]["compile_s"] < runs["cold, cache off"]["compile_s"]
+    assert "| warm, cache hit |" in stdout and report["cpu"]["family"] is not None
 
 
 # ----------------------------------------------------------------------------- throughput.py
@@ -325,7 +353,7 @@ def test_side_by_side_with_the_original(tmp_path):
                                                        "--torch-ref", os.environ["GMIC_TORCH_REF"]], tmp_path, "sbs")
     jax_r, torch_r = report["results"]
     assert torch_r["impl"] == "torch" and torch_r["params"] == jax_r["params"]
-    assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:])
+    assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:-1])
     [agreement] = report["details"]["agreement"].values()
     assert agreement["forward"]["ok"] and agreement["forward"]["patch_locations_equal"]
     assert agreement["training_step"]["loss_rel_err"] < 1e-4

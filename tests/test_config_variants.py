@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from gmic_jax import GMIC, GMICConfig, init_variables
+from gmic_jax.config import REMAT_POLICIES
+from gmic_jax.models.remat import remat_spec
 from gmic_jax.models.global_net import saliency_grid_shape
 from gmic_jax.models.local_net import local_feature_width
 
@@ -132,22 +134,49 @@ def test_bfloat16_close_to_float32(base):
     assert bf16["y_fusion"].dtype == np.float32 and bf16["saliency_map"].dtype == np.float32
 
 
-def test_remat_recomputes_in_backward_with_same_gradients(base):
-    variables, _ = base
+REMAT_BASE = GMICConfig(image_shape=(256, 192), crop_shape=(96, 96), K=2, percent_t=0.1)
+
+
+@pytest.fixture(scope="module")
+def remat_reference():
+    variables = init_variables(REMAT_BASE, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(7), (1, *REMAT_BASE.image_shape, 1))
 
     def grads(config):
         def loss(p):
-            return GMIC(config).apply({"params": p, "batch_stats": variables["batch_stats"]}, X)["y_fusion"].sum()
+            out, _ = GMIC(config).apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                        mutable=["batch_stats"], rngs={"roi": jax.random.key(0)})
+            return out["y_fusion"].sum()
 
-        return jax.grad(loss), loss
+        return jax.grad(loss)
 
-    g_plain, loss_plain = grads(BASE)
-    g_remat, loss_remat = grads(BASE.replace(remat=True))
-    assert "remat" not in str(jax.make_jaxpr(g_plain)(variables["params"]))
-    assert "remat" in str(jax.make_jaxpr(g_remat)(variables["params"]))
-    a, b = g_plain(variables["params"]), g_remat(variables["params"])
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    return variables, grads, jax.jit(grads(REMAT_BASE))(variables["params"])
+
+
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+def test_remat_policies_recompute_their_parts_with_same_gradients(remat_reference, policy):
+    variables, grads, plain = remat_reference
+    # One checkpoint per unit the policy names: 10 global blocks (or 5 stages), the global stem,
+    # the local stem and 8 local blocks.
+    spec = remat_spec(policy)
+    units = ({"block": 10, "stage": 5, "": 0}[spec.global_blocks] + spec.global_stem + spec.local_stem
+             + 8 * bool(spec.local_blocks))
+    assert str(jax.make_jaxpr(grads(REMAT_BASE.replace(remat=policy)))(variables["params"])).count("remat") == units
+    assert "remat" not in str(jax.make_jaxpr(grads(REMAT_BASE))(variables["params"]))
+    ours = jax.jit(grads(REMAT_BASE.replace(remat=policy)))(variables["params"])
+    assert jax.tree.structure(ours) == jax.tree.structure(plain)
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_accepts_booleans_and_names():
+    assert GMICConfig(remat=False) == GMICConfig() and GMICConfig().remat == "none"
+    assert GMICConfig(remat=True).remat == "global"
+    assert GMICConfig.from_dict({**GMICConfig().to_dict(), "remat": True}).remat == "global"
+    for name in REMAT_POLICIES:
+        assert GMICConfig(remat=name).remat == name
+    with pytest.raises(ValueError, match="remat='everything'"):
+        GMICConfig(remat="everything")
 
 
 def test_image_shape_is_checked_and_sets_grid():

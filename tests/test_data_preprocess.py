@@ -67,17 +67,19 @@ def test_cropped_images_and_pickle_round_trip(sample_exam_dir, sample_output):
 
 
 def test_windows_deterministic_and_normalised(sample_output):
+    from gmic_jax.data.image import read_image
+    from gmic_jax.preprocessing import normalize_images
+
     exam = load_exam_list(sample_output / "exam_list.pkl")[0]
     for view in ("R-CC", "L-MLO"):
         path = sample_output / "cropped_images" / f"{exam[view][0]}.png"
         center = exam["best_center"][view][0]
-        a = window.load_window(path, view, exam["horizontal_flip"], center)
-        b = window.load_window(path, view, exam["horizontal_flip"], center)
-        assert a.shape == (2944, 1920) and a.dtype == np.float32
-        np.testing.assert_array_equal(a, b)
+        raw, again = (window.place_window(window.flip_for_model(read_image(path).pixels, view, exam["horizontal_flip"]),
+                                          view, center) for _ in range(2))
+        assert raw.shape == (2944, 1920) and raw.dtype == np.float32
+        np.testing.assert_array_equal(raw, again)
+        a = np.asarray(normalize_images(raw[None, ..., None], "standardize"))[0, ..., 0]
         assert abs(float(a.mean())) < 1e-4 and abs(float(a.std()) - 1) < 1e-4
-        raw = window.load_raw_window(path, view, exam["horizontal_flip"], center)
-        np.testing.assert_array_equal(window.normalize_window(raw), a)
         cropped = read_png_array(path).astype(np.float32)
         # flipped R view (horizontal_flip NO); narrow image: content starts at column 0
         flipped = cropped[:, ::-1] if view[0] == "R" else cropped
@@ -198,10 +200,15 @@ def _exam(prefix, flip="NO"):
 def test_batch_bad_inputs_reported_rest_processed(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    exams = [_exam("good"), _exam("blank"), _exam("cut"), _exam("noview"), "not an exam"]
-    del exams[3]["R-MLO"]
-    for exam in exams[:4]:
-        _make_images(images, [(exam[v][0], v) for v in VIEWS if v in exam])
+    exams = [_exam("good"), _exam("blank"), _exam("cut"), _exam("noview"), "not an exam", _exam("badview"),
+             _exam("empty"), _exam("oneside")]
+    del exams[3]["R-MLO"]  # a missing view is no image, not an error
+    exams[5]["R-CC"] = "badview_R-CC"  # not a list
+    for v in VIEWS:
+        exams[6][v] = []  # no image at all
+    exams[7]["R-CC"], exams[7]["R-MLO"] = [], []  # one breast only (empty lists)
+    for exam in exams[:4] + exams[7:]:
+        _make_images(images, [(exam[v][0], v) for v in VIEWS if exam.get(v)])
     write_png(images / "blank_L-MLO.png", np.zeros((600, 400), np.uint16))
     corrupt_copy(images / "cut_R-CC.png", images / "cut_R-CC.png", 0.4)
     exam_list = tmp_path / "exams.pkl"
@@ -219,13 +226,21 @@ def test_batch_bad_inputs_reported_rest_processed(tmp_path):
     failures = (out / "failures.txt").read_text()
     assert "blank_L-MLO.png: blank image" in failures
     assert "cut_R-CC.png: corrupt or truncated PNG" in failures
-    assert "exam 3: missing view 'R-MLO'" in failures and "exams.pkl" in failures
-    assert "exam 4 is a str, not a dict" in failures
+    assert "exams.pkl: malformed exam list: exam 4: a str, not a dict" in failures
+    assert "exam 5: view 'R-CC' must be a list of image names" in failures
+    assert "exam 6: no image: every view" in failures
+    assert "exam 3" not in failures and "exam 7" not in failures
+    assert len(failures.splitlines()) == 5
     partial = load_exam_list(out / "exam_list.partial.pkl")
-    assert [e["L-CC"][0] for e in partial] == ["good_L-CC"]
+    assert [e["L-CC"][0] for e in partial] == ["good_L-CC", "noview_L-CC", "oneside_L-CC"]
     assert all(k in partial[0] for k in PREPROCESSING_KEYS)
+    # The views an exam has are preprocessed; an absent view stays absent, an empty one empty.
+    assert "R-MLO" not in partial[1] and all("R-MLO" not in partial[1][k] for k in PREPROCESSING_KEYS)
+    assert all(len(partial[1][k][v]) == 1 for k in PREPROCESSING_KEYS for v in ("L-CC", "R-CC", "L-MLO"))
+    assert all(partial[2][k]["R-CC"] == [] == partial[2][k]["R-MLO"] for k in PREPROCESSING_KEYS)
     for v in VIEWS:
         assert (out / "cropped_images" / f"good_{v}.png").exists()
+    assert not (out / "cropped_images" / "noview_R-MLO.png").exists()
     assert (out / "cropped_images" / "cut_L-CC.png").exists()  # the exam's other images were processed
 
 

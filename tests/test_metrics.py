@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from gmic_jax.train import metrics as M
+from gmic_jax import metrics as M
 
 
 def test_auc_prauc_and_undefined_cases():
@@ -75,17 +75,16 @@ def test_roi_hits_counts_lesions_covered_at_least_70_percent():
     assert M.roi_hits(mask, np.array([[34, 34]]), (16, 16)) == (1, 3)
 
 
-def test_random_patch_locations_are_inside_and_accumulator_averages_over_lesion_images():
-    rng = np.random.default_rng(1)
-    locs = M.random_patch_locations(rng, 50, (40, 30), (16, 8), 6)
-    assert locs.shape == (50, 6, 2)
-    assert locs[..., 0].min() >= 0 and locs[..., 0].max() <= 24 and locs[..., 1].max() <= 22
+def test_accumulator_averages_over_lesion_images():
     sal = np.zeros((2, 2, 2, 2))
     sal[0, 0, 0, 1] = 1.0
     masks = np.zeros((2, 8, 8, 2), np.uint8)
     masks[0, 0:4, 0:4, 1] = 1    # image 0: malignant lesion exactly the saliency cell
     masks[1, 4:8, 4:8, 1] = 1    # image 1: malignant lesion, saliency elsewhere (all zero)
-    out = M.localization_metrics(sal, masks, np.zeros((2, 1, 2), int), (4, 4))
+    acc = M.LocalizationAccumulator((4, 4))
+    acc.update(sal[:1], masks[:1], np.zeros((1, 1, 2), int))  # batch by batch
+    acc.update(sal[1:], masks[1:], np.zeros((1, 1, 2), int))
+    out = acc.result()
     assert out["val_dice_malignant"] == pytest.approx(0.5)   # 1.0 and 0.0
     assert "val_dice_benign" not in out
     assert out["val_roi_hit_rate"] == pytest.approx(0.5)

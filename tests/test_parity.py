@@ -1,4 +1,7 @@
-"""Parity with the original PyTorch GMIC: ../shared/reference/golden.npz is the model's contract."""
+"""Parity with the original PyTorch GMIC: ../shared/reference/golden.npz is the model's contract.
+
+Every test runs with both kernel variants of gmic_jax.models.fast_ops forced on CPU: the CPU
+rewrites ('cpu', what CPU programs run) and XLA's own ops ('xla', what GPU programs run)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +13,10 @@ import pytest
 
 from gmic_jax import GMIC, GMICConfig
 from gmic_jax.convert import convert_state_dict, variables_to_state_dict
+from gmic_jax.models import fast_ops
 
 CASES = ("small", "b2", "odd")
+KERNELS = ("cpu", "xla")
 OUTPUT_TOL = 1e-5
 # Gradients: heads, attention and last blocks sum few terms; the stems sum ~1e6 terms each.
 GRAD_TOL = 1e-4
@@ -45,11 +50,17 @@ def case_inputs(golden, case):
     return meta, config, variables, jnp.asarray(x.transpose(0, 2, 3, 1))  # NCHW -> NHWC
 
 
+@pytest.fixture(scope="module", params=KERNELS)
+def kernel_variant(request):
+    return request.param
+
+
 @pytest.fixture(scope="module", params=CASES)
-def case_outputs(request, golden):
+def case_outputs(request, golden, kernel_variant):
     case = request.param
     meta, config, variables, x = case_inputs(golden, case)
-    out = jax.jit(lambda v, x: GMIC(config).apply(v, x, train=False))(variables, x)
+    with fast_ops.kernels(kernel_variant):
+        out = jax.jit(lambda v, x: GMIC(config).apply(v, x, train=False))(variables, x)
     return case, meta, jax.tree.map(np.asarray, out)
 
 
@@ -74,7 +85,8 @@ def test_patch_locations_identical(case_outputs, golden):
     assert out["saliency_map"].shape[1:3] == tuple(meta["cam_size"])
 
 
-def test_gradients_match_original(golden):
+@pytest.mark.parametrize("kernel_variant", KERNELS)
+def test_gradients_match_original(golden, kernel_variant):
     meta, config, variables, x = case_inputs(golden, "small")
     target = jnp.tile(jnp.array([[1.0, 0.0]]), (meta["N"], 1))  # benign = 1, malignant = 0
 
@@ -85,7 +97,8 @@ def test_gradients_match_original(golden):
         out = GMIC(config).apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
         return bce(out["y_global"]) + bce(out["y_local"]) + bce(out["y_fusion"])
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"], x)
+    with fast_ops.kernels(kernel_variant):
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"], x)
     np.testing.assert_allclose(float(loss), float(golden["small/grad_loss"]), rtol=1e-5)
     grads_sd = variables_to_state_dict({"params": jax.tree.map(np.asarray, grads)})
     keys = [k[len("small/grad/"):] for k in golden.files if k.startswith("small/grad/")]

@@ -3,6 +3,7 @@ the input modes (exam list raw / preprocessed, DICOM) and every kind of bad inpu
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import os
@@ -25,15 +26,16 @@ from gmic_jax.data import cropping
 from gmic_jax.data.exam_list import save_exam_list
 from gmic_jax.data.image import write_png
 from gmic_jax.data.testing import breast_image, corrupt_copy
-from gmic_jax.data.transforms import gmic_window
-from gmic_jax.data.window import normalize_window, place_window
+from gmic_jax.data.transforms import crop_flip_center, gmic_window
+from gmic_jax.data.window import place_window
 from gmic_jax import predict as P
-from gmic_jax.train import metrics
+from gmic_jax import metrics
+from gmic_jax.checkpoint import CheckpointError
+from gmic_jax.preprocessing import Preprocessing, SyntheticData, normalize_images
 from gmic_jax.visualize import figure_size
 
 CFG = GMICConfig(image_shape=(256, 192), crop_shape=(48, 48), K=3, percent_t=0.05)
-PREP = {"name": "original", "window_shape": [256, 192], "normalization": "per_window_standardize",
-        "iterations": 3, "buffer_size": 4}
+PREP = Preprocessing("original", (256, 192), "standardize", iterations=3, buffer_size=4)
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 GRID = (4, 3)  # saliency grid of a 256 x 192 window
 # Same images through differently shaped (batch size, ensemble, devices) compiled functions: XLA
@@ -218,22 +220,32 @@ def test_ensemble_is_mean_of_single_models(baseline, checkpoints, data, tmp_path
                                    np.load(baseline[1] / P.SALIENCY_DIR / f"{k}.npy"), **FLOAT_TOL)
 
 
-def test_original_source_is_the_original_pipeline():
-    prep = P.Preprocessing.from_doc(PREP, CFG.image_shape)
-    for k, view in enumerate(VIEWS):
-        pixels = breast_image(300, 220, seed=k, points_right=view[0] == "L")
+def test_load_image_is_the_original_pipeline(data):
+    """An exam-list image goes through gmic_window, flipped by horizontal_flip; gmic_window places
+    the crop and centre of crop_flip_center (also behind gmic-jax preprocess)."""
+    from gmic_jax.data.image import read_image
+
+    for view in VIEWS:
+        path = data["images"] / f"1_{view}.png"
+        loaded = P.load_image(P.ImageTask(f"1_{view}", view, str(path), horizontal_flip="NO"), PREP)
+        pixels = read_image(path).to_uint()
         direction = cropping.breast_direction("NO", view[0])
-        source, center = P.original_source(pixels, view, direction, prep)
-        expected, _ = gmic_window(pixels, view, direction=direction, window_shape=prep.window_shape,
-                                  iterations=prep.iterations, buffer_size=prep.buffer_size)
-        np.testing.assert_array_equal(place_window(source, view, center, prep.window_shape), expected)
+        expected, _ = gmic_window(pixels, view, direction=direction, window_shape=PREP.window_shape,
+                                  iterations=PREP.iterations, buffer_size=PREP.buffer_size)
+        assert loaded.window.dtype == np.float32 and loaded.window.shape == PREP.window_shape
+        np.testing.assert_array_equal(loaded.window, expected)
+        _, flipped, center = crop_flip_center(pixels, view, direction, PREP.window_shape, PREP.iterations,
+                                              PREP.buffer_size)
+        np.testing.assert_array_equal(place_window(flipped, view, center, PREP.window_shape), expected)
+        # Without horizontal_flip (DICOM) the orientation is read off the image: the same here.
+        guessed = P.load_image(P.ImageTask(f"1_{view}", view, str(path)), PREP)
+        np.testing.assert_array_equal(guessed.window, expected)
 
 
 def test_preprocessed_mode_reads_cropped_images(baseline, checkpoints, data, tmp_path):
     """gmic-jax preprocess layout (stored crops, not flipped + best_center) gives the same windows."""
     from gmic_jax.data.exam_list import load_exam_list
 
-    prep = P.Preprocessing.from_doc(PREP, CFG.image_shape)
     exams = load_exam_list(data["exam_list"])
     for exam in exams:
         exam["best_center"] = {}
@@ -242,7 +254,8 @@ def test_preprocessed_mode_reads_cropped_images(baseline, checkpoints, data, tmp
             for name in exam[view]:
                 pixels = np.asarray(Image.open(data["images"] / f"{name}.png")).astype(np.uint16)
                 direction = cropping.breast_direction("NO", view[0])
-                source, center = P.original_source(pixels, view, direction, prep)
+                _, source, center = crop_flip_center(pixels, view, direction, PREP.window_shape, PREP.iterations,
+                                                     PREP.buffer_size)
                 stored = source[:, ::-1] if direction == "left" else source
                 write_png(tmp_path / "cropped" / f"{name}.png", np.ascontiguousarray(stored))
                 exam["best_center"][view].append(tuple(np.int64(v) for v in center))
@@ -266,9 +279,12 @@ def test_preprocessed_mode_reads_cropped_images(baseline, checkpoints, data, tmp
 
 # ------------------------------------------------------------------------------------------- TTA
 
-def test_tta_is_the_mean_over_seeded_window_noise_draws(baseline, checkpoints, data, tmp_path):
+def test_tta_draws_the_papers_augmentation_for_a_checkpoint_without_training_record(baseline, checkpoints, data,
+                                                                                     tmp_path):
+    """A converted-style checkpoint records no training augmentation: --tta draws the paper's
+    ranges on device (gmic_jax.augment.tta_augment), keyed by (seed, image name, draw)."""
+    from gmic_jax.augment import AugmentConfig, augment_batch
     from gmic_jax.checkpoint import load_checkpoint
-
     from gmic_jax.data.exam_list import load_exam_list
 
     save_exam_list(tmp_path / "exam1.pkl", load_exam_list(data["exam_list"])[1:])  # 4 images
@@ -288,13 +304,44 @@ def test_tta_is_the_mean_over_seeded_window_noise_draws(baseline, checkpoints, d
 
     # Independently: the documented draws through the model, averaged.
     config, variables = load_checkpoint(checkpoints[0])
-    prep = P.Preprocessing.from_doc(PREP, CFG.image_shape)
     task = P.ImageTask("1_R-CC", "R-CC", str(data["images"] / "1_R-CC.png"), horizontal_flip="NO")
-    loaded = P.load_image(task, prep, tta=2, seed=0)
-    assert len(loaded.draws) == 2 and not np.array_equal(loaded.draws[0], loaded.draws[1])
-    x = np.stack([normalize_window(w) for w in loaded.draws * 2])[..., None]  # 4 rows: shared compile
-    y = np.asarray(direct_apply(config)(variables, x))
+    x = np.asarray(normalize_images(P.load_image(task, PREP).window[None, ..., None]))
+    base = jax.random.key(0)
+    h = zlib.crc32(b"1_R-CC") & 0x7FFFFFFF
+    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, h), d) for d in (1, 2)])
+    xa = augment_batch(keys, jnp.repeat(x, 2, axis=0), AugmentConfig())
+    y = np.asarray(direct_apply(config)(variables, jnp.concatenate([xa, xa])))  # 4 rows: shared compile
     np.testing.assert_allclose(p1["1_R-CC"], y[:2].mean(axis=0), **FLOAT_TOL)
+
+
+def test_missing_views_and_unknown_labels(baseline, checkpoints, data, tmp_path, capsys):
+    """One breast absent (keys deleted), one view empty, a label unknown: every image there is is
+    predicted, breast rows only for breasts with images, unknown cells empty, exit status 0."""
+    from gmic_jax.cli import main
+    from gmic_jax.data.exam_list import load_exam_list
+
+    exams = load_exam_list(data["exam_list"])
+    del exams[0]["R-CC"], exams[0]["R-MLO"]          # exam 0: the right breast is absent
+    exams[1]["L-CC"] = []                             # exam 1: no left CC
+    del exams[1]["cancer_label"]["right_malignant"]   # exam 1: right malignant label unknown
+    save_exam_list(tmp_path / "exams.pkl", exams)
+    out = tmp_path / "out"
+    rc = main(["predict", "--exam-list", str(tmp_path / "exams.pkl"), "--images", str(data["images"]),
+               "--checkpoint", str(checkpoints[0]), "--output", str(out), "--no-progress"])
+    assert rc == 0 and not (out / P.FAILURES_TXT).exists()
+    assert "2 exam(s), 6 image(s)" in capsys.readouterr().out
+    _, rows = read_csv(out / P.PREDICTIONS_CSV)
+    assert [r[0] for r in rows] == ["0_L-CC", "0_L-CC_1", "0_L-MLO", "1_R-CC", "1_L-MLO", "1_R-MLO"]
+    base = preds_of(baseline[0])
+    for r in rows:  # the same numbers as with the full exams
+        np.testing.assert_allclose([float(r[1]), float(r[2])], base[r[0]], atol=5e-7 + 1e-6)
+    labels = {r[0]: r[3:] for r in rows}
+    assert labels["1_R-CC"] == labels["1_R-MLO"] == ["1", ""] and labels["1_L-MLO"] == ["0", "1"]
+    _, breast_rows = read_csv(out / P.BREAST_CSV)
+    assert [r[:2] for r in breast_rows] == [["0", "L"], ["1", "L"], ["1", "R"]]
+    assert np.allclose([float(v) for v in breast_rows[1][2:4]], base["1_L-MLO"], atol=2e-6)  # only its MLO
+    assert breast_rows[2][4:] == ["1", ""]
+    assert sorted(p.stem for p in (out / P.SALIENCY_DIR).glob("*.npy")) == sorted(r[0] for r in rows)
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -312,17 +359,21 @@ def _bad_exam_list(root: Path, case: str):
         shutil.move(root / "tmp.png", images / "1_L-CC.png")
         return exam_list, images, "1_L-CC.png", "corrupt or truncated PNG"
     if case == "schema":
-        del exams[1]["R-MLO"]
         exams[1]["horizontal_flip"] = "MAYBE"
         save_exam_list(exam_list, exams)
-        return exam_list, images, "exams.pkl", "missing view 'R-MLO'"
+        return exam_list, images, "exams.pkl", "horizontal_flip must be 'YES' or 'NO', got 'MAYBE'"
+    if case == "no image":
+        for view in VIEWS:
+            exams[1][view] = []
+        save_exam_list(exam_list, exams)
+        return exam_list, images, "exams.pkl", "no image: every view"
     if case == "blank":
         write_png(images / "1_L-MLO.png", np.zeros((300, 220), np.uint16))
         return exam_list, images, "1_L-MLO.png", "no breast found"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "schema", "blank"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "schema", "blank", "no image"])
 def test_bad_input_names_exam_and_file_and_keeps_the_other_exams(case, checkpoints, tmp_path, capsys):
     from gmic_jax.cli import main
 
@@ -379,12 +430,16 @@ def test_checkpoint_of_another_architecture(checkpoints, data, tmp_path, capsys)
     # Ensemble members that take different windows.
     other = tmp_path / "other"
     save_checkpoint(other, CFG.replace(image_shape=(128, 96)), random_variables(CFG, 2),
-                    dict(PREP, window_shape=[128, 96]))
-    with pytest.raises(P.CheckpointError, match="an ensemble needs one input"):
+                    dataclasses.replace(PREP, window_shape=(128, 96)))
+    with pytest.raises(CheckpointError, match="an ensemble needs one input"):
         P.load_models([checkpoints[0], other])
-    with pytest.raises(P.CheckpointError, match="differs from the model's image_shape"):
-        P.Preprocessing.from_doc(PREP, (128, 96))
-    with pytest.raises(P.CheckpointError, match="not a gmic-jax checkpoint"):
+    # A config.json whose window is not the model's.
+    doc = json.loads((other / "config.json").read_text())
+    doc["preprocessing"]["window_shape"] = [256, 192]
+    (other / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="window_shape \\[256, 192\\] differs from the model's image_shape"):
+        P.load_models([other])
+    with pytest.raises(CheckpointError, match="not a gmic-jax checkpoint"):
         P.load_models([tmp_path])
 
 
@@ -502,13 +557,12 @@ def write_synthetic_exam(root: Path, seed: int, split: str = "val", exam: int = 
 
 @pytest.fixture(scope="module")
 def synthetic_checkpoint(tmp_path_factory):
-    """A checkpoint as a synthetic training workdir records it (preprocessing 'synthetic', the
-    training config's augment section)."""
+    """A checkpoint as a synthetic training workdir records it (preprocessing 'window' with its
+    synthetic data, the training config's augment section)."""
     from gmic_jax.checkpoint import write_config
 
     d = tmp_path_factory.mktemp("synthetic_ckpt")
-    prep = {"name": "synthetic", "window_shape": [256, 192], "normalization": "per_window_standardize",
-            "synthetic": {"seed": 0}}
+    prep = Preprocessing("window", (256, 192), synthetic=SyntheticData(seed=0))
     save_checkpoint(d, CFG, random_variables(CFG, 5), prep)
     augment = {"enabled": True, "flip": False, "rotation_deg": 5.0, "translation": 0.05, "scale": [0.9, 1.1],
                "shear_deg": 0.0, "noise_sigma": 0.01}
@@ -517,9 +571,8 @@ def synthetic_checkpoint(tmp_path_factory):
 
 
 def test_window_preprocessing_and_on_device_tta(synthetic_checkpoint, tmp_path):
+    from gmic_jax.augment import AugmentConfig, augment_batch
     from gmic_jax.checkpoint import load_checkpoint
-    from gmic_jax.train.augment import AugmentConfig, augment_batch
-    from gmic_jax.train.step import normalize_images
 
     exam_list, images, seg = write_synthetic_exam(tmp_path, seed=3)
     kw = dict(exam_list=exam_list, images_dir=images, progress=False)

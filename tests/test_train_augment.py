@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmic_jax.train.augment import AugmentConfig, augment_batch, augment_image
+from gmic_jax.augment import AugmentConfig, augment_batch, augment_image
 
 NONE = AugmentConfig(flip=False, rotation_deg=0, translation=0, scale=(1.0, 1.0), shear_deg=0, noise_sigma=0)
 

@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 
 from gmic_jax.config import GMICConfig
-from gmic_jax.train.config_lib import apply_overrides, load_config, split_config_args
+from gmic_jax.train.config_lib import ConfigError, apply_overrides, flat_fields as _flat, load_config, split_config_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _flat(c, prefix=""):
-    out = {}
-    for k, v in c.items():
-        if hasattr(v, "items"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @pytest.mark.parametrize("name", ["synthetic", "synthetic_tiny", "cbis_ddsm", "nyu_paper"])
@@ -90,8 +80,10 @@ def test_overrides_and_argument_splitting():
     assert c.optimizer.learning_rate == 1.0 and isinstance(c.optimizer.learning_rate, float)
     assert c.model.K == 2 and tuple(c.model.crop_shape) == (32, 32) and c.data.source == "cache"
     assert c.augment.enabled is False
-    with pytest.raises(KeyError, match="optimizer.nope"):
+    with pytest.raises(ConfigError, match="no field 'optimizer.nope'"):
         apply_overrides(c, ["optimizer.nope=1"])
+    with pytest.raises(ConfigError, match="did you mean 'optimizer.learning_rate'"):
+        apply_overrides(c, ["optimizer.learningrate=1"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         apply_overrides(c, ["model.K"])
     rest, over = split_config_args(["--workdir", "w", "--config.model.K=3", "--config.seed", "4"])

@@ -30,7 +30,7 @@ COMMON = textwrap.dedent("""
     import optax
     import jax
     from gmic_jax import GMICConfig, init_variables
-    from gmic_jax.train.augment import AugmentConfig
+    from gmic_jax.augment import AugmentConfig
     from gmic_jax.train.state import create_train_state
     from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_batch
 

@@ -85,8 +85,8 @@ def caches(exam_list, tmp_path_factory):
 
 def _flipped_image(source, i):
     item = source.items[i]
-    pixels = read_image(f"{source.images_dir}/{item['name']}.png").pixels
-    return W.flip_for_model(pixels, item["view"], item["horizontal_flip"]), item
+    pixels = read_image(f"{source.images_dir}/{item.name}.png").pixels
+    return W.flip_for_model(pixels, item.view, item.horizontal_flip), item
 
 
 # ----------------------------------------------------------------------------------- the draw rule
@@ -229,7 +229,7 @@ def test_a_cached_draw_equals_noisy_window_on_the_image(caches):
         image, item = _flipped_image(source, i)
         for seed in (0, 1):
             drawn = noise.draw(i, np.random.default_rng(seed))
-            expected = W.noisy_window(image, item["view"], item["best_center"], WINDOW, np.random.default_rng(seed),
+            expected = W.noisy_window(image, item.view, item.best_center, WINDOW, np.random.default_rng(seed),
                                       *NOISE)
             np.testing.assert_array_equal(drawn["image"][..., 0], _to_uint16(expected))
             assert drawn["image"].dtype == np.uint16 and drawn["mask"].shape == WINDOW + (2,)
@@ -237,7 +237,7 @@ def test_a_cached_draw_equals_noisy_window_on_the_image(caches):
                 np.testing.assert_array_equal(drawn[key], source[i][key])
         # The masks move with the image: the window-frame mask put into the whole noise-padded
         # image and cut at the borders of the same draw (nearest neighbour).
-        view, center = item["view"], item["best_center"]
+        view, center = item.view, item.best_center
         margin = (NOISE[0][0] + NOISE[1], NOISE[0][1] + NOISE[1])
         (pad_top, pad_bottom, pad_right), at = W.window_bounds(image.shape, view, center, WINDOW, margin)
         (plain_pad_top, _, _), (top, left) = W.window_bounds(image.shape, view, center, WINDOW)
@@ -322,14 +322,14 @@ def test_cache_of_the_sample_exam(shared_dir, tmp_path):
     cached = CacheSource(tmp_path / "c")
     assert cached.window_noise["context_shape"] == [3344, 2320]
     exams = load_exam_list(exam_dir / "expected_exam_list.pkl")
-    assert [item["name"] for item in source.items] == [exams[0][v][0] for v in VIEWS]
+    assert [item.name for item in source.items] == [exams[0][v][0] for v in VIEWS]
     for i in range(4):
         image, item = _flipped_image(source, i)
         drawn = cached.draw(i, np.random.default_rng(i))
-        expected = W.noisy_window(image, item["view"], item["best_center"], (2944, 1920), np.random.default_rng(i))
+        expected = W.noisy_window(image, item.view, item.best_center, (2944, 1920), np.random.default_rng(i))
         np.testing.assert_array_equal(drawn["image"][..., 0], _to_uint16(expected))
         np.testing.assert_array_equal(cached[i]["image"], source[i]["image"])
-        if item["view"].startswith("R"):  # the benign lesions: the drawn mask stays a lesion of similar size
+        if item.view.startswith("R"):  # the benign lesions: the drawn mask stays a lesion of similar size
             area = source[i]["mask"][..., 0].sum()
             assert area > 0 and 0.6 * area < drawn["mask"][..., 0].sum() < 1.6 * area
         else:

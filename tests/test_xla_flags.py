@@ -26,3 +26,57 @@ def test_user_flags_kept_and_win():
 
 def test_opt_out():
     assert run({"GMIC_JAX_KEEP_XLA_FLAGS": "1", "XLA_FLAGS": "--xla_dump_to=/tmp/y"}) == "--xla_dump_to=/tmp/y"
+
+
+# ----------------------------------------------------------------------------- compile cache
+CACHE_SNIPPET = """
+import sys, jax, jax.numpy as jnp
+sys.path.insert(0, "benchmarks")
+import bench_common as bc
+from gmic_jax import GMIC, GMICConfig, init_variables
+from gmic_jax.xla_flags import enable_compile_cache
+print(enable_compile_cache())
+cfg = GMICConfig(image_shape=(128, 96), crop_shape=(32, 32), K=2, percent_t=0.1, local_net="resnet18_narrow")
+v = init_variables(cfg, jax.random.key(0))
+with bc.CompileCacheEvents() as events:
+    jax.jit(lambda v, x: GMIC(cfg).apply(v, x)).lower(v, jnp.zeros((1, 128, 96, 1))).compile()
+print(events.status, jax.config.jax_compilation_cache_max_size)
+"""
+
+
+def run_cache(env_extra, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("GMIC_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    # Cache every program, however fast it compiles (the user's threshold wins over gmic-jax's).
+    env.update(env_extra, PYTHONPATH=str(cwd), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out = subprocess.run([sys.executable, "-c", CACHE_SNIPPET], env=env, capture_output=True, text=True, cwd=cwd,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()
+
+
+def test_compile_cache_dir_env_default_and_off(monkeypatch, tmp_path):
+    from gmic_jax.xla_flags import COMPILE_CACHE_ENV, compile_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    assert compile_cache_dir() == tmp_path / "xdg" / "gmic-jax" / "jax-compile-cache"
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
+    for off in ("off", "OFF", "0"):
+        monkeypatch.setenv(COMPILE_CACHE_ENV, off)
+        assert compile_cache_dir() is None
+
+
+def test_second_process_hits_the_cache_and_off_writes_nothing(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = tmp_path / "cache"
+    from gmic_jax.xla_flags import COMPILE_CACHE_MAX_BYTES
+
+    first = run_cache({"GMIC_JAX_COMPILE_CACHE": str(cache)}, repo)
+    assert first == [str(cache), "miss", str(COMPILE_CACHE_MAX_BYTES)]  # with its size limit
+    assert any(cache.iterdir())  # the program was written
+    assert run_cache({"GMIC_JAX_COMPILE_CACHE": str(cache)}, repo)[:2] == [str(cache), "hit"]
+    off = run_cache({"GMIC_JAX_COMPILE_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")}, repo)
+    assert off[:2] == ["None", "off"]
+    assert not (tmp_path / "xdg").exists()

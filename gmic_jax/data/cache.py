@@ -42,13 +42,15 @@ import numpy as np
 
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data.image import DataError
+from gmic_jax.data.transforms import PREPROCESSINGS
 from gmic_jax.data.window import (draw_window, noise_context, window_noise_amplitudes,
                                   window_to_context)
+from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
+from gmic_jax.files import print_failures, write_atomic, write_failures
 
 FORMAT = "gmic-jax-cache/1"
 INDEX_NAME = "index.json"
 PARTIAL_INDEX_NAME = "index.partial.json"
-FAILURES_NAME = "failures.txt"
 WINDOW_NOISE_OPTION = "--window-noise"
 # Stream tag of the window-noise generators (apart from other seeded streams of the same seed).
 _NOISE_STREAM = 0x6E6F6973
@@ -69,12 +71,12 @@ def exam_list_context(source, index: int, crop_noise, size_noise, window_mask=No
     Returns {pixels (h, w) uint16, window (top, left), origin (row, col), masks | None}."""
     item = source.items[index]
     pixels = source.flipped_pixels(index) if pixels is None else pixels
-    center = item["best_center"]
-    context, window_at, origin = noise_context(pixels, item["view"], center, source.window_shape,
+    center = item.best_center
+    context, window_at, origin = noise_context(pixels, item.view, center, source.window_shape,
                                                crop_noise, size_noise)
     masks = None
     if window_mask is not None:
-        masks = window_to_context(window_mask, pixels.shape, item["view"], center, context.shape, origin,
+        masks = window_to_context(window_mask, pixels.shape, item.view, center, context.shape, origin,
                                   source.window_shape)
     # stored values, as the window's (make_example): rounded and clipped to uint16
     context = np.clip(np.rint(context), 0, np.iinfo(batch_lib.IMAGE_DTYPE).max).astype(batch_lib.IMAGE_DTYPE)
@@ -124,6 +126,8 @@ def build_cache(source, output_dir, shard_size: int = 256, num_workers: int = 1,
     """Write every example of ``source`` into ``output_dir``; returns (examples written, failures).
 
     ``prior_failures`` (e.g. bad manifest rows found before) count as failures of this build.
+    ``metadata`` is kept in index.json, with the source's ``preprocessing`` name (and its crop
+    ``iterations``) added when it has them.
     ``window_noise``: None (plain windows only), True (also contexts for the original's window
     noise, amplitudes :func:`~gmic_jax.data.window.window_noise_amplitudes` of the source's window)
     or ``((crop_y, crop_x), size)`` amplitudes in pixels; exam-list sources only.
@@ -218,16 +222,14 @@ def build_cache(source, output_dir, shard_size: int = 256, num_workers: int = 1,
     close_shard()
     index = {"format": FORMAT, "window_shape": list(window_shape or ()), "has_masks": bool(has_masks),
              "num_examples": len(examples), "shards": shards, "examples": examples,
-             "metadata": metadata or {}}
+             "metadata": {**{k: getattr(source, k) for k in ("preprocessing", "iterations") if hasattr(source, k)},
+                          **(metadata or {})}}
     if window_noise is not None:
         index["window_noise"] = {"crop_noise": list(window_noise[0]), "size_noise": window_noise[1],
                                  "context_shape": list(context_shape or ())}
-    name = PARTIAL_INDEX_NAME if failures else INDEX_NAME
     if failures:
-        (output_dir / FAILURES_NAME).write_text("".join(f"{e}\n" for e in failures), encoding="utf-8")
-    tmp = output_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps(index), encoding="utf-8")
-    os.replace(tmp, output_dir / name)
+        write_failures(output_dir, failures)
+    write_atomic(output_dir / (PARTIAL_INDEX_NAME if failures else INDEX_NAME), json.dumps(index))
     return len(examples), failures
 
 
@@ -383,8 +385,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", nargs="+", default=["calc", "mass"], choices=["calc", "mass"])
     parser.add_argument("--tfds-config", default="original-calc", choices=["original-calc", "original-mass"])
     parser.add_argument("--data-dir", help="TFDS data_dir (--source cbis-tfds)")
-    parser.add_argument("--preprocessing", choices=["gmic", "cbis_ddsm"],
-                        help="default: gmic for manifest, cbis_ddsm for CBIS-DDSM")
+    parser.add_argument("--preprocessing", choices=list(PREPROCESSINGS),
+                        help="default: original for manifest, cbis_ddsm for CBIS-DDSM (see gmic_jax.preprocessing)")
     parser.add_argument("--window-shape", type=int, nargs=2, default=[2944, 1920], metavar=("H", "W"))
     parser.add_argument("--iterations", type=int, default=100, help="erosion/dilation steps of the cropping")
     parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -408,6 +410,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    if args.shard_size < 1 or min(args.window_shape) < 1:
+        print(f"gmic-jax cache: error: --shard-size ({args.shard_size}) and --window-shape "
+              f"({' '.join(map(str, args.window_shape))}) must be >= 1", file=sys.stderr)
+        return 2
     try:
         source = make_source(args)
     except DataError as e:
@@ -428,14 +434,15 @@ def main(args) -> int:
     elif getattr(args, "crop_noise", None) or getattr(args, "size_noise", None) is not None:
         print(f"error: --crop-noise/--size-noise need {WINDOW_NOISE_OPTION}", file=sys.stderr)
         return 2
-    metadata = {"source": args.source, "split": args.split, "window_shape": list(args.window_shape),
-                "preprocessing": getattr(source, "preprocessing", "gmic")}
+    # The split the cache holds (CBIS-DDSM sources take 'train' when none is named; a manifest
+    # without --split and an exam list hold all they list: none recorded). evaluate names its keys by it.
+    split = args.split or ("train" if args.source in ("cbis-tcia", "cbis-tfds") else None)
+    metadata = {"source": args.source, "split": split, "window_shape": list(args.window_shape)}
     count, failures = build_cache(source, args.output, shard_size=args.shard_size, num_workers=args.num_workers,
                                   metadata=metadata, progress=not args.no_progress,
                                   prior_failures=getattr(source, "load_errors", ()), window_noise=window_noise)
     if failures:
-        for e in failures:
-            print(f"error: {e}", file=sys.stderr)
+        print_failures(failures)
         print(f"{len(failures)} failure(s); {count} window(s) cached but the cache is NOT complete "
               f"(no {INDEX_NAME}; see {Path(args.output) / FAILURES_NAME})", file=sys.stderr)
         return 1

@@ -260,8 +260,13 @@ class TfdsSource:
             raise ValueError(f"config must be one of {TFDS_CONFIGS}, got {config!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.source = tfds.data_source(f"{TFDS_NAME}/{config}", split="test" if split == "test" else "train",
-                                       data_dir=data_dir, download=False)
+        try:
+            self.source = tfds.data_source(f"{TFDS_NAME}/{config}", split="test" if split == "test" else "train",
+                                           data_dir=data_dir, download=False)
+        except (KeyError, FileNotFoundError, AssertionError) as e:  # what TFDS raises for a dataset not built
+            where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+            raise DataError(where, f"TFDS dataset {TFDS_NAME}/{config} is not prepared here (TFDS needs its manual "
+                                   f"download built first, or use --source cbis-tcia): {e}") from None
         self.split = split
         self.preprocessing = preprocessing
         self.window_shape = tuple(window_shape)

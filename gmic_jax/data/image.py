@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from gmic_jax.files import atomic_path
+
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")  # the original's order of the four standard views
 
 
@@ -123,12 +125,8 @@ def write_png(path, array: np.ndarray) -> None:
     array = np.asarray(array)
     if array.dtype not in (np.uint8, np.uint16) or array.ndim != 2:
         raise ValueError(f"write_png wants a 2-D uint8 or uint16 array, got {array.dtype} {array.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image = Image.fromarray(np.ascontiguousarray(array))
-    image.save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", compress_level=1)
 
 
 # --------------------------------------------------------------------------------------- DICOM

@@ -6,8 +6,10 @@ reads ``DIR/<name>.png`` (or ``<name>.dcm``) for every image name of the exam li
 ``OUT/cropped_images/<name>.png`` (same bit depth as the input; DICOM becomes 16-bit PNG) and
 ``OUT/exam_list.pkl``: the exam list with ``window_location``, ``rightmost_points``,
 ``bottommost_points``, ``distance_from_starting_side`` and ``best_center`` added in the original
-pipeline's layout. The cropped images and that exam list are what the original's model runner and
-``gmic-jax predict`` read (through :func:`gmic_jax.data.window.load_window`).
+pipeline's layout (for the views each exam has: a missing view stays missing). The cropped images
+and that exam list are what the original's model runner, ``gmic-jax predict --preprocessed`` and
+``gmic-jax cache --source exam-list`` read. The exam list is read by
+:func:`gmic_jax.data.exam_list.read_exam_list` (its rules: missing views, PNG or DICOM).
 
 Bad inputs do not stop the run: every failure is reported at the end, the exit status is 1, and
 ``OUT/exam_list.pkl`` is then NOT written; the exams that did succeed go to
@@ -21,55 +23,41 @@ import multiprocessing
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from gmic_jax.data import centers as centers_lib
 from gmic_jax.data import cropping
 from gmic_jax.data import exam_list as exam_list_lib
 from gmic_jax.data.image import DataError, read_image, write_png
-from gmic_jax.data.window import flip_for_model
+from gmic_jax.data.transforms import crop_flip_center
+from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
+from gmic_jax.files import print_failures, write_failures
 
 CROPPED_DIR = "cropped_images"
 EXAM_LIST_NAME = "exam_list.pkl"
 PARTIAL_NAME = "exam_list.partial.pkl"
-FAILURES_NAME = "failures.txt"
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", "")
-
-
-def find_image(images_dir, name: str) -> str:
-    """The file of image ``name`` in ``images_dir``: ``name.png``, ``name.dcm`` (or ``name`` itself)."""
-    for suffix in IMAGE_SUFFIXES:
-        path = os.path.join(images_dir, name + suffix)
-        if os.path.isfile(path):
-            return path
-    raise DataError(os.path.join(images_dir, name + ".png"), "image not found (also tried .dcm)")
 
 
 def preprocess_image(pixels: np.ndarray, full_view: str, horizontal_flip: str, path: str = "<array>",
                      iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE):
-    """Crop one stored image and find its best centre.
+    """Crop one stored image and find its best centre (:func:`~gmic_jax.data.transforms.crop_flip_center`).
 
     Returns ``(cropped, info)``: the cropped stored image (not flipped) and a dict with the five
     exam-list values of this image.
     """
-    laterality, view = full_view[0], full_view[2:]
-    direction = cropping.breast_direction(horizontal_flip, laterality)
-    crop = cropping.crop_info(pixels, direction, iterations, buffer_size, path=path)
+    direction = cropping.breast_direction(horizontal_flip, full_view[0])
+    crop, _, center = crop_flip_center(pixels, full_view, direction, iterations=iterations,
+                                       buffer_size=buffer_size, path=path)
     top, bottom, left, right = (int(v) for v in crop.window_location)
-    cropped = pixels[top:bottom, left:right]
-    center = centers_lib.best_center(flip_for_model(cropped, full_view, horizontal_flip), view,
-                                     crop.rightmost_points, crop.bottommost_points)
     info = dict(zip(exam_list_lib.PREPROCESSING_KEYS, crop.as_tuple() + (center,)))
-    return cropped, info
+    return pixels[top:bottom, left:right], info
 
 
 def _process_one(task):
     """Worker: (name, full_view, horizontal_flip, images_dir, output_dir) -> (name, info | DataError)."""
     name, full_view, horizontal_flip, images_dir, output_dir = task
     try:
-        path = find_image(images_dir, name)
+        path = exam_list_lib.find_image(images_dir, name)
         image = read_image(path)
         if image.laterality is not None and image.laterality != full_view[0]:
             raise DataError(path, f"the exam list says {full_view} but the DICOM header says "
@@ -94,36 +82,32 @@ def preprocess_exam_list(exam_list_path, images_dir, output_dir, num_workers: in
 
     failures: list[DataError] = []
     try:
-        exams = exam_list_lib.load_exam_list(exam_list_path)
+        exams, bad = exam_list_lib.read_exam_list(exam_list_path)
     except DataError as e:
         failures.append(e)
-        _write_failures(output_dir, failures)
+        write_failures(output_dir, failures)
         return [], failures
-    good, bad = exam_list_lib.check_exams(exams, exam_list_path)
     failures.extend(bad)
 
     tasks, seen = [], set()
-    for i in good:
-        exam = exams[i]
-        for view, _, name in exam_list_lib.images_of_exam(exam):
-            if name not in seen:
-                seen.add(name)
-                tasks.append((name, view, exam["horizontal_flip"], str(images_dir), str(output_dir)))
+    for exam in exams:
+        for image in exam.images:
+            if image.name not in seen:
+                seen.add(image.name)
+                tasks.append((image.name, image.view, image.horizontal_flip, str(images_dir), str(output_dir)))
 
     results = dict(_run(tasks, num_workers, progress))
     done = []
-    for i in good:
-        exam = exams[i]
-        names = [name for _, _, name in exam_list_lib.images_of_exam(exam)]
-        errors = [results[n] for n in names if isinstance(results[n], DataError)]
+    for exam in exams:
+        errors = [results[image.name] for image in exam.images if isinstance(results[image.name], DataError)]
         if errors:
             failures.extend(errors)
             continue
-        done.append(exam_list_lib.add_preprocessing(exam, results))
+        done.append(exam_list_lib.add_preprocessing(exam.entry, results))
 
     if failures:
         exam_list_lib.save_exam_list(output_dir / PARTIAL_NAME, done)
-        _write_failures(output_dir, failures)
+        write_failures(output_dir, failures)
     else:
         exam_list_lib.save_exam_list(output_dir / EXAM_LIST_NAME, done)
     return done, failures
@@ -149,22 +133,6 @@ def _run(tasks, num_workers: int, progress: bool):
             pool.shutdown()
 
 
-def _write_failures(output_dir: Path, failures) -> None:
-    text = "".join(f"{e}\n" for e in failures)
-    tmp = output_dir / f".{FAILURES_NAME}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, output_dir / FAILURES_NAME)
-
-
-def report_failures(failures, stream=None, what: str = "image") -> None:
-    """Print every failure, then a one-line count."""
-    stream = stream or sys.stderr
-    for e in failures:
-        print(f"error: {e}", file=stream)
-    if failures:
-        print(f"{len(failures)} failure(s); see above", file=stream)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exam-list", required=True, help="exam list pickle (the original's format)")
     parser.add_argument("--images", required=True, help="folder of <name>.png / <name>.dcm images")
@@ -178,16 +146,10 @@ def main(args) -> int:
     done, failures = preprocess_exam_list(args.exam_list, args.images, args.output,
                                           num_workers=args.num_workers, progress=not args.no_progress)
     if failures:
-        report_failures(failures)
-        print(f"{len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: the good exams are in "
+        print_failures(failures)
+        print(f"{len(failures)} failure(s); {len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: the good exams are in "
               f"{Path(args.output) / PARTIAL_NAME}, the failures in {Path(args.output) / FAILURES_NAME}",
               file=sys.stderr)
         return 1
     print(f"{len(done)} exam(s) preprocessed -> {Path(args.output) / EXAM_LIST_NAME}")
     return 0
-
-
-def run(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="gmic-jax preprocess")
-    add_arguments(parser)
-    return main(parser.parse_args(argv))

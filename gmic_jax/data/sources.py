@@ -5,7 +5,7 @@ protocol); so does ``gmic-jax cache``.
 - :class:`RecordSource` -- a list of :class:`ImageRecord` (raw image files + labels + optional mask
   files in the image's frame), through a named preprocessing (:mod:`gmic_jax.data.transforms`).
   The manifest CSV and the raw CBIS-DDSM reader produce these records.
-- :class:`ExamListSource` -- an exam list written by ``gmic-jax preprocess`` (cropped PNGs +
+- :class:`ExamListSource` -- an exam list written by ``gmic-jax preprocess`` (cropped images +
   ``best_center``), windows placed exactly as the original model runner does; segmentations are
   in the flipped window frame, a missing file meaning "no lesion of that class".
 """
@@ -21,7 +21,7 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
-from gmic_jax.data.image import VIEWS, DataError, read_image
+from gmic_jax.data.image import DataError, read_image
 from gmic_jax.data.transforms import to_window
 from gmic_jax.data.window import flip_for_model, load_segmentation, place_window
 
@@ -70,7 +70,7 @@ def _read_mask(path: str) -> np.ndarray:
 class RecordSource:
     """Records -> examples. ``iterations`` (erosion/dilation steps) can be lowered for tiny test images."""
 
-    def __init__(self, records: Sequence[ImageRecord], preprocessing: str = "gmic",
+    def __init__(self, records: Sequence[ImageRecord], preprocessing: str = "original",
                  window_shape=WINDOW_SHAPE, with_masks: Optional[bool] = None,
                  iterations: int = cropping.NUM_ITERATIONS):
         self.records = list(records)
@@ -108,37 +108,25 @@ class RecordSource:
         return f"RecordSource({len(self)} images, preprocessing={self.preprocessing!r})"
 
 
-def _view_label(cancer_label: dict, full_view: str) -> tuple:
-    side = "left" if full_view[0] == "L" else "right"
-    return (float(cancer_label.get(f"{side}_benign", 0)), float(cancer_label.get(f"{side}_malignant", 0)))
-
-
 class ExamListSource:
-    """The images of a preprocessed exam list (``gmic-jax preprocess`` output) as examples."""
+    """The images of a preprocessed exam list (``gmic-jax preprocess`` output) as examples, read
+    with :func:`~gmic_jax.data.exam_list.read_exam_list` (its rules: missing views, PNG or DICOM,
+    segmentation names). An image without a label fails with an error naming its exam and file."""
+
+    preprocessing = "original"  # the windows are the original pipeline's (recorded by gmic-jax cache)
 
     def __init__(self, exam_list_path, images_dir, segmentation_dir: Optional[str] = None,
                  window_shape=WINDOW_SHAPE, with_masks: Optional[bool] = None):
-        from gmic_jax.data.exam_list import PREPROCESSING_KEYS, check_exams, load_exam_list
+        from gmic_jax.data.exam_list import read_exam_list
 
-        exams = load_exam_list(exam_list_path)
-        good, errors = check_exams(exams, exam_list_path)
+        exams, errors = read_exam_list(exam_list_path)
         if errors:
             raise errors[0]
-        self.items = []
-        for i in good:
-            exam = exams[i]
-            missing = [k for k in PREPROCESSING_KEYS if k not in exam]
-            if missing:
-                raise DataError(exam_list_path, f"exam {i} is not preprocessed (no {missing}); run "
-                                                "gmic-jax preprocess first")
-            for view in VIEWS:
-                for j, name in enumerate(exam[view]):
-                    self.items.append(dict(
-                        name=name, view=view, horizontal_flip=exam["horizontal_flip"],
-                        best_center=exam["best_center"][view][j], exam_index=i,
-                        label=_view_label(exam.get("cancer_label", {}), view),
-                        seg=[exam.get(f"{view}_{kind}_seg", [None] * (j + 1))[j] for kind in ("benign", "malignant")],
-                    ))
+        self.items = [image for exam in exams for image in exam.images]
+        for item in self.items:
+            if item.best_center is None:
+                raise DataError(exam_list_path, f"exam {item.exam} is not preprocessed (no best_center for "
+                                                f"{item.view} image {item.name!r}); run gmic-jax preprocess first")
         self.images_dir = str(images_dir)
         self.segmentation_dir = segmentation_dir
         self.window_shape = tuple(window_shape)
@@ -149,23 +137,28 @@ class ExamListSource:
 
     def flipped_pixels(self, index: int) -> np.ndarray:
         """The stored (cropped) image ``index``, flipped as the model sees it, raw values."""
+        from gmic_jax.data.exam_list import find_image
+
         item = self.items[index]
-        path = os.path.join(self.images_dir, item["name"] + ".png")
-        return flip_for_model(read_image(path).pixels, item["view"], item["horizontal_flip"])
+        return flip_for_model(read_image(find_image(self.images_dir, item.name)).pixels, item.view,
+                              item.horizontal_flip)
 
     def __getitem__(self, index: int) -> dict:
         return self.example(index)
 
     def example(self, index: int, pixels: Optional[np.ndarray] = None) -> dict:
         """Example ``index``; ``pixels``: its :meth:`flipped_pixels` when the caller has them already."""
+        from gmic_jax.data.exam_list import find_image, require_label
+
         item = self.items[index]
+        label = require_label(item, find_image(self.images_dir, item.name))
         pixels = self.flipped_pixels(index) if pixels is None else pixels
-        window = place_window(pixels, item["view"], item["best_center"], self.window_shape)
+        window = place_window(pixels, item.view, item.best_center, self.window_shape)
         mask = None
         if self.with_masks:
             mask = np.stack([
-                load_segmentation(None if seg is None or self.segmentation_dir is None
+                load_segmentation(None if self.segmentation_dir is None
                                   else os.path.join(self.segmentation_dir, seg + ".png"), self.window_shape)
-                for seg in item["seg"]], axis=-1)
-        breast = f"exam{item['exam_index']}/{item['view'][0]}"
-        return batch_lib.make_example(window, item["label"], item["name"], breast, item["view"], mask=mask)
+                for seg in item.segmentations], axis=-1)
+        breast = f"exam{item.exam}/{item.view[0]}"
+        return batch_lib.make_example(window, label, item.name, breast, item.view, mask=mask)

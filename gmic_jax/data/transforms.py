@@ -1,18 +1,20 @@
-"""From a raw stored image (and its lesion masks) to the model's window, for datasets.
+"""From a raw stored image (and its lesion masks) to the model's window.
 
-Two preprocessings, selected by name (a trained model records its choice in its config.json, and
-predict applies the same one):
+Selected by the preprocessing name (:mod:`gmic_jax.preprocessing`; a model records its choice in
+its config.json, and predict applies the same one):
 
-- ``"gmic"`` -- the original inference pipeline: crop (erosion / largest component / dilation,
-  buffer), flip so the breast starts at the left edge, best centre, 2944 x 1920 window with the
-  original's padding. Values stay raw; per-window standardisation happens on device.
+- ``"original"`` -- the original inference pipeline: crop (erosion / largest component / dilation,
+  buffer), flip so the breast starts at the left edge, best centre (:func:`crop_flip_center`, the
+  one implementation, also behind ``gmic-jax preprocess``), 2944 x 1920 window with the original's
+  padding. Values stay raw; per-window standardisation happens on device.
 - ``"cbis_ddsm"`` -- the paper's CBIS-DDSM preprocessing: keep the largest component (after
   erosion / dilation), crop to it, orient the breast so it starts at the left edge, resize to the
   window shape (bilinear; masks nearest). Values stay raw; scaling to [0, 1] (x / max over the
   window) happens on device.
+- ``"window"`` -- the stored image already is the window (e.g. synthetic data): taken as it is.
 
-When the stored orientation is not known (manifest, CBIS-DDSM), it is read off the image: the
-breast points away from the side holding more foreground.
+When the stored orientation is not known (manifest, CBIS-DDSM, DICOM), it is read off the image:
+the breast points away from the side holding more foreground.
 """
 from __future__ import annotations
 
@@ -25,9 +27,7 @@ from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
 from gmic_jax.data.image import DataError
 from gmic_jax.data.window import place_window, split_view
-
-PREPROCESSINGS = ("gmic", "cbis_ddsm")
-NORMALIZATION = {"gmic": "standardize", "cbis_ddsm": "unit_range"}
+from gmic_jax.preprocessing import NAMES as PREPROCESSINGS
 
 
 def detect_direction(pixels: np.ndarray) -> str:
@@ -51,6 +51,25 @@ def _stack_masks(masks, shape, path) -> Optional[np.ndarray]:
     return out
 
 
+def crop_flip_center(pixels: np.ndarray, full_view: str, direction: str, window_shape=WINDOW_SHAPE,
+                     iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE,
+                     path: str = "<array>"):
+    """The original pipeline up to the window, on one stored image whose breast points ``direction``:
+    crop to the breast, flip it to point right, find the window's best centre.
+
+    Returns ``(crop, flipped, center)``: the :class:`~gmic_jax.data.cropping.CropInfo` (in the
+    stored image's frame), the flipped crop and the best centre ``(y, x)`` as numpy int64 (the
+    exam-list values). Raises :class:`DataError` naming ``path`` when no breast is found."""
+    _, view = split_view(full_view)
+    crop = cropping.crop_info(pixels, direction, iterations, buffer_size, path=path)
+    top, bottom, left, right = (int(v) for v in crop.window_location)
+    flipped = pixels[top:bottom, left:right]
+    if direction == "left":
+        flipped = flipped[:, ::-1]
+    center = centers_lib.best_center(flipped, view, crop.rightmost_points, crop.bottommost_points, window_shape)
+    return crop, flipped, center
+
+
 def gmic_window(pixels: np.ndarray, full_view: str, direction: Optional[str] = None,
                 masks: Optional[Sequence[Optional[np.ndarray]]] = None, window_shape=WINDOW_SHAPE,
                 iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE,
@@ -60,21 +79,16 @@ def gmic_window(pixels: np.ndarray, full_view: str, direction: Optional[str] = N
     ``masks`` (same frame as ``pixels``; None entries = no lesion of that class) follow the same
     crop, flip and placement. ``direction`` defaults to :func:`detect_direction`.
     """
-    _, view = split_view(full_view)
     direction = direction or detect_direction(pixels)
-    crop = cropping.crop_info(pixels, direction, iterations, buffer_size, path=path)
-    top, bottom, left, right = (int(v) for v in crop.window_location)
-    cropped = pixels[top:bottom, left:right]
+    crop, flipped, center = crop_flip_center(pixels, full_view, direction, window_shape, iterations,
+                                             buffer_size, path)
+    window = place_window(flipped, full_view, center, window_shape)
     stacked = _stack_masks(masks, pixels.shape, path)
     if stacked is not None:
+        top, bottom, left, right = (int(v) for v in crop.window_location)
         stacked = stacked[top:bottom, left:right]
-    if direction == "left":
-        cropped = cropped[:, ::-1]
-        stacked = None if stacked is None else stacked[:, ::-1]
-    center = centers_lib.best_center(cropped, view, crop.rightmost_points, crop.bottommost_points,
-                                     window_shape)
-    window = place_window(cropped, full_view, center, window_shape)
-    if stacked is not None:
+        if direction == "left":
+            stacked = stacked[:, ::-1]
         stacked = np.stack([place_window(stacked[..., i], full_view, center, window_shape)
                             for i in range(stacked.shape[-1])], axis=-1)
     return window, stacked
@@ -127,20 +141,21 @@ def cbis_ddsm_window(pixels: np.ndarray, masks: Optional[Sequence[Optional[np.nd
     return image, stacked
 
 
-def to_window(preprocessing: str, pixels: np.ndarray, full_view: str, masks=None,
-              window_shape=WINDOW_SHAPE, iterations: int = cropping.NUM_ITERATIONS, path: str = "<array>"):
-    """Dispatch on the preprocessing name (see the module docstring)."""
-    if preprocessing == "gmic":
-        return gmic_window(pixels, full_view, masks=masks, window_shape=window_shape,
-                           iterations=iterations, path=path)
+def to_window(preprocessing: str, pixels: np.ndarray, full_view: str, masks=None, window_shape=WINDOW_SHAPE,
+              iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE,
+              direction: Optional[str] = None, path: str = "<array>"):
+    """Dispatch on the preprocessing name (see the module docstring): ``(window, masks | None)``.
+    ``direction`` (original only): how the stored breast points, when the caller knows it."""
+    if preprocessing == "original":
+        return gmic_window(pixels, full_view, direction=direction, masks=masks, window_shape=window_shape,
+                           iterations=iterations, buffer_size=buffer_size, path=path)
     if preprocessing == "cbis_ddsm":
         return cbis_ddsm_window(pixels, masks=masks, window_shape=window_shape, iterations=iterations,
                                 path=path)
+    if preprocessing == "window":
+        if pixels.shape != tuple(window_shape):
+            raise DataError(path, f"image is {pixels.shape[0]}x{pixels.shape[1]}; this model takes "
+                                  f"{window_shape[0]}x{window_shape[1]} windows (preprocessing 'window': "
+                                  "no cropping or resizing)")
+        return pixels, _stack_masks(masks, pixels.shape, path)
     raise ValueError(f"unknown preprocessing {preprocessing!r}; choose from {PREPROCESSINGS}")
-
-
-def normalize_unit_range(window: np.ndarray) -> np.ndarray:
-    """``x / max(x)`` in float32 (the CBIS-DDSM preprocessing's [0, 1] scaling; a reference for the
-    on-device version)."""
-    window = np.asarray(window, dtype=np.float32)
-    return window / np.maximum(window.max(), np.float32(1e-5))

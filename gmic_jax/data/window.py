@@ -1,4 +1,4 @@
-"""The model's input window: flip, place the 2944 x 1920 window at ``best_center``, normalise.
+"""The model's input window: flip, place the 2944 x 1920 window at ``best_center``.
 
 Placement follows the original inference code (no crop noise):
 
@@ -8,13 +8,13 @@ Placement follows the original inference code (no crop noise):
 - an image narrower than the window is zero-padded on the right and the window starts at column 0;
 - a window still running past an edge is moved inside the (padded) image.
 
-Normalisation is per window, over all its pixels including padding: ``(x - mean) / max(std, 1e-5)``.
+Windows keep the stored values; normalisation happens on device
+(:func:`gmic_jax.preprocessing.normalize_images`, per window, over all its pixels including padding).
 
 Entry points:
 
-- :func:`load_window` -- path in, normalised float32 (H, W) window out: what the model takes.
-- :func:`load_raw_window` -- the same window before normalisation (raw stored values), for caches
-  and training-time augmentation, which normalises on device.
+- :func:`flip_for_model` then :func:`place_window` -- a preprocessed (cropped) image and its
+  exam-list ``best_center`` -> the window, as the original's model runner makes it.
 - :func:`load_segmentation` -- a lesion mask, already in the flipped window frame; a missing file
   is "no lesion of that class" (all zeros).
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from gmic_jax.data.centers import WINDOW_SHAPE
 from gmic_jax.data.cropping import needs_flip
-from gmic_jax.data.image import DataError, read_image, read_png_array
+from gmic_jax.data.image import DataError, read_png_array
 
 
 def split_view(view: str) -> tuple[str, str]:
@@ -102,31 +102,6 @@ def place_window(pixels: np.ndarray, view: str, center, window_shape=WINDOW_SHAP
     # window rows [top, top + wh) of the padded image = image rows [top - pad_top, ...)
     out = np.zeros(tuple(window_shape) + pixels.shape[2:], dtype=dtype or pixels.dtype)
     return paste(out, pixels, pad_top - top, -left)
-
-
-def normalize_window(window: np.ndarray) -> np.ndarray:
-    """``(x - mean) / max(std, 1e-5)`` over the whole window, in float32."""
-    window = np.array(window, dtype=np.float32, copy=True)
-    window -= np.mean(window)
-    window /= np.maximum(np.std(window), np.float32(1e-5))
-    return window
-
-
-def load_raw_window(image_path, view: str, horizontal_flip: str, best_center,
-                    window_shape=WINDOW_SHAPE) -> np.ndarray:
-    """Read a preprocessed (cropped) image, flip it and place the window: float32 (H, W), raw values.
-
-    ``view`` is the full view name ('L-CC', ...), ``horizontal_flip`` the exam's 'YES'/'NO' and
-    ``best_center`` the exam list's ``(y, x)`` for this image.
-    """
-    pixels = read_image(image_path).pixels
-    return place_window(flip_for_model(pixels, view, horizontal_flip), view, best_center, window_shape)
-
-
-def load_window(image_path, view: str, horizontal_flip: str, best_center,
-                window_shape=WINDOW_SHAPE) -> np.ndarray:
-    """The model's input for one preprocessed image: float32 (H, W), normalised per window."""
-    return normalize_window(load_raw_window(image_path, view, horizontal_flip, best_center, window_shape))
 
 
 def load_segmentation(path: Optional[str], window_shape=WINDOW_SHAPE) -> np.ndarray:

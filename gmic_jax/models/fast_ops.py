@@ -1,16 +1,29 @@
-"""Rewrites of the global network's most expensive ops for XLA:CPU; each computes the same
-function as the straightforward op (checked by tests against it and by the parity tests).
+"""The model's most expensive ops, each in two variants computing the same function: a rewrite
+tuned for XLA:CPU and XLA's own op. `stem_conv`, `max_pool` and `strided_conv` pick the variant by
+the platform the program is lowered for (`lax.platform_dependent`, resolved at lowering: the other
+variant is not in the compiled program), so a GPU program gets XLA's ops until a GPU measurement
+says otherwise. `GMIC_JAX_KERNELS=cpu|xla` (or `with kernels("xla"):` around tracing) forces one
+variant on every platform: the parity tests run both on CPU.
+
+CPU variants (checked by tests against the plain ops and by the parity tests):
 
 * `stem_conv_s2d`: the 7x7 stride-2 conv on a 1-channel image, rewritten as a 4x4 stride-1 conv
   on the 2x2 space-to-depth image (4 channels at half resolution). A 1-input-channel strided conv
   is the worst case of XLA:CPU's conv path, in the forward and above all in the weight gradient.
-* `max_pool`: k x k / stride s max-pool as two separable 1-D pools of shifted strided slices, with
-  a custom VJP that routes each output's gradient to the first maximum of its window in row-major
-  order (PyTorch's and XLA's select-and-scatter rule) by masks and interior padding, no scatter.
+* `max_pool_separable`: k x k / stride s max-pool as two separable 1-D pools of shifted strided
+  slices, with a custom VJP that routes each output's gradient to the first maximum of its window
+  in row-major order (PyTorch's and XLA's select-and-scatter rule) by masks and interior padding,
+  no scatter.
+* `strided_conv_phases`: a strided conv whose input gradient is computed per output phase.
+
+Their ops carry the name scope `cpu_kernel` (in the HLO's op_name metadata), so a test can check
+that a program lacks them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +88,7 @@ def _max_pool_1d_bwd(window, stride, axis, x, g):
 _max_pool_1d.defvjp(_max_pool_1d_fwd, _max_pool_1d_bwd)
 
 
-def max_pool(x, window: int, stride: int, padding: int = 0):
+def max_pool_separable(x, window: int, stride: int, padding: int = 0):
     """Max-pool NHWC with -inf padding (PyTorch's MaxPool2d) and first-maximum gradient routing."""
     if padding:
         x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)))
@@ -90,7 +103,7 @@ def _conv(x, kernel, stride: int, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def strided_conv(x, kernel, stride: int, padding: int):
+def strided_conv_phases(x, kernel, stride: int, padding: int):
     """conv(x, kernel) with `stride` and symmetric `padding`, NHWC / HWIO. Its input gradient is
     computed per output phase (sub-pixel convolution) instead of XLA's base-dilated transposed
     convolution, which multiplies stride**2 times as many zeros as values."""
@@ -98,7 +111,7 @@ def strided_conv(x, kernel, stride: int, padding: int):
 
 
 def _strided_conv_fwd(x, kernel, stride, padding):
-    return strided_conv(x, kernel, stride, padding), (x, kernel)
+    return strided_conv_phases(x, kernel, stride, padding), (x, kernel)
 
 
 def _strided_conv_bwd(stride, padding, res, g):
@@ -108,7 +121,7 @@ def _strided_conv_bwd(stride, padding, res, g):
     return _strided_conv_input_grad(g, kernel, x.shape, stride, padding), dkernel
 
 
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+strided_conv_phases.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
 def _strided_conv_input_grad(g, kernel, x_shape, stride: int, padding: int):
@@ -140,3 +153,87 @@ def _strided_conv_input_grad(g, kernel, x_shape, stride: int, padding: int):
     phases = jnp.stack(rows, axis=2)  # (n, M, s_p, M2, s_q, cin)
     dxp = phases.reshape(n, M * s, M2 * s, cin)
     return dxp[:, padding:padding + H, padding:padding + W, :]
+
+
+# ----------------------------------------------------------------------------- XLA's own ops
+def stem_conv_xla(x, kernel, padding: int):
+    """conv(x, kernel, stride 2, symmetric `padding`), NHWC / HWIO."""
+    return _conv(x, kernel, 2, ((padding, padding), (padding, padding)))
+
+
+def max_pool_xla(x, window: int, stride: int, padding: int = 0):
+    """Max-pool NHWC with -inf padding by `lax.reduce_window` (gradient: XLA's select-and-scatter,
+    which also routes to the first maximum of each window)."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
+                             (1, stride, stride, 1), pad)
+
+
+def strided_conv_xla(x, kernel, stride: int, padding: int):
+    return _conv(x, kernel, stride, ((padding, padding), (padding, padding)))
+
+
+# ----------------------------------------------------------------------------- choice by platform
+KERNELS_ENV = "GMIC_JAX_KERNELS"
+KERNEL_CHOICES = ("auto", "cpu", "xla")
+_forced: list[str] = []
+
+
+def kernel_choice() -> str:
+    """'auto' (by the lowering platform), 'cpu' or 'xla': the innermost `kernels(...)` block, else
+    $GMIC_JAX_KERNELS, else 'auto'. Read when a function is traced."""
+    choice = _forced[-1] if _forced else (os.environ.get(KERNELS_ENV) or "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={choice!r}; expected one of {KERNEL_CHOICES}")
+    return choice
+
+
+@contextlib.contextmanager
+def kernels(choice: str):
+    """Force the kernel variant of everything traced inside the block: 'cpu' (the CPU rewrites on
+    every platform), 'xla' (XLA's own ops everywhere) or 'auto'. jit caches traced functions, so
+    use it around a fresh `jax.jit` (or its first call)."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels({choice!r}): expected one of {KERNEL_CHOICES}")
+    _forced.append(choice)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _cpu_kernel(fn):
+    @functools.wraps(fn)
+    def scoped(*args):
+        with jax.named_scope("cpu_kernel"):
+            return fn(*args)
+    return scoped
+
+
+def _by_platform(cpu_fn, xla_fn, *args):
+    choice = kernel_choice()
+    if choice == "cpu":
+        return _cpu_kernel(cpu_fn)(*args)
+    if choice == "xla":
+        return xla_fn(*args)
+    return lax.platform_dependent(*args, cpu=_cpu_kernel(cpu_fn), default=xla_fn)
+
+
+def stem_conv(x, kernel, padding: int):
+    """The 7x7 stride-2 stem conv of a 1-channel image: `stem_conv_s2d` on CPU, XLA's conv elsewhere."""
+    return _by_platform(lambda x, k: stem_conv_s2d(x, k, padding), lambda x, k: stem_conv_xla(x, k, padding),
+                        x, kernel)
+
+
+def max_pool(x, window: int, stride: int, padding: int = 0):
+    """Max-pool NHWC (PyTorch's MaxPool2d, first-maximum gradient): `max_pool_separable` on CPU,
+    `lax.reduce_window` elsewhere."""
+    return _by_platform(lambda x: max_pool_separable(x, window, stride, padding),
+                        lambda x: max_pool_xla(x, window, stride, padding), x)
+
+
+def strided_conv(x, kernel, stride: int, padding: int):
+    """conv(x, kernel) with `stride` and symmetric `padding`, NHWC / HWIO: input gradient by output
+    phases on CPU (`strided_conv_phases`), XLA's transposed convolution elsewhere."""
+    return _by_platform(lambda x, k: strided_conv_phases(x, k, stride, padding),
+                        lambda x, k: strided_conv_xla(x, k, stride, padding), x, kernel)

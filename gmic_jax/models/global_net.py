@@ -13,8 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gmic_jax.models.fast_ops import max_pool, stem_conv_s2d
+from gmic_jax.models.fast_ops import max_pool, stem_conv
 from gmic_jax.models.layers import batch_norm, conv
+from gmic_jax.models.remat import checkpointed, remat_spec
 
 
 class PreActBlock(nn.Module):
@@ -37,8 +38,8 @@ class PreActBlock(nn.Module):
 
 
 class SpaceToDepthStem(nn.Module):
-    """The 7x7 stride-2 (pad 3) stem conv, 1 -> C channels, computed on the 2x2 space-to-depth
-    image (see fast_ops.stem_conv_s2d); the kernel keeps the original's (7, 7, 1, C) layout."""
+    """The 7x7 stride-2 (pad 3) stem conv, 1 -> C channels; on CPU computed on the 2x2
+    space-to-depth image (fast_ops.stem_conv); the kernel keeps the original's (7, 7, 1, C) layout."""
 
     features: int
     dtype: Any
@@ -46,34 +47,47 @@ class SpaceToDepthStem(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (7, 7, 1, self.features), jnp.float32)
-        return stem_conv_s2d(x.astype(self.dtype), kernel.astype(self.dtype), padding=3)
+        return stem_conv(x.astype(self.dtype), kernel.astype(self.dtype), padding=3)
 
 
 class ResNet22(nn.Module):
-    """The global network's feature extractor; returns h_g (N, h, w, 256), float32."""
+    """The global network's feature extractor; returns h_g (N, h, w, 256), float32.
+
+    remat: a GMICConfig.remat policy (gmic_jax.models.remat): recompute the stem and/or the
+    blocks (per block or per stage) in the backward pass."""
 
     dtype: Any = jnp.float32
     stage_features: Sequence[int] = (16, 32, 64, 128, 256)
     stage_strides: Sequence[int] = (1, 2, 2, 2, 2)
     blocks_per_stage: int = 2
-    remat: bool = False
+    remat: bool | str = False
     bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        h = SpaceToDepthStem(self.stage_features[0], self.dtype, name="first_conv")(x)
-        h = max_pool(h, 3, 2, 0)
-        block_cls = nn.remat(PreActBlock, static_argnums=(2,)) if self.remat else PreActBlock
+        spec = remat_spec(self.remat)
+
+        def stem(mdl, x):
+            h = SpaceToDepthStem(self.stage_features[0], self.dtype, name="first_conv")(x)
+            return max_pool(h, 3, 2, 0)
+
+        h = (checkpointed(stem, spec) if spec.global_stem else stem)(self, x)
+        block_cls = checkpointed(PreActBlock, spec, static_argnums=(2,)) if spec.global_blocks == "block" else PreActBlock
         for s, (features, stride) in enumerate(zip(self.stage_features, self.stage_strides)):
-            for b in range(self.blocks_per_stage):
-                h = block_cls(
-                    features,
-                    stride if b == 0 else 1,
-                    project=(b == 0),
-                    dtype=self.dtype,
-                    bn_axis_name=self.bn_axis_name,
-                    name=f"layer_list_{s}_{b}",
-                )(h, train)
+
+            def stage(mdl, h, s=s, features=features, stride=stride):
+                for b in range(self.blocks_per_stage):
+                    h = block_cls(
+                        features,
+                        stride if b == 0 else 1,
+                        project=(b == 0),
+                        dtype=self.dtype,
+                        bn_axis_name=self.bn_axis_name,
+                        name=f"layer_list_{s}_{b}",
+                    )(h, train)
+                return h
+
+            h = (checkpointed(stage, spec) if spec.global_blocks == "stage" else stage)(self, h)
         return jax.nn.relu(batch_norm(h, train, name="final_bn", axis_name=self.bn_axis_name))
 
 

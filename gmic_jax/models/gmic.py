@@ -59,7 +59,8 @@ class GMIC(nn.Module):
 
         # Local network on all N*K patches at once, then MIL pooling.
         ch, cw = cfg.crop_shape
-        local_net = LOCAL_NETWORKS[cfg.local_net](dtype=dtype, bn_axis_name=self.bn_axis_name, name="dn_resnet")
+        local_net = LOCAL_NETWORKS[cfg.local_net](dtype=dtype, bn_axis_name=self.bn_axis_name, remat=cfg.remat,
+                                                  name="dn_resnet")
         h_crops = local_net(patches.reshape(n * cfg.K, ch, cw, 1), train).reshape(n, cfg.K, -1)
         z, patch_attns = ATTENTIONS[cfg.attention](name="attention")(h_crops)
 

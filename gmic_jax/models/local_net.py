@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from gmic_jax.models.fast_ops import max_pool
 from gmic_jax.models.layers import batch_norm, conv, spatial_mean
+from gmic_jax.models.remat import checkpointed, remat_spec
 
 
 class BasicBlock(nn.Module):
@@ -67,26 +68,36 @@ class Bottleneck(nn.Module):
 
 
 class ResNetV1(nn.Module):
-    """Patches (M, h, w, 1) -> h_k (M, L), float32, L = 512 * block expansion."""
+    """Patches (M, h, w, 1) -> h_k (M, L), float32, L = 512 * block expansion.
+
+    remat: a GMICConfig.remat policy (gmic_jax.models.remat): recompute the stem and/or the
+    blocks in the backward pass."""
 
     stage_sizes: Sequence[int]
     block_cls: Any
     dtype: Any = jnp.float32
     width: int = 64
     bn_axis_name: str | None = None
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = RepeatedChannelStem(self.width, self.dtype, name="conv1")(x)
-        x = jax.nn.relu(batch_norm(x, train, name="bn1", axis_name=self.bn_axis_name)).astype(self.dtype)
-        x = max_pool(x, 3, 2, 1)
+        spec = remat_spec(self.remat)
+
+        def stem(mdl, x):
+            x = RepeatedChannelStem(self.width, self.dtype, name="conv1")(x)
+            x = jax.nn.relu(batch_norm(x, train, name="bn1", axis_name=self.bn_axis_name)).astype(self.dtype)
+            return max_pool(x, 3, 2, 1)
+
+        x = (checkpointed(stem, spec) if spec.local_stem else stem)(self, x)
+        block_cls = checkpointed(self.block_cls, spec, static_argnums=(2,)) if spec.local_blocks else self.block_cls
         in_features = self.width
         for i, n_blocks in enumerate(self.stage_sizes):
             features = self.width * 2**i
             for b in range(n_blocks):
                 stride = (1 if i == 0 else 2) if b == 0 else 1
                 project = b == 0 and (stride != 1 or in_features != features * self.block_cls.expansion)
-                x = self.block_cls(
+                x = block_cls(
                     features, stride, project, self.dtype, self.bn_axis_name, name=f"layer{i + 1}_{b}"
                 )(x, train)
                 in_features = features * self.block_cls.expansion

@@ -6,14 +6,19 @@ One Orbax ``CheckpointManager`` in WORKDIR; each step holds two items:
 * ``train_state`` -- optimizer state, step, base RNG key and the data position (epoch, running
   train-loss sums), everything a resumed run needs to continue the same trajectory.
 
-Saves are asynchronous. Kept: the latest ``keep_latest`` steps (for resuming) and the best step by
-``val_auc_malignant`` (steps saved at evaluations carry their metrics). A step whose save did not
-finish (a run killed mid-save) is never listed, so a restart resumes from the last complete one.
+Saves are asynchronous. Steps saved at evaluations carry the validation metrics. Kept: the latest
+``keep_latest`` steps (for resuming), the step the run's :class:`~gmic_jax.checkpoint.SelectionRule`
+chooses (``config.best_metric``, ``config.best_min_delta``; the step ``load_checkpoint`` loads) and
+the best evaluated one (so that the choice stays what it would be with every step kept), or with
+``keep_evaluated`` every evaluated step (to compare them later on held-out data:
+``gmic-jax compare-steps``). A step whose save did not finish (a run killed mid-save) is never
+listed, so a restart resumes from the last complete one.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -23,13 +28,30 @@ from gmic_jax import checkpoint as ckpt_lib
 TRAIN_STATE_ITEM = "train_state"
 
 
-def make_manager(workdir, keep_latest: int = 2, asynchronous: bool = True):
+@dataclasses.dataclass
+class KeepSelected:
+    """Orbax preservation policy: the evaluated steps ``rule`` needs (all of them with
+    ``keep_evaluated``); steps without metrics are left to the other policies."""
+
+    rule: ckpt_lib.SelectionRule
+    keep_evaluated: bool = False
+
+    def should_preserve(self, checkpoints: Sequence, *, context=None) -> list[bool]:
+        evaluated = {c.step: c.metrics for c in checkpoints if c.metrics}
+        keep = set(evaluated) if self.keep_evaluated else self.rule.steps_to_preserve(evaluated)
+        return [c.step in keep for c in checkpoints]
+
+
+def make_manager(workdir, keep_latest: int = 2, asynchronous: bool = True,
+                 rule: ckpt_lib.SelectionRule | None = None, keep_evaluated: bool = False):
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers as cm
 
-    best = cm.BestN(get_metric_fn=lambda m: float(m[ckpt_lib.BEST_METRIC]), reverse=False, n=1,
-                    keep_checkpoints_without_metrics=False)
-    policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep_latest), best])
+    from gmic_jax.logs import quiet_library_noise
+
+    quiet_library_noise()  # Orbax warns at every save without metrics (all but evaluation steps)
+    keep = KeepSelected(rule or ckpt_lib.SelectionRule(), keep_evaluated)
+    policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep_latest), keep])
     options = ckpt_lib.manager_options(
         preservation_policy=policy,
         enable_async_checkpointing=asynchronous,
@@ -50,7 +72,8 @@ def _train_state_tree(state, data_position: Mapping):
 
 
 def save(manager, state, data_position: Mapping, metrics: Mapping | None = None) -> bool:
-    """Start an (asynchronous) save of ``state`` as its step; ``metrics`` mark evaluation steps."""
+    """Start an (asynchronous) save of ``state`` as its step; ``metrics`` mark evaluation steps
+    (the defined ones are stored; a step without the selection metric is never chosen)."""
     import orbax.checkpoint as ocp
 
     step = int(np.asarray(state.step.addressable_shards[0].data)) if isinstance(state.step, jax.Array) else int(state.step)
@@ -58,9 +81,7 @@ def save(manager, state, data_position: Mapping, metrics: Mapping | None = None)
         ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(state.variables),
         TRAIN_STATE_ITEM: ocp.args.StandardSave(_train_state_tree(state, data_position)),
     })
-    metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
-    if metrics is not None and ckpt_lib.BEST_METRIC not in metrics:
-        metrics = None  # undefined metric (e.g. one class in the validation set): a plain step
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None} if metrics else None
     return manager.save(step, args=args, metrics=metrics, force=True)
 
 

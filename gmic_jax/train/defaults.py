@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from gmic_jax.config import GMICConfig
+from gmic_jax.augment import AugmentConfig
 from gmic_jax.data.pipeline import default_workers
-from gmic_jax.train.augment import AugmentConfig
 
 PREDICTIONS = ("fusion", "global", "local", "average")
 
@@ -68,6 +68,12 @@ def default_config():
 
     c.checkpoint_every_steps = 200        # plus one at every evaluation
     c.keep_latest = 2
+    # The checkpoint load_checkpoint / predict / evaluate use (gmic_jax.checkpoint.SelectionRule):
+    # the latest evaluated step whose best_metric is within best_min_delta of the best evaluated
+    # value (0: the best step; larger: differences this small are noise and the later step wins).
+    c.best_metric = "val_auc_malignant"   # any val_* key of metrics.jsonl (all higher-is-better)
+    c.best_min_delta = 0.0
+    c.keep_evaluated = False              # keep every evaluated step (for `gmic-jax compare-steps`)
     c.log_every_steps = 10
     c.init_from = ""                      # a checkpoint directory gmic_jax.load_checkpoint reads
     c.progress_bar = True
@@ -76,7 +82,4 @@ def default_config():
 
 def augment_config(c):
     """AugmentConfig from the config's ``augment`` section, or None when disabled."""
-    if not c.augment.enabled:
-        return None
-    d = {k: v for k, v in c.augment.to_dict().items() if k != "enabled"}
-    return AugmentConfig.from_dict(d)
+    return AugmentConfig.from_section(c.augment.to_dict())

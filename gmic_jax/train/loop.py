@@ -3,10 +3,13 @@
 ``train_and_evaluate(config, workdir)`` trains GMIC with the data-parallel step of
 :mod:`gmic_jax.train.step`, evaluates every ``eval.every_epochs`` epochs, appends one JSON object
 per evaluation to ``WORKDIR/metrics.jsonl`` (keys: step, epoch, train_loss and the ``val_*``
-metrics that are defined), checkpoints with Orbax (asynchronously, every
-``checkpoint_every_steps`` and at every evaluation, keeping the best by val_auc_malignant) and
-resumes by itself from the latest checkpoint in WORKDIR (optimizer, data order, RNG): a run killed
-at any point and restarted continues the same trajectory.
+metrics that are defined) and TensorBoard event files to ``WORKDIR/tensorboard``
+(:mod:`gmic_jax.train.writers`), checkpoints with Orbax (asynchronously, every
+``checkpoint_every_steps`` and at every evaluation, keeping the step ``config.best_metric`` /
+``config.best_min_delta`` choose, see :mod:`gmic_jax.train.checkpointing`) and resumes by itself
+from the latest checkpoint in WORKDIR (optimizer, data order, RNG): a run killed at any point and
+restarted continues the same trajectory. A resumed run must ask for the config the workdir was
+trained with (:mod:`gmic_jax.train.workdir`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from gmic_jax.train.config_lib import ConfigError
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -60,11 +65,11 @@ def _merge_init(fresh, loaded, where):
         l = flatten_dict(dict(loaded.get(col, {})))
         unknown = sorted("/".join(k) for k in l if k not in f)
         if unknown:
-            raise ValueError(f"--init-from {where}: {col} keys not in this model: {unknown[:5]}"
+            raise ConfigError(f"--init-from {where}: {col} keys not in this model: {unknown[:5]}"
                              + (" ..." if len(unknown) > 5 else ""))
         for k, v in l.items():
             if tuple(np.shape(v)) != tuple(np.shape(f[k])):
-                raise ValueError(f"--init-from {where}: {col}/{'/'.join(k)} has shape {np.shape(v)}, "
+                raise ConfigError(f"--init-from {where}: {col}/{'/'.join(k)} has shape {np.shape(v)}, "
                                  f"this model needs {np.shape(f[k])}")
             f[k] = np.asarray(v, np.asarray(f[k]).dtype)
             taken += 1
@@ -80,6 +85,31 @@ def _jsonl_record(step, epoch, train_loss, val_metrics):
             and not (isinstance(rec[k], float) and math.isnan(rec[k]))}
 
 
+def _read_jsonl(path: Path) -> dict:
+    """{step: record} of metrics.jsonl (empty when there is none)."""
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(r["step"]): r for r in records}
+
+
+def _describe_devices(mesh) -> str:
+    import jax
+
+    devices = list(mesh.devices.flat)
+    kinds = sorted({d.platform for d in devices})
+    return (f"{len(devices)} {'/'.join(kinds)} device(s) in {jax.process_count()} process(es) "
+            f"({', '.join(str(d) for d in devices[:8])}{', ...' if len(devices) > 8 else ''})")
+
+
+def _batch_size_message(batch_size: int, mesh) -> str:
+    n = mesh.devices.size
+    lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
+    sizes = " or ".join(str(b) for b in (lower, upper) if b > 0)
+    return (f"batch_size={batch_size} is not a multiple of the {n} devices in use ({_describe_devices(mesh)}); "
+            f"use a multiple of {n}, e.g. {sizes}, or choose the devices (JAX_PLATFORMS, CUDA_VISIBLE_DEVICES)")
+
+
 def _truncate_jsonl(path: Path, max_step: int):
     """Drop records of steps after ``max_step`` (written by a run that was killed before its
     checkpoint of that step completed)."""
@@ -89,66 +119,41 @@ def _truncate_jsonl(path: Path, max_step: int):
     path.write_text("".join(line + "\n" for line in keep))
 
 
-class _Writers:
-    """metrics.jsonl, plus TensorBoard when a writer library is installed (process 0 only)."""
-
-    def __init__(self, workdir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            for mod in ("tensorboardX", "torch.utils.tensorboard"):
-                try:
-                    self.tb = __import__(mod, fromlist=["SummaryWriter"]).SummaryWriter(str(workdir / "tensorboard"))
-                    break
-                except Exception:
-                    continue
-
-    def write(self, record: dict):
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()
-
-    def scalar(self, name, value, step):
-        if self.enabled and self.tb is not None:
-            self.tb.add_scalar(name, value, step)
-
-
-def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None = None) -> dict:
-    """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics record.
+def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step_fn=None,
+                       step_times: list | None = None) -> dict:
+    """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics
+    record. A resumed run whose config differs from the workdir's in a field that changes the
+    computation raises :class:`~gmic_jax.train.workdir.WorkdirError` unless ``config_changes_ok``.
 
     ``step_fn`` replaces the compiled training step ``(state, batch) -> (state, metrics)`` (the
     input benchmark's simulated device). ``step_times``, a list, receives per step
     {loader_wait_s: waiting for the next batch, step_s: the step until its metrics are on the
     host, host_s: the loop's other work}."""
+    from gmic_jax.train.config_lib import check_config
     from gmic_jax.train.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    check_config(config)
     import jax
 
     from gmic_jax import checkpoint as ckpt_lib
     from gmic_jax.config import GMICConfig
     from gmic_jax.models import init_variables
     from gmic_jax.train import checkpointing
-    from gmic_jax.train.defaults import PREDICTIONS, augment_config
+    from gmic_jax.augment import tta_augment
+    from gmic_jax.train.defaults import augment_config
     from gmic_jax.train.evaluate import evaluate
     from gmic_jax.data.pipeline import FAILURES, load_batches
     from gmic_jax.train.input import TrainExamples, TrainPlan
     from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
     from gmic_jax.train.state import create_train_state, make_optimizer
     from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_array
+    from gmic_jax.train import workdir as workdir_lib
+    from gmic_jax.train.state import learning_rate_schedule
+    from gmic_jax.train.writers import MetricWriters
 
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if config.eval.prediction not in PREDICTIONS:
-        raise ValueError(f"eval.prediction={config.eval.prediction!r}; expected one of {PREDICTIONS}")
 
     model_cfg = GMICConfig.from_dict(config.model.to_dict())
     train_src, val_src, preprocessing = make_sources(config.data)
@@ -157,22 +162,33 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     B = int(config.batch_size)
     if B % n_dev:
-        raise ValueError(f"batch_size={B} must be a multiple of the {n_dev} devices")
-    spe = steps_per_epoch(labels, B, config.data.balanced_sampling)
+        raise ConfigError(_batch_size_message(B, mesh))
+    if is_main:
+        log.info("devices: %s; batch_size %d = %d per device", _describe_devices(mesh), B, B // n_dev)
+    try:
+        spe = steps_per_epoch(labels, B, config.data.balanced_sampling)
+    except ValueError as e:
+        raise ConfigError(f"batch_size={B}: {e}") from None
     total_steps = spe * int(config.num_epochs)
     tx = make_optimizer(config.optimizer, total_steps)
     augment = augment_config(config)
 
-    if is_main:
-        ckpt_lib.write_config(workdir, model_cfg, preprocessing, train=config.to_dict())
+    rule = ckpt_lib.SelectionRule(config.best_metric, config.best_min_delta)
+    resume = workdir_lib.check(
+        workdir, {"model": model_cfg.to_dict(), "preprocessing": preprocessing.to_dict(), "train": config.to_dict(),
+                  ckpt_lib.SELECTION_KEY: rule.to_dict()},
+        steps_per_epoch=spe, config_changes_ok=config_changes_ok)
+    loaded = ckpt_lib.load_checkpoint(config.init_from)[1] if config.init_from else None  # before compiling
     variables = init_variables(model_cfg, jax.random.key(config.seed))
     variables = jax.tree.map(np.asarray, dict(variables))
-    if config.init_from:
-        _, loaded = ckpt_lib.load_checkpoint(config.init_from)
+    if loaded is not None:
         variables = _merge_init(variables, loaded, config.init_from)
+    if is_main:  # the first write to WORKDIR: every check above has passed
+        workdir_lib.record(workdir, resume)
     state = replicate(create_train_state(variables, tx, config.seed), mesh)
 
-    manager = checkpointing.make_manager(workdir, keep_latest=config.keep_latest)
+    manager = checkpointing.make_manager(workdir, keep_latest=config.keep_latest, rule=rule,
+                                         keep_evaluated=config.keep_evaluated)
     data_template = {"epoch": np.zeros((), np.int64), "loss_sum": np.zeros((), np.float64),
                      "loss_count": np.zeros((), np.int64)}
     restored = checkpointing.restore(manager, state, data_template)
@@ -182,9 +198,11 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
         loss_sum, loss_count = float(pos["loss_sum"]), int(pos["loss_count"])
         log.info("resumed from %s at step %d", workdir, int(local_copy(state.step)))
     start = int(local_copy(state.step))
-    writers = _Writers(workdir, is_main)
+    writers = MetricWriters(workdir, is_main, start_step=start)
     if is_main:
         _truncate_jsonl(writers.path, start)
+    evaluated = _read_jsonl(writers.path) if is_main else {}  # step -> record: what the kept step is chosen from
+    lr_at = learning_rate_schedule(config.optimizer, total_steps)
 
     if step_fn is None:
         step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
@@ -241,7 +259,7 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(m['loss']):.4f}")
             if done % config.log_every_steps == 0:
-                writers.scalar("train/loss_step", float(m["loss"]), done)
+                writers.train_step(done, {"loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": lr_at(step)})
                 if bar is None and is_main:
                     log.info("step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)", done, total_steps,
                              float(m["loss"]), (time.time() - t0) / (done - start),
@@ -252,18 +270,23 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
             if epoch_end and every > 0 and (epoch % every == 0 or done == total_steps):
                 val, details = evaluate(model_cfg, local_copy(state.variables), val_src, mesh,
                                         batch_size=config.eval.batch_size, normalization=config.data.normalization,
-                                        prediction=config.eval.prediction, augment=augment,
+                                        prediction=config.eval.prediction, augment=tta_augment(config.augment),
                                         tta_draws=config.eval.tta_draws, seed=config.seed, workers=workers)
                 if details["failures"]:
                     manager.wait_until_finished()
                     raise DataFailure(done, details["failures"], manager.latest_step(), workdir, "validation")
                 record = _jsonl_record(done, epoch, loss_sum / max(loss_count, 1), val)
                 loss_sum, loss_count = 0.0, 0
-                writers.write(record)
+                head_aucs = {k: float(v) for k, v in details.items() if k.startswith("auc_")}
+                writers.evaluation(record, head_aucs)
                 last_record = record
-                heads = " ".join(f"{k}={v:.3f}" for k, v in details.items() if k.startswith("auc_") and "malignant" in k)
+                heads = " ".join(f"{k}={v:.3f}" for k, v in head_aucs.items() if "malignant" in k)
                 msg = f"epoch {epoch} step {done}: " + " ".join(
                     f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()) + f" | {heads}"
+                evaluated[done] = record
+                kept = rule.select(evaluated) if is_main else None
+                if kept is not None:
+                    msg += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
                 (bar.write(msg) if bar is not None else log.info(msg))
                 checkpointing.save(manager, state, data_position(done), metrics=val)
             elif done % config.checkpoint_every_steps == 0 or done == total_steps:
@@ -275,9 +298,13 @@ def train_and_evaluate(config, workdir, *, step_fn=None, step_times: list | None
         batches.close()
     manager.wait_until_finished()
     manager.close()
+    writers.close()
     if bar is not None:
         bar.close()
     log.info("trained steps %d..%d in %.1f s", start, total_steps, time.time() - t0)
+    kept = ckpt_lib.select_checkpoint(workdir)  # in every process: Orbax readers may synchronise them
+    if is_main:
+        log.info("load_checkpoint(%s) (predict, evaluate) uses step %d: %s", workdir, kept.step, kept.reason)
     if not last_record and writers.path.exists():  # nothing left to train: report the last evaluation
         lines = writers.path.read_text().splitlines()
         last_record = json.loads(lines[-1]) if lines else {}
@@ -291,7 +318,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="output directory; a run resumes from what it holds")
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint directory (converted model or pretrained global network)")
-    parser.epilog = "Override any config field with --config.FIELD=VALUE (e.g. --config.optimizer.learning_rate=3e-4)."
+    parser.add_argument("--config-changes-ok", action="store_true",
+                        help="resume WORKDIR although the config differs from its config.json in fields that change "
+                             "the computation (logged and recorded in config.json's history)")
+    parser.epilog = ("Override any config field with --config.FIELD=VALUE (e.g. --config.optimizer.learning_rate=3e-4). "
+                     "Devices: all that JAX sees (choose with JAX_PLATFORMS=cpu|cuda, CUDA_VISIBLE_DEVICES); "
+                     "batch_size must be a multiple of their number.")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -299,7 +331,10 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     from gmic_jax.train.config_lib import split_config_args
 
     ns, rest = parser.parse_known_args(argv)
-    rest, overrides = split_config_args(rest)
+    try:
+        rest, overrides = split_config_args(rest)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     ns.config_overrides = overrides
@@ -307,22 +342,25 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
 
 
 def main(args) -> int:
+    """Exit 0 when trained; 2 for a mistake in the command or config (one line, nothing written);
+    1 when the data, a checkpoint or the run fails."""
+    from gmic_jax import logs
+    from gmic_jax.checkpoint import CheckpointError
+    from gmic_jax.data.image import DataError
     from gmic_jax.train.config_lib import apply_overrides, load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+    logs.configure()
     try:
         config = load_config(args.config)
         apply_overrides(config, getattr(args, "config_overrides", []))
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.init_from:
+            config.init_from = args.init_from
+        record = train_and_evaluate(config, args.workdir, config_changes_ok=getattr(args, "config_changes_ok", False))
+    except ConfigError as e:  # includes WorkdirError
+        print(f"gmic-jax train: error: {e}", file=sys.stderr)
         return 2
-    if args.init_from:
-        config.init_from = args.init_from
-    try:
-        record = train_and_evaluate(config, args.workdir)
-    except (TrainingDiverged, DataFailure) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, CheckpointError, TrainingDiverged, DataFailure) as e:
+        print(f"gmic-jax train: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(record, sort_keys=True))
     return 0

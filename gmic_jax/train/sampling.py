@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from gmic_jax.preprocessing import Preprocessing, SyntheticData
+
 SOURCES = ("synthetic", "cache")
 
 
 def make_sources(data_cfg):
-    """(train source, validation source, preprocessing dict for config.json) from ``config.data``.
+    """(train source, validation source, :class:`~gmic_jax.preprocessing.Preprocessing` for
+    config.json) from ``config.data``.
 
     With ``data.window_noise`` the train source is a cache with window-noise contexts (training
     then takes :meth:`~gmic_jax.data.cache.CacheSource.noisy_example` draws; validation stays plain).
@@ -24,9 +27,8 @@ def make_sources(data_cfg):
                              p_malignant=data_cfg.p_malignant, lesion_area=tuple(data_cfg.lesion_area))
         train = SyntheticLesions(data_cfg.num_train, seed=data_cfg.seed, split="train", spec=spec, with_masks=False)
         val = SyntheticLesions(data_cfg.num_val, seed=data_cfg.seed, split="val", spec=spec, with_masks=True)
-        prep = {"name": "synthetic", "window_shape": list(spec.image_shape), "normalization": _norm_name(data_cfg),
-                "synthetic": {"seed": data_cfg.seed, "p_benign": spec.p_benign, "p_malignant": spec.p_malignant,
-                              "lesion_area": list(spec.lesion_area)}}
+        prep = Preprocessing("window", spec.image_shape, data_cfg.normalization, synthetic=SyntheticData(
+            data_cfg.seed, spec.p_benign, spec.p_malignant, spec.lesion_area))
         return train, val, prep
     if data_cfg.source == "cache":
         from gmic_jax.data.cache import CacheSource
@@ -41,14 +43,22 @@ def make_sources(data_cfg):
             raise DataError(train.cache_dir, f"data.window_noise=True but this train cache has no window-noise "
                                              f"contexts; rebuild it with `gmic-jax cache --source exam-list ... "
                                              f"{WINDOW_NOISE_OPTION}` or set data.window_noise=False")
-        prep = {"name": str(train.metadata.get("preprocessing", "unknown")), "window_shape": list(train.window_shape),
-                "normalization": _norm_name(data_cfg)}
-        return train, val, prep
+        return train, val, cache_preprocessing(train, data_cfg.normalization)
     raise ValueError(f"data.source={data_cfg.source!r}; expected one of {SOURCES}")
 
 
-def _norm_name(data_cfg) -> str:
-    return {"standardize": "per_window_standardize", "unit_range": "unit_range"}[data_cfg.normalization]
+def cache_preprocessing(cache, normalization: str) -> Preprocessing:
+    """The preprocessing a cache's windows went through (its index.json, any version) with the
+    training's normalisation."""
+    from gmic_jax.data.image import DataError
+
+    meta = cache.metadata
+    try:
+        return Preprocessing.read({"name": meta.get("preprocessing", "original"), "window_shape": cache.window_shape,
+                                   "normalization": normalization, **({"iterations": meta["iterations"]}
+                                                                     if "iterations" in meta else {})})
+    except ValueError as e:
+        raise DataError(cache.cache_dir / "index.json", f"metadata: {e}") from None
 
 
 def source_labels(source) -> np.ndarray:

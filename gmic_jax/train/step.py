@@ -33,13 +33,13 @@ from jax.sharding import PartitionSpec as P
 
 from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
-from gmic_jax.train.augment import AugmentConfig, augment_batch
+from gmic_jax.preprocessing import normalize_images
+from gmic_jax.augment import AugmentConfig, augment_batch
 from gmic_jax.train.loss import gmic_loss
 from gmic_jax.train.state import TrainState
 
 DATA_AXIS = "data"
 BATCH_NORM_MODES = ("local", "sync", "frozen")
-NORMALIZATIONS = ("standardize", "unit_range")
 EVAL_OUTPUTS = ("y_global", "y_local", "y_fusion", "saliency_map", "patch_locations")
 
 
@@ -47,21 +47,6 @@ def make_mesh(devices=None) -> Mesh:
     """1-D mesh over all devices of all processes (or the given ones), axis ``data``."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     return Mesh(devices.reshape(-1), (DATA_AXIS,))
-
-
-def normalize_images(images, kind: str = "standardize"):
-    """Raw (N, H, W, 1) images -> float32 model input, per image.
-
-    'standardize': (x - mean) / max(std, 1e-5), the original's per-window normalisation;
-    'unit_range': x / max(max(x), 1e-5)."""
-    x = images.astype(jnp.float32)
-    if kind == "standardize":
-        mean = x.mean(axis=(1, 2, 3), keepdims=True)
-        std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True))
-        return (x - mean) / jnp.maximum(std, 1e-5)
-    if kind == "unit_range":
-        return x / jnp.maximum(x.max(axis=(1, 2, 3), keepdims=True), 1e-5)
-    raise ValueError(f"normalization {kind!r}; expected one of {NORMALIZATIONS}")
 
 
 def replicate(tree, mesh: Mesh):

@@ -139,15 +139,6 @@ def roi_hits(mask, locations, crop_shape, min_coverage: float = ROI_MIN_COVERAGE
     return int(hits), int(total)
 
 
-def random_patch_locations(rng: np.random.Generator, n: int, image_shape, crop_shape, K: int):
-    """(n, K, 2) uniform-random crop upper-left corners inside the image (baseline for ROI hits)."""
-    H, W = image_shape
-    ch, cw = crop_shape
-    rows = rng.integers(0, max(H - ch, 0) + 1, size=(n, K))
-    cols = rng.integers(0, max(W - cw, 0) + 1, size=(n, K))
-    return np.stack([rows, cols], axis=-1)
-
-
 class LocalizationAccumulator:
     """Accumulates Dice, PxAP and ROI hits over batches (masks stay on the host, batch by batch)."""
 
@@ -180,9 +171,3 @@ class LocalizationAccumulator:
         if self.lesions:
             out[f"{prefix}roi_hit_rate"] = self.hits / self.lesions
         return out
-
-
-def localization_metrics(saliency_maps, masks, patch_locations, crop_shape, prefix: str = "val_") -> dict:
-    acc = LocalizationAccumulator(crop_shape)
-    acc.update(saliency_maps, masks, patch_locations)
-    return acc.result(prefix)

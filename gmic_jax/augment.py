@@ -1,5 +1,6 @@
 """On-device data augmentation of whole images (paper 3.3): random flip, rotation, translation,
-scale and shear as one affine resampling, then Gaussian noise.
+scale and shear as one affine resampling, then Gaussian noise. Used by training and, through
+:func:`tta_augment`, by test-time augmentation in predict, evaluate and validation.
 
 Everything is jit-able and vmapped over the batch; each example draws from its own key, so an
 example's augmentation does not depend on how the batch is split over devices.
@@ -37,6 +38,17 @@ class AugmentConfig:
         if "scale" in d:
             d["scale"] = tuple(float(v) for v in d["scale"])
         return cls(**d)
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any] | None) -> "AugmentConfig | None":
+        """From a training config's ``augment`` section (``enabled`` plus the fields); None when the
+        section is absent or disabled."""
+        if section is None:
+            return None
+        section = dict(section)
+        if not section.pop("enabled", True):
+            return None
+        return cls.from_dict(section)
 
     @property
     def is_identity(self) -> bool:
@@ -89,3 +101,12 @@ def augment_batch(keys, images, cfg: AugmentConfig):
     if cfg.is_identity:
         return images
     return jax.vmap(lambda k, x: augment_image(k, x, cfg))(keys, images)
+
+
+def tta_augment(train_augment: Mapping[str, Any] | None) -> AugmentConfig:
+    """The augmentation of one test-time augmentation draw -- the one rule of ``gmic-jax predict
+    --tta``, ``gmic-jax evaluate --tta`` and validation during training (``eval.tta_draws``):
+    the augmentation the model was trained with (``train_augment``: its training config's
+    ``augment`` section, as config.json records it) when it was enabled, else the paper's ranges
+    (:class:`AugmentConfig` defaults). Draws are made on device from the normalised window."""
+    return AugmentConfig.from_section(train_augment) or AugmentConfig()

@@ -1,0 +1,125 @@
+"""Cold and warm compile of GMIC's training step (the forward + backward of memory_fwd_bwd.py),
+each in a fresh process, split into tracing, lowering and XLA compilation (or cache load).
+
+    python benchmarks/compile_time.py --json compile.json            # 2944 x 1920, 1 exam, CPU
+
+Per round, three fresh worker processes, in this order:
+* cold, cache off        (GMIC_JAX_COMPILE_CACHE=off): what a first run without the cache costs;
+* cold, cache miss       (an empty cache directory): the same, plus writing the cache entry;
+* warm, cache hit        (the directory the miss just filled): what every later run costs.
+Times are medians over --rounds rounds; the JSON has every round. The XLA flags are the CLI's
+(gmic_jax.xla_flags); --xla-flags adds more (to try a flag's effect on compile time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_common as bc  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+KINDS = ("cold, cache off", "cold, cache miss", "warm, cache hit")
+
+
+def run_worker(spec: dict) -> int:
+    def ready():
+        from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
+
+        apply_cpu_defaults()
+        enable_compile_cache()
+        import jax
+
+        from gmic_jax import GMIC, init_variables
+        from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
+
+        cfg = make_config(spec)
+        variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
+        n = IMAGES_PER_EXAM * spec["batch_exams"]
+        args = (variables["params"], variables["batch_stats"],
+                jax.ShapeDtypeStruct((n, *cfg.image_shape, 1), jax.numpy.float32),
+                jax.ShapeDtypeStruct((n, 2), jax.numpy.float32), jax.eval_shape(lambda: jax.random.key(0)))
+        fn = jax.jit(bc.make_grad_fn(GMIC(cfg), train=True))
+        with bc.CompileCacheEvents() as cache:
+            t0 = time.perf_counter()
+            traced = fn.trace(*args)
+            t1 = time.perf_counter()
+            lowered = traced.lower()
+            t2 = time.perf_counter()
+            lowered.compile()
+            t3 = time.perf_counter()
+        return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "total_s": t3 - t0,
+                "compile_cache": cache.status, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+    return bc.serve(lambda msg: {}, ready)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds [3]")
+    p.add_argument("--image-shape", type=int, nargs=2, default=(2944, 1920), metavar=("H", "W"))
+    p.add_argument("--crop-shape", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    p.add_argument("--K", type=int, default=6)
+    p.add_argument("--percent-t", type=float, default=0.02)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--batch-exams", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--xla-flags", default="", help="extra XLA flags of the workers")
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        return run_worker(json.loads(args.worker))
+    spec = {"image_shape": list(args.image_shape), "crop_shape": list(args.crop_shape), "K": args.K,
+            "percent_t": args.percent_t, "dtype": args.dtype, "remat": args.remat, "batch_exams": args.batch_exams}
+    cores = bc.parse_cores(None, args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="gmic_compile_time_"))
+    runs = {k: [] for k in KINDS}
+    try:
+        for r in range(args.rounds):
+            cache = tmp / f"cache{r}"
+            for kind, cache_env in zip(KINDS, ("off", str(cache), str(cache))):
+                env = bc.worker_env(args.threads, "cpu", args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": cache_env})
+                worker = bc.Worker(SCRIPT, spec, cores, env, tmp / f"{r}.log")
+                try:
+                    runs[kind].append(worker.receive())
+                finally:
+                    worker.close()
+                print(f"[round {r}] {kind}: {runs[kind][-1]['total_s']:.2f} s ({runs[kind][-1]['compile_cache']})",
+                      file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: {f: statistics.median(x[f] for x in v) for f in ("trace_s", "lower_s", "compile_s", "total_s")}
+           for k, v in runs.items()}
+    report = {"device": f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})",
+              "cpu": bc.cpu_identity(), "versions": bc.versions(), "spec": spec, "rounds": args.rounds,
+              "xla_flags": runs[KINDS[0]][0]["xla_flags"], "median": med, "runs": runs,
+              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    lines = [f"Device: {report['device']}  ", f"XLA_FLAGS: {report['xla_flags']!r}; medians of {args.rounds} rounds, "
+             "each kind in a fresh process", "", "| training step | trace (s) | lower (s) | XLA compile / cache load (s) | total (s) |",
+             "|---|---:|---:|---:|---:|"]
+    for kind in KINDS:
+        m = med[kind]
+        lines.append(f"| {kind} | {m['trace_s']:.2f} | {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['total_s']:.2f} |")
+    print("\n".join(lines))
+    statuses = {k: sorted({x["compile_cache"] for x in v}) for k, v in runs.items()}
+    if statuses != {KINDS[0]: ["off"], KINDS[1]: ["miss"], KINDS[2]: ["hit"]}:
+        print(f"compile_time: error: unexpected cache behaviour {statuses}", file=sys.stderr)
+        return 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`gmic-jax predict`: screening exams in; predictions, saliency maps and patch figures out.
+
+    gmic-jax predict --exam-list exams.pkl --images DIR --checkpoint DIR [--checkpoint DIR ...]
+                     --output OUT [--preprocessed] [--tta N] [--seed S] [--visualize]
+                     [--segmentations DIR] [--batch-size B]
+    gmic-jax predict --dicom DIR|FILE --checkpoint DIR ... --output OUT [...]
+    gmic-jax predict --synthetic N --checkpoint WORKDIR --output OUT --visualize
+
+The package follows the data's way: :mod:`~gmic_jax.predict.exams` (inputs -> image tasks),
+:mod:`~gmic_jax.predict.images` (one task -> its window), :mod:`~gmic_jax.predict.models`
+(checkpoints, the compiled function), :mod:`~gmic_jax.predict.runner` (batches, the run),
+:mod:`~gmic_jax.predict.outputs` (CSVs, saliency maps, figures), :mod:`~gmic_jax.predict.cli`.
+
+Inputs
+    Exam list (the original's pickle, read by :func:`gmic_jax.data.exam_list.read_exam_list`):
+    every image of every view list is predicted; a view (or a whole breast) whose list is empty or
+    absent simply has no image, and an exam without any image is a failure. Without
+    ``--preprocessed`` the images are the stored mammograms (``DIR/<name>.png`` or ``.dcm``) and
+    the preprocessing the checkpoint records is run on them (for converted original checkpoints:
+    the original pipeline -- crop, flip by ``horizontal_flip``, optimal centre, window). With
+    ``--preprocessed`` the exam list and images are ``gmic-jax preprocess`` output (cropped
+    images, ``best_center`` in the exam list), read as the original's model runner reads them.
+    A label missing from ``cancer_label`` is unknown: its cell stays empty.
+    DICOM: every DICOM file under DIR (or one FILE); exams are grouped by StudyInstanceUID,
+    laterality and view come from the headers, the breast's orientation from the image; labels
+    are unknown (empty cells).
+    Synthetic (``--synthetic N``, for checkpoints trained on :mod:`gmic_jax.data.synthetic`): the
+    first N exams of its held-out 'test' split, drawn with the settings config.json records
+    (seed, finding rates, lesion sizes), with labels and masks (-> localization.csv).
+
+Checkpoints
+    Any directory :func:`gmic_jax.load_checkpoint` reads, whatever gmic-jax version wrote its
+    config.json. Several = an ensemble: the prediction is the mean of the models' y_fusion, each
+    model with its own configuration (its own t). Saliency maps, patches and figures are those of
+    the first checkpoint (as the original's ensemble visualises its first model). All checkpoints
+    must take the same window and preprocessing (config.json's ``preprocessing`` section, see
+    :mod:`gmic_jax.preprocessing`). Of a training workdir, the step its selection rule keeps is
+    loaded (:func:`gmic_jax.checkpoint.select_checkpoint`); the log names each checkpoint's step and
+    why, and run.json records them.
+
+Test-time augmentation (``--tta N``, seeded by ``--seed``)
+    The prediction becomes the mean over N augmented draws of each image (saliency maps, patches
+    and localisation stay those of the un-augmented window, which is aligned with the masks). A
+    draw is :func:`gmic_jax.augment.tta_augment`'s, the same rule as ``gmic-jax evaluate --tta``:
+    the augmentation the first checkpoint was trained with (config.json ``train.augment``, when
+    enabled), else the paper's ranges, applied on device to the normalised window. Draw d of an
+    image uses the key ``fold_in(fold_in(key(seed), crc32(image name)), d)``: it depends only on
+    (seed, image name, draw), never on batching.
+
+Outputs (in OUT)
+    predictions.csv           image_index, benign_pred, malignant_pred, benign_label, malignant_label
+    breast_predictions.csv    exam, breast, benign_pred, malignant_pred, benign_label, malignant_label
+                              (prediction = mean of the breast's CC and MLO view predictions; one
+                              row per breast with images)
+    saliency/<image>.npy      float32 (2, h, w): benign then malignant, in the model's window frame
+    visualization/<image>.png with --visualize (see :mod:`gmic_jax.visualize`)
+    localization.csv          with --segmentations (exam-list mode; masks in the window frame as
+                              the original's): image_index, dice_benign, dice_malignant,
+                              pxap_benign, pxap_malignant, roi_hit -- one row per image with a
+                              lesion; an empty cell is undefined (no lesion of that class).
+                              Definitions in :mod:`gmic_jax.metrics`.
+    failures.txt              one line per failure, when anything failed
+    run.json                  how the outputs were made: per checkpoint (in --checkpoint order)
+                              checkpoint, checkpoint_step and checkpoint_selection (rule, reason);
+                              the inputs and settings; num_exams, num_images, num_failures; the
+                              outputs written; the command line and the versions
+
+Batching: images of all exams go through ONE compiled function with a fixed batch size (the
+last batch is padded), split over the local devices; nothing about an image's result depends on
+the batch size or on its batch neighbours.
+
+Bad input: a missing or corrupt image, an unknown view, a malformed exam, ... is reported with the
+exam and the file; that exam is left out of every output and the others are predicted; the exit
+status is then 1. A checkpoint that cannot be used (unreadable, parameters that do not fit its
+configuration, ensemble members that disagree on the input) affects every exam: nothing is
+predicted, failures.txt is the only output (no CSVs, no run.json) and the exit status is 1.
+"""
+from gmic_jax.files import FAILURES_TXT
+from gmic_jax.predict.cli import add_arguments, main
+from gmic_jax.predict.exams import (Exam, ImageTask, PredictError, exams_from_dicom, exams_from_exam_list,
+                                    exams_from_synthetic)
+from gmic_jax.predict.images import LoadedImage, load_image
+from gmic_jax.predict.models import check_variables, compiled_forward, load_models
+from gmic_jax.predict.outputs import (BREAST_CSV, LOCALIZATION_CSV, PREDICTIONS_CSV, RUN_JSON, SALIENCY_DIR,
+                                      VISUALIZATION_DIR, PredictResult)
+from gmic_jax.predict.runner import predict
+
+__all__ = ["BREAST_CSV", "Exam", "FAILURES_TXT", "ImageTask", "LOCALIZATION_CSV", "LoadedImage",
+           "PREDICTIONS_CSV", "PredictError", "PredictResult", "RUN_JSON", "SALIENCY_DIR", "VISUALIZATION_DIR",
+           "add_arguments", "check_variables", "compiled_forward", "exams_from_dicom", "exams_from_exam_list",
+           "exams_from_synthetic", "load_image", "load_models", "main", "predict"]
