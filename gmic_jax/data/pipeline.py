@@ -46,11 +46,15 @@ MAX_DEFAULT_WORKERS = 16
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
-    """Task ``task`` (row ``row`` of its batch) could not be loaded: ``message`` says why."""
+    """Task ``task`` (row ``row`` of its batch) could not be loaded: ``message`` says why; ``path``
+    is the file a :class:`~gmic_jax.data.image.DataError` names (else None) and ``problem`` what
+    is wrong with it (the message without the file)."""
 
     row: int
     task: Any
     message: str
+    path: Optional[str] = None
+    problem: str = ""
 
     def __str__(self) -> str:
         return self.message
@@ -81,13 +85,13 @@ class SourceExamples:
         return example if self.keys is None else {k: example[k] for k in self.keys}
 
 
-def _describe(task, error: BaseException) -> str:
-    text = str(error)
+def _failure(row: int, task, error: BaseException) -> Failure:
     from gmic_jax.data.image import DataError
 
-    if isinstance(error, DataError):
-        return text  # already "<file>: <problem>"
-    return f"example {task!r}: {type(error).__name__}: {text}"
+    if isinstance(error, DataError):  # its text is already "<file>: <problem>"
+        return Failure(row, task, str(error), error.path, error.problem)
+    problem = f"{type(error).__name__}: {error}"
+    return Failure(row, task, f"example {task!r}: {problem}", None, problem)
 
 
 def load_batch(load: Callable, tasks: Sequence, shared: bool = False) -> dict:
@@ -104,7 +108,7 @@ def load_batch(load: Callable, tasks: Sequence, shared: bool = False) -> dict:
             rows.append(load(task))
         except Exception as e:  # one bad example must not stop the batch or the iterator
             rows.append(None)
-            failures.append(Failure(row, task, _describe(task, e)))
+            failures.append(_failure(row, task, e))
     good = next((r for r in rows if r is not None), None)
     batch: dict = {}
     if good is not None:
