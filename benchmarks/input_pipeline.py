@@ -10,7 +10,9 @@ through -- producing 2944 x 1920 uint16 training windows in batches of ``--batch
 - ``cache_noise`` -- a fresh draw of the original's window noise per (seed, epoch, example) from a
   cache built with ``--window-noise`` (crop of the stored context + resize);
 - ``png``         -- 16-bit 3328 x 2560 PNGs through the original preprocessing (read, crop by
-  erosion / largest component / dilation, best centre, window), as a manifest source does it.
+  erosion / largest component / dilation, best centre, window), as a manifest source does it;
+- ``synthetic``   -- (only with ``--paths synthetic``) windows rendered by the synthetic data set
+  (:class:`gmic_jax.data.synthetic.SyntheticLesions`, no cache: each image drawn anew).
 
 Each path is timed with ``--workers`` (default 0 1 2; 0 = in this process, one prefetch thread)
 in the same run: the first ``2 + workers x buffer`` batches are warm-up (worker start-up, filled
@@ -48,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WINDOW = (2944, 1920)
 RAW_SHAPE = (3328, 2560)
-PATHS = ("cache", "cache_noise", "png")
+PATHS = ("cache", "cache_noise", "png")  # measured by default
+EXTRA_PATHS = ("synthetic",)  # measured when --paths names them
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 BUFFER = 2  # batches each worker keeps ready (load_batches' default)
 # One accelerator at the project's speed goal: 15 ms per exam of 4 images.
@@ -125,10 +128,15 @@ def raw_shape_for(window) -> tuple:
 def sources(root: Path, window=WINDOW) -> dict:
     from gmic_jax.data.cache import CacheSource
     from gmic_jax.data.manifest import manifest_source
+    from gmic_jax.data.synthetic import SyntheticLesions
+    from gmic_jax.preprocessing import SyntheticData
 
+    distinct = len(CacheSource(root / "cache"))
     return {"cache": CacheSource(root / "cache"), "cache_noise": CacheSource(root / "cache_noise"),
             "png": manifest_source(root / "manifest.csv", window_shape=window,  # erosion steps scale too
-                                   iterations=max(2, round(100 * window[0] / WINDOW[0])))}
+                                   iterations=max(2, round(100 * window[0] / WINDOW[0]))),
+            "synthetic": SyntheticLesions(distinct, seed=0, split="train", spec=SyntheticData().spec(window),
+                                          cache=False, with_masks=False)}
 
 
 def measure(source, path: str, workers: int, images: int, batch: int, repeats: int) -> dict:
@@ -227,7 +235,7 @@ def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, st
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS + EXTRA_PATHS)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=200, help="timed images per window (after warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per path and worker count (median)")
