@@ -80,6 +80,12 @@ class GMICConfig:
         the saliency grid 1/64 of the image (46 x 30 for 2944 x 1920). Small images (the synthetic
         CPU configs) keep the paper's grid-cell-to-lesion proportion with fewer stride-2 stages,
         e.g. (1, 2, 2, 1, 1): 1/16. Parameter shapes do not depend on it.
+    global_blocks: pre-activation blocks in each of the global network's five stages (the paper's
+        ResNet-22: two each). Fewer blocks bound the receptive field of a saliency cell (each 3x3
+        conv widens it by two of that stage's pixels), which small images need for the maps to
+        localise. Block 0 of each stage stays (it changes the width), so each count is >= 1.
+    global_widths: channels of the global network's five stages (the paper's: 16, 32, 64, 128,
+        256; h_g has the last). Narrower stages pay for a finer saliency grid on small images.
     """
 
     percent_t: float = 0.02
@@ -94,6 +100,8 @@ class GMICConfig:
     rotate_crops: bool = False
     remat: str = "none"
     global_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
+    global_blocks: tuple[int, ...] = (2, 2, 2, 2, 2)
+    global_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
 
     def __post_init__(self):
         # Normalise sequences to tuples so configs read from JSON compare and hash equal.
@@ -101,6 +109,8 @@ class GMICConfig:
         object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
         object.__setattr__(self, "global_strides", tuple(int(v) for v in self.global_strides))
         object.__setattr__(self, "remat", remat_policy_name(self.remat))
+        object.__setattr__(self, "global_blocks", tuple(int(v) for v in self.global_blocks))
+        object.__setattr__(self, "global_widths", tuple(int(v) for v in self.global_widths))
         checks = (
             ("aggregation", AGGREGATIONS),
             ("attention", ATTENTIONS),
@@ -121,6 +131,10 @@ class GMICConfig:
             raise ValueError(f"GMICConfig.image_shape={self.image_shape}; expected (H, W) >= 1")
         if len(self.global_strides) != 5 or not set(self.global_strides) <= {1, 2}:
             raise ValueError(f"GMICConfig.global_strides={self.global_strides}; expected five strides of 1 or 2")
+        if len(self.global_blocks) != 5 or min(self.global_blocks) < 1:
+            raise ValueError(f"GMICConfig.global_blocks={self.global_blocks}; expected five block counts >= 1")
+        if len(self.global_widths) != 5 or min(self.global_widths) < 1:
+            raise ValueError(f"GMICConfig.global_widths={self.global_widths}; expected five channel counts >= 1")
         if self.rotate_crops and self.crop_shape[0] != self.crop_shape[1]:
             raise ValueError(f"GMICConfig.rotate_crops needs square crops, got crop_shape={self.crop_shape}")
 
@@ -129,6 +143,8 @@ class GMICConfig:
         d["crop_shape"] = list(self.crop_shape)
         d["image_shape"] = list(self.image_shape)
         d["global_strides"] = list(self.global_strides)
+        d["global_blocks"] = list(self.global_blocks)
+        d["global_widths"] = list(self.global_widths)
         return d
 
     @classmethod

@@ -15,6 +15,12 @@ class):
   (nearest upsampling makes each cell's pixels one tied group).
 * ROI hit rate: the share of lesions (8-connected components of each class's mask) of which the
   union of the K patches covers at least 70% of the pixels.
+* Pointing: the first (row-major) argmax cell (i, j) of the class's saliency map on its h x w grid
+  points at the pixel holding its centre ((i + 1/2) H / h, (j + 1/2) W / w); a hit when that pixel
+  lies in the class's mask dilated by ceil(H / 2h) rows and ceil(W / 2w) columns each way (a box
+  of 2 ceil(H / 2h) + 1 x 2 ceil(W / 2w) + 1 pixels), so any cell that holds a lesion pixel is a
+  hit. Its random baseline is the share of grid cells whose centre is a hit, averaged over the same
+  images: what a map with its maximum at a uniformly random cell scores.
 
 A metric that is undefined (e.g. AUC with one class present) is left out, not reported as NaN.
 """
@@ -139,13 +145,50 @@ def roi_hits(mask, locations, crop_shape, min_coverage: float = ROI_MIN_COVERAGE
     return int(hits), int(total)
 
 
+def pointing_cells(mask, grid_shape) -> np.ndarray:
+    """(h, w) bool: whether each grid cell's centre lies in the dilated ``mask`` (H, W) (see the
+    module docstring); a summed-area table counts the mask pixels in each centre's box."""
+    m = np.asarray(mask) > 0
+    H, W = m.shape
+    h, w = (int(v) for v in grid_shape)
+    ry, rx = -(-H // (2 * h)), -(-W // (2 * w))  # ceil(H / 2h), ceil(W / 2w)
+    rows = ((2 * np.arange(h) + 1) * H) // (2 * h)  # floor((i + 1/2) H / h), exactly
+    cols = ((2 * np.arange(w) + 1) * W) // (2 * w)
+    table = np.zeros((H + 1, W + 1), np.int64)
+    table[1:, 1:] = m.cumsum(0).cumsum(1)
+    r0, r1 = np.clip(rows - ry, 0, H), np.clip(rows + ry + 1, 0, H)
+    c0, c1 = np.clip(cols - rx, 0, W), np.clip(cols + rx + 1, 0, W)
+    count = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
+             - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
+    return count > 0
+
+
+def pointing_hit(saliency, mask) -> bool:
+    """Whether the first row-major argmax cell of an (h, w) saliency map points into the (H, W) mask."""
+    saliency = np.asarray(saliency)
+    return bool(pointing_cells(mask, saliency.shape).flat[int(np.argmax(saliency))])
+
+
+def random_pointing_rates(cell_tables, rng: np.random.Generator, draws: int) -> np.ndarray:
+    """(draws,) pointing rates of uniform-random saliency maps over the images whose
+    :func:`pointing_cells` tables are given (one map per image per draw)."""
+    tables = np.stack([np.asarray(t, bool).ravel() for t in cell_tables])  # (n, h * w)
+    rates = np.empty(draws)
+    for d in range(draws):
+        argmax = rng.random(tables.shape).argmax(axis=1)
+        rates[d] = tables[np.arange(len(tables)), argmax].mean()
+    return rates
+
+
 class LocalizationAccumulator:
-    """Accumulates Dice, PxAP and ROI hits over batches (masks stay on the host, batch by batch)."""
+    """Accumulates Dice, PxAP, pointing and ROI hits over batches (masks stay on the host, batch by batch)."""
 
     def __init__(self, crop_shape):
         self.crop_shape = tuple(crop_shape)
         self.dice = {c: [] for c in CLASSES}
         self.pxap = {c: [] for c in CLASSES}
+        self.pointing = {c: [] for c in CLASSES}
+        self.pointing_random = {c: [] for c in CLASSES}
         self.hits = 0
         self.lesions = 0
 
@@ -158,6 +201,9 @@ class LocalizationAccumulator:
                 if m.any():
                     self.dice[name].append(dice(saliency_maps[i, ..., c], m))
                     self.pxap[name].append(pxap(saliency_maps[i, ..., c], m))
+                    cells = pointing_cells(m, saliency_maps.shape[1:3])
+                    self.pointing[name].append(bool(cells.flat[int(np.argmax(saliency_maps[i, ..., c]))]))
+                    self.pointing_random[name].append(float(cells.mean()))
             h, t = roi_hits(masks[i], patch_locations[i], self.crop_shape)
             self.hits += h
             self.lesions += t
@@ -168,6 +214,8 @@ class LocalizationAccumulator:
             if self.dice[name]:
                 out[f"{prefix}dice_{name}"] = float(np.mean(self.dice[name]))
                 out[f"{prefix}pxap_{name}"] = float(np.mean(self.pxap[name]))
+                out[f"{prefix}pointing_{name}"] = float(np.mean(self.pointing[name]))
+                out[f"{prefix}pointing_{name}_random"] = float(np.mean(self.pointing_random[name]))
         if self.lesions:
             out[f"{prefix}roi_hit_rate"] = self.hits / self.lesions
         return out

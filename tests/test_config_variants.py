@@ -11,7 +11,7 @@ import pytest
 from gmic_jax import GMIC, GMICConfig, init_variables
 from gmic_jax.config import REMAT_POLICIES
 from gmic_jax.models.remat import remat_spec
-from gmic_jax.models.global_net import saliency_grid_shape
+from gmic_jax.models.global_net import receptive_field, saliency_grid_shape
 from gmic_jax.models.local_net import local_feature_width
 
 BASE = GMICConfig(image_shape=(512, 384), crop_shape=(64, 64), K=4, percent_t=0.05)
@@ -60,12 +60,14 @@ def test_base_outputs(base):
         ("crop_shape", (96, 96), "patches"),
         ("attention", "uniform", "patch_attns"),
         ("global_strides", (1, 2, 2, 1, 1), "saliency_map"),
+        ("global_blocks", (1, 1, 1, 1, 1), "saliency_map"),
+        ("global_widths", (16, 32, 64, 64, 128), "h_g"),
     ],
 )
 def test_field_changes_output(base, field, value, output):
     variables, out = base
     config = dataclasses.replace(BASE, **{field: value})
-    if field == "attention":
+    if field in ("attention", "global_blocks", "global_widths"):  # other parameters
         variables = init_variables(config, jax.random.key(0))
     changed = run(config, variables)
     assert differs(changed[output], out[output]), f"{field}={value!r} did not change {output}"
@@ -200,6 +202,9 @@ def test_image_shape_is_checked_and_sets_grid():
         (dict(local_net="vgg"), "local_net"),
         (dict(global_strides=(1, 2, 2, 2)), "global_strides"),
         (dict(global_strides=(1, 2, 3, 2, 2)), "global_strides"),
+        (dict(global_blocks=(2, 2, 2, 2)), "global_blocks"),
+        (dict(global_blocks=(1, 1, 0, 1, 1)), "global_blocks"),
+        (dict(global_widths=(16, 32, 64, 128)), "global_widths"),
     ],
 )
 def test_bad_config_is_rejected(kw, message):
@@ -221,8 +226,33 @@ def test_global_strides_set_the_saliency_grid(base):
     assert jax.tree.map(np.shape, init_variables(config, jax.random.key(0))) == jax.tree.map(np.shape, variables)
 
 
+@pytest.mark.parametrize("strides, blocks", [((1, 2, 2, 1, 1), (1, 1, 1, 1, 1)), ((1, 1, 2, 2, 1), (2, 1, 1, 1, 1))])
+def test_global_blocks_bound_the_receptive_field(strides, blocks):
+    """A saliency cell depends on exactly the pixels receptive_field says: the support of its
+    gradient with respect to the image is that square (clipped to the image), and fewer blocks
+    drop their parameters."""
+    config = BASE.replace(image_shape=(256, 256), global_strides=strides, global_blocks=blocks)
+    variables = init_variables(config, jax.random.key(0))
+    size, jump, start = receptive_field(strides, blocks)
+    h, w = saliency_grid_shape(config.image_shape, strides)
+    i, j = h // 2, w // 2
+
+    def cell(x):
+        return GMIC(config).apply(variables, x, train=False, rngs={"roi": jax.random.key(0)})["saliency_map"][0, i, j, 1]
+
+    g = np.asarray(jax.grad(cell)(X[:1, :256, :256]))[0, ..., 0]
+    rows, cols = np.nonzero(g)
+    first = (start + i * jump, start + j * jump)
+    assert size < 256 and (rows.min(), cols.min()) == tuple(max(0, f) for f in first)
+    assert (rows.max(), cols.max()) == tuple(min(255, f + size - 1) for f in first)
+    names = {"/".join(k) for k in __import__("flax").traverse_util.flatten_dict(variables["params"])}
+    for s, n in enumerate(blocks):
+        assert any(f"layer_list_{s}_{n - 1}/" in k for k in names) and not any(f"layer_list_{s}_{n}/" in k for k in names)
+
+
 def test_config_dict_round_trip():
-    config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34", global_strides=[1, 2, 2, 1, 1])
+    config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34", global_strides=[1, 2, 2, 1, 1],
+                        global_blocks=[1, 1, 1, 2, 1], global_widths=[8, 16, 32, 64, 64])
     assert GMICConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown GMICConfig fields"):
         GMICConfig.from_dict({"percent_t": 0.1, "typo": 1})

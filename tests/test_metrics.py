@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from sklearn.metrics import average_precision_score
 
 from gmic_jax import metrics as M
@@ -89,3 +92,90 @@ def test_accumulator_averages_over_lesion_images():
     assert "val_dice_benign" not in out
     assert out["val_roi_hit_rate"] == pytest.approx(0.5)
     assert out["val_pxap_malignant"] == pytest.approx((1.0 + 0.25) / 2)  # image 1: all tied -> prevalence
+
+
+# ---------------------------------------------------------------------------- pointing
+
+def _reference_pointing(saliency, mask):
+    """(hit, random share) straight from the definition: scan for the first largest cell in
+    row-major order, its centre in exact fractions, the mask dilated by scipy with the box."""
+    import math
+    from fractions import Fraction
+
+    from scipy import ndimage
+
+    h, w = saliency.shape
+    H, W = mask.shape
+    ry, rx = math.ceil(Fraction(H, 2 * h)), math.ceil(Fraction(W, 2 * w))
+    dilated = ndimage.binary_dilation(mask > 0, structure=np.ones((2 * ry + 1, 2 * rx + 1), bool))
+
+    def centre_hit(i, j):
+        return bool(dilated[math.floor((i + Fraction(1, 2)) * Fraction(H, h)),
+                            math.floor((j + Fraction(1, 2)) * Fraction(W, w))])
+
+    best = (0, 0)
+    for i in range(h):
+        for j in range(w):
+            if saliency[i, j] > saliency[best]:
+                best = (i, j)
+    share = np.mean([centre_hit(i, j) for i in range(h) for j in range(w)])
+    return centre_hit(*best), share
+
+
+def test_pointing_by_hand():
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0, 0] = 1  # dilated by ceil(8/4) = 2 pixels: rows and columns 0..2 hold the centre (2, 2) of cell (0, 0)
+    cells = M.pointing_cells(mask, (2, 2))
+    np.testing.assert_array_equal(cells, [[True, False], [False, False]])
+    assert M.pointing_hit(np.array([[0.5, 0.1], [0.2, 0.5]]), mask)        # tie: the first in row-major order
+    assert not M.pointing_hit(np.array([[0.1, 0.5], [0.2, 0.5]]), mask)
+    mask[0, 0], mask[0, 5] = 0, 1  # in cell (0, 1): 1 column from its centre (2, 6), 3 from (2, 2)
+    np.testing.assert_array_equal(M.pointing_cells(mask, (2, 2)), [[False, True], [False, False]])
+    mask[0, 5], mask[0, 4] = 0, 1  # 2 columns from both centres: the dilation reaches cell (0, 0) too
+    np.testing.assert_array_equal(M.pointing_cells(mask, (2, 2)), [[True, True], [False, False]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_pointing_matches_the_definition(data):
+    h, w = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    H, W = data.draw(st.integers(h, 40)), data.draw(st.integers(w, 40))
+    mask = data.draw(hnp.arrays(np.uint8, (H, W), elements=st.sampled_from([0, 0, 0, 0, 0, 0, 0, 1])))
+    # Few distinct values: ties are common, and the first in row-major order must win.
+    saliency = data.draw(hnp.arrays(np.float64, (h, w), elements=st.sampled_from([0.0, 0.25, 0.5, 1.0])))
+    hit, share = _reference_pointing(saliency, mask)
+    assert M.pointing_hit(saliency, mask) == hit
+    assert M.pointing_cells(mask, (h, w)).mean() == pytest.approx(share)
+
+
+def _localization(saliency_maps, masks, patch_locations, crop_shape):
+    acc = M.LocalizationAccumulator(crop_shape)
+    acc.update(saliency_maps, masks, patch_locations)
+    return acc.result()
+
+
+def test_accumulator_pointing_and_random_maps():
+    rng = np.random.default_rng(0)
+    n, H, W, h, w = 30, 48, 36, 6, 4
+    masks = np.zeros((n, H, W, 2), np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, H - 6), rng.integers(0, W - 6)
+        masks[i, r:r + 6, c:c + 6, i % 2] = 1  # one lesion per image, alternating classes
+    sal = rng.random((n, h, w, 2))
+    out = _localization(sal, masks, np.zeros((n, 1, 2), int), (8, 8))
+    for c, name in enumerate(M.CLASSES):
+        ref = [_reference_pointing(sal[i, ..., c], masks[i, ..., c]) for i in range(n) if masks[i, ..., c].any()]
+        assert out[f"val_pointing_{name}"] == pytest.approx(np.mean([r[0] for r in ref]))
+        assert out[f"val_pointing_{name}_random"] == pytest.approx(np.mean([r[1] for r in ref]))
+        # Uniform-random maps score the random baseline on average.
+        tables = [M.pointing_cells(masks[i, ..., c], (h, w)) for i in range(n) if masks[i, ..., c].any()]
+        rates = M.random_pointing_rates(tables, np.random.default_rng(1), 4000)
+        assert rates.min() >= 0 and rates.max() <= 1
+        assert rates.mean() == pytest.approx(out[f"val_pointing_{name}_random"], abs=0.01)
+    # A map that peaks on the lesion hits every time.
+    peaked = np.zeros((n, h, w, 2))
+    for i in range(n):
+        r, c = np.argwhere(masks[i].max(-1))[0]
+        peaked[i, r * h // H, c * w // W, :] = 1.0
+    out = _localization(peaked, masks, np.zeros((n, 1, 2), int), (8, 8))
+    assert out["val_pointing_benign"] == 1.0 and out["val_pointing_malignant"] == 1.0

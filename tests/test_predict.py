@@ -175,20 +175,22 @@ def test_outputs(baseline, data):
 def test_localization_csv(baseline, data):
     result, out = baseline
     header, rows = read_csv(out / P.LOCALIZATION_CSV)
-    assert header == ["image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant", "roi_hit"]
+    assert header == ["image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant",
+                      "pointing_benign", "pointing_malignant", "roi_hit"]
     assert [r[0] for r in rows] == ["0_R-CC", "1_L-MLO"]  # only images with a lesion
     benign_row, malignant_row = rows
-    assert benign_row[2] == "" and benign_row[4] == ""  # no malignant lesion: undefined
-    assert malignant_row[1] == "" and malignant_row[3] == ""
+    assert benign_row[2] == benign_row[4] == benign_row[6] == ""  # no malignant lesion: undefined
+    assert malignant_row[1] == malignant_row[3] == malignant_row[5] == ""
     # Recompute from the written saliency map with the training metrics.
     for row, name, c, seg in ((benign_row, "0_R-CC", 0, "0_R-CC_benign"), (malignant_row, "1_L-MLO", 1, "1_L-MLO_malignant")):
         sal = np.load(out / P.SALIENCY_DIR / f"{name}.npy")[c]
         mask = np.asarray(Image.open(data["seg"] / f"{seg}.png")) > 0
         assert float(row[1 + c]) == pytest.approx(metrics.dice(sal, mask), abs=1e-6)
         assert float(row[3 + c]) == pytest.approx(metrics.pxap(sal, mask), abs=1e-6)
-        assert 0.0 <= float(row[5]) <= 1.0
+        assert row[5 + c] == str(int(metrics.pointing_hit(sal, mask)))  # "1" or "0"
+        assert 0.0 <= float(row[7]) <= 1.0
     # The malignant mask has two lesions: the hit rate is a multiple of 1/2.
-    assert float(malignant_row[5]) in (0.0, 0.5, 1.0)
+    assert float(malignant_row[7]) in (0.0, 0.5, 1.0)
 
 
 def test_predictions_do_not_depend_on_batch_size(baseline, checkpoints, data, tmp_path):

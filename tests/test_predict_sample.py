@@ -98,11 +98,13 @@ def test_visualize_writes_one_png_per_view(runs):
 
 def test_localization_for_the_two_benign_segmentations(runs):
     header, rows = read_csv(runs[0] / P.LOCALIZATION_CSV)
-    assert header == ["image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant", "roi_hit"]
+    assert header == ["image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant",
+                      "pointing_benign", "pointing_malignant", "roi_hit"]
     assert [r[0] for r in rows] == ["0_R-CC", "0_R-MLO"]
     for r in rows:
-        assert r[2] == r[4] == ""  # no malignant lesion
-        assert 0.0 <= float(r[1]) <= 1.0 and 0.0 < float(r[3]) <= 1.0 and 0.0 <= float(r[5]) <= 1.0
+        assert r[2] == r[4] == r[6] == ""  # no malignant lesion
+        assert 0.0 <= float(r[1]) <= 1.0 and 0.0 < float(r[3]) <= 1.0 and r[5] in ("0", "1")
+        assert 0.0 <= float(r[7]) <= 1.0
 
 
 def test_windows_are_placed_at_the_original_best_centres(sample_exam_dir):

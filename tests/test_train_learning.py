@@ -2,6 +2,7 @@
 only, then scored on held-out synthetic images."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,28 @@ def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
     # Well above random patches: beyond 95% of random draws and 1.5x their mean.
     assert rate > np.percentile(random_rates, 95)
     assert rate >= 1.5 * np.mean(random_rates)
+
+
+def test_synthetic_tiny_saliency_points_at_the_findings(trained):
+    """The saliency maps' peaks fall on the findings of both classes (validation images, the kept
+    record): malignant in at least 60% of the images, and both classes above the 99th percentile of
+    uniform-random maps drawn over the same images (2000 draws)."""
+    from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
+    from gmic_jax.models.global_net import saliency_grid_shape
+
+    config, workdir, record = trained
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    kept = max(records, key=lambda r: r["val_auc_malignant"])  # the record the run keeps as best
+    print("kept record:", kept)
+    val = SyntheticLesions(config.data.num_val, seed=config.data.seed, split="val", cache=False,
+                           spec=SyntheticSpec(image_shape=tuple(config.data.image_shape)))
+    grid = saliency_grid_shape(tuple(config.model.image_shape), tuple(config.model.global_strides))
+    rng = np.random.default_rng(0)
+    assert kept["val_pointing_malignant"] >= 0.6
+    for c, name in enumerate(M.CLASSES):
+        tables = [M.pointing_cells(m, grid) for m in (val[i]["mask"][..., c] for i in range(len(val))) if m.any()]
+        rates = M.random_pointing_rates(tables, rng, 2000)
+        assert np.mean([t.mean() for t in tables]) == pytest.approx(kept[f"val_pointing_{name}_random"])
+        print(name, "pointing", kept[f"val_pointing_{name}"], "random maps: mean", rates.mean(),
+              "p99", np.percentile(rates, 99))
+        assert kept[f"val_pointing_{name}"] > np.percentile(rates, 99)

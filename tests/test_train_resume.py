@@ -139,7 +139,8 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
     assert len(records) == 1
     allowed = {"step", "epoch", "train_loss", "val_auc_malignant", "val_auc_benign", "val_prauc_malignant",
                "val_prauc_benign", "val_breast_auc_malignant", "val_breast_auc_benign", "val_dice_malignant",
-               "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate"}
+               "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate", "val_pointing_malignant",
+               "val_pointing_benign", "val_pointing_malignant_random", "val_pointing_benign_random"}
     assert set(records[0]) <= allowed and {"step", "epoch", "train_loss", "val_roi_hit_rate"} <= set(records[0])
     cfg, prep, doc = read_config(uninterrupted)
     assert cfg.K == 2 and cfg.rotate_crops
@@ -158,7 +159,8 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     # The same validation images as the training run's evaluation: the same metrics.
-    for k in ("val_auc_malignant", "val_dice_malignant", "val_roi_hit_rate"):
+    for k in ("val_auc_malignant", "val_dice_malignant", "val_roi_hit_rate", "val_pointing_malignant",
+              "val_pointing_malignant_random", "val_pointing_benign", "val_pointing_benign_random"):
         if k in records[0]:
             assert m[k] == pytest.approx(records[0][k], abs=1e-6)
     assert (out / "roc_pr.png").stat().st_size > 1000

@@ -59,7 +59,7 @@ class ResNet22(nn.Module):
     dtype: Any = jnp.float32
     stage_features: Sequence[int] = (16, 32, 64, 128, 256)
     stage_strides: Sequence[int] = (1, 2, 2, 2, 2)
-    blocks_per_stage: int = 2
+    stage_blocks: Sequence[int] = (2, 2, 2, 2, 2)
     remat: bool | str = False
     bn_axis_name: str | None = None
 
@@ -73,10 +73,10 @@ class ResNet22(nn.Module):
 
         h = (checkpointed(stem, spec) if spec.global_stem else stem)(self, x)
         block_cls = checkpointed(PreActBlock, spec, static_argnums=(2,)) if spec.global_blocks == "block" else PreActBlock
-        for s, (features, stride) in enumerate(zip(self.stage_features, self.stage_strides)):
+        for s, (features, stride, blocks) in enumerate(zip(self.stage_features, self.stage_strides, self.stage_blocks)):
 
-            def stage(mdl, h, s=s, features=features, stride=stride):
-                for b in range(self.blocks_per_stage):
+            def stage(mdl, h, s=s, features=features, stride=stride, blocks=blocks):
+                for b in range(blocks):
                     h = block_cls(
                         features,
                         stride if b == 0 else 1,
@@ -100,6 +100,21 @@ class SaliencyHead(nn.Module):
     def __call__(self, h_g):
         logits = conv(self.num_classes, 1, dtype=jnp.float32, name="gn_conv_last")(h_g.astype(jnp.float32))
         return jax.nn.sigmoid(logits)
+
+
+def receptive_field(stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2)) -> tuple[int, int, int]:
+    """(size, jump, start) in input pixels along each axis: saliency cell i sees the pixels
+    [start + i * jump, start + i * jump + size) (those inside the image). The paper's ResNet-22:
+    (883, 64, -439); global_strides (1, 2, 2, 1, 1): (467, 16, -231)."""
+    layers = [(7, 2, 3), (3, 2, 0)]  # (kernel, stride, padding): stem conv, max-pool
+    for stride, blocks in zip(stage_strides, stage_blocks):
+        layers += [(3, stride, 1)] + [(3, 1, 1)] * (2 * blocks - 1)  # conv1, conv2 of each block
+    size, jump, start = 1, 1, 0
+    for k, s, pad in layers:
+        size += (k - 1) * jump
+        start -= pad * jump
+        jump *= s
+    return size, jump, start
 
 
 def saliency_grid_shape(image_shape: tuple[int, int], stage_strides=(1, 2, 2, 2, 2)) -> tuple[int, int]:

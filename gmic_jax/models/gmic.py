@@ -43,7 +43,8 @@ class GMIC(nn.Module):
         x = x.astype(jnp.float32)
 
         # Global network: h_g and the saliency maps A; y_global by the chosen aggregation.
-        h_g = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, remat=cfg.remat, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
+        h_g = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, stage_blocks=cfg.global_blocks,
+                       stage_features=cfg.global_widths, remat=cfg.remat, bn_axis_name=self.bn_axis_name, name="ds_net")(x, train)
         saliency_map = SaliencyHead(NUM_CLASSES, name="left_postprocess_net")(h_g)
         y_global = aggregate(saliency_map, cfg.aggregation, cfg.percent_t)
 

@@ -56,7 +56,8 @@ Outputs (in OUT)
     visualization/<image>.png with --visualize (see :mod:`gmic_jax.visualize`)
     localization.csv          with --segmentations (exam-list mode; masks in the window frame as
                               the original's): image_index, dice_benign, dice_malignant,
-                              pxap_benign, pxap_malignant, roi_hit -- one row per image with a
+                              pxap_benign, pxap_malignant, pointing_benign,
+                              pointing_malignant, roi_hit -- one row per image with a
                               lesion; an empty cell is undefined (no lesion of that class).
                               Definitions in :mod:`gmic_jax.metrics`.
     failures.txt              one line per failure, when anything failed

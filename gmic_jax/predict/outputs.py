@@ -25,7 +25,7 @@ OUTPUT_FILES = (PREDICTIONS_CSV, BREAST_CSV, LOCALIZATION_CSV, FAILURES_TXT, RUN
 PREDICTION_COLUMNS = ("image_index", "benign_pred", "malignant_pred", "benign_label", "malignant_label")
 BREAST_COLUMNS = ("exam", "breast", "benign_pred", "malignant_pred", "benign_label", "malignant_label")
 LOCALIZATION_COLUMNS = ("image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant",
-                        "roi_hit")
+                        "pointing_benign", "pointing_malignant", "roi_hit")
 
 
 @dataclasses.dataclass
@@ -67,6 +67,10 @@ def _fmt_metric(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.6f}"
 
 
+def _fmt_hit(v) -> str:
+    return "" if v is None else str(int(v))
+
+
 _PRED_FORMATS = {"benign_pred": _fmt_pred, "malignant_pred": _fmt_pred, "benign_label": _fmt_label,
                  "malignant_label": _fmt_label}
 
@@ -86,7 +90,7 @@ def write_csvs(result: PredictResult, output_dir: Path, localization: bool) -> N
     result.written += [PREDICTIONS_CSV, BREAST_CSV]
     if localization:
         write_csv(output_dir / LOCALIZATION_CSV, LOCALIZATION_COLUMNS, result.localization,
-                  {c: _fmt_metric for c in LOCALIZATION_COLUMNS[1:]})
+                  {c: _fmt_hit if c.startswith("pointing_") else _fmt_metric for c in LOCALIZATION_COLUMNS[1:]})
         result.written.append(LOCALIZATION_CSV)
 
 
@@ -123,7 +127,8 @@ def breast_rows(exam: Exam, finished: list) -> list:
 
 
 def localization_row(task: ImageTask, out0: dict, masks: np.ndarray, crop_shape) -> Optional[dict]:
-    """Dice, PxAP (per class with a lesion) and the ROI hit rate of one image (:mod:`gmic_jax.metrics`)."""
+    """Dice, PxAP, pointing (1 / 0; per class with a lesion) and the ROI hit rate of one image
+    (:mod:`gmic_jax.metrics`)."""
     from gmic_jax import metrics
 
     if not masks.any():
@@ -134,6 +139,7 @@ def localization_row(task: ImageTask, out0: dict, masks: np.ndarray, crop_shape)
         m = masks[..., c]
         row[f"dice_{name}"] = metrics.dice(saliency[..., c], m) if m.any() else None
         row[f"pxap_{name}"] = metrics.pxap(saliency[..., c], m) if m.any() else None
+        row[f"pointing_{name}"] = int(metrics.pointing_hit(saliency[..., c], m)) if m.any() else None
     hits, lesions = metrics.roi_hits(masks, out0["patch_locations"], crop_shape)
     row["roi_hit"] = hits / lesions if lesions else None
     return row

@@ -20,6 +20,8 @@ def default_config():
     c.model.crop_shape = tuple(c.model.crop_shape)
     c.model.image_shape = tuple(c.model.image_shape)
     c.model.global_strides = tuple(c.model.global_strides)
+    c.model.global_blocks = tuple(c.model.global_blocks)
+    c.model.global_widths = tuple(c.model.global_widths)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"           # 'synthetic' or 'cache' (a `gmic-jax cache` directory)

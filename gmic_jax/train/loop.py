@@ -32,7 +32,9 @@ log = logging.getLogger("gmic_jax.train")
 
 JSONL_KEYS = ("step", "epoch", "train_loss", "val_auc_malignant", "val_auc_benign", "val_prauc_malignant",
               "val_prauc_benign", "val_breast_auc_malignant", "val_breast_auc_benign", "val_dice_malignant",
-              "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate")
+              "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate",
+              "val_pointing_malignant", "val_pointing_benign", "val_pointing_malignant_random",
+              "val_pointing_benign_random")
 # Test hook: SIGKILL this process right after starting the (asynchronous) save of this step.
 KILL_DURING_SAVE_ENV = "GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP"
 
