@@ -190,6 +190,7 @@ def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, st
     config.data.window_noise = path == "cache_noise"
     config.data.balanced_sampling = False
     config.data.workers = workers
+    config.data.image_shape = config.model.image_shape = tuple(window)  # the model takes the cache's windows
     config.batch_size = batch
     n = len(sources(root, window)[path])
     config.num_epochs = -(-steps * batch // n)

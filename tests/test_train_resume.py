@@ -183,7 +183,7 @@ def test_evaluate_scores_the_readable_images_and_reports_the_rest(uninterrupted,
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated: images 4..7 unreadable
     out = tmp_path / "eval"
     code = main(["evaluate", "--checkpoint", str(uninterrupted), "--data", f"cache:{tmp_path / 'cache'}",
-                 "--output", str(out), "--batch-size", "4", "--workers", "1"])
+                 "--output", str(out), "--batch-size", "4", "--workers", "1", "--split", "test"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("images-00001.npy: unreadable cache shard") == 4 and "left out of metrics.json" in err
