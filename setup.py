@@ -24,11 +24,12 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "grain>=0.2.18",  # the version the input pipeline is tested with
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
-                 "pydicom>=3.0", "grain>=0.2.10", "tensorflow-datasets>=4.9.7"],
-        "data": ["pydicom>=3.0", "grain>=0.2.10", "tensorflow-datasets>=4.9.7"],
+                 "pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
+        "data": ["pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
         "torch": ["torch>=2.2"],
         # benchmarks/memory_fwd_bwd.py --torch-ref: the original release imports torchvision 0.2.2
         "torch-ref": ["torch>=2.2", "torchvision==0.2.2.post3"],

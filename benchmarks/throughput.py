@@ -16,8 +16,9 @@ exams/s = global batch / median step time.
 
 The input pipeline's rate is measured apart, in the parent process on the same cores: batches of
 the embedded synthetic data set (`gmic_jax.data.synthetic.SyntheticLesions`, rendered at the
-image size, no cache) through `gmic_jax.data.pipeline.simple_batches`, or, with --input-cache DIR,
-a `gmic-jax cache` directory read through the Grain loader. Defaults are shown by --help.
+image size, no cache) through `gmic_jax.data.pipeline.load_batches` in this process, or, with
+--input-cache DIR, a `gmic-jax cache` directory read through it by --input-workers processes.
+Defaults are shown by --help.
 """
 from __future__ import annotations
 
@@ -96,30 +97,33 @@ def run_worker(spec: dict) -> int:
 # =============================================================================== parent side
 def input_pipeline_rate(args) -> dict:
     """Exams/s of the input pipeline alone (host side, no device transfer)."""
-    from gmic_jax.data import pipeline
+    from gmic_jax.data.pipeline import SourceExamples, load_batches
 
     batch_images = IMAGES_PER_EXAM * args.per_device_exams
     if args.input_cache:
         from gmic_jax.data.cache import CacheSource
 
         source = CacheSource(args.input_cache)
-        name = f"gmic-jax cache {args.input_cache} through Grain ({args.input_workers} workers)"
-        batches = iter(pipeline.make_loader(source, batch_images, shuffle=True, num_epochs=None,
-                                            worker_count=args.input_workers))
+        workers = args.input_workers
+        name = f"gmic-jax cache {args.input_cache} through the Grain pipeline ({workers} workers)"
     else:
         from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
 
         n = batch_images * args.input_batches
         source = SyntheticLesions(n + n % 2, spec=SyntheticSpec(image_shape=tuple(args.image_shape)), cache=False,
                                   with_masks=False)
-        name = "synthetic lesions (rendered, no cache) through simple_batches"
-        batches = pipeline.simple_batches(source, batch_images)
-    if args.input_cache:
-        next(batches)  # first batch: Grain's worker start-up
-    t0 = time.perf_counter()
-    for _ in range(args.input_batches):
-        batch = next(batches)
-    elapsed = time.perf_counter() - t0
+        workers = 0
+        name = "synthetic lesions (rendered, no cache) through the Grain pipeline in this process"
+    warmup = 1 if workers else 0  # first batch: the workers' start-up
+    plan = [tuple((k * batch_images + r) % len(source) for r in range(batch_images))
+            for k in range(warmup + args.input_batches)]
+    with load_batches(plan, SourceExamples(source, keys=("image",)), workers=workers) as batches:
+        for _ in range(warmup):
+            next(batches)
+        t0 = time.perf_counter()
+        for _ in range(args.input_batches):
+            batch = next(batches)
+        elapsed = time.perf_counter() - t0
     if tuple(batch["image"].shape[1:3]) != tuple(args.image_shape):
         raise ValueError(f"input pipeline gives images of {tuple(batch['image'].shape[1:3])}, "
                          f"the benchmark runs {tuple(args.image_shape)}")

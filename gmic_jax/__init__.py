@@ -1,11 +1,13 @@
 """gmic-jax: GMIC (Shen et al., Medical Image Analysis 2021) in JAX/Flax.
 
     from gmic_jax import GMIC, GMICConfig, load_checkpoint
-"""
-from gmic_jax.config import GMICConfig
-from gmic_jax.models import GMIC, init_variables
 
+The names below are imported on first use, so that processes which only read data (the input
+pipeline's worker processes, ``gmic-jax cache``) do not import JAX and Flax.
+"""
 __version__ = "0.1.0"
+
+_LAZY = {"GMICConfig": "gmic_jax.config", "GMIC": "gmic_jax.models", "init_variables": "gmic_jax.models"}
 
 
 def load_checkpoint(directory, step=None):
@@ -13,6 +15,14 @@ def load_checkpoint(directory, step=None):
     from gmic_jax.checkpoint import load_checkpoint as _load
 
     return _load(directory, step=step)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gmic_jax' has no attribute {name!r}")
 
 
 __all__ = ["GMIC", "GMICConfig", "init_variables", "load_checkpoint", "__version__"]

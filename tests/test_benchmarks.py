@@ -350,6 +350,28 @@ def test_throughput_against_devices_and_input_rate(tmp_path):
     assert report["cpu"] == bc.cpu_identity() and bc.cpu_name() in report["device"]  # family/model, AMX
 
 
+# ----------------------------------------------------------------------------- input pipeline
+def test_input_pipeline_json_contract(tmp_path):
+    """The keys and types other checks read; small windows (the default is 2944 x 1920)."""
+    report, stdout = _run_script("input_pipeline.py", ["--window", "128", "64", "--distinct", "4", "--images", "8", "--repeats", "2",
+                                                       "--workers", "0", "1", "--simulate-step-ms", "5",
+                                                       "--simulate-steps", "12", "--simulate-batch", "4"],
+                                 tmp_path, "input")
+    m = report["machine"]
+    assert isinstance(m["cpu_model"], str) and isinstance(m["amx"], bool) and isinstance(m["cpu_family"], int)
+    assert [(r["path"], r["workers"]) for r in report["results"]] == [
+        (p, w) for p in ("cache", "cache_noise", "png") for w in (0, 1)]
+    for r in report["results"]:
+        assert set(r) == {"path", "workers", "images", "images_per_s"}
+        assert r["images"] == 16 and isinstance(r["images_per_s"], float) and r["images_per_s"] > 0
+    loop = report["loop"]
+    assert set(loop) == {"step_ms", "loader_wait_ms", "host_ms", "input_bound"} and loop["step_ms"] == 5
+    assert loop["loader_wait_ms"] >= 0 and loop["host_ms"] >= 0 and isinstance(loop["input_bound"], bool)
+    # The simulated device step really took its 5 ms in the training loop.
+    assert report["details"]["simulation"]["measured_step_ms"] >= 5
+    assert "loop (cache, 2 workers" in stdout
+
+
 # ----------------------------------------------------------------------------- side by side (local)
 @pytest.mark.skipif(not os.environ.get("GMIC_TORCH_REF"),
                     reason="needs a checkout of the original release: set GMIC_TORCH_REF=/path (not in CI)")

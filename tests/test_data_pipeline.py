@@ -1,4 +1,5 @@
-"""The cache (`gmic-jax cache`), its reader, the Grain loader and device prefetch."""
+"""The cache (`gmic-jax cache`), its reader, and the input pipeline (Grain: plans, workers, failures,
+device prefetch)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from gmic_jax.data import batch as batch_lib
 from gmic_jax.data.cache import CacheSource, build_cache
 from gmic_jax.data.image import DataError, write_png
 from gmic_jax.data.manifest import manifest_source
-from gmic_jax.data.pipeline import make_loader, prefetch_to_device, simple_batches
 from gmic_jax.data.testing import breast_image
 
 WINDOW = (48, 32)
@@ -80,49 +80,102 @@ def test_cache_cli(manifest, tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "index.partial.json").read_text())["num_examples"] == 7
 
 
-def test_grain_loader_shards_and_batches(manifest, tmp_path):
+class _Flaky:
+    """A source whose example ``bad`` cannot be read (as a corrupt file would)."""
+
+    def __init__(self, source, bad):
+        self.source, self.bad = source, bad
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise DataError(f"broken-{i}.png", "truncated PNG")
+        return self.source[i]
+
+
+def _plan():
+    """A balanced training order over 7 examples in global batches of 4 (2 processes x 2 rows)."""
+    labels = np.array([[i % 2, int(i == 3)] for i in range(7)], np.float32)
+    return labels, dict(batch_size=4, steps_per_epoch=1, num_steps=3, seed=5, balanced=False)
+
+
+def test_train_plan_is_the_epoch_order_cut_into_process_rows():
+    from gmic_jax.train.input import TrainPlan
+    from gmic_jax.train.sampling import epoch_order
+
+    labels, kw = _plan()
+    whole = TrainPlan(labels, **kw)
+    halves = [TrainPlan(labels, **kw, process_index=p, process_count=2) for p in range(2)]
+    for step in range(3):
+        expected = epoch_order(labels, step, 5, False)[:4]  # one step per epoch here
+        assert [i for i, _ in whole[step]] == expected.tolist()
+        assert {e for _, e in whole[step]} == {step}
+        assert halves[0][step] + halves[1][step] == whole[step]  # the processes split the global batch
+    with pytest.raises(IndexError):
+        whole[3]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grain_batches_equal_in_process_batches(manifest, tmp_path, workers):
+    """Worker processes change nothing: every batch equals the examples stacked here, in plan order,
+    and starting at a later step (a resumed run) gives the same tail."""
+    from gmic_jax.data.pipeline import load_batches
+    from gmic_jax.train.input import TrainExamples, TrainPlan
+
     build_cache(_source(manifest), tmp_path / "cache", shard_size=4)
     source = CacheSource(tmp_path / "cache")
-    seen = []
-    for shard in range(2):
-        loader = make_loader(source, 2, shuffle=True, seed=3, shard_index=shard, shard_count=2,
-                             worker_count=0)
-        batches = list(loader)
-        for b in batches:
-            batch_lib.check_batch(b, WINDOW)
-            assert b["image"].shape[0] == 2
-            seen.extend(b["image_id"].tolist())
-    assert len(seen) == len(set(seen)) == 4  # disjoint shards of 3, one full batch of 2 each
-    again = [b["image_id"].tolist() for b in make_loader(source, 2, shuffle=True, seed=3, shard_index=0,
-                                                          shard_count=2)]
-    assert sum(again, []) == seen[:len(sum(again, []))]  # seeded: same order
+    labels, kw = _plan()
+    plan = TrainPlan(labels, **kw)
+    examples = TrainExamples(source, seed=5)
+    expected = [batch_lib.stack([examples(t) for t in plan[k]]) for k in range(len(plan))]
+    for start in (0, 1):
+        with load_batches(plan, examples, workers=workers, start=start) as batches:
+            got = list(batches)
+        assert len(got) == len(plan) - start
+        for want, batch in zip(expected[start:], got):
+            assert batch["ok"].all() and batch["failures"] == ()
+            for key in ("image", "label"):
+                assert batch[key].dtype == want[key].dtype
+                np.testing.assert_array_equal(batch[key], want[key])
 
 
-def test_grain_worker_processes(manifest, tmp_path):
-    build_cache(_source(manifest), tmp_path / "cache", shard_size=4)
-    source = CacheSource(tmp_path / "cache")
-    ids = []
-    for b in make_loader(source, 3, worker_count=1, shard_index=0, shard_count=1, drop_remainder=False):
-        batch_lib.check_batch(b, WINDOW)
-        ids.extend(b["image_id"].tolist())
-        del b
-    assert sorted(ids) == sorted(str(source[i]["image_id"]) for i in range(7))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_example_fails_alone_and_the_iterator_goes_on(manifest, workers):
+    from gmic_jax.data.pipeline import SourceExamples, load_batches
+
+    source = _Flaky(_source(manifest), bad=4)
+    plan = [(0, 1, 2), (3, 4, 5), (6, 6, 6)]
+    with load_batches(plan, SourceExamples(source), workers=workers) as batches:
+        got = list(batches)
+    assert len(got) == 3
+    assert [b["ok"].tolist() for b in got] == [[True] * 3, [True, False, True], [True] * 3]
+    [failure] = got[1]["failures"]
+    assert (failure.row, failure.task) == (1, 4) and str(failure) == "broken-4.png: truncated PNG"
+    assert not got[1]["image"][1].any() and got[1]["image_id"][1] == ""  # the failed row is blank
+    np.testing.assert_array_equal(got[1]["image"][2], source[5]["image"])
+    # Everything fails: the batch says so instead of raising.
+    with load_batches([(4,)], SourceExamples(source), workers=workers) as batches:
+        [alone] = list(batches)
+    assert set(alone) == {"ok", "failures"} and not alone["ok"].any()
 
 
-def test_simple_batches_and_prefetch(manifest, tmp_path):
+def test_batches_go_to_device_ahead_and_errors_reach_the_consumer(manifest):
     import jax
 
+    from gmic_jax.data.pipeline import SourceExamples, load_batches
+
     source = _source(manifest)
-    batches = list(simple_batches(source, 3))
-    assert [b["image"].shape[0] for b in batches] == [3, 3, 1]
-    on_device = list(prefetch_to_device(iter(batches), size=2))
-    for host, dev in zip(batches, on_device):
-        assert isinstance(dev["image"], jax.Array) and isinstance(dev["image_id"], np.ndarray)
-        np.testing.assert_array_equal(np.asarray(dev["image"]), host["image"])
+    plan = [(0, 1, 2), (3, 4, 5)]
+    with load_batches(plan, SourceExamples(source), put=jax.device_put) as batches:
+        for tasks, batch in zip(plan, batches):
+            assert isinstance(batch["image"], jax.Array) and isinstance(batch["image_id"], np.ndarray)
+            np.testing.assert_array_equal(np.asarray(batch["image"]), batch_lib.stack([source[i] for i in tasks])["image"])
 
-    def broken():
-        yield batches[0]
-        raise DataError("x.png", "boom")
+    def put(x):
+        raise RuntimeError("device full")
 
-    with pytest.raises(DataError, match="boom"):
-        list(prefetch_to_device(broken()))
+    with load_batches(plan, SourceExamples(source), put=put) as batches:
+        with pytest.raises(RuntimeError, match="device full"):
+            next(batches)

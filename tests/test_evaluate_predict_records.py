@@ -19,7 +19,7 @@ from gmic_jax.checkpoint import ASKED_FOR, SelectionRule, select_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = "synthetic:num=8"  # the model's window (128, 96) and the synthetic data it was trained on
 RECORD_FIELDS = {"split", "num_images", "prediction", "tta_draws", "data", "checkpoint", "checkpoint_step",
-                 "checkpoint_selection", "command", "versions", "recorded_split"}
+                 "checkpoint_selection", "command", "versions", "recorded_split", "failed_images"}
 HEAD_AUCS = {f"auc_{head}_{cls}" for head in ("global", "local", "fusion") for cls in ("benign", "malignant")}
 
 

@@ -111,7 +111,7 @@ def test_one_tta_rule_for_predict_evaluate_and_validation(tmp_path, monkeypatch)
 
     def fake_evaluate(model_config, variables, source, mesh, **kw):
         seen.update(kw, spec=source.spec, seed=source.seed)
-        return {}, {"labels": np.zeros((1, 2)), "scores": np.zeros((1, 2))}
+        return {}, {"labels": np.zeros((1, 2)), "scores": np.zeros((1, 2)), "failures": []}
 
     monkeypatch.setattr(E, "evaluate", fake_evaluate)
     monkeypatch.setattr(E, "plot_roc_pr", lambda *a, **k: None)

@@ -3,7 +3,10 @@
 * the shard_map step on 4 forced CPU devices equals the single-device step on the same global
   batch (synchronised BatchNorm) within 1e-5, while per-device BatchNorm really differs;
 * two processes joined by jax.distributed on localhost, each feeding its own half of every
-  global batch, train a few steps and agree with each other and with one process.
+  global batch, train a few steps and agree with each other and with one process;
+* `gmic-jax train` started as a 2-task SLURM job would start it (faked SLURM_* variables, no
+  JAX_* ones) joins the two processes by itself, each loading only its rows, and trains what one
+  process trains; one task, or GMIC_JAX_DISTRIBUTED=off, means no jax.distributed at all.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,3 +138,82 @@ def test_two_processes_with_jax_distributed_agree():
     # ... and equal the one-process run on the same global batches.
     np.testing.assert_allclose(a["params"], single["params"], atol=1e-5)
     np.testing.assert_allclose(np.array(a["losses"])[:, 0], np.array(single["losses"])[:, 0], rtol=1e-5)
+
+
+def _slurm_env(task, ntasks, port):
+    """What `srun --ntasks=N` sets (the variables JAX's SLURM detection reads), on localhost."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(ntasks),
+            "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_STEP_NUM_NODES": "1",
+            "JAX_COORDINATOR_PORT": str(port)}
+
+
+DECISION = textwrap.dedent("""
+    import json, jax
+    from gmic_jax.train.distributed import detected_cluster, maybe_initialize_distributed
+    print(json.dumps({"cluster": detected_cluster(), "multi": maybe_initialize_distributed(),
+                      "processes": jax.process_count()}))
+""")
+
+
+def test_one_slurm_task_or_the_switch_off_means_one_process():
+    r = _result(_run(DECISION, _slurm_env(0, 1, _free_port())))
+    assert r == {"cluster": ["slurm", 1], "multi": False, "processes": 1}
+    r = _result(_run(DECISION, {**_slurm_env(0, 2, _free_port()), "GMIC_JAX_DISTRIBUTED": "off"}))
+    assert r == {"cluster": ["slurm", 2], "multi": False, "processes": 1}
+    r = _result(_run(DECISION))
+    assert r == {"cluster": None, "multi": False, "processes": 1}
+
+
+def test_distributed_switch_and_variables_are_checked():
+    from gmic_jax.train.distributed import maybe_initialize_distributed
+
+    with pytest.raises(RuntimeError, match="GMIC_JAX_DISTRIBUTED='maybe'"):
+        maybe_initialize_distributed({"GMIC_JAX_DISTRIBUTED": "maybe"})
+    with pytest.raises(RuntimeError, match=r"\['JAX_PROCESS_ID'\] are not"):
+        maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+
+
+TRAIN = ["--config", "configs/synthetic_tiny.py", "--config.data.image_shape=(128, 96)",
+         "--config.model.image_shape=(128, 96)", "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
+         "--config.data.num_train=16", "--config.data.num_val=8", "--config.batch_size=4",
+         "--config.num_epochs=1", "--config.eval.batch_size=8", "--config.progress_bar=False",
+         "--config.batch_norm=sync", "--config.data.balanced_sampling=False", "--config.data.workers=1",
+         # crop rotation draws per device (the step folds the roi key with the device index)
+         "--config.model.rotate_crops=False"]
+
+
+def _train(workdir, env_extra):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env_extra}
+    env.pop("XLA_FLAGS", None)
+    log = open(f"{workdir}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "gmic_jax.cli", "train", *TRAIN, "--workdir", str(workdir)],
+                            cwd=REPO, env=env, stdout=log, stderr=log, text=True)
+
+
+def test_srun_style_two_task_training_equals_one_process(tmp_path):
+    import jax
+
+    from gmic_jax import load_checkpoint
+
+    port = _free_port()
+    two = tmp_path / "two"
+    procs = [_train(two, _slurm_env(i, 2, port)) for i in range(2)]
+    try:
+        codes = [p.wait(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    log = Path(f"{two}.log").read_text()
+    assert codes == [0, 0], log[-3000:]
+    assert "slurm runs 2 tasks" in log
+    one = tmp_path / "one"
+    assert _train(one, {}).wait(timeout=900) == 0, Path(f"{one}.log").read_text()[-3000:]
+    # Process 0 wrote the records; the global batches (each process loaded half) were the same.
+    a = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4]
+    assert a[0]["train_loss"] == pytest.approx(b[0]["train_loss"], rel=1e-5)
+    pa, pb = (jax.tree.leaves(load_checkpoint(d)[1]) for d in (two, one))
+    for x, y in zip(pa, pb):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

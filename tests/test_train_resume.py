@@ -54,20 +54,60 @@ def _params(workdir, step):
     return jax.tree.leaves(variables)
 
 
+def _workers(pid):
+    """Process ids of ``pid``'s input worker processes (spawned Python processes; Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
+                    and b"multiprocessing.spawn" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, env):
     workdir = tmp_path_factory.mktemp("runs") / "straight"
-    proc = _train(workdir, env)
+    proc = _train(workdir, env, "--config.data.workers=0")  # in-process loading
     assert proc.returncode == 0, _log(workdir)[-3000:]
     return workdir
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes in /proc (Linux)")
 def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
+    """With 2 input worker processes, killed twice and resumed: the same parameters and
+    metrics.jsonl as the uninterrupted in-process run, and no worker outlives a killed run."""
     final = _steps(uninterrupted)[-1]
     assert final >= 6
-    workdir = tmp_path / "killed"
+    workers = "--config.data.workers=2"
+    # 0) SIGKILL a run whose two workers are busy (many epochs ahead): they go with it.
+    proc = _train(tmp_path / "orphans", env, workers, "--config.num_epochs=50", wait=False)
+    deadline = time.time() + 900
+    while len(_workers(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    children = _workers(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(children) == 2, _log(tmp_path / "orphans")[-2000:]
+    deadline = time.time() + 30
+    while any(_alive(c) for c in children) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [c for c in children if _alive(c)]
+    for c in survivors:  # leave nothing behind, then fail
+        os.kill(c, signal.SIGKILL)
+    assert not survivors, "input worker processes outlived the killed training process"
     # 1) SIGKILL from outside as soon as the first checkpoint is complete.
-    proc = _train(workdir, env, wait=False)
+    workdir = tmp_path / "killed"
+    proc = _train(workdir, env, workers, wait=False)
     deadline = time.time() + 900
     while not (workdir / "2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -78,11 +118,11 @@ def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
     first = _steps(workdir)
     assert first and first[-1] < final
     # 2) Resume; this time SIGKILL in the middle of the asynchronous save of step 6.
-    proc = _train(workdir, env, extra_env={"GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP": "6"})
+    proc = _train(workdir, env, workers, extra_env={"GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP": "6"})
     assert proc.returncode == -signal.SIGKILL, _log(workdir)[-3000:]
     assert "resumed from" in _log(workdir)
     # 3) Resume to the end.
-    proc = _train(workdir, env)
+    proc = _train(workdir, env, workers)
     assert proc.returncode == 0, _log(workdir)[-3000:]
     assert _steps(workdir)[-1] == final
     for a, b in zip(_params(uninterrupted, final), _params(workdir, final)):
@@ -128,6 +168,28 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
                           "--data", "synthetic", "--output", str(out)], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "not a gmic-jax checkpoint" in bad.stderr
+
+
+def test_evaluate_scores_the_readable_images_and_reports_the_rest(uninterrupted, tmp_path, capsys):
+    """A cache with one shard gone bad: evaluate scores the other images, names the bad ones on
+    stderr and in failures.txt, and exits 1."""
+    from gmic_jax.cli import main
+    from gmic_jax.data.cache import build_cache
+    from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
+
+    source = SyntheticLesions(8, seed=0, split="val", spec=SyntheticSpec(image_shape=(128, 96)))
+    assert build_cache(source, tmp_path / "cache", shard_size=4) == (8, [])
+    shard = tmp_path / "cache" / "images-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: images 4..7 unreadable
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--checkpoint", str(uninterrupted), "--data", f"cache:{tmp_path / 'cache'}",
+                 "--output", str(out), "--batch-size", "4", "--workers", "1", "--split", "test"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("images-00001.npy: unreadable cache shard") == 4 and "left out of metrics.json" in err
+    assert len((out / "failures.txt").read_text().splitlines()) == 4
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["num_images"] == 4 and doc["failed_images"] == 4
 
 
 def test_non_finite_step_stops_with_the_last_good_checkpoint(uninterrupted, tmp_path, env):

@@ -190,9 +190,10 @@ def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tm
     from gmic_jax.train import workdir as W
 
     doc = _fake_workdir(tmp_path / "run", _config())
-    free = {**doc, "train": _config(**{"progress_bar": True, "log_every_steps": 3, "eval.batch_size": 2}).to_dict()}
+    free = {**doc, "train": _config(**{"progress_bar": True, "log_every_steps": 3, "eval.batch_size": 2,
+                                                   "data.workers": 2}).to_dict()}
     resume = W.check(tmp_path / "run", free, steps_per_epoch=6)
-    assert set(resume.entry["changes"]) == {"progress_bar", "log_every_steps", "eval.batch_size"}
+    assert set(resume.entry["changes"]) == {"progress_bar", "log_every_steps", "eval.batch_size", "data.workers"}
     assert W.check(tmp_path / "run", doc, steps_per_epoch=6).entry is None
     for field, value in [("seed", 1), ("batch_size", 8), ("optimizer.learning_rate", 0.5), ("data.num_train", 10),
                          ("loss.beta", 0.5), ("eval.every_epochs", 2), ("best_metric", "val_dice_malignant")]:

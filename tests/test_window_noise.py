@@ -361,7 +361,59 @@ def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch):
     c.augment.enabled = False
     c.batch_size, c.num_epochs, c.eval.batch_size = 4 * jax.device_count(), 1, 8
     c.progress_bar, c.seed = False, 3
+    c.data.workers = 0  # in this process, where the draws are counted
     record = train_and_evaluate(c, tmp_path / "run")
     steps = 8 // c.batch_size
     assert record["step"] == steps and np.isfinite(record["train_loss"])
     assert len(calls) == steps * c.batch_size and {(e, s) for _, e, s in calls} == {(0, 3)}
+
+
+def test_an_unreadable_training_example_stops_training_naming_it(caches, tmp_path, monkeypatch):
+    import jax
+
+    from gmic_jax.train.defaults import default_config
+    from gmic_jax.train.loop import DataFailure, train_and_evaluate
+
+    _, _, noise = caches
+    draw = CacheSource.noisy_example
+
+    def broken(self, index, epoch, seed, with_masks=True):
+        if index == 5:
+            raise DataError("contexts-00001.npy", "example 5: short read")
+        return draw(self, index, epoch, seed, with_masks)
+
+    monkeypatch.setattr(CacheSource, "noisy_example", broken)
+    c = default_config()
+    c.data.source, c.data.window_noise, c.data.workers = "cache", True, 0
+    c.data.train_cache = c.data.val_cache = str(noise.cache_dir)
+    c.data.balanced_sampling = False
+    c.model.image_shape, c.model.crop_shape, c.model.K = WINDOW, (32, 32), 1
+    c.augment.enabled = False
+    c.batch_size, c.num_epochs, c.progress_bar = 4 * jax.device_count(), 1, False
+    with pytest.raises(DataFailure, match=r"1 training example\(s\) of step \d could not be loaded:\n"
+                                          r"  contexts-00001.npy: example 5: short read\n"
+                                          r"stopped; last good checkpoint: step (None|1) in "):
+        train_and_evaluate(c, tmp_path / "run")
+
+
+def test_grain_workers_give_the_same_noisy_batches(caches):
+    """Through worker processes, each example's draw is still the one of (seed, epoch, example):
+    every batch equals the in-process one bit for bit, over an epoch boundary and from a later start."""
+    from gmic_jax.data.pipeline import load_batches
+    from gmic_jax.train.input import TrainExamples, TrainPlan
+    from gmic_jax.train.sampling import source_labels
+
+    _, _, noise = caches
+    plan = TrainPlan(source_labels(noise), batch_size=4, steps_per_epoch=2, num_steps=6, seed=3, balanced=False)
+    examples = TrainExamples(noise, seed=3, window_noise=True)
+    expected = [batch_lib.stack([noise.noisy_example(i, e, 3, with_masks=False) for i, e in plan[k]])
+                for k in range(len(plan))]
+    assert [sorted(i for k in (2 * e, 2 * e + 1) for i, _ in plan[k]) for e in range(3)] == [list(range(8))] * 3
+    assert [{e for _, e in plan[k]} for k in range(6)] == [{0}, {0}, {1}, {1}, {2}, {2}]  # fresh draws per epoch
+    for workers, start in ((0, 0), (2, 0), (2, 3)):
+        with load_batches(plan, examples, workers=workers, start=start) as batches:
+            got = list(batches)
+        assert len(got) == len(plan) - start
+        for want, batch in zip(expected[start:], got):
+            np.testing.assert_array_equal(batch["image"], want["image"])
+            np.testing.assert_array_equal(batch["label"], want["label"])

@@ -270,7 +270,10 @@ class CacheSource:
     def _map(self, name: str) -> np.ndarray:
         arr = self._maps.get(name)
         if arr is None:
-            arr = self._maps[name] = np.load(self.cache_dir / name, mmap_mode="r")
+            try:
+                arr = self._maps[name] = np.load(self.cache_dir / name, mmap_mode="r")
+            except (OSError, ValueError) as e:  # missing, truncated or not .npy
+                raise DataError(self.cache_dir / name, f"unreadable cache shard: {e}") from None
         return arr
 
     @property
@@ -283,19 +286,20 @@ class CacheSource:
         return self.window_noise is not None
 
     def __getitem__(self, index: int) -> dict:
-        """The plain window (and masks) of example ``index``."""
+        """The plain window (and masks) of example ``index``: read-only views of the memory-mapped
+        shards (batching copies them once; no copy here)."""
         s, j = self._locations[index]
         shard = self.index["shards"][s]
         meta = self.examples[index]
         example = {
-            batch_lib.IMAGE: np.array(self._map(shard["images"])[j])[..., None],
+            batch_lib.IMAGE: np.asarray(self._map(shard["images"])[j])[..., None],
             batch_lib.LABEL: np.asarray(meta["label"], dtype=batch_lib.LABEL_DTYPE),
             batch_lib.IMAGE_ID: np.str_(meta["image_id"]),
             batch_lib.BREAST_ID: np.str_(meta["breast_id"]),
             batch_lib.VIEW: np.str_(meta["view"]),
         }
         if self.has_masks:
-            example[batch_lib.MASK] = np.array(self._map(shard["masks"])[j])
+            example[batch_lib.MASK] = np.asarray(self._map(shard["masks"])[j])
         return example
 
     def draw(self, index: int, rng: np.random.Generator, with_masks: bool = True) -> dict:

@@ -66,6 +66,10 @@ Outputs (in OUT)
                               the inputs and settings; num_exams, num_images, num_failures; the
                               outputs written; the command line and the versions
 
+Loading: the images are read and preprocessed by the input pipeline (:mod:`gmic_jax.data.pipeline`)
+in ``--workers`` processes (default: the usable cores less one, 0 below 3 cores; 0 = in this
+process), in exam order; no output depends on the number of workers.
+
 Batching: images of all exams go through ONE compiled function with a fixed batch size (the
 last batch is padded), split over the local devices; nothing about an image's result depends on
 the batch size or on its batch neighbours.

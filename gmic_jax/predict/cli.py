@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--visualize", action="store_true", help="write visualization/<image>.png")
     parser.add_argument("--segmentations", help="folder of lesion masks (window frame) -> localization.csv")
     parser.add_argument("--batch-size", type=int, default=4, help="images per device call (default 4)")
-    parser.add_argument("--num-workers", type=int, default=2, help="image loading threads (default 2)")
+    parser.add_argument("--workers", "--num-workers", dest="workers", type=int, default=None,
+                        help="image loading processes (0: load in this process; default: the usable cores "
+                             "less one, 0 below 3 cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,7 +70,7 @@ def main(args) -> int:
                          dicom=args.dicom, synthetic=args.synthetic, preprocessed=args.preprocessed,
                          tta=args.tta, seed=args.seed, visualize=args.visualize,
                          segmentations_dir=args.segmentations, batch_size=args.batch_size,
-                         num_workers=args.num_workers, progress=not args.no_progress,
+                         workers=args.workers, progress=not args.no_progress,
                          command=getattr(args, "command_line", None))
     except ValueError as e:
         return _error(str(e), 2)

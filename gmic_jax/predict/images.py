@@ -1,6 +1,7 @@
 """Loading one image task: read the file, make the model's window as the checkpoint's
-preprocessing says, load its masks. A pure function of (task, preprocessing), so any loader
-(threads today) can run it for any image in any order.
+preprocessing says, load its masks. A pure function of (task, preprocessing), so the input
+pipeline (:mod:`gmic_jax.data.pipeline`, in worker processes or in this one) runs it for any image
+in any order: :class:`ImageExamples` is its picklable load function.
 """
 from __future__ import annotations
 
@@ -58,3 +59,15 @@ def load_image(task: ImageTask, prep: Preprocessing) -> LoadedImage:
     if task.seg_paths is not None:
         masks = np.stack([load_segmentation(p, prep.window_shape) for p in task.seg_paths], axis=-1)
     return LoadedImage(np.asarray(window, np.float32), masks)
+
+
+class ImageExamples:
+    """The input pipeline's load function: task -> {"window": (H, W) float32[, "masks": (H, W, 2)
+    uint8]} (:func:`load_image` as arrays; picklable, for worker processes)."""
+
+    def __init__(self, prep: Preprocessing):
+        self.prep = prep
+
+    def __call__(self, task: ImageTask) -> dict:
+        loaded = load_image(task, self.prep)
+        return {"window": loaded.window} if loaded.masks is None else {"window": loaded.window, "masks": loaded.masks}

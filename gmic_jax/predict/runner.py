@@ -1,8 +1,6 @@
 """The predict run: exams in, one compiled function over fixed-size batches, outputs per exam."""
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import logging
 import sys
@@ -19,7 +17,7 @@ from gmic_jax.files import write_failures
 from gmic_jax.predict import outputs as out_lib
 from gmic_jax.predict.exams import (Exam, ImageTask, PredictError, exams_from_dicom, exams_from_exam_list,
                                     exams_from_synthetic)
-from gmic_jax.predict.images import LoadedImage, load_image
+from gmic_jax.predict.images import ImageExamples, LoadedImage
 from gmic_jax.predict.models import FORWARD_OUTPUTS, compiled_forward, load_models
 from gmic_jax.predict.outputs import PredictResult
 
@@ -28,12 +26,15 @@ log = logging.getLogger("gmic_jax.predict")
 
 def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=None, dicom=None,
             synthetic: Optional[int] = None, preprocessed: bool = False, tta: int = 0, seed: int = 0,
-            visualize: bool = False, segmentations_dir=None, batch_size: int = 4, num_workers: int = 2,
+            visualize: bool = False, segmentations_dir=None, batch_size: int = 4, workers: Optional[int] = None,
             progress: bool = True, devices=None, command: Optional[Sequence[str]] = None) -> PredictResult:
     """Predict every exam of an exam list (``exam_list`` + ``images_dir``), of DICOM files
     (``dicom``) or the first ``synthetic`` synthetic exams with the ensemble of ``checkpoints``;
     write the outputs to ``output_dir`` (see :mod:`gmic_jax.predict`; ``command``, the command
-    line, goes into run.json) and return them. Failures are collected, never raised. A checkpoint
+    line, goes into run.json) and return them. Images are loaded by the input pipeline
+    (:mod:`gmic_jax.data.pipeline`) in ``workers`` processes (0: a thread of this one; None: the
+    default, :func:`~gmic_jax.data.pipeline.default_workers`); the outputs do not depend on it.
+    Failures are collected, never raised. A checkpoint
     that cannot be used affects every exam: nothing is predicted, failures.txt is the only output
     and ``result.checkpoint_error`` says why. Settings that contradict each other or the
     checkpoint raise ValueError before anything is written."""
@@ -54,6 +55,8 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
         raise ValueError(f"synthetic must be a number of exams >= 1, got {synthetic}")
     if tta < 0 or batch_size < 1:
         raise ValueError(f"tta must be >= 0 and batch_size >= 1, got tta={tta}, batch_size={batch_size}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: load in this process), got {workers}")
     output_dir = Path(output_dir)
     result = PredictResult([], [], [], [])
     try:
@@ -98,7 +101,11 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
 
     run = _Run(forward, variables, key_data, NamedSharding(mesh, P("data")), batch_size, prep, tta,
                output_dir, visualize, models[0].config.crop_shape, result)
-    run.execute(exams, num_workers, progress)
+    if workers is None:
+        from gmic_jax.data.pipeline import default_workers
+
+        workers = default_workers()
+    run.execute(exams, workers, progress)
 
     for position in sorted(run.rows_by_exam):
         preds, breasts, locs, per_model = run.rows_by_exam[position]
@@ -164,7 +171,7 @@ class _Run:
         self.first_batch_seconds: Optional[float] = None
         self.bar = None
 
-    def execute(self, exams, num_workers: int, progress: bool):
+    def execute(self, exams, workers: int, progress: bool):
         states = [_ExamState(e, i, len(e.images)) for i, e in enumerate(exams)]
         if progress:
             try:
@@ -174,11 +181,10 @@ class _Run:
             except ImportError:
                 self.bar = None
         try:
-            for state, task, loaded in self._loaded(states, num_workers):
-                if isinstance(loaded, Exception):
-                    path = getattr(loaded, "path", task.path)
-                    problem = getattr(loaded, "problem", None) or f"{type(loaded).__name__}: {loaded}"
-                    self.result.failures.append(PredictError(state.exam.exam_id, path, problem))
+            for state, task, loaded in self._loaded(states, workers):
+                if not isinstance(loaded, LoadedImage):  # a Failure: the file and what is wrong
+                    path = loaded.path or task.path
+                    self.result.failures.append(PredictError(state.exam.exam_id, path, loaded.problem))
                     state.failed = True
                     state.finished.clear()
                     self._resolve(state)
@@ -192,36 +198,28 @@ class _Run:
             if self.bar is not None:
                 self.bar.close()
 
-    def _loaded(self, states, num_workers: int):
-        """(exam state, task, LoadedImage or the exception) in exam order, loaded ahead in threads."""
-        jobs = iter([(state, task) for state in states for task in state.exam.images])
-        if num_workers <= 0:
-            for state, task in jobs:
-                try:
-                    yield state, task, load_image(task, self.prep)
-                except Exception as e:  # one bad image must not stop the run; DataError names its file
-                    yield state, task, e
-            return
-        ahead = max(2 * self.batch_size, num_workers + 1)
-        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-            pending = collections.deque()
-            try:
-                for state, task in jobs:
-                    pending.append((state, task, pool.submit(load_image, task, self.prep)))
-                    while len(pending) >= ahead:
-                        yield self._result_of(*pending.popleft())
-                while pending:
-                    yield self._result_of(*pending.popleft())
-            finally:
-                for *_, future in pending:
-                    future.cancel()
+    def _loaded(self, states, workers: int):
+        """(exam state, task, LoadedImage or its :class:`~gmic_jax.data.pipeline.Failure`) in exam
+        order, loaded ahead through the input pipeline (``workers`` processes, 0: a thread)."""
+        from gmic_jax.data.pipeline import FAILURES, load_batches
 
-    @staticmethod
-    def _result_of(state, task, future):
+        jobs = [(state, task) for state in states for task in state.exam.images]
+        if not jobs:
+            return
+        plan = [(task,) for _, task in jobs]  # one image per element: the runner fills the device batches
+        batches = load_batches(plan, ImageExamples(self.prep), workers=workers, buffer=max(2, self.batch_size))
         try:
-            return state, task, future.result()
-        except Exception as e:
-            return state, task, e
+            for state, task in jobs:
+                batch = next(batches)
+                if batch[FAILURES]:
+                    loaded = batch[FAILURES][0]
+                else:  # copied out of the batch (whose memory may be shared with a worker)
+                    masks = batch.get("masks")
+                    loaded = LoadedImage(np.array(batch["window"][0]), None if masks is None else np.array(masks[0]))
+                batch = None
+                yield state, task, loaded
+        finally:
+            batches.close()
 
     def _enqueue(self, st: _ImageState):
         # Draw 0 is the plain window; draws 1..tta are augmented on device from the same window.

@@ -179,11 +179,13 @@ def check_config(config) -> None:
     choice("loss.saliency_reduction", SALIENCY_REDUCTIONS)
     choice("eval.prediction", PREDICTIONS)
     choice("best_metric", [k for k in JSONL_KEYS if k.startswith("val_")])
-    for field in ("batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_latest",
-                  "eval.batch_size", "eval.every_epochs"):
-        value = flat_fields(config)[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{field}={value!r}; expected an integer >= 1")
+    for field, least in (("batch_size", 1), ("num_epochs", 1), ("log_every_steps", 1), ("checkpoint_every_steps", 1),
+                         ("keep_latest", 1), ("eval.batch_size", 1), ("eval.every_epochs", 0), ("data.workers", 0)):
+        value = flat_fields(config).get(field, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{field}={value!r}; expected an integer >= {least}"
+                              + (" (0: no evaluation)" if field == "eval.every_epochs" else "")
+                              + (" (0: load in the training process)" if field == "data.workers" else ""))
     if config.loss.beta < 0:  # nan passes: the divergence test trains with it on purpose
         raise ConfigError(f"loss.beta={config.loss.beta!r}; expected a number >= 0")
     if config.data.source == "cache" and not (config.data.train_cache and config.data.val_cache):

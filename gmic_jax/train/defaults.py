@@ -5,6 +5,7 @@ import dataclasses
 
 from gmic_jax.config import GMICConfig
 from gmic_jax.augment import AugmentConfig
+from gmic_jax.data.pipeline import default_workers
 
 PREDICTIONS = ("fusion", "global", "local", "average")
 
@@ -38,6 +39,8 @@ def default_config():
     c.data.window_noise = False           # cache only: the original's window noise (shift + size around
                                           # the best centre) on training images, a fresh draw per epoch;
                                           # needs a train cache built with `gmic-jax cache --window-noise`
+    c.data.workers = default_workers()    # input worker processes (0: load in the training process); by
+                                          # default the usable cores less one (0 if that is 1), at most 16
 
     c.loss = ml_collections.ConfigDict()
     c.loss.beta = 3.26e-6                 # saliency regularisation weight (paper: tuned per run)

@@ -8,7 +8,9 @@ name of the split scored in place of ``val_`` (``test_auc_malignant``, ``test_ro
 per-head AUCs ``test_auc_global_malignant``, ...); training's own evaluation is the same function
 with the ``val_`` prefix. metrics.json also records the split, the checkpoint step and why it was
 chosen (:func:`gmic_jax.checkpoint.select_checkpoint`), the command and the versions
-(:mod:`gmic_jax.records`); the figure's title names the split and the step.
+(:mod:`gmic_jax.records`); the figure's title names the split and the step. Images come through
+the input pipeline (``--workers``); an image that cannot be loaded is left out of the metrics,
+named on stderr and in OUT/failures.txt, and the command exits 1.
 
 The split: synthetic data draws the split ``--split`` names (train, val or test; default test, or
 the ``split=`` of ``--data``). A cache holds whatever it was built from: its split is the one its
@@ -45,11 +47,17 @@ def prediction_scores(outputs: dict, prediction: str) -> np.ndarray:
 
 
 def run_model(model_config, variables, source, mesh, *, batch_size: int, normalization: str = "standardize",
-              augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False):
-    """Model outputs over the whole source (host numpy, source order) and the localisation
-    metrics accumulated batch by batch (masks never pile up in memory)."""
+              augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False, workers: int = 0):
+    """Model outputs over the source (host numpy, source order), the localisation metrics
+    accumulated batch by batch (masks never pile up in memory) and the examples that could not be
+    loaded (:class:`~gmic_jax.data.pipeline.Failure`; left out of the outputs and metrics).
+
+    Examples come through the input pipeline (``workers`` processes, 0: this one); every process
+    loads the whole evaluation batch (the metrics need every label and mask) and feeds its rows."""
     import jax
 
+    from gmic_jax.data.pipeline import FAILURES, OK, SourceExamples, load_batches
+    from gmic_jax.train.input import eval_plan
     from gmic_jax.train.step import make_eval_step, replicate, shard_batch, to_host
 
     n_dev = mesh.devices.size
@@ -59,52 +67,65 @@ def run_model(model_config, variables, source, mesh, *, batch_size: int, normali
     variables = replicate({k: variables[k] for k in ("params", "batch_stats")}, mesh)
     key = np.asarray(jax.random.key_data(jax.random.key(seed)))
     n = len(source)
-    outs, labels, breast_ids = [], [], []
+    outs, labels, breast_ids, failures = [], [], [], []
     loc = M.LocalizationAccumulator(model_config.crop_shape)
     has_masks = False
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
         bar = tqdm(total=n, desc="eval", leave=False)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        real = len(idx)
-        idx += [idx[-1]] * (batch_size - real)  # pad the last batch; padded rows are dropped
-        examples = [source[i] for i in idx]
-        images = np.stack([e["image"] for e in examples])
-        rows = batch_size // n_proc
-        p = jax.process_index()
-        local = {"image": images[p * rows:(p + 1) * rows]}
-        out = to_host(step(variables, shard_batch(local, mesh)["image"], key))
-        out = {k: v[:real] for k, v in out.items()}
-        outs.append(out)
-        labels.append(np.stack([e["label"] for e in examples[:real]]))
-        breast_ids += [str(e["breast_id"]) for e in examples[:real]]
-        if "mask" in examples[0]:
-            has_masks = True
-            loc.update(out["saliency_map"], np.stack([e["mask"] for e in examples[:real]]), out["patch_locations"])
-        if bar is not None:
-            bar.update(real)
+    rows = batch_size // n_proc
+    p = jax.process_index()
+    plan = eval_plan(n, batch_size)
+    batches = load_batches(plan, SourceExamples(source), workers=workers)
+    batch = None
+    try:
+        for k in range(len(plan)):
+            batch = next(batches)
+            real = min(batch_size, n - k * batch_size)  # the rest pads the last batch
+            failures += [f for f in batch[FAILURES] if f.row < real]
+            keep = batch[OK][:real]
+            images = batch.get("image")
+            if images is None:  # every example of the batch failed: zeros keep the processes in step
+                images = np.zeros((batch_size, *model_config.image_shape, 1), np.uint16)
+            out = to_host(step(variables, shard_batch({"image": images[p * rows:(p + 1) * rows]}, mesh)["image"], key))
+            if not keep.any():
+                continue
+            out = {name: v[:real][keep] for name, v in out.items()}
+            outs.append(out)
+            labels.append(batch["label"][:real][keep])
+            breast_ids += [str(b) for b in batch["breast_id"][:real][keep]]
+            if "mask" in batch:
+                has_masks = True
+                loc.update(out["saliency_map"], batch["mask"][:real][keep], out["patch_locations"])
+            if bar is not None:
+                bar.update(real)
+    finally:
+        batch = None  # released before the pipeline closes (its memory is shared with a worker)
+        batches.close()
     if bar is not None:
         bar.close()
+    if not outs:
+        raise RuntimeError(f"no example of {source!r} could be loaded:\n" + "\n".join(f"  {f}" for f in failures))
     outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None)
+    return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None), failures
 
 
 def evaluate(model_config, variables, source, mesh, *, batch_size: int = 32, normalization: str = "standardize",
              prediction: str = "fusion", augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False,
-             prefix: str = "val_"):
+             prefix: str = "val_", workers: int = 0):
     """(metrics, details): ``metrics`` has exactly the metrics.jsonl validation keys that are
     defined, with ``prefix`` for their ``val_`` (the name of the split scored); ``details`` adds
-    per-head AUCs (``auc_<head>_<class>``, no prefix) and the raw scores/labels."""
-    outputs, labels, breast_ids, loc = run_model(
+    per-head AUCs (``auc_<head>_<class>``, no prefix), the raw scores/labels and ``failures``
+    (examples that could not be loaded: left out of everything else)."""
+    outputs, labels, breast_ids, loc, failures = run_model(
         model_config, variables, source, mesh, batch_size=batch_size, normalization=normalization,
-        augment=augment, tta_draws=tta_draws, seed=seed, progress=progress)
+        augment=augment, tta_draws=tta_draws, seed=seed, progress=progress, workers=workers)
     scores = prediction_scores(outputs, prediction)
     metrics = M.classification_metrics(scores, labels, breast_ids, prefix=prefix)
     if loc is not None:
         metrics.update(loc.result(prefix=prefix))
-    details = {"scores": scores, "labels": labels, "breast_ids": breast_ids, "outputs": outputs}
+    details = {"scores": scores, "labels": labels, "breast_ids": breast_ids, "outputs": outputs, "failures": failures}
     for name, head in HEADS.items():
         for c, cls in enumerate(M.CLASSES):
             v = M.auc(labels[:, c], outputs[head][:, c])
@@ -228,6 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalization", default=None, choices=["standardize", "unit_range"],
                         help="default: what the checkpoint's config.json says")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="input worker processes (0: load in this process; default: the usable cores less "
+                             "one, 0 below 3 cores)")
 
 
 def _error(message: str, code: int) -> int:
@@ -242,6 +266,8 @@ def main(args) -> int:
     from gmic_jax.augment import tta_augment
     from gmic_jax.checkpoint import CheckpointError, load_selected, read_config
     from gmic_jax.data.image import DataError
+    from gmic_jax.data.pipeline import default_workers
+    from gmic_jax.files import FAILURES_TXT, print_failures, write_failures
     from gmic_jax.train.distributed import maybe_initialize_distributed
     from gmic_jax.train.step import make_mesh
 
@@ -277,14 +303,26 @@ def main(args) -> int:
             log.warning("%s records split %r; scored as --split %r", args.data, recorded_split, split)
         log.info("evaluating %s on split %r of %s", records.describe(args.checkpoint, chosen), split, args.data)
     prefix = f"{split}_"
-    metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
-                                normalization=args.normalization or prep.normalization, prediction=args.prediction,
-                                augment=augment, tta_draws=args.tta, seed=args.seed, progress=True, prefix=prefix)
+    workers = default_workers() if args.workers is None else args.workers
+    try:
+        metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
+                                    normalization=args.normalization or prep.normalization,
+                                    prediction=args.prediction, augment=augment, tta_draws=args.tta, seed=args.seed,
+                                    progress=True, prefix=prefix, workers=workers)
+    except RuntimeError as e:  # nothing could be loaded
+        return _error(str(e), 1)
+    failures = details["failures"]
     if jax.process_index() == 0:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
+        (out / FAILURES_TXT).unlink(missing_ok=True)
+        if failures:  # scored without them; the run says so and fails
+            print_failures(failures)
+            print(f"{len(failures)} image(s) could not be loaded and are left out of metrics.json "
+                  f"(see {write_failures(out, failures)})", file=sys.stderr)
         heads = {prefix + k: v for k, v in details.items() if k.startswith("auc_")}
         report = {**metrics, **heads, "split": split, "num_images": int(len(details["labels"])),
+                  "failed_images": len(failures),
                   "prediction": args.prediction, "tta_draws": args.tta, "data": args.data,
                   **records.checkpoint_record(args.checkpoint, chosen),
                   **records.provenance(getattr(args, "command_line", None))}
@@ -294,4 +332,4 @@ def main(args) -> int:
         plot_roc_pr(details["scores"], details["labels"], out / "roc_pr.png",
                     title=f"{args.checkpoint} step {chosen.step}: split {split} of {args.data} ({args.prediction})")
         print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+    return 1 if failures else 0

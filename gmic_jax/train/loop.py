@@ -14,6 +14,7 @@ trained with (:mod:`gmic_jax.train.workdir`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -40,6 +41,18 @@ KILL_DURING_SAVE_ENV = "GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP"
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
+
+
+class DataFailure(RuntimeError):
+    """Examples of a step (or of a validation pass) could not be loaded. Training stops rather
+    than train or select on other data than the config says; the message names every file and
+    what is wrong, the step and the last good checkpoint, from which the run resumes once the
+    data is fixed."""
+
+    def __init__(self, step, failures, latest, workdir, where="training"):
+        lines = "\n".join(f"  {f}" for f in failures)
+        super().__init__(f"{len(failures)} {where} example(s) of step {step} could not be loaded:\n{lines}\n"
+                         f"stopped; last good checkpoint: step {latest} in {workdir}")
 
 
 def _merge_init(fresh, loaded, where):
@@ -108,10 +121,16 @@ def _truncate_jsonl(path: Path, max_step: int):
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False) -> dict:
+def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step_fn=None,
+                       step_times: list | None = None) -> dict:
     """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics
     record. A resumed run whose config differs from the workdir's in a field that changes the
-    computation raises :class:`~gmic_jax.train.workdir.WorkdirError` unless ``config_changes_ok``."""
+    computation raises :class:`~gmic_jax.train.workdir.WorkdirError` unless ``config_changes_ok``.
+
+    ``step_fn`` replaces the compiled training step ``(state, batch) -> (state, metrics)`` (the
+    input benchmark's simulated device). ``step_times``, a list, receives per step
+    {loader_wait_s: waiting for the next batch, step_s: the step until its metrics are on the
+    host, host_s: the loop's other work}."""
     from gmic_jax.train.config_lib import check_config
     from gmic_jax.train.distributed import maybe_initialize_distributed
 
@@ -126,9 +145,11 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False) -> d
     from gmic_jax.augment import tta_augment
     from gmic_jax.train.defaults import augment_config
     from gmic_jax.train.evaluate import evaluate
-    from gmic_jax.train.sampling import epoch_order, make_sources, source_labels, steps_per_epoch
+    from gmic_jax.data.pipeline import FAILURES, load_batches
+    from gmic_jax.train.input import TrainExamples, TrainPlan
+    from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
     from gmic_jax.train.state import create_train_state, make_optimizer
-    from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_batch
+    from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_array
     from gmic_jax.train import workdir as workdir_lib
     from gmic_jax.train.state import learning_rate_schedule
     from gmic_jax.train.writers import MetricWriters
@@ -185,22 +206,14 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False) -> d
     evaluated = _read_jsonl(writers.path) if is_main else {}  # step -> record: what the kept step is chosen from
     lr_at = learning_rate_schedule(config.optimizer, total_steps)
 
-    step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
-                              saliency_reduction=config.loss.saliency_reduction, batch_norm=config.batch_norm,
-                              augment=augment, normalization=config.data.normalization)
-    rows = B // n_proc
-    p = jax.process_index()
-
-    def load(step):
-        epoch, j = divmod(step, spe)
-        order = epoch_order(labels, epoch, config.seed, config.data.balanced_sampling)
-        idx = order[j * B:(j + 1) * B][p * rows:(p + 1) * rows]
-        if config.data.window_noise:  # a draw per (seed, epoch, example): the same after a resume
-            examples = [train_src.noisy_example(int(i), epoch, config.seed, with_masks=False) for i in idx]
-        else:
-            examples = [train_src[int(i)] for i in idx]
-        return {"image": np.stack([e["image"] for e in examples]),
-                "label": np.stack([e["label"] for e in examples]).astype(np.float32)}
+    if step_fn is None:
+        step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
+                                  saliency_reduction=config.loss.saliency_reduction, batch_norm=config.batch_norm,
+                                  augment=augment, normalization=config.data.normalization)
+    plan = TrainPlan(labels, batch_size=B, steps_per_epoch=spe, num_steps=total_steps, seed=config.seed,
+                     balanced=config.data.balanced_sampling, process_index=jax.process_index(), process_count=n_proc)
+    examples = TrainExamples(train_src, seed=config.seed, window_noise=config.data.window_noise)
+    workers = int(config.data.workers)
 
     def data_position(step):
         return {"epoch": np.int64(step // spe), "loss_sum": np.float64(loss_sum), "loss_count": np.int64(loss_count)}
@@ -212,55 +225,79 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False) -> d
         bar = tqdm(total=total_steps, initial=start, desc="train", dynamic_ncols=True)
     last_record: dict = {}
     t0 = time.time()
-    batch = load(start) if start < total_steps else None
-    for step in range(start, total_steps):
-        state, m = step_fn(state, shard_batch(batch, mesh))
-        if step + 1 < total_steps:
-            batch = load(step + 1)  # overlaps with the device computation (asynchronous dispatch)
-        m = local_copy(m)
-        if not bool(m["finite"]):
-            manager.wait_until_finished()
-            latest = manager.latest_step()
-            raise TrainingDiverged(
-                f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
-                f"grad_norm={float(m['grad_norm'])}): stopped; parameters not updated; "
-                f"last good checkpoint: step {latest} in {workdir}")
-        loss_sum += float(m["loss"])
-        loss_count += 1
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-        if done % config.log_every_steps == 0:
-            writers.train_step(done, {"loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": lr_at(step)})
-            if bar is None and is_main:
-                log.info("step %d/%d loss %.4f (%.2f s/step)", done, total_steps, float(m["loss"]),
-                         (time.time() - t0) / (done - start))
-        epoch_end = done % spe == 0
-        epoch = done // spe
-        if epoch_end and (epoch % config.eval.every_epochs == 0 or done == total_steps):
-            val, details = evaluate(model_cfg, local_copy(state.variables), val_src, mesh,
-                                    batch_size=config.eval.batch_size, normalization=config.data.normalization,
-                                    prediction=config.eval.prediction, augment=tta_augment(config.augment),
-                                    tta_draws=config.eval.tta_draws, seed=config.seed)
-            record = _jsonl_record(done, epoch, loss_sum / max(loss_count, 1), val)
-            loss_sum, loss_count = 0.0, 0
-            head_aucs = {k: float(v) for k, v in details.items() if k.startswith("auc_")}
-            writers.evaluation(record, head_aucs)
-            last_record = record
-            heads = " ".join(f"{k}={v:.3f}" for k, v in head_aucs.items() if "malignant" in k)
-            msg = f"epoch {epoch} step {done}: " + " ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()) + f" | {heads}"
-            evaluated[done] = record
-            kept = rule.select(evaluated) if is_main else None
-            if kept is not None:
-                msg += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
-            (bar.write(msg) if bar is not None else log.info(msg))
-            checkpointing.save(manager, state, data_position(done), metrics=val)
-        elif done % config.checkpoint_every_steps == 0 or done == total_steps:
-            checkpointing.save(manager, state, data_position(done))
-        if done == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+    # Batches of this process's rows from `start` on (the step is the data position), loaded by
+    # `workers` processes and put on device ahead of use.
+    batches = load_batches(plan, examples, workers=workers, start=start, put=functools.partial(shard_array, mesh=mesh))
+    batch = None
+    every = int(config.eval.every_epochs)  # <= 0: no evaluation
+    waited = 0.0  # seconds spent waiting for batches since the last log line (at t_log)
+    t_step = t_log = time.perf_counter()
+    try:
+        for step in range(start, total_steps):
+            t_start = time.perf_counter()
+            batch = next(batches)
+            t_batch = time.perf_counter()
+            if batch[FAILURES]:
+                manager.wait_until_finished()
+                raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
+            state, m = step_fn(state, {"image": batch["image"], "label": batch["label"]})
+            m = local_copy(m)
+            t_previous, t_step = t_step, time.perf_counter()
+            waited += t_batch - t_start
+            if step_times is not None and step > start:  # host: from the last step's end to this batch's request
+                step_times.append({"loader_wait_s": t_batch - t_start, "step_s": t_step - t_batch,
+                                   "host_s": t_start - t_previous})
+            if not bool(m["finite"]):
+                manager.wait_until_finished()
+                latest = manager.latest_step()
+                raise TrainingDiverged(
+                    f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}): stopped; parameters not updated; "
+                    f"last good checkpoint: step {latest} in {workdir}")
+            loss_sum += float(m["loss"])
+            loss_count += 1
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+            if done % config.log_every_steps == 0:
+                writers.train_step(done, {"loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": lr_at(step)})
+                if bar is None and is_main:
+                    log.info("step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)", done, total_steps,
+                             float(m["loss"]), (time.time() - t0) / (done - start),
+                             100 * waited / max(time.perf_counter() - t_log, 1e-9))
+                waited, t_log = 0.0, time.perf_counter()
+            epoch_end = done % spe == 0
+            epoch = done // spe
+            if epoch_end and every > 0 and (epoch % every == 0 or done == total_steps):
+                val, details = evaluate(model_cfg, local_copy(state.variables), val_src, mesh,
+                                        batch_size=config.eval.batch_size, normalization=config.data.normalization,
+                                        prediction=config.eval.prediction, augment=tta_augment(config.augment),
+                                        tta_draws=config.eval.tta_draws, seed=config.seed, workers=workers)
+                if details["failures"]:
+                    manager.wait_until_finished()
+                    raise DataFailure(done, details["failures"], manager.latest_step(), workdir, "validation")
+                record = _jsonl_record(done, epoch, loss_sum / max(loss_count, 1), val)
+                loss_sum, loss_count = 0.0, 0
+                head_aucs = {k: float(v) for k, v in details.items() if k.startswith("auc_")}
+                writers.evaluation(record, head_aucs)
+                last_record = record
+                heads = " ".join(f"{k}={v:.3f}" for k, v in head_aucs.items() if "malignant" in k)
+                msg = f"epoch {epoch} step {done}: " + " ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()) + f" | {heads}"
+                evaluated[done] = record
+                kept = rule.select(evaluated) if is_main else None
+                if kept is not None:
+                    msg += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
+                (bar.write(msg) if bar is not None else log.info(msg))
+                checkpointing.save(manager, state, data_position(done), metrics=val)
+            elif done % config.checkpoint_every_steps == 0 or done == total_steps:
+                checkpointing.save(manager, state, data_position(done))
+            if done == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        batch = None  # released before the pipeline closes (its memory is shared with a worker)
+        batches.close()
     manager.wait_until_finished()
     manager.close()
     writers.close()
@@ -324,7 +361,7 @@ def main(args) -> int:
     except ConfigError as e:  # includes WorkdirError
         print(f"gmic-jax train: error: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingDiverged) as e:
+    except (DataError, CheckpointError, TrainingDiverged, DataFailure) as e:
         print(f"gmic-jax train: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(record, sort_keys=True))

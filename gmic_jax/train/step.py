@@ -60,10 +60,14 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+def shard_array(local_rows, mesh: Mesh) -> jax.Array:
+    """This process's rows of a global array -> the global array split over ``data``."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA_AXIS)), np.asarray(local_rows))
+
+
 def shard_batch(local_batch: Mapping, mesh: Mesh) -> dict:
     """This process's rows of the global batch -> global arrays split over ``data``."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {k: shard_array(v, mesh) for k, v in local_batch.items()}
 
 
 def _example_keys(key, n_local):

@@ -45,9 +45,11 @@ log = logging.getLogger("gmic_jax.train")
 CHANGES_OK_OPTION = "--config-changes-ok"
 # Training-config fields that change no computed value: what is logged or shown, how often a
 # checkpoint is written and how many are kept (which steps are *chosen* is not free: best_metric
-# and best_min_delta are guarded), and the evaluation batch size (predictions do not depend on it).
+# and best_min_delta are guarded), the evaluation batch size (predictions do not depend on it) and
+# the number of input worker processes (batches do not depend on it).
 FREE_FIELDS = frozenset({
     "progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_latest", "keep_evaluated", "eval.batch_size",
+    "data.workers",
 })
 EXTENDABLE = "num_epochs"
 # Learning-rate schedules that do not depend on the total number of steps (see
