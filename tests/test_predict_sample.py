@@ -142,12 +142,18 @@ def _assert_golden(out, breasts=None):
     for r in rows:
         key = f"0/{r[1]}"
         np.testing.assert_allclose([float(v) for v in r[2:4]], GOLDEN["breast_predictions"][key], atol=TOL + 5e-7)
-    _, rows = read_csv(out / P.LOCALIZATION_CSV)
+    header, rows = read_csv(out / P.LOCALIZATION_CSV)
+    golden_columns = ["dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant", "roi_hit"]  # 730583d's
     for r in rows:
+        row = dict(zip(header, r))
         expected = GOLDEN["localization"][r[0]]
-        assert [v == "" for v in r[1:]] == [v is None for v in expected]
-        np.testing.assert_allclose([float(v) for v in r[1:] if v != ""], [v for v in expected if v is not None],
+        got = [row[c] for c in golden_columns]
+        assert [v == "" for v in got] == [v is None for v in expected]
+        np.testing.assert_allclose([float(v) for v in got if v != ""], [v for v in expected if v is not None],
                                    atol=TOL + 5e-7)
+        for c, name in enumerate(("benign", "malignant")):  # pointing: newer than the golden; defined with Dice
+            assert (row[f"pointing_{name}"] == "") == (row[f"dice_{name}"] == "")
+            assert row[f"pointing_{name}"] in ("", "0", "1")
     return rows
 
 
