@@ -83,8 +83,8 @@ class GMICConfig:
         e.g. (1, 2, 2, 1, 1): 1/16. Parameter shapes do not depend on it.
     global_blocks: pre-activation blocks in each of the global network's five stages (the paper's
         ResNet-22: two each). Fewer blocks bound the receptive field of a saliency cell (each 3x3
-        conv widens it by two of that stage's pixels), which small images need for the maps to
-        localise. Block 0 of each stage stays (it changes the width), so each count is >= 1.
+        conv widens it by two of that stage's pixels; ``receptive_field`` in models/global_net.py)
+        and cost less. Block 0 of each stage stays (it changes the width), so each count is >= 1.
     global_widths: channels of the global network's five stages (the paper's: 16, 32, 64, 128,
         256; h_g has the last). Narrower stages pay for a finer saliency grid on small images.
     saliency_symmetry: "none" (the paper's) or "rot180": h_g is the mean of the global network on
