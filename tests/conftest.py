@@ -68,7 +68,9 @@ def train_env(tmp_path_factory):
 
 
 # The tiny run shared by the tests of a training workdir and of what evaluate and predict make of it.
-TINY_RUN_ARGS = [*TINY_TRAIN_ARGS, "--config.optimizer.schedule=constant", "--config.keep_evaluated=True"]
+# best_min_delta 0: the tests of the selection rule state its plain form (the best step wins).
+TINY_RUN_ARGS = [*TINY_TRAIN_ARGS, "--config.optimizer.schedule=constant", "--config.keep_evaluated=True",
+                 "--config.best_min_delta=0.0"]
 
 
 @pytest.fixture(scope="session")
