@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gmic_jax import GMIC, GMICConfig, init_variables

@@ -120,7 +120,7 @@ def apply_overrides(config, overrides: Iterable[str]):
             value = text
         try:
             node[leaf] = value
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError):
             raise ConfigError(f"--config.{key}={text}: expected a {type(old).__name__} (like {old!r})") from None
     return config
 
