@@ -266,16 +266,20 @@ def load_checkpoint(directory, step: int | None = None):
 def load_selected(directory, step: int | None = None) -> tuple[GMICConfig, dict, Selection]:
     """(GMICConfig, variables, the :class:`Selection` that chose the step): :func:`load_checkpoint`
     and what predict and evaluate record of it. Any failure is a :class:`CheckpointError` naming DIR."""
+    import jax
     import orbax.checkpoint as ocp
 
     given = directory
     directory = Path(directory).absolute()
     config, doc = read_model_config(given)  # the weights need the model alone
+    # A step saved by a multi-process run records shardings over devices this process may not
+    # have: those arrays come to this process's first device instead.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with _read_only_manager(directory) as mngr:
         chosen = _select(mngr, given, doc, step)
         try:
-            restored = mngr.restore(chosen.step,
-                                    args=ocp.args.Composite(**{VARIABLES_ITEM: ocp.args.StandardRestore()}))
+            restored = mngr.restore(chosen.step, args=ocp.args.Composite(
+                **{VARIABLES_ITEM: ocp.args.StandardRestore(fallback_sharding=here)}))
         except Exception as e:  # Orbax's errors for a missing or damaged step
             raise CheckpointError(f"{given}: cannot read step {chosen.step} ({type(e).__name__}: {e})") from None
     variables = restored[VARIABLES_ITEM]
