@@ -87,6 +87,10 @@ class GMICConfig:
         and cost less. Block 0 of each stage stays (it changes the width), so each count is >= 1.
     global_widths: channels of the global network's five stages (the paper's: 16, 32, 64, 128,
         256; h_g has the last). Narrower stages pay for a finer saliency grid on small images.
+    global_kernels: kernel size (3 or 1) of the two convs of every block of each of the global
+        network's five stages (the paper's: 3 everywhere). Kernel 1 makes a stage pointwise, so it
+        widens no receptive field: a saliency cell of a small image sees only the pixels around
+        it and cannot carry evidence for a finding to a cell far from it (``receptive_field``).
     saliency_symmetry: "none" (the paper's) or "rot180": h_g is the mean of the global network on
         the image and, rotated back, on the image turned by 180 degrees. A network whose evidence
         for a finding lands at a fixed offset from it (image-level labels leave that offset free:
@@ -109,6 +113,7 @@ class GMICConfig:
     global_strides: tuple[int, ...] = (1, 2, 2, 2, 2)
     global_blocks: tuple[int, ...] = (2, 2, 2, 2, 2)
     global_widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    global_kernels: tuple[int, ...] = (3, 3, 3, 3, 3)
     saliency_symmetry: str = "none"
 
     def __post_init__(self):
@@ -119,6 +124,7 @@ class GMICConfig:
         object.__setattr__(self, "remat", remat_policy_name(self.remat))
         object.__setattr__(self, "global_blocks", tuple(int(v) for v in self.global_blocks))
         object.__setattr__(self, "global_widths", tuple(int(v) for v in self.global_widths))
+        object.__setattr__(self, "global_kernels", tuple(int(v) for v in self.global_kernels))
         checks = (
             ("aggregation", AGGREGATIONS),
             ("attention", ATTENTIONS),
@@ -145,6 +151,8 @@ class GMICConfig:
             raise ValueError(f"GMICConfig.saliency_symmetry={self.saliency_symmetry!r}; expected one of {SALIENCY_SYMMETRIES}")
         if len(self.global_widths) != 5 or min(self.global_widths) < 1:
             raise ValueError(f"GMICConfig.global_widths={self.global_widths}; expected five channel counts >= 1")
+        if len(self.global_kernels) != 5 or not set(self.global_kernels) <= {1, 3}:
+            raise ValueError(f"GMICConfig.global_kernels={self.global_kernels}; expected five kernel sizes of 3 or 1")
         if self.rotate_crops and self.crop_shape[0] != self.crop_shape[1]:
             raise ValueError(f"GMICConfig.rotate_crops needs square crops, got crop_shape={self.crop_shape}")
 
@@ -155,6 +163,7 @@ class GMICConfig:
         d["global_strides"] = list(self.global_strides)
         d["global_blocks"] = list(self.global_blocks)
         d["global_widths"] = list(self.global_widths)
+        d["global_kernels"] = list(self.global_kernels)
         return d
 
     @classmethod

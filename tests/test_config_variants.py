@@ -62,12 +62,13 @@ def test_base_outputs(base):
         ("global_strides", (1, 2, 2, 1, 1), "saliency_map"),
         ("global_blocks", (1, 1, 1, 1, 1), "saliency_map"),
         ("global_widths", (16, 32, 64, 64, 128), "h_g"),
+        ("global_kernels", (3, 3, 1, 1, 1), "saliency_map"),
     ],
 )
 def test_field_changes_output(base, field, value, output):
     variables, out = base
     config = dataclasses.replace(BASE, **{field: value})
-    if field in ("attention", "global_blocks", "global_widths"):  # other parameters
+    if field in ("attention", "global_blocks", "global_widths", "global_kernels"):  # other parameters
         variables = init_variables(config, jax.random.key(0))
     changed = run(config, variables)
     assert differs(changed[output], out[output]), f"{field}={value!r} did not change {output}"
@@ -205,6 +206,8 @@ def test_image_shape_is_checked_and_sets_grid():
         (dict(global_blocks=(2, 2, 2, 2)), "global_blocks"),
         (dict(global_blocks=(1, 1, 0, 1, 1)), "global_blocks"),
         (dict(global_widths=(16, 32, 64, 128)), "global_widths"),
+        (dict(global_kernels=(3, 3, 5, 1, 1)), "global_kernels"),
+        (dict(global_kernels=(3, 3, 1, 1)), "global_kernels"),
         (dict(saliency_symmetry="flip"), "saliency_symmetry"),
     ],
 )
@@ -227,14 +230,17 @@ def test_global_strides_set_the_saliency_grid(base):
     assert jax.tree.map(np.shape, init_variables(config, jax.random.key(0))) == jax.tree.map(np.shape, variables)
 
 
-@pytest.mark.parametrize("strides, blocks", [((1, 2, 2, 1, 1), (1, 1, 1, 1, 1)), ((1, 1, 2, 2, 1), (2, 1, 1, 1, 1))])
-def test_global_blocks_bound_the_receptive_field(strides, blocks):
+@pytest.mark.parametrize("strides, blocks, kernels", [((1, 2, 2, 1, 1), (1, 1, 1, 1, 1), (3, 3, 3, 3, 3)),
+                                                     ((1, 1, 2, 2, 1), (2, 1, 1, 1, 1), (3, 3, 3, 3, 3)),
+                                                     ((1, 2, 2, 1, 1), (1, 1, 1, 1, 1), (3, 3, 1, 1, 1))])
+def test_global_blocks_and_kernels_bound_the_receptive_field(strides, blocks, kernels):
     """A saliency cell depends on exactly the pixels receptive_field says: the support of its
     gradient with respect to the image is that square (clipped to the image), and fewer blocks
-    drop their parameters."""
-    config = BASE.replace(image_shape=(256, 256), global_strides=strides, global_blocks=blocks)
+    drop their parameters (kernel 1 stages: 51 pixels instead of 227)."""
+    config = BASE.replace(image_shape=(256, 256), global_strides=strides, global_blocks=blocks,
+                          global_kernels=kernels)
     variables = init_variables(config, jax.random.key(0))
-    size, jump, start = receptive_field(strides, blocks)
+    size, jump, start = receptive_field(strides, blocks, kernels)
     h, w = saliency_grid_shape(config.image_shape, strides)
     i, j = h // 2, w // 2
 
@@ -274,7 +280,7 @@ def test_rot180_symmetry_makes_the_saliency_map_equivariant(base):
 def test_config_dict_round_trip():
     config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34", global_strides=[1, 2, 2, 1, 1],
                         global_blocks=[1, 1, 1, 2, 1], global_widths=[8, 16, 32, 64, 64],
-                        saliency_symmetry="rot180")
+                        global_kernels=[3, 3, 1, 1, 1], saliency_symmetry="rot180")
     assert GMICConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown GMICConfig fields"):
         GMICConfig.from_dict({"percent_t": 0.1, "typo": 1})

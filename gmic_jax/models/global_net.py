@@ -26,14 +26,16 @@ class PreActBlock(nn.Module):
     project: bool
     dtype: Any
     bn_axis_name: str | None = None
+    kernel: int = 3  # of conv1 and conv2 (padding kernel // 2)
 
     @nn.compact
     def __call__(self, x, train: bool):
         o = jax.nn.relu(batch_norm(x, train, name="bn1", axis_name=self.bn_axis_name)).astype(self.dtype)
         res = conv(self.features, 1, self.stride, 0, dtype=self.dtype, name="downsample_0")(o) if self.project else x
-        o = conv(self.features, 3, self.stride, 1, dtype=self.dtype, name="conv1")(o)
+        k = self.kernel
+        o = conv(self.features, k, self.stride, k // 2, dtype=self.dtype, name="conv1")(o)
         o = jax.nn.relu(batch_norm(o, train, name="bn2", axis_name=self.bn_axis_name)).astype(self.dtype)
-        o = conv(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(o)
+        o = conv(self.features, k, 1, k // 2, dtype=self.dtype, name="conv2")(o)
         return o + res.astype(o.dtype)
 
 
@@ -60,6 +62,7 @@ class ResNet22(nn.Module):
     stage_features: Sequence[int] = (16, 32, 64, 128, 256)
     stage_strides: Sequence[int] = (1, 2, 2, 2, 2)
     stage_blocks: Sequence[int] = (2, 2, 2, 2, 2)
+    stage_kernels: Sequence[int] = (3, 3, 3, 3, 3)
     remat: bool | str = False
     bn_axis_name: str | None = None
 
@@ -73,9 +76,10 @@ class ResNet22(nn.Module):
 
         h = (checkpointed(stem, spec) if spec.global_stem else stem)(self, x)
         block_cls = checkpointed(PreActBlock, spec, static_argnums=(2,)) if spec.global_blocks == "block" else PreActBlock
-        for s, (features, stride, blocks) in enumerate(zip(self.stage_features, self.stage_strides, self.stage_blocks)):
+        stages = zip(self.stage_features, self.stage_strides, self.stage_blocks, self.stage_kernels)
+        for s, (features, stride, blocks, kernel) in enumerate(stages):
 
-            def stage(mdl, h, s=s, features=features, stride=stride, blocks=blocks):
+            def stage(mdl, h, s=s, features=features, stride=stride, blocks=blocks, kernel=kernel):
                 for b in range(blocks):
                     h = block_cls(
                         features,
@@ -83,6 +87,7 @@ class ResNet22(nn.Module):
                         project=(b == 0),
                         dtype=self.dtype,
                         bn_axis_name=self.bn_axis_name,
+                        kernel=kernel,
                         name=f"layer_list_{s}_{b}",
                     )(h, train)
                 return h
@@ -102,13 +107,14 @@ class SaliencyHead(nn.Module):
         return jax.nn.sigmoid(logits)
 
 
-def receptive_field(stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2)) -> tuple[int, int, int]:
+def receptive_field(stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2),
+                    stage_kernels=(3, 3, 3, 3, 3)) -> tuple[int, int, int]:
     """(size, jump, start) in input pixels along each axis: saliency cell i sees the pixels
     [start + i * jump, start + i * jump + size) (those inside the image). The paper's ResNet-22:
     (883, 64, -439); global_strides (1, 2, 2, 1, 1): (467, 16, -231)."""
     layers = [(7, 2, 3), (3, 2, 0)]  # (kernel, stride, padding): stem conv, max-pool
-    for stride, blocks in zip(stage_strides, stage_blocks):
-        layers += [(3, stride, 1)] + [(3, 1, 1)] * (2 * blocks - 1)  # conv1, conv2 of each block
+    for stride, blocks, k in zip(stage_strides, stage_blocks, stage_kernels):
+        layers += [(k, stride, k // 2)] + [(k, 1, k // 2)] * (2 * blocks - 1)  # conv1, conv2 of each block
     size, jump, start = 1, 1, 0
     for k, s, pad in layers:
         size += (k - 1) * jump

@@ -44,8 +44,8 @@ class GMIC(nn.Module):
 
         # Global network: h_g and the saliency maps A; y_global by the chosen aggregation.
         global_net = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, stage_blocks=cfg.global_blocks,
-                              stage_features=cfg.global_widths, remat=cfg.remat, bn_axis_name=self.bn_axis_name,
-                              name="ds_net")
+                              stage_features=cfg.global_widths, stage_kernels=cfg.global_kernels, remat=cfg.remat,
+                              bn_axis_name=self.bn_axis_name, name="ds_net")
         if cfg.saliency_symmetry == "rot180":  # both turns in one batch; see GMICConfig.saliency_symmetry
             both = global_net(jnp.concatenate([x, x[:, ::-1, ::-1]]), train)
             h_g = 0.5 * (both[:n] + both[n:, ::-1, ::-1])

@@ -22,6 +22,7 @@ def default_config():
     c.model.global_strides = tuple(c.model.global_strides)
     c.model.global_blocks = tuple(c.model.global_blocks)
     c.model.global_widths = tuple(c.model.global_widths)
+    c.model.global_kernels = tuple(c.model.global_kernels)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"           # 'synthetic' or 'cache' (a `gmic-jax cache` directory)
