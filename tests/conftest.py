@@ -61,7 +61,10 @@ def train_env(tmp_path_factory):
     """Environment for `gmic-jax train` subprocesses: CPU, and a persistent compilation cache shared
     by all their runs so that each program compiles once."""
     cache = tmp_path_factory.mktemp("jax_cache")
-    e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+    # GMIC_JAX_COMPILE_CACHE names it: the CLI's enable_compile_cache() reads that variable first, and
+    # the "off" set above for every other subprocess would turn this session-wide cache off too.
+    e = {**os.environ, "JAX_PLATFORMS": "cpu", "GMIC_JAX_COMPILE_CACHE": str(cache),
+         "JAX_COMPILATION_CACHE_DIR": str(cache),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     e.pop("XLA_FLAGS", None)
     return e
