@@ -56,12 +56,35 @@ TINY_TRAIN_ARGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def compile_cache_in_process(tmp_path_factory):
+    """JAX's persistent compilation cache in this (pytest) process for one module's tests, so that
+    a program they build again in a fresh `jax.jit` (a training step: one per training run) loads
+    instead of compiling; off again afterwards, as for the rest of the suite."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache_in_process")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # whole programs, not eager ops
+    cc.reset_cache()  # JAX decides once whether the cache is used: decide again now ...
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # ... and after
+
+
 @pytest.fixture(scope="session")
 def train_env(tmp_path_factory):
     """Environment for `gmic-jax train` subprocesses: CPU, and a persistent compilation cache shared
     by all their runs so that each program compiles once."""
     cache = tmp_path_factory.mktemp("jax_cache")
-    e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+    # GMIC_JAX_COMPILE_CACHE names it: the CLI's enable_compile_cache() reads that variable first, and
+    # the "off" set above for every other subprocess would turn this session-wide cache off too.
+    e = {**os.environ, "JAX_PLATFORMS": "cpu", "GMIC_JAX_COMPILE_CACHE": str(cache),
+         "JAX_COMPILATION_CACHE_DIR": str(cache),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     e.pop("XLA_FLAGS", None)
     return e

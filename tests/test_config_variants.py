@@ -14,6 +14,9 @@ from gmic_jax.models.remat import remat_spec
 from gmic_jax.models.global_net import receptive_field, saliency_grid_shape
 from gmic_jax.models.local_net import local_feature_width
 
+# init_variables compiles a fresh jax.jit each call: the same config's init loads from the cache.
+pytestmark = pytest.mark.usefixtures("compile_cache_in_process")
+
 BASE = GMICConfig(image_shape=(512, 384), crop_shape=(64, 64), K=4, percent_t=0.05)
 X = jax.random.normal(jax.random.key(7), (2, 512, 384, 1))
 

@@ -338,7 +338,7 @@ def test_cache_of_the_sample_exam(shared_dir, tmp_path):
 
 # --------------------------------------------------------------------------------------- training
 
-def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch):
+def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch, compile_cache_in_process):
     import jax
 
     from gmic_jax.train.defaults import default_config
@@ -368,7 +368,8 @@ def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch):
     assert len(calls) == steps * c.batch_size and {(e, s) for _, e, s in calls} == {(0, 3)}
 
 
-def test_an_unreadable_training_example_stops_training_naming_it(caches, tmp_path, monkeypatch):
+def test_an_unreadable_training_example_stops_training_naming_it(caches, tmp_path, monkeypatch,
+                                                                 compile_cache_in_process):
     import jax
 
     from gmic_jax.train.defaults import default_config
