@@ -3,8 +3,9 @@ config (configs/synthetic.py) for 4 epochs instead of 12, no checkpoints between
 
     gmic-jax train --config configs/synthetic_tiny.py --workdir runs/tiny
 
-Cost: 800 training images of 256 x 192, 4 epochs of 50 steps; measured 2.9 min (the learning test's
-training, tests/test_train_learning.py) on a 2-core Intel Xeon (family 6 model 207, no AMX), load 1.5-2.5.
+Cost: 800 training images of 256 x 192, 4 epochs of 50 steps; measured 2.7 min (the learning test's
+training, tests/test_train_learning.py, in the full suite) on a 2-core Intel Xeon (family 6 model 207,
+no AMX), load 1.4-2.2.
 """
 from pathlib import Path
 

@@ -111,7 +111,8 @@ def receptive_field(stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2),
                     stage_kernels=(3, 3, 3, 3, 3)) -> tuple[int, int, int]:
     """(size, jump, start) in input pixels along each axis: saliency cell i sees the pixels
     [start + i * jump, start + i * jump + size) (those inside the image). The paper's ResNet-22:
-    (883, 64, -439); global_strides (1, 2, 2, 1, 1): (467, 16, -231)."""
+    (883, 64, -439); global_strides (1, 2, 2, 1, 1): (467, 16, -231); configs/synthetic.py's
+    strides (1, 2, 1, 2, 1), one block per stage and kernels (3, 3, 3, 1, 1): (83, 16, -39)."""
     layers = [(7, 2, 3), (3, 2, 0)]  # (kernel, stride, padding): stem conv, max-pool
     for stride, blocks, k in zip(stage_strides, stage_blocks, stage_kernels):
         layers += [(k, stride, k // 2)] + [(k, 1, k // 2)] * (2 * blocks - 1)  # conv1, conv2 of each block
