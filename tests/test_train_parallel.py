@@ -6,7 +6,8 @@
   global batch, train a few steps and agree with each other and with one process;
 * `gmic-jax train` started as a 2-task SLURM job would start it (faked SLURM_* variables, no
   JAX_* ones) joins the two processes by itself, each loading only its rows, and trains what one
-  process on two devices trains, bit for bit (its checkpoint loads in one process); one task, or GMIC_JAX_DISTRIBUTED=off, means no jax.distributed at all.
+  process on two devices trains, bit for bit (its checkpoint loads in one process); one task, or
+  GMIC_JAX_DISTRIBUTED=off, means no jax.distributed at all.
 """
 from __future__ import annotations
 
