@@ -14,8 +14,8 @@ from gmic_jax.models.remat import remat_spec
 from gmic_jax.models.global_net import receptive_field, saliency_grid_shape
 from gmic_jax.models.local_net import local_feature_width
 
-# Programs that take >= 1 s to compile (this module's large eager convolutions, repeated across
-# tests) load from JAX's persistent cache: measured 289 -> 258 s for the module, quiet machine.
+# Programs that take >= 1 s to compile and are built again by later tests load from JAX's
+# persistent cache: measured 289 -> 258 s wall (404 -> 346 s of CPU) for the module, quiet machine.
 pytestmark = pytest.mark.usefixtures("compile_cache_in_process")
 
 BASE = GMICConfig(image_shape=(512, 384), crop_shape=(64, 64), K=4, percent_t=0.05)
