@@ -243,17 +243,21 @@ def cpu_name(info: dict | None = None) -> str:
     return f"{info['name']} ({', '.join(parts)})"
 
 
+# The JAX GPU plugin and the CUDA libraries it runs on, named in the versions of a GPU run.
+GPU_PACKAGES = ("jax-cuda12-plugin", "jax-cuda13-plugin", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
+
+
 def versions(with_torch: bool = False, extra: Sequence[str] = ()) -> dict[str, str]:
     out = {"python": platform.python_version()}
     names = ["jax", "jaxlib", "flax", "optax", "numpy", "gmic-jax"]
     if with_torch:
         names += ["torch", "torchvision"]
-    names += list(extra)
-    for name in names:
+    for name in [*names, *extra]:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
+            if name in names:  # the `extra` ones are named only where installed
+                out[name] = "not installed"
     out["os"] = f"{platform.system()} {platform.release()}"
     return out
 

@@ -478,18 +478,13 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
                 w = bc.Worker(SCRIPT, spec, cores, env, workdir / f"{e['tag']}_{phase}.log")
                 workers.append(w)
                 e[phase] = w.receive()  # setup, compile, (first training step: memory)
-            for w in workers:
-                w.call("run")  # warm-up
-            runs = {w.name: [] for w in workers}
-            for i in range(args.n_runs):
-                for w in (workers if i % 2 == 0 else workers[::-1]):
-                    runs[w.name].append(w.call("run")["ms"])
-            for e, w in zip(entries, workers):
-                e[phase]["runs_ms"] = runs[w.name]
+            runs = timed_runs(workers, args.n_runs)
+            for e, w, times in zip(entries, workers, runs):
+                e[phase]["runs_ms"] = times
                 e[phase]["saved"] = w.call("save", path=str(workdir / f"{e['tag']}_{phase}.npz"))["path"]
                 if args.profile and e["impl"] == "jax":
                     e[phase]["profile"] = w.call("profile", path=str(workdir / f"trace_{e['tag']}_{phase}"))["summary"]
-                print(f"[{phase}] {e['label']}: median {bc.median_spread(runs[w.name])[0]:.0f} ms "
+                print(f"[{phase}] {e['label']}: median {bc.median_spread(times)[0]:.0f} ms "
                       f"({args.n_runs} runs)", file=sys.stderr, flush=True)
         finally:
             for w in workers:
@@ -523,6 +518,20 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
               f"{json.dumps({t: agreement[t]['forward'] for t in bad})}", file=sys.stderr)
         return 2
     return 0
+
+
+def timed_runs(workers, n_runs: int) -> list[list[float]]:
+    """One warm-up each, then `n_runs` timed runs of every worker in ABBA order (each round reversed),
+    so that a drift of the machine falls on all alike; the times of workers[i] in element i (workers
+    of the same implementation and phase, e.g. two dtypes, are told apart by position)."""
+    for w in workers:
+        w.call("run")
+    runs = [[] for _ in workers]
+    order = list(range(len(workers)))
+    for i in range(n_runs):
+        for k in (order if i % 2 == 0 else order[::-1]):
+            runs[k].append(workers[k].call("run")["ms"])
+    return runs
 
 
 def _cache_dir_note() -> str:
@@ -684,7 +693,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
         device_name = ", ".join(sorted(kinds))
     report = {
         "device": device_name,
-        "versions": bc.versions(with_torch=bool(args.torch_ref)),
+        "versions": bc.versions(with_torch=bool(args.torch_ref), extra=bc.GPU_PACKAGES if device == "gpu" else ()),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
         "unit": UNIT,

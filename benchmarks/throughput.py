@@ -217,7 +217,7 @@ def run(args) -> int:
     report = {
         "device": (f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores}; forced devices share them)"
                    if device == "cpu" else ", ".join(sorted(kinds))),
-        "versions": bc.versions(),
+        "versions": bc.versions(extra=bc.GPU_PACKAGES if device == "gpu" else ()),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
         "unit": UNIT,

@@ -265,6 +265,25 @@ def test_cpu_identity_reads_the_flags():
     assert bc.cpu_name(fake) == "Xeon (family 6 model 143, AVX-512, AMX (amx_bf16, amx_tile))"
 
 
+def test_timed_runs_keep_each_workers_times_apart_in_abba_order():
+    """Two workers of the same implementation and phase (two dtypes) each get their own n runs;
+    they once shared one list under the name 'jax/fwd', so both reported the pooled median."""
+    calls = []
+
+    class FakeWorker:
+        def __init__(self, name, ms):
+            self.name, self.ms = name, ms
+
+        def call(self, cmd):
+            assert cmd == "run"
+            calls.append(self.ms)
+            return {"ms": self.ms}
+
+    runs = mfb.timed_runs([FakeWorker("jax/fwd", 10.0), FakeWorker("jax/fwd", 20.0), FakeWorker("torch/fwd", 30.0)], 3)
+    assert runs == [[10.0] * 3, [20.0] * 3, [30.0] * 3]
+    assert calls == [10, 20, 30] + [10, 20, 30] + [30, 20, 10] + [10, 20, 30]  # warm-up, then ABBA
+
+
 def test_median_spread():
     assert bc.median_spread([3.0, 1.0, 2.0]) == (2.0, 2.0)
     med, iqr = bc.median_spread([1.0, 2.0, 3.0, 4.0, 100.0])
