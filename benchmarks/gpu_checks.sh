@@ -4,31 +4,40 @@
 #
 #     bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]
 #
-# OUT_DIR gets env.txt (GPU, driver, versions), memory_fwd_bwd.{md,json} (JAX float32 and bfloat16
-# side by side with the original release when TORCH_REF, a checkout of it, is given: latency, FLOPs,
-# runtime peak memory of a training step, agreement of the outputs), throughput.{md,json} (the
-# project's training step with Adam, bfloat16, 1 and 4 exams per device) and log.txt (progress and
-# errors of every step). PYTHON picks the interpreter [python3], THREADS the CPU threads of each
-# worker [4]; STEP_LIMIT_S sets every step's limit [240 s, 120 s].
-# Results go to benchmarks/RESULTS.md with the card named (env.txt).
+# Steps (STEPS picks some, in this order; default all):
+#   side_by_side  memory_fwd_bwd.py, JAX float32 and bfloat16 beside the original release (TORCH_REF,
+#                 a checkout of it) at the backend's default precision (TF32 convolutions on GPU):
+#                 latency, FLOPs, runtime peak memory of a training step, agreement of the outputs
+#   highest       the same in full float32 (--precision highest) for JAX float32 and the original
+#   throughput    throughput.py: the project's training step with Adam, bfloat16, 1 and 4 exams/device
+#   kernels       memory_fwd_bwd.py, bfloat16, remat global_stem: with XLA's ops, then
+#                 with the CPU rewrites forced (gmic_jax.models.fast_ops)
+# OUT_DIR gets env.txt (GPU, driver, versions), tables.md (every step's table), one JSON per step
+# and log.txt (progress and errors). PYTHON picks the interpreter [python3], THREADS the CPU threads
+# of each worker [4]; STEP_LIMIT_S sets every step's time limit [240 s]. Results go to
+# benchmarks/RESULTS.md with the card named (env.txt).
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]}
 REF=${2:-}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-4}
+STEPS=${STEPS:-side_by_side highest throughput kernels}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 [ -z "$REF" ] || REF=$(cd "$REF" && pwd) || exit 1
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 LOG="$OUT/log.txt"
-step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log start, end and exit status
-    local name=$1 limit=$2; shift 2
+TABLES="$OUT/tables.md"
+step() {  # step NAME COMMAND...: run under the time limit; its table goes to tables.md
+    local name=$1; shift
     local t0=$SECONDS
-    echo "=== $name (limit ${limit} s): $*" >>"$LOG"
-    timeout "$limit" "$@"
+    echo "=== $name (limit ${STEP_LIMIT_S:-240} s): $*" >>"$LOG"
+    printf '\n## %s\n\n`%s`\n\n' "$name" "$*" >>"$TABLES"
+    timeout "${STEP_LIMIT_S:-240}" "$@" >>"$TABLES" 2>>"$LOG"
     echo "=== $name: exit $? after $((SECONDS - t0)) s" >>"$LOG"
 }
+wanted() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
 {
     date -u
@@ -46,18 +55,24 @@ else
     echo "the project's XLA:CPU flag is REJECTED by this jaxlib: GMIC_JAX_KEEP_XLA_FLAGS=1 below" >>"$OUT/env.txt"
     export GMIC_JAX_KEEP_XLA_FLAGS=1
 fi
-
 if [ -n "$REF" ] && ! (cd benchmarks && "$PY" -c "import sys; from torch_reference import load_original; load_original(sys.argv[1])" "$REF") >>"$LOG" 2>&1; then
     echo "the original release at $REF does not import here (log.txt): JAX alone below" >>"$OUT/env.txt"
     REF=
 fi
 
-step memory_fwd_bwd "${STEP_LIMIT_S:-240}" "$PY" benchmarks/memory_fwd_bwd.py --device gpu --dtype float32 bfloat16 \
-    --n-runs 20 --threads "$THREADS" ${REF:+--torch-ref "$REF"} --json "$OUT/memory_fwd_bwd.json" \
-    >"$OUT/memory_fwd_bwd.md" 2>>"$LOG"
-for exams in 1 4; do
-    step "throughput, $exams exam(s) per device" "${STEP_LIMIT_S:-120}" "$PY" benchmarks/throughput.py --device gpu \
-        --devices 1 --per-device-exams "$exams" --dtype bfloat16 --steps 10 --threads "$THREADS" \
-        --json "$OUT/throughput_b$exams.json" >"$OUT/throughput_b$exams.md" 2>>"$LOG"
-done
+MFB=("$PY" benchmarks/memory_fwd_bwd.py --device gpu --threads "$THREADS" --n-runs 20)
+wanted side_by_side && step side_by_side "${MFB[@]}" --dtype float32 bfloat16 ${REF:+--torch-ref "$REF"} \
+    --json "$OUT/side_by_side.json"
+wanted highest && step highest "${MFB[@]}" --dtype float32 --precision highest ${REF:+--torch-ref "$REF"} \
+    --json "$OUT/highest.json"
+if wanted throughput; then
+    for exams in 1 4; do
+        step "throughput_b$exams" "$PY" benchmarks/throughput.py --device gpu --devices 1 --per-device-exams "$exams" \
+            --dtype bfloat16 --steps 10 --threads "$THREADS" --json "$OUT/throughput_b$exams.json"
+    done
+fi
+if wanted kernels; then
+    step kernels_xla "${MFB[@]}" --dtype bfloat16 --remat global_stem --json "$OUT/kernels_xla.json"
+    step kernels_cpu "${MFB[@]}" --dtype bfloat16 --remat global_stem --kernels cpu --json "$OUT/kernels_cpu.json"
+fi
 echo "=== done" >>"$LOG"

@@ -127,6 +127,8 @@ class JaxRunner:
         from gmic_jax.convert import convert_state_dict
 
         self.spec, self.jax, self.np = spec, jax, np
+        if spec.get("precision") == "highest":
+            jax.config.update("jax_default_matmul_precision", "highest")
         self.cfg = make_config(spec)
         self.model = GMIC(self.cfg)
         self.dev = jax.devices()[0]
@@ -150,10 +152,15 @@ class JaxRunner:
             self.args = (self.variables["params"], self.variables["batch_stats"], self.x, self.y, self.rng)
         with bc.CompileCacheEvents() as cache:
             t0 = time.perf_counter()
-            self.compiled = fn.lower(*self.args).compile()
+            lowered = fn.lower(*self.args)
+            self.compiled = lowered.compile()
             info["compile_s"] = time.perf_counter() - t0
         info["compile_cache"] = cache.status
-        info["flops"] = _cost_flops(self.compiled)
+        # XLA:CPU's optimised program still counts its convolutions; on GPU they become cuDNN
+        # calls that carry no FLOPs (1.4 of 229 GFLOP counted on an H200), so there the
+        # program before optimisation is counted, as the deviceless compile does.
+        info["flops"] = _cost_flops(self.compiled if self.dev.platform == "cpu" else lowered)
+        info["flops_source"] = "XLA cost analysis" + ("" if self.dev.platform == "cpu" else " (HLO before optimisation)")
         info["xla_temp_bytes"] = _temp_bytes(self.compiled)
         if self.spec["phase"] == "train":
             info.update(self._first_step_memory())
@@ -216,6 +223,9 @@ class TorchRunner:
                              crop_shape=spec["crop_shape"], K=spec["K"], percent_t=spec["percent_t"],
                              cam_size=saliency_grid_shape(spec["image_shape"]), device=spec["device"],
                              threads=spec["threads"])
+        highest = spec.get("precision") == "highest"
+        self.ref.torch.backends.cudnn.allow_tf32 = not highest  # PyTorch's default: True
+        self.ref.torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
         self.x = self.ref.to_input(np.load(spec["input"])[..., None])
         self.y = self.ref.torch.from_numpy(bc.targets(self.x.shape[0])).to(self.ref.device)
         self.loss = None
@@ -364,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch size [256 256]")
     p.add_argument("--K", type=int, default=6, help="patches per image [6]")
     p.add_argument("--percent-t", type=float, default=0.02, help="top-t of the aggregation [0.02, model 1]")
+    p.add_argument("--precision", choices=("default", "highest"), default="default",
+                   help="float32 convolutions and matrix products: the backend's default (on GPUs since Ampere "
+                        "both JAX and PyTorch run float32 convolutions in TF32) or full float32 in both (JAX's "
+                        "jax_default_matmul_precision, PyTorch's allow_tf32 off); no effect on CPU [default]")
     p.add_argument("--n-runs", type=int, default=5, help="timed runs of each measurement after one warm-up [5]")
     p.add_argument("--threads", type=int, default=2, help="threads (and pinned cores) of every worker [2]")
     p.add_argument("--cores", default=None,
@@ -457,7 +471,7 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
     base = {"device": device, "image_shape": list(args.image_shape), "crop_shape": list(args.crop_shape),
             "K": args.K, "percent_t": args.percent_t, "threads": args.threads,
             "weights": str(workdir / "weights.npz"), "input": str(workdir / "input.npy"),
-            "torch_ref": args.torch_ref}
+            "torch_ref": args.torch_ref, "precision": args.precision}
     entries = [dict(impl="jax", dtype=d, remat=r) for d, r in configs]
     if args.torch_ref:
         entries.append(dict(impl="torch", dtype="float32", remat="none"))
@@ -676,7 +690,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
             "params_heads": params["params_heads"],
             "flops_fwd_bwd_analytic": analytic.fwd_bwd_flops(layers) / n,
             "flops_fwd_analytic_every_tap": analytic.forward_flops(layers, count_padding=True) / n,
-            "flops_source": "XLA cost analysis" if e["impl"] == "jax" else "torch.utils.flop_counter",
+            "flops_source": fwd.get("flops_source", "torch.utils.flop_counter"),
             "compile_fwd_s": fwd["compile_s"], "compile_train_step_s": train["compile_s"],
             "compile_cache_fwd": fwd["compile_cache"],
             "xla_temp_bytes_fwd": fwd["xla_temp_bytes"], "xla_temp_bytes_train_step": train["xla_temp_bytes"],
@@ -701,7 +715,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
         "details": {
             "batch_exams": n, "crop_shape": list(args.crop_shape), "K": args.K, "n_runs": args.n_runs,
             "cores": cores, "weights": weights_source, "input": "standard normal, seed 0",
-            "cpu": bc.cpu_identity(), "kernels": args.kernels,
+            "cpu": bc.cpu_identity(), "kernels": args.kernels, "precision": args.precision,
             "compile_cache_dir": _cache_dir_note(),
             "per_result": details, "agreement": agreement,
             "user_xla_flags": user_env.get("XLA_FLAGS", ""),
@@ -769,6 +783,7 @@ def markdown(report: dict) -> str:
                     cells.append(_fmt_ratio(vals[i], vals[torch_i]) if name in ratio_rows else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(f"\nCPU: {bc.cpu_name(report['details']['cpu'])}; kernels: {report['details']['kernels']}; "
+                 f"float32 precision: {report['details']['precision']}; "
                  f"compile cache: {report['details']['compile_cache_dir']}")
     for tag, a in report["details"]["agreement"].items():
         f, t = a["forward"], a["training_step"]
