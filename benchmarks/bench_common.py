@@ -53,7 +53,8 @@ def worker_env(threads: int, device: str, xla_flags: str = "", extra: Mapping[st
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NPROC"):
         env[var] = str(threads)
-    env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[device]
+    # On GPU the CPU backend stays too: XLA's cost analysis of a program before optimisation runs there.
+    env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda,cpu"}[device]
     if device == "gpu":  # several workers share the GPU; each allocates what it uses
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)

@@ -159,7 +159,8 @@ class JaxRunner:
         # XLA:CPU's optimised program still counts its convolutions; on GPU they become cuDNN
         # calls that carry no FLOPs (1.4 of 229 GFLOP counted on an H200), so there the
         # program before optimisation is counted, as the deviceless compile does.
-        info["flops"] = _cost_flops(self.compiled if self.dev.platform == "cpu" else lowered)
+        info["flops"] = (_cost_flops(self.compiled) if self.dev.platform == "cpu"
+                         else deviceless.flops_before_optimization(lowered))
         info["flops_source"] = "XLA cost analysis" + ("" if self.dev.platform == "cpu" else " (HLO before optimisation)")
         info["xla_temp_bytes"] = _temp_bytes(self.compiled)
         if self.spec["phase"] == "train":
