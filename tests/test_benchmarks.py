@@ -369,6 +369,18 @@ def test_throughput_against_devices_and_input_rate(tmp_path):
     assert report["cpu"] == bc.cpu_identity() and bc.cpu_name() in report["device"]  # family/model, AMX
 
 
+def test_throughput_without_the_input_rate(tmp_path):
+    """--input-batches 0 measures the step alone (the rendered full-size source is slow); the
+    table says so instead of showing a rate."""
+    assert tp.main(["--input-batches", "-1"]) == 1
+    report = {"device": "test", "versions": {"jax": "0"}, "threads": 1, "image_shape": [64, 32], "unit": tp.UNIT,
+              "dtype": "float32", "results": [{"devices": 1, "global_batch_exams": 1, "compile_s": 1.0,
+                                               "compile_cache": "off", "step_ms": 10.0, "step_ms_spread": 1.0,
+                                               "exams_per_s": 100.0}],
+              "input_pipeline": None, "xla_flags": ""}
+    assert "Input pipeline: not measured (--input-batches 0)" in tp.markdown(report)
+
+
 # ----------------------------------------------------------------------------- input pipeline
 def test_input_pipeline_json_contract(tmp_path):
     """The keys and types other checks read; small windows (the default is 2944 x 1920)."""
