@@ -15,7 +15,7 @@
 # OUT_DIR gets env.txt (GPU, driver, versions), tables.md (every step's table), one JSON per step
 # and log.txt (progress and errors). PYTHON picks the interpreter [python3], THREADS the CPU threads
 # of each worker [4]; STEP_LIMIT_S sets every step's time limit [240 s]. Results go to
-# benchmarks/RESULTS.md with the card named (env.txt). All steps write 9 files and take ~12 minutes
+# benchmarks/RESULTS.md with the card named (env.txt). All steps write 9 files and take ~9 minutes
 # on an H200 (compiles included); the workplace's device tool returns 8 files a call: pick STEPS.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]}
