@@ -27,7 +27,7 @@ def test_named_configs_build_a_valid_model_config_and_document_their_command(nam
 ABLATIONS = [
     ("ablation_aggregation.py:gap", {"model.aggregation": "gap"}),
     ("ablation_aggregation.py:gmp", {"model.aggregation": "gmp"}),
-    ("ablation_top_t.py:0.05", {"model.percent_t": 0.05}),
+    ("ablation_top_t.py:0.2", {"model.percent_t": 0.2}),
     ("ablation_k.py:1", {"model.K": 1}),
     ("ablation_k.py:3", {"model.K": 3}),
     ("ablation_uniform_attention.py", {"model.attention": "uniform"}),
