@@ -369,7 +369,7 @@ def test_throughput_against_devices_and_input_rate(tmp_path):
     assert report["cpu"] == bc.cpu_identity() and bc.cpu_name() in report["device"]  # family/model, AMX
 
 
-def test_throughput_without_the_input_rate(tmp_path):
+def test_throughput_without_the_input_rate():
     """--input-batches 0 measures the step alone (the rendered full-size source is slow); the
     table says so instead of showing a rate."""
     assert tp.main(["--input-batches", "-1"]) == 1
