@@ -236,7 +236,8 @@ class TorchRunner:
         info = {"device_kind": torch.cuda.get_device_name(0) if self.ref.device.type == "cuda" else "cpu",
                 "platform": self.ref.device.type, "params": self.ref.param_counts(), "compile_s": 0.0,
                 "compile_cache": "off",
-                "xla_temp_bytes": None, "torch_threads": torch.get_num_threads()}
+                "xla_temp_bytes": None, "torch_threads": torch.get_num_threads(),
+                "flops_source": "torch.utils.flop_counter"}
         if self.spec["phase"] == "train":
             if self.ref.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -620,7 +621,7 @@ def assemble_deviceless(args, cores, entries, user_env) -> dict:
                                           "host_transfers", "hlo_has_cpu_kernel", "peak")})
     report = {
         "device": device,
-        "versions": bc.versions(extra=("jax-cuda12-plugin", "nvidia-cudnn-cu12", "nvidia-cuda-nvcc-cu12")),
+        "versions": bc.versions(extra=(*bc.GPU_PACKAGES, "nvidia-cuda-nvcc-cu12")),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
         "unit": UNIT,
@@ -695,7 +696,7 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
             "params_heads": params["params_heads"],
             "flops_fwd_bwd_analytic": analytic.fwd_bwd_flops(layers) / n,
             "flops_fwd_analytic_every_tap": analytic.forward_flops(layers, count_padding=True) / n,
-            "flops_source": fwd.get("flops_source", "torch.utils.flop_counter"),
+            "flops_source": fwd["flops_source"],
             "compile_fwd_s": fwd["compile_s"], "compile_train_step_s": train["compile_s"],
             "compile_cache_fwd": fwd["compile_cache"],
             "xla_temp_bytes_fwd": fwd["xla_temp_bytes"], "xla_temp_bytes_train_step": train["xla_temp_bytes"],
