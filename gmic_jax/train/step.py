@@ -82,7 +82,8 @@ def head_on_max_pool_bce(params, h_g, labels):
     labels. The head's kernel W_A is trained by y_global only through the cells top-t pools; this
     trains it on each channel's strongest response in the image, where the fusion head finds the
     findings, so W_A takes the sign of what tells positive images from negative ones. Off in every
-    config (loss.head_on_max_pool = 0): measured on one held-out run only (benchmarks/RESULTS.md)."""
+    config (loss.head_on_max_pool = 0): on the held-out generator it localised one data seed and
+    learned nothing on another (benchmarks/RESULTS.md)."""
     kernel = params["left_postprocess_net"]["gn_conv_last"]["kernel"][0, 0].astype(jnp.float32)
     y = jax.nn.sigmoid(spatial_max(h_g).astype(jnp.float32) @ kernel)
     return binary_cross_entropy(y, labels).mean()
