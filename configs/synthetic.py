@@ -40,9 +40,10 @@ the map on the finding 0.3% of its peak, benign pointing 0.09 and 0.03). What is
 * global_blocks (1, 1, 1, 1, 1): half the global network's cost, which pays for the second turn;
 * best_min_delta 0.01: the maps may find the findings later than val_auc_malignant stops rising
   (within 0.01); the later step wins.
-Tried and not kept: a top-t warm-up (loss.top_t_warmup_steps: on the held-out generator it rescued
-data seed 1 and broke data seed 0); the saliency head trained also on max-pooled h_g
-(loss.head_on_max_pool: localised data seed 0 there, nothing learned on data seed 1); a cell seeing 51 x 51 pixels (global_kernels (3, 3, 1, 1, 1), strides
+Tried and not kept (code at commit 2f7bfe7, removed since): a top-t warm-up (the loss pools from
+the mean down to top-t; on the held-out generator it rescued data seed 1 and broke data seed 0);
+the saliency head trained also on max-pooled h_g (localised data seed 0 there, nothing learned on
+data seed 1); a cell seeing 51 x 51 pixels (global_kernels (3, 3, 1, 1, 1), strides
 (1, 2, 2, 1, 1): seed 2 benign pointing 0.80 but malignant 0.70 and AUC 0.954, the global head
 alone 0.83); top-t 0.02 with 3x3 convs everywhere (seed 2: pointing 0.00 for both classes after 7
 epochs); late strides (1, 1, 1, 2, 2) (malignant pointing 0.30-0.43); beta 0.07 without the

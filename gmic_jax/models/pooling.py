@@ -20,18 +20,6 @@ def top_t_percent(saliency_map, percent_t: float):
     return jnp.mean(lax.top_k(flat, k)[0], axis=-1)
 
 
-def top_t_percent_traced(saliency_map, percent_t):
-    """`top_t_percent` with t a traced scalar (a schedule in a jitted step): the k largest values
-    are the first k of each map sorted in descending order, k = max(1, round(h * w * t)).
-    Equal to `top_t_percent` wherever t gives the same k; the gradient reaches exactly those k cells."""
-    n, h, w, c = saliency_map.shape
-    flat = jnp.moveaxis(saliency_map.astype(jnp.float32), -1, 1).reshape(n, c, h * w)
-    k = jnp.maximum(1.0, jnp.round(h * w * jnp.asarray(percent_t, jnp.float32)))
-    ranked = -jnp.sort(-flat, axis=-1)
-    keep = jnp.arange(h * w, dtype=jnp.float32) < k
-    return jnp.sum(jnp.where(keep, ranked, 0.0), axis=-1) / k
-
-
 def global_max_pool(saliency_map):
     return jnp.max(saliency_map.astype(jnp.float32), axis=(1, 2))
 

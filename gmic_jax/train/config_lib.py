@@ -188,15 +188,6 @@ def check_config(config) -> None:
                               + (" (0: load in the training process)" if field == "data.workers" else ""))
     if config.loss.beta < 0:  # nan passes: the divergence test trains with it on purpose
         raise ConfigError(f"loss.beta={config.loss.beta!r}; expected a number >= 0")
-    warmup = config.loss.get("top_t_warmup_steps", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"loss.top_t_warmup_steps={warmup!r}; expected an integer >= 0 (0: no warm-up)")
-    if warmup and config.model.get("aggregation", "top_t") != "top_t":
-        raise ConfigError(f"loss.top_t_warmup_steps={warmup} needs model.aggregation='top_t' "
-                          f"(got {config.model.aggregation!r})")
-    head = config.loss.get("head_on_max_pool", 0.0)
-    if not head >= 0:
-        raise ConfigError(f"loss.head_on_max_pool={head!r}; expected a weight >= 0 (0: off)")
     if config.data.source == "cache" and not (config.data.train_cache and config.data.val_cache):
         raise ConfigError("data.source='cache' needs data.train_cache and data.val_cache (`gmic-jax cache` outputs)")
     if config.data.get("window_noise", False) and config.data.source != "cache":

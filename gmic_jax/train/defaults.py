@@ -46,11 +46,6 @@ def default_config():
     c.loss = ml_collections.ConfigDict()
     c.loss.beta = 3.26e-6                 # saliency regularisation weight (paper: tuned per run)
     c.loss.saliency_reduction = "sum"     # 'sum' over the grid (Eq. 12) or 'mean'
-    c.loss.head_on_max_pool = 0.0         # weight of BCE(sigmoid(saliency head on max-pooled h_g)) in the loss
-    c.loss.top_t_warmup_steps = 0         # y_global in the loss pools the top t of the maps with t going
-                                          # linearly from 1 (the mean: every cell gets a gradient) down to
-                                          # model.percent_t over these steps, beta scaled by percent_t / t;
-                                          # 0: model.percent_t and beta throughout
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4

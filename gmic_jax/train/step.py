@@ -33,11 +33,9 @@ from jax.sharding import PartitionSpec as P
 
 from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
-from gmic_jax.models.layers import spatial_max
-from gmic_jax.models.pooling import top_t_percent_traced
 from gmic_jax.preprocessing import normalize_images
 from gmic_jax.augment import AugmentConfig, augment_batch
-from gmic_jax.train.loss import binary_cross_entropy, gmic_loss
+from gmic_jax.train.loss import gmic_loss
 from gmic_jax.train.state import TrainState
 
 DATA_AXIS = "data"
@@ -77,42 +75,12 @@ def _example_keys(key, n_local):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(position)
 
 
-def head_on_max_pool_bce(params, h_g, labels):
-    """BCE of the saliency head applied to max-pooled h_g: sigmoid(W_A max_cells h_g) against the
-    labels. The head's kernel W_A is trained by y_global only through the cells top-t pools; this
-    trains it on each channel's strongest response in the image, where the fusion head finds the
-    findings, so W_A takes the sign of what tells positive images from negative ones. Off in every
-    config (loss.head_on_max_pool = 0): on the held-out generator it localised one data seed and
-    learned nothing on another (benchmarks/RESULTS.md)."""
-    kernel = params["left_postprocess_net"]["gn_conv_last"]["kernel"][0, 0].astype(jnp.float32)
-    y = jax.nn.sigmoid(spatial_max(h_g).astype(jnp.float32) @ kernel)
-    return binary_cross_entropy(y, labels).mean()
-
-
-def top_t_at_step(step, percent_t: float, warmup_steps: int):
-    """t of the loss's top-t pooling at ``step``: 1 at step 0, linearly down to ``percent_t`` at
-    ``warmup_steps`` and after. A cell outside the top t gets no gradient from y_global's BCE, so a
-    map that starts lit on something every image has (a skin line) can stay there while the
-    findings' cells are never ranked high enough to be trained; from the mean every cell is. Off in
-    every config: on held-out data it did not make localisation reliable (benchmarks/RESULTS.md)."""
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
-    return jnp.where(frac >= 1.0, jnp.float32(percent_t), 1.0 + (percent_t - 1.0) * frac)
-
-
 def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                     beta: float, saliency_reduction: str = "sum", batch_norm: str = "local",
-                    augment: AugmentConfig | None = None, normalization: str = "standardize",
-                    top_t_warmup_steps: int = 0, head_on_max_pool: float = 0.0):
+                    augment: AugmentConfig | None = None, normalization: str = "standardize"):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
     ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
-    The old state is donated.
-
-    ``top_t_warmup_steps`` > 0: the loss's y_global pools the top t of the saliency maps with t
-    going linearly from 1 (their mean) at step 0 to the model's percent_t at that step
-    (:func:`top_t_at_step`), and beta is scaled by percent_t / t, so that the L1 pull on one cell
-    keeps its proportion to y_global's push on one pooled cell (the push is 1/k of y_global's
-    gradient for k pooled cells; at t = 1 the unscaled beta would hold every cell at zero). The
-    model's own y_global, and every evaluation, keep percent_t."""
+    The old state is donated."""
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"batch_norm={batch_norm!r}; expected one of {BATCH_NORM_MODES}")
     model = GMIC(model_config, bn_axis_name=DATA_AXIS if batch_norm == "sync" else None)
@@ -134,15 +102,7 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
                 new_stats = updates["batch_stats"]
             else:
                 out, new_stats = model.apply(variables, x, train=False, rngs={"roi": roi_key}), state.batch_stats
-            step_beta = beta
-            if top_t_warmup_steps:
-                t = top_t_at_step(state.step, model_config.percent_t, top_t_warmup_steps)
-                out = {**out, "y_global": top_t_percent_traced(out["saliency_map"], t)}
-                step_beta = beta * model_config.percent_t / t
-            loss, parts = gmic_loss(out, labels, step_beta, saliency_reduction)
-            if head_on_max_pool:
-                parts["bce_head_max_pool"] = head_on_max_pool_bce(params, out["h_g"], labels)
-                loss = loss + head_on_max_pool * parts["bce_head_max_pool"]
+            loss, parts = gmic_loss(out, labels, beta, saliency_reduction)
             return loss, (new_stats, parts)
 
         (loss, (new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
