@@ -49,6 +49,7 @@ CONFIG_MISTAKES = [
     (["--config.batch_size=abc"], "--config.batch_size=abc: expected a int"),
     (["--config.model.local_net=resnet19"], "local_net='resnet19'"),
     (["--config.best_metric=val_auc"], "best_metric='val_auc'; expected one of"),
+    (["--config.loss.gap_weight=-1"], "loss.gap_weight=-1.0; expected a number >= 0"),
 ]
 
 

@@ -90,3 +90,40 @@ def test_loss_through_the_model_matches_fixture_loss_and_gradients(reference_dir
         ref = z[f"small/grad/{key}"]
         err = np.abs(ours[key] - ref).max() / np.abs(ref).max()
         assert err < 1e-4, (key, err)
+
+
+def test_gap_term_hand_computed_and_off_by_default():
+    logits = jnp.array([[[[2.0, -1.0]], [[0.0, -3.0]]], [[[40.0, -200.0]], [[-40.0, 0.0]]]])  # (2,2,1,2)
+    out = {**_outputs(), "saliency_logits": logits}
+    labels = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    total0, parts0 = gmic_loss(out, labels, beta=0.5)
+    assert "bce_gap" not in parts0  # the paper's loss unless asked for
+
+    def bce_logit(z, y):  # log(1 + exp(-z)) for y = 1, log(1 + exp(z)) for y = 0, computed exactly
+        return math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
+
+    means = [[1.0, -2.0], [0.0, -100.0]]  # grid means of the logits
+    expected = sum(bce_logit(means[i][c], labels[i, c]) for i in range(2) for c in range(2)) / 4
+    total, parts = gmic_loss(out, labels, beta=0.5, gap_weight=0.25)
+    np.testing.assert_allclose(float(parts["bce_gap"]), expected, rtol=1e-6)  # finite at logit -100 (y = 1)
+    np.testing.assert_allclose(float(total), float(total0) + 0.25 * expected, rtol=1e-6)
+
+
+def test_gap_term_reaches_a_cell_that_top_t_pooling_leaves_out():
+    """The reason for the term: with top-t pooling only the pooled cells get y_global's gradient; the
+    grid-mean logit gives every cell one, also where the sigmoid of the map is saturated."""
+    from gmic_jax.models.pooling import aggregate
+
+    logits = jnp.linspace(-30.0, 5.0, 20).reshape(1, 5, 4, 1) * jnp.ones((1, 1, 1, 2))
+    labels = jnp.array([[1.0, 1.0]])
+
+    def loss(z, gap_weight):
+        a = jax.nn.sigmoid(z)
+        out = {"y_global": aggregate(a, "top_t", 0.1), "saliency_map": a, "saliency_logits": z}
+        return gmic_loss(out, labels, beta=0.0, heads=("y_global",), gap_weight=gap_weight)[0]
+
+    g0, g1 = jax.grad(loss)(logits, 0.0), jax.grad(loss)(logits, 1.0)
+    lowest = (0, 0, 0, 0)  # logit -30: outside the top 2 of 20 cells, sigmoid saturated
+    assert float(g0[lowest]) == 0.0
+    assert float(g1[lowest]) < -1e-3  # pulled up towards the positive label
+    np.testing.assert_allclose(np.asarray(g1[lowest]), -(1 - jax.nn.sigmoid(logits.mean())) / 20 / 2, rtol=1e-5)

@@ -81,8 +81,11 @@ def test_patch_locations_identical(case_outputs, golden):
     case, meta, out = case_outputs
     ref = golden[f"{case}/patch_locations"]
     np.testing.assert_array_equal(out["patch_locations"], ref.astype(np.int64))
-    # The saliency grid follows from the image size.
+    # The saliency grid follows from the image size; the maps are the sigmoid of the logits the
+    # optional grid-mean loss term uses.
     assert out["saliency_map"].shape[1:3] == tuple(meta["cam_size"])
+    np.testing.assert_allclose(1 / (1 + np.exp(-out["saliency_logits"].astype(np.float64))), out["saliency_map"],
+                               rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kernel_variant", KERNELS)

@@ -97,14 +97,14 @@ class ResNet22(nn.Module):
 
 
 class SaliencyHead(nn.Module):
-    """1x1 conv (no bias) + sigmoid: h_g -> saliency maps A (N, h, w, 2), float32."""
+    """1x1 conv (no bias): h_g -> saliency logits (N, h, w, 2), float32; the saliency maps are
+    A = sigmoid(logits)."""
 
     num_classes: int = 2
 
     @nn.compact
     def __call__(self, h_g):
-        logits = conv(self.num_classes, 1, dtype=jnp.float32, name="gn_conv_last")(h_g.astype(jnp.float32))
-        return jax.nn.sigmoid(logits)
+        return conv(self.num_classes, 1, dtype=jnp.float32, name="gn_conv_last")(h_g.astype(jnp.float32))
 
 
 def receptive_field(stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2),

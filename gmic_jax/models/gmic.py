@@ -53,7 +53,8 @@ class GMIC(nn.Module):
             h_g = 0.5 * (both[:n] + both[n:, ::-1, ::-1])
         else:
             h_g = global_net(x, train)
-        saliency_map = SaliencyHead(NUM_CLASSES, name="left_postprocess_net")(h_g)
+        saliency_logits = SaliencyHead(NUM_CLASSES, name="left_postprocess_net")(h_g)
+        saliency_map = jax.nn.sigmoid(saliency_logits)
         y_global = aggregate(saliency_map, cfg.aggregation, cfg.percent_t)
 
         # Patch selection (discrete: no gradient) and crops cut from the full-resolution input.
@@ -85,6 +86,7 @@ class GMIC(nn.Module):
             "y_local": y_local,
             "y_fusion": y_fusion,
             "saliency_map": saliency_map,
+            "saliency_logits": saliency_logits,
             "patch_locations": patch_locations,
             "patch_attns": patch_attns,
             "patches": patches,

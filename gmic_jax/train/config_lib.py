@@ -186,6 +186,8 @@ def check_config(config) -> None:
             raise ConfigError(f"{field}={value!r}; expected an integer >= {least}"
                               + (" (0: no evaluation)" if field == "eval.every_epochs" else "")
                               + (" (0: load in the training process)" if field == "data.workers" else ""))
+    if not config.loss.get("gap_weight", 0.0) >= 0:
+        raise ConfigError(f"loss.gap_weight={config.loss.gap_weight!r}; expected a number >= 0")
     if config.loss.beta < 0:  # nan passes: the divergence test trains with it on purpose
         raise ConfigError(f"loss.beta={config.loss.beta!r}; expected a number >= 0")
     if config.data.source == "cache" and not (config.data.train_cache and config.data.val_cache):

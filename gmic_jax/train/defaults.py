@@ -46,6 +46,8 @@ def default_config():
     c.loss = ml_collections.ConfigDict()
     c.loss.beta = 3.26e-6                 # saliency regularisation weight (paper: tuned per run)
     c.loss.saliency_reduction = "sum"     # 'sum' over the grid (Eq. 12) or 'mean'
+    c.loss.gap_weight = 0.0               # not in the paper: + weight * BCE of the grid-mean saliency
+                                          # logit (train/loss.py); 0 is the paper's loss
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4

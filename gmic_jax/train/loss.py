@@ -10,12 +10,20 @@
   ``saliency_reduction='mean'`` averages over the grid and classes instead (the same up to a
   factor h*w*2, which makes beta independent of the image size).
 
+Optional, off by default (not in the paper): ``gap_weight`` > 0 adds gap_weight * BCE(sigmoid(mean of
+the saliency logits over the grid), y) -- a classifier on the global-average-pooled h_g through the
+saliency head's own weights (class activation maps, Zhou et al. 2016). Top-t pooling passes
+y_global's gradient only to the t% highest cells and the L1 term saturates the others' sigmoids; this
+term reaches every cell through its logit, so a finding outside the top t still pulls the head
+towards its features (see configs/synthetic.py).
+
 Everything is computed in float32, whatever the model's compute dtype.
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 
 HEADS = ("y_global", "y_local", "y_fusion")
@@ -46,10 +54,21 @@ def saliency_regularizer(saliency_map, reduction: str = "sum"):
     return per_image.mean()
 
 
+def gap_bce(saliency_logits, labels):
+    """BCE of sigmoid(mean of the (N, h, w, 2) saliency logits over the grid) against (N, 2) labels,
+    averaged over the batch and classes; computed from the logit (no saturation), float32."""
+    z = jnp.asarray(saliency_logits, jnp.float32).mean(axis=(1, 2))
+    y = jnp.asarray(labels, jnp.float32)
+    return -(y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z)).mean()
+
+
 def gmic_loss(outputs: Mapping, labels, beta: float, saliency_reduction: str = "sum",
-              heads: Sequence[str] = HEADS):
+              heads: Sequence[str] = HEADS, gap_weight: float = 0.0):
     """(total loss, dict of its parts) for GMIC's output dict and (N, 2) labels [benign, malignant]."""
     parts = {f"bce_{h}": binary_cross_entropy(outputs[h], labels).mean() for h in heads}
     parts["saliency_reg"] = saliency_regularizer(outputs["saliency_map"], saliency_reduction)
     total = sum(parts[f"bce_{h}"] for h in heads) + beta * parts["saliency_reg"]
+    if gap_weight:
+        parts["bce_gap"] = gap_bce(outputs["saliency_logits"], labels)
+        total = total + gap_weight * parts["bce_gap"]
     return total, parts

@@ -77,7 +77,8 @@ def _example_keys(key, n_local):
 
 def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                     beta: float, saliency_reduction: str = "sum", batch_norm: str = "local",
-                    augment: AugmentConfig | None = None, normalization: str = "standardize"):
+                    augment: AugmentConfig | None = None, normalization: str = "standardize",
+                    gap_weight: float = 0.0):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
     ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
     The old state is donated."""
@@ -102,7 +103,7 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
                 new_stats = updates["batch_stats"]
             else:
                 out, new_stats = model.apply(variables, x, train=False, rngs={"roi": roi_key}), state.batch_stats
-            loss, parts = gmic_loss(out, labels, beta, saliency_reduction)
+            loss, parts = gmic_loss(out, labels, beta, saliency_reduction, gap_weight=gap_weight)
             return loss, (new_stats, parts)
 
         (loss, (new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
