@@ -102,11 +102,15 @@ def test_gap_term_hand_computed_and_off_by_default():
     def bce_logit(z, y):  # log(1 + exp(-z)) for y = 1, log(1 + exp(z)) for y = 0, computed exactly
         return math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
 
-    means = [[1.0, -2.0], [0.0, -100.0]]  # grid means of the logits
-    expected = sum(bce_logit(means[i][c], labels[i, c]) for i in range(2) for c in range(2)) / 4
+    means = [[1.0, -2.0], [0.0, -100.0]]  # grid means of the logits; centred over the batch per class:
+    centred = [[0.5, 49.0], [-0.5, -49.0]]
+    expected = sum(bce_logit(centred[i][c], labels[i, c]) for i in range(2) for c in range(2)) / 4
     total, parts = gmic_loss(out, labels, beta=0.5, gap_weight=0.25)
-    np.testing.assert_allclose(float(parts["bce_gap"]), expected, rtol=1e-6)  # finite at logit -100 (y = 1)
+    np.testing.assert_allclose(float(parts["bce_gap"]), expected, rtol=1e-6)  # finite at logit -49 (y = 1)
     np.testing.assert_allclose(float(total), float(total0) + 0.25 * expected, rtol=1e-6)
+    # A shift of every logit of every image leaves it unchanged: no pull on the head's overall level.
+    shifted = gmic_loss({**out, "saliency_logits": logits + 7.0}, labels, beta=0.5, gap_weight=0.25)[1]
+    np.testing.assert_allclose(float(shifted["bce_gap"]), expected, rtol=1e-6)
 
 
 def test_gap_term_reaches_a_cell_that_top_t_pooling_leaves_out():
@@ -114,8 +118,9 @@ def test_gap_term_reaches_a_cell_that_top_t_pooling_leaves_out():
     grid-mean logit gives every cell one, also where the sigmoid of the map is saturated."""
     from gmic_jax.models.pooling import aggregate
 
-    logits = jnp.linspace(-30.0, 5.0, 20).reshape(1, 5, 4, 1) * jnp.ones((1, 1, 1, 2))
-    labels = jnp.array([[1.0, 1.0]])
+    ramp = jnp.linspace(-30.0, 5.0, 20).reshape(1, 5, 4, 1) * jnp.ones((1, 1, 1, 2))
+    logits = jnp.concatenate([ramp, ramp - 1.0])  # a positive image and a negative one
+    labels = jnp.array([[1.0, 1.0], [0.0, 0.0]])
 
     def loss(z, gap_weight):
         a = jax.nn.sigmoid(z)
@@ -126,4 +131,7 @@ def test_gap_term_reaches_a_cell_that_top_t_pooling_leaves_out():
     lowest = (0, 0, 0, 0)  # logit -30: outside the top 2 of 20 cells, sigmoid saturated
     assert float(g0[lowest]) == 0.0
     assert float(g1[lowest]) < -1e-3  # pulled up towards the positive label
-    np.testing.assert_allclose(np.asarray(g1[lowest]), -(1 - jax.nn.sigmoid(logits.mean())) / 20 / 2, rtol=1e-5)
+    # d/dz of the batch-and-class mean BCE at centred score s = +0.5 (y = 1) and -0.5 (y = 0): each image's
+    # own term minus its share of the centring, over 20 cells, 2 images and 2 classes.
+    own, other = -(1 - jax.nn.sigmoid(0.5)), jax.nn.sigmoid(-0.5)
+    np.testing.assert_allclose(np.asarray(g1[lowest]), (own - (own + other) / 2) / 20 / 4, rtol=1e-5)
