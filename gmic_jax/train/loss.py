@@ -13,10 +13,9 @@
 Optional, off by default (not in the paper): ``gap_weight`` > 0 adds gap_weight * BCE(sigmoid(mean of
 the saliency logits over the grid, centred over the batch), y) -- a classifier on the
 global-average-pooled h_g through the saliency head's own weights (class activation maps, Zhou et
-al. 2016). Top-t pooling passes
-y_global's gradient only to the t% highest cells and the L1 term saturates the others' sigmoids; this
-term reaches every cell through its logit, so a finding outside the top t still pulls the head
-towards its features (see configs/synthetic.py).
+al. 2016). Top-t pooling passes y_global's gradient only to the t% highest cells and the L1 term
+saturates the others' sigmoids; this term reaches every cell through its logit, so a finding
+outside the top t still pulls the head towards its features (see configs/synthetic.py).
 
 Everything is computed in float32, whatever the model's compute dtype.
 """
@@ -59,14 +58,15 @@ def saliency_regularizer(saliency_map, reduction: str = "sum"):
 def gap_bce(saliency_logits, labels):
     """BCE of sigmoid(s) against (N, 2) labels, averaged over the batch and classes, where s is the
     grid mean of an image's (h, w) saliency logits less that mean's average over the batch (per
-    class; each device's part of the batch in data-parallel training). The head has no bias, so without the centring the decision point would be a mean
-    logit of 0, which a sparse map never reaches on a positive image: the term would raise the
-    findings' logits without end (measured: logits ~22, maps saturated at 1.0 over several cells).
-    An image already on the right side by more than ``GAP_MARGIN`` gets no gradient: the images are
-    nearly separable, and with Adam a logistic loss that never stops pulling grows the head without
-    end (measured without the cap: finding logits ~11 over a background of -7, the maps saturated at
-    exactly 1.0 over several cells in 31% of the images, so their first argmax left the finding).
-    Computed from the logits (no saturation), float32."""
+    class; each device's part of the batch in data-parallel training).
+
+    The head has no bias, so without the centring the decision point would be a grid-mean logit of
+    0, which a sparse map never reaches on a positive image: the term raised the findings' logits
+    without end (measured: per-image maximum logit 22 on average, maps at exactly 1.0 over ~6
+    cells). An image on the right side by more than ``GAP_MARGIN`` gets no gradient, so a
+    classified image stops growing the head. Measured on the embedded generator, the maps still
+    saturate with both (malignant logits ~10 over a background of -7): see configs/synthetic.py.
+    Computed from the logits (no saturation of the term itself), float32."""
     z = jnp.asarray(saliency_logits, jnp.float32).mean(axis=(1, 2))
     z = z - z.mean(axis=0)
     y = jnp.asarray(labels, jnp.float32)
