@@ -102,8 +102,7 @@ def test_gap_term_hand_computed_and_off_by_default():
     def bce_logit(z, y):  # log(1 + exp(-z)) for y = 1, log(1 + exp(z)) for y = 0, computed exactly
         return math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
 
-    means = [[1.0, -2.0], [0.0, -100.0]]  # grid means of the logits; centred over the batch per class:
-    centred = [[0.5, 49.0], [-0.5, -49.0]]
+    centred = [[0.5, 49.0], [-0.5, -49.0]]  # grid means [[1, -2], [0, -100]] less their batch mean per class
     expected = sum(bce_logit(centred[i][c], labels[i, c]) for i in range(2) for c in range(2)) / 4
     total, parts = gmic_loss(out, labels, beta=0.5, gap_weight=0.25)
     np.testing.assert_allclose(float(parts["bce_gap"]), expected, rtol=1e-6)  # finite at logit -49 (y = 1)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
+import optax
 
 HEADS = ("y_global", "y_local", "y_fusion")
 SALIENCY_REDUCTIONS = ("sum", "mean")
@@ -71,7 +71,7 @@ def gap_bce(saliency_logits, labels):
     z = z - z.mean(axis=0)
     y = jnp.asarray(labels, jnp.float32)
     z = jnp.where(y >= 0.5, jnp.minimum(z, GAP_MARGIN), jnp.maximum(z, -GAP_MARGIN))
-    return -(y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z)).mean()
+    return optax.sigmoid_binary_cross_entropy(z, y).mean()
 
 
 def gmic_loss(outputs: Mapping, labels, beta: float, saliency_reduction: str = "sum",
