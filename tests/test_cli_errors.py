@@ -50,6 +50,7 @@ CONFIG_MISTAKES = [
     (["--config.model.local_net=resnet19"], "local_net='resnet19'"),
     (["--config.best_metric=val_auc"], "best_metric='val_auc'; expected one of"),
     (["--config.loss.gap_weight=-1"], "loss.gap_weight=-1.0; expected a number >= 0"),
+    (["--config.loss.gap_margin=0"], "loss.gap_margin=0.0; expected a number > 0"),
 ]
 
 

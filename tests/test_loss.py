@@ -136,18 +136,21 @@ def test_gap_term_reaches_a_cell_that_top_t_pooling_leaves_out():
     np.testing.assert_allclose(np.asarray(g1[lowest]), (own - (own + other) / 2) / 20 / 4, rtol=1e-5)
 
 
-def test_gap_term_stops_pulling_an_image_past_the_margin():
+@pytest.mark.parametrize("margin", [None, 0.25])  # None: the default, GAP_MARGIN
+def test_gap_term_stops_pulling_an_image_past_the_margin(margin):
     from gmic_jax.train.loss import GAP_MARGIN
 
     labels = jnp.array([[1.0, 1.0], [0.0, 0.0]])
+    kw = {} if margin is None else {"gap_margin": margin}
+    m = GAP_MARGIN if margin is None else margin
 
     def gap(z):
-        return gmic_loss({**_outputs(), "saliency_logits": z}, labels, beta=0.0, heads=(), gap_weight=1.0)[0]
+        return gmic_loss({**_outputs(), "saliency_logits": z}, labels, beta=0.0, heads=(), gap_weight=1.0, **kw)[0]
 
-    for gap_between, pulled in ((2 * GAP_MARGIN - 0.5, True), (2 * GAP_MARGIN + 0.5, False)):
+    for gap_between, pulled in ((2 * m - 0.1, True), (2 * m + 0.1, False)):
         z = jnp.zeros((2, 3, 2, 2)).at[0].set(gap_between)  # centred scores +-gap_between / 2
         g = jax.grad(gap)(z)
         assert bool(jnp.all(g[0] < 0)) == pulled and bool(jnp.all(g[1] > 0)) == pulled
         if not pulled:  # both images classified with margin: constant loss, no gradient at all
             assert float(jnp.abs(g).max()) == 0.0
-            np.testing.assert_allclose(float(gap(z)), math.log1p(math.exp(-GAP_MARGIN)), rtol=1e-6)
+            np.testing.assert_allclose(float(gap(z)), math.log1p(math.exp(-m)), rtol=1e-6)

@@ -102,3 +102,25 @@ def test_cli_parses_train_overrides(monkeypatch):
     assert ns.config_overrides == ["num_epochs=2", "optimizer.learning_rate=3e-4"] and ns.workdir == "w"
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", "c", "--workdir", "w", "--bogus"])
+
+
+def test_loss_options_reach_the_train_step(tmp_path, monkeypatch):
+    """The training loop hands loss.beta, gap_weight and gap_margin to the train step it builds."""
+    import gmic_jax.train.step as step_lib
+    from gmic_jax.train import loop
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(step_lib, "make_train_step", record)
+    c = load_config(str(CONFIGS / "synthetic_tiny.py"))
+    apply_overrides(c, ["loss.gap_weight=4.0", "loss.gap_margin=0.25", "loss.beta=0.125", "data.workers=0"])
+    with pytest.raises(Built):
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
+    assert (seen["gap_weight"], seen["gap_margin"], seen["beta"]) == (4.0, 0.25, 0.125)

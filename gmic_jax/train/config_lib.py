@@ -188,6 +188,8 @@ def check_config(config) -> None:
                               + (" (0: load in the training process)" if field == "data.workers" else ""))
     if not config.loss.get("gap_weight", 0.0) >= 0:
         raise ConfigError(f"loss.gap_weight={config.loss.gap_weight!r}; expected a number >= 0")
+    if not config.loss.get("gap_margin", 1.0) > 0:
+        raise ConfigError(f"loss.gap_margin={config.loss.gap_margin!r}; expected a number > 0")
     if config.loss.beta < 0:  # nan passes: the divergence test trains with it on purpose
         raise ConfigError(f"loss.beta={config.loss.beta!r}; expected a number >= 0")
     if config.data.source == "cache" and not (config.data.train_cache and config.data.val_cache):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gmic_jax.train.config_lib import ConfigError
+from gmic_jax.train.loss import GAP_MARGIN
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -210,7 +211,8 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
         step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
                                   saliency_reduction=config.loss.saliency_reduction, batch_norm=config.batch_norm,
                                   augment=augment, normalization=config.data.normalization,
-                                  gap_weight=config.loss.get("gap_weight", 0.0))
+                                  gap_weight=config.loss.get("gap_weight", 0.0),
+                                  gap_margin=config.loss.get("gap_margin", GAP_MARGIN))
     plan = TrainPlan(labels, batch_size=B, steps_per_epoch=spe, num_steps=total_steps, seed=config.seed,
                      balanced=config.data.balanced_sampling, process_index=jax.process_index(), process_count=n_proc)
     examples = TrainExamples(train_src, seed=config.seed, window_noise=config.data.window_noise)

@@ -55,7 +55,7 @@ def saliency_regularizer(saliency_map, reduction: str = "sum"):
     return per_image.mean()
 
 
-def gap_bce(saliency_logits, labels):
+def gap_bce(saliency_logits, labels, margin: float = GAP_MARGIN):
     """BCE of sigmoid(s) against (N, 2) labels, averaged over the batch and classes, where s is the
     grid mean of an image's (h, w) saliency logits less that mean's average over the batch (per
     class; each device's part of the batch in data-parallel training).
@@ -63,24 +63,24 @@ def gap_bce(saliency_logits, labels):
     The head has no bias, so without the centring the decision point would be a grid-mean logit of
     0, which a sparse map never reaches on a positive image: the term raised the findings' logits
     without end (measured: per-image maximum logit 22 on average, maps at exactly 1.0 over ~6
-    cells). An image on the right side by more than ``GAP_MARGIN`` gets no gradient, so a
+    cells). An image on the right side by more than ``margin`` gets no gradient, so a
     classified image stops growing the head. Measured on the embedded generator, the maps still
     saturate with both (malignant logits ~10 over a background of -7): see configs/synthetic.py.
     Computed from the logits (no saturation of the term itself), float32."""
     z = jnp.asarray(saliency_logits, jnp.float32).mean(axis=(1, 2))
     z = z - z.mean(axis=0)
     y = jnp.asarray(labels, jnp.float32)
-    z = jnp.where(y >= 0.5, jnp.minimum(z, GAP_MARGIN), jnp.maximum(z, -GAP_MARGIN))
+    z = jnp.where(y >= 0.5, jnp.minimum(z, margin), jnp.maximum(z, -margin))
     return optax.sigmoid_binary_cross_entropy(z, y).mean()
 
 
 def gmic_loss(outputs: Mapping, labels, beta: float, saliency_reduction: str = "sum",
-              heads: Sequence[str] = HEADS, gap_weight: float = 0.0):
+              heads: Sequence[str] = HEADS, gap_weight: float = 0.0, gap_margin: float = GAP_MARGIN):
     """(total loss, dict of its parts) for GMIC's output dict and (N, 2) labels [benign, malignant]."""
     parts = {f"bce_{h}": binary_cross_entropy(outputs[h], labels).mean() for h in heads}
     parts["saliency_reg"] = saliency_regularizer(outputs["saliency_map"], saliency_reduction)
     total = sum(parts[f"bce_{h}"] for h in heads) + beta * parts["saliency_reg"]
     if gap_weight:
-        parts["bce_gap"] = gap_bce(outputs["saliency_logits"], labels)
+        parts["bce_gap"] = gap_bce(outputs["saliency_logits"], labels, gap_margin)
         total = total + gap_weight * parts["bce_gap"]
     return total, parts

@@ -35,7 +35,7 @@ from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
 from gmic_jax.preprocessing import normalize_images
 from gmic_jax.augment import AugmentConfig, augment_batch
-from gmic_jax.train.loss import gmic_loss
+from gmic_jax.train.loss import GAP_MARGIN, gmic_loss
 from gmic_jax.train.state import TrainState
 
 DATA_AXIS = "data"
@@ -78,7 +78,7 @@ def _example_keys(key, n_local):
 def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                     beta: float, saliency_reduction: str = "sum", batch_norm: str = "local",
                     augment: AugmentConfig | None = None, normalization: str = "standardize",
-                    gap_weight: float = 0.0):
+                    gap_weight: float = 0.0, gap_margin: float = GAP_MARGIN):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
     ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
     The old state is donated."""
@@ -103,7 +103,8 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
                 new_stats = updates["batch_stats"]
             else:
                 out, new_stats = model.apply(variables, x, train=False, rngs={"roi": roi_key}), state.batch_stats
-            loss, parts = gmic_loss(out, labels, beta, saliency_reduction, gap_weight=gap_weight)
+            loss, parts = gmic_loss(out, labels, beta, saliency_reduction, gap_weight=gap_weight,
+                                    gap_margin=gap_margin)
             return loss, (new_stats, parts)
 
         (loss, (new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
