@@ -187,6 +187,8 @@ def test_constant_rate_may_extend_but_not_cut_below_the_trained_steps(tmp_path):
 def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tmp_path):
     from gmic_jax.checkpoint import save_checkpoint
     from gmic_jax.config import GMICConfig
+    import ml_collections
+
     from gmic_jax.train import workdir as W
 
     doc = _fake_workdir(tmp_path / "run", _config())
@@ -199,6 +201,17 @@ def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tm
                          ("loss.beta", 0.5), ("eval.every_epochs", 2), ("best_metric", "val_dice_malignant")]:
         with pytest.raises(W.WorkdirError, match=re.escape(field)):
             W.check(tmp_path / "run", {**doc, "train": _config(**{field: value}).to_dict()}, steps_per_epoch=6)
+    # A config.json written before the loss.gap_* fields existed was trained with gap_weight 0 (and
+    # margin 2): the same is no change, the gap term is one, and the change is named.
+    old = {**doc, "train": _config().to_dict()}
+    for k in ("gap_weight", "gap_margin"):
+        old["train"]["loss"].pop(k)
+    _fake_workdir(tmp_path / "old", ml_collections.ConfigDict(old["train"]))
+    paper_loss = {"loss.gap_weight": 0.0, "loss.gap_margin": 2.0}
+    assert W.check(tmp_path / "old", {**doc, "train": _config(**paper_loss).to_dict()},
+                   steps_per_epoch=6).entry is None
+    with pytest.raises(W.WorkdirError, match=re.escape("loss.gap_margin 2.0 -> 0.25, loss.gap_weight 0.0 -> 4.0")):
+        W.check(tmp_path / "old", doc, steps_per_epoch=6)
     save_checkpoint(tmp_path / "converted", GMICConfig(), {"params": {"w": np.ones(2)}, "batch_stats": {}})
     with pytest.raises(W.WorkdirError, match="--init-from"):
         W.check(tmp_path / "converted", doc, steps_per_epoch=6)

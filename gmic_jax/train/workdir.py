@@ -18,7 +18,9 @@ config.json, written by the first run):
 * any other difference (model, data, loss, optimizer, seed, batch size, evaluation, checkpoint
   selection, the preprocessing the data carries) is an error that names each field (old -> new)
   and leaves DIR as it was (the CLI exits 2). ``--config-changes-ok`` (``config_changes_ok=True``)
-  accepts the changes: they are logged and config.json then holds the new config.
+  accepts the changes: they are logged and config.json then holds the new config. A field added
+  after a workdir was written counts at the value earlier versions computed with
+  (:data:`IMPLIED_FIELDS`: a config.json without ``loss.gap_weight`` was trained with 0).
 
 Every accepted difference is appended to config.json's ``history`` (time, the step the run resumed
 from, each field's old and new value, and what allowed it), so the workdir keeps saying what
@@ -39,6 +41,7 @@ from gmic_jax import checkpoint as ckpt_lib
 from gmic_jax.config import GMICConfig
 from gmic_jax.preprocessing import Preprocessing
 from gmic_jax.train.config_lib import ConfigError, flat_fields
+from gmic_jax.train.loss import GAP_MARGIN
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -55,6 +58,9 @@ EXTENDABLE = "num_epochs"
 # Learning-rate schedules that do not depend on the total number of steps (see
 # gmic_jax.train.state.learning_rate_schedule).
 STEP_COUNT_FREE_SCHEDULES = ("constant",)
+# Fields added after workdirs were first written, at the value every earlier version computed with:
+# a config.json without one was trained with that value, so asking for another is a change.
+IMPLIED_FIELDS = {"loss.gap_weight": 0.0, "loss.gap_margin": GAP_MARGIN}
 
 
 class WorkdirError(ConfigError):
@@ -77,6 +83,8 @@ def _as_json(value):
 def _fields(doc: Mapping[str, Any]) -> dict[str, Any]:
     """Comparable fields: the training config by its override names, the preprocessing prefixed."""
     out = flat_fields(doc.get("train") or {})
+    if out:
+        out = {**IMPLIED_FIELDS, **out}
     out.update(flat_fields(doc.get("preprocessing") or {}, "preprocessing."))
     return out
 
