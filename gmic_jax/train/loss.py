@@ -10,12 +10,13 @@
   ``saliency_reduction='mean'`` averages over the grid and classes instead (the same up to a
   factor h*w*2, which makes beta independent of the image size).
 
-Optional, off by default (not in the paper): ``gap_weight`` > 0 adds gap_weight * BCE(sigmoid(mean of
-the saliency logits over the grid, centred over the batch), y) -- a classifier on the
-global-average-pooled h_g through the saliency head's own weights (class activation maps, Zhou et
-al. 2016). Top-t pooling passes y_global's gradient only to the t% highest cells and the L1 term
-saturates the others' sigmoids; this term reaches every cell through its logit, so a finding
-outside the top t still pulls the head towards its features (see configs/synthetic.py).
+Optional, not in the paper (off in the paper's configs; configs/synthetic.py uses it):
+``gap_weight`` > 0 adds gap_weight * BCE(sigmoid(mean of the saliency logits over the grid, centred
+over the batch), y) -- a classifier on the global-average-pooled h_g through the saliency head's
+own weights (class activation maps, Zhou et al. 2016). Top-t pooling passes y_global's gradient
+only to the t% highest cells and the L1 term saturates the others' sigmoids; this term reaches
+every cell through its logit, so a finding outside the top t still pulls the head towards its
+features (see configs/synthetic.py). An image past ``gap_margin`` on the right side pulls no more.
 
 Everything is computed in float32, whatever the model's compute dtype.
 """
@@ -64,9 +65,11 @@ def gap_bce(saliency_logits, labels, margin: float = GAP_MARGIN):
     0, which a sparse map never reaches on a positive image: the term raised the findings' logits
     without end (measured: per-image maximum logit 22 on average, maps at exactly 1.0 over ~6
     cells). An image on the right side by more than ``margin`` gets no gradient, so a
-    classified image stops growing the head. Measured on the embedded generator, the maps still
-    saturate with both (malignant logits ~10 over a background of -7): see configs/synthetic.py.
-    Computed from the logits (no saturation of the term itself), float32."""
+    classified image stops growing the head. The default margin, 2, is far more than a sparse map's
+    grid mean reaches (a finding covers a few of the cells): on the embedded generator the maps
+    still saturated (malignant logits ~10 over a background of -7); configs/synthetic.py uses 0.25
+    and says what each margin measured. Computed from the logits (no saturation of the term itself),
+    float32."""
     z = jnp.asarray(saliency_logits, jnp.float32).mean(axis=(1, 2))
     z = z - z.mean(axis=0)
     y = jnp.asarray(labels, jnp.float32)
