@@ -185,10 +185,10 @@ def test_constant_rate_may_extend_but_not_cut_below_the_trained_steps(tmp_path):
 
 
 def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tmp_path):
-    from gmic_jax.checkpoint import save_checkpoint
-    from gmic_jax.config import GMICConfig
     import ml_collections
 
+    from gmic_jax.checkpoint import save_checkpoint
+    from gmic_jax.config import GMICConfig
     from gmic_jax.train import workdir as W
 
     doc = _fake_workdir(tmp_path / "run", _config())

@@ -6,6 +6,7 @@ import dataclasses
 from gmic_jax.config import GMICConfig
 from gmic_jax.augment import AugmentConfig
 from gmic_jax.data.pipeline import default_workers
+from gmic_jax.train.loss import GAP_MARGIN
 
 PREDICTIONS = ("fusion", "global", "local", "average")
 
@@ -48,7 +49,7 @@ def default_config():
     c.loss.saliency_reduction = "sum"     # 'sum' over the grid (Eq. 12) or 'mean'
     c.loss.gap_weight = 0.0               # not in the paper: + weight * BCE of the grid-mean saliency
                                           # logit (train/loss.py); 0 is the paper's loss
-    c.loss.gap_margin = 2.0               # that term's centred score past which an image pulls no more
+    c.loss.gap_margin = GAP_MARGIN        # that term's centred score past which an image pulls no more
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from gmic_jax.train.config_lib import ConfigError
-from gmic_jax.train.loss import GAP_MARGIN
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -150,6 +149,7 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
     from gmic_jax.train.input import TrainExamples, TrainPlan
     from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
     from gmic_jax.train.state import create_train_state, make_optimizer
+    from gmic_jax.train.loss import GAP_MARGIN
     from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_array
     from gmic_jax.train import workdir as workdir_lib
     from gmic_jax.train.state import learning_rate_schedule

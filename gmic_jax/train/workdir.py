@@ -41,7 +41,6 @@ from gmic_jax import checkpoint as ckpt_lib
 from gmic_jax.config import GMICConfig
 from gmic_jax.preprocessing import Preprocessing
 from gmic_jax.train.config_lib import ConfigError, flat_fields
-from gmic_jax.train.loss import GAP_MARGIN
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -59,8 +58,9 @@ EXTENDABLE = "num_epochs"
 # gmic_jax.train.state.learning_rate_schedule).
 STEP_COUNT_FREE_SCHEDULES = ("constant",)
 # Fields added after workdirs were first written, at the value every earlier version computed with:
-# a config.json without one was trained with that value, so asking for another is a change.
-IMPLIED_FIELDS = {"loss.gap_weight": 0.0, "loss.gap_margin": GAP_MARGIN}
+# a config.json without one was trained with that value, so asking for another is a change. History,
+# not today's defaults: these stay as they are when a default changes.
+IMPLIED_FIELDS = {"loss.gap_weight": 0.0, "loss.gap_margin": 2.0}
 
 
 class WorkdirError(ConfigError):
