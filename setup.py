@@ -25,6 +25,8 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "grain>=0.2.18",  # the version the input pipeline is tested with
+        "absl-py>=1.0",  # gmic_jax.data.pipeline sets Grain's absl flags
+        "filelock>=3.0",  # JAX's compilation cache needs it to bound its size (gmic_jax.xla_flags)
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
