@@ -78,10 +78,11 @@ def _example_keys(key, n_local):
 def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                     beta: float, saliency_reduction: str = "sum", batch_norm: str = "local",
                     augment: AugmentConfig | None = None, normalization: str = "standardize",
-                    gap_weight: float = 0.0, gap_margin: float = GAP_MARGIN):
+                    gap_weight: float = 0.0, gap_margin: float = GAP_MARGIN, with_patch_locations: bool = False):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
     ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
-    The old state is donated."""
+    The old state is donated. ``with_patch_locations`` adds the global batch's ``patch_locations``
+    (N, K, 2) to the metrics: which crops the local network was trained on at this step."""
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"batch_norm={batch_norm!r}; expected one of {BATCH_NORM_MODES}")
     model = GMIC(model_config, bn_axis_name=DATA_AXIS if batch_norm == "sync" else None)
@@ -105,9 +106,9 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
                 out, new_stats = model.apply(variables, x, train=False, rngs={"roi": roi_key}), state.batch_stats
             loss, parts = gmic_loss(out, labels, beta, saliency_reduction, gap_weight=gap_weight,
                                     gap_margin=gap_margin)
-            return loss, (new_stats, parts)
+            return loss, (new_stats, parts, out["patch_locations"])
 
-        (loss, (new_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (new_stats, parts, locations)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = lax.pmean(grads, DATA_AXIS)
         loss, parts = lax.pmean((loss, parts), DATA_AXIS)
         if batch_norm == "local":
@@ -120,6 +121,8 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
         # A non-finite step changes nothing: the loop stops on `finite` with the last good state.
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **parts}
+        if with_patch_locations:
+            metrics["patch_locations"] = lax.all_gather(locations, DATA_AXIS, tiled=True)
         return new, metrics
 
     # check_vma=False: pmap semantics. Each device differentiates its own loss (no implicit psum of
