@@ -1,10 +1,20 @@
-"""Parity with the original PyTorch GMIC: ../shared/reference/golden.npz is the model's contract.
+"""Parity with the original PyTorch GMIC: goldens of the original are the model's contract.
+
+Two sources of goldens share the test code: tests/fixtures/golden/golden.npz (in the repository,
+made by tests/fixtures/make_golden.py from tests/fixtures/golden_recipe.py; small images and
+128-pixel crops) and, when it is present, the project's reference ../shared/reference/golden.npz
+(with its recipe.py; 1472 x 960 and 1000 x 700 images, 256-pixel crops). Both have the cases
+'small' (with gradients), 'b2' (batch of 2) and 'odd' (crops clipped at the image border).
 
 Every test runs with both kernel variants of gmic_jax.models.fast_ops forced on CPU: the CPU
 rewrites ('cpu', what CPU programs run) and XLA's own ops ('xla', what GPU programs run)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +22,11 @@ import numpy as np
 import pytest
 
 from gmic_jax import GMIC, GMICConfig
-from gmic_jax.convert import convert_state_dict, variables_to_state_dict
+from gmic_jax.convert import convert_state_dict, expected_state_dict_shapes, variables_to_state_dict
 from gmic_jax.models import fast_ops
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SOURCES = ("repo", "shared")
 CASES = ("small", "b2", "odd")
 KERNELS = ("cpu", "xla")
 OUTPUT_TOL = 1e-5
@@ -29,24 +41,51 @@ STEM_KEYS = (
 )
 
 
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+golden_recipe = load_module(FIXTURES / "golden_recipe.py", "golden_recipe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Goldens:
+    name: str
+    golden: np.lib.npyio.NpzFile
+    weights: Callable[[int], dict]  # seed -> original state_dict
+    inputs: Callable[[tuple, int], np.ndarray]  # (NCHW shape, seed) -> image batch
+
+
 def rel_err(ours, ref):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-@pytest.fixture(scope="module")
-def golden(reference_dir):
-    return np.load(reference_dir / "golden.npz")
+@pytest.fixture(scope="module", params=SOURCES)
+def source(request) -> Goldens:
+    if request.param == "repo":
+        return Goldens("repo", np.load(FIXTURES / "golden" / "golden.npz"), golden_recipe.golden_weights,
+                       golden_recipe.golden_input)
+    reference_dir = request.getfixturevalue("reference_dir")  # skips without ../shared (fails under CI)
+    recipe = load_module(reference_dir / "recipe.py", "reference_recipe")
+    return Goldens("shared", np.load(reference_dir / "golden.npz"), recipe.reference_weights, recipe.reference_input)
 
 
-def case_inputs(golden, case):
-    from recipe import reference_input, reference_weights
-
-    meta = json.loads(str(golden[f"{case}/meta"]))
+def case_inputs(source: Goldens, case):
+    meta = json.loads(str(source.golden[f"{case}/meta"]))
     config = GMICConfig(percent_t=meta["percent_t"], K=meta["K"], crop_shape=(meta["crop"],) * 2,
                         image_shape=(meta["H"], meta["W"]))
-    variables = convert_state_dict(reference_weights(meta["weight_seed"]), config)
-    x = reference_input((meta["N"], 1, meta["H"], meta["W"]), meta["input_seed"])
+    weights = source.weights(meta["weight_seed"])
+    x = source.inputs((meta["N"], 1, meta["H"], meta["W"]), meta["input_seed"])
+    if source.name == "repo":  # the goldens record what the recipe gave when they were made
+        assert golden_recipe.fingerprint(weights) == meta["weights_sha256"], \
+            f"{case}: golden_recipe.golden_weights({meta['weight_seed']}) no longer gives the goldens' weights"
+        assert golden_recipe.fingerprint(x) == meta["input_sha256"], \
+            f"{case}: golden_recipe.golden_input(..., {meta['input_seed']}) no longer gives the goldens' input"
+    variables = convert_state_dict(weights, config)
     return meta, config, variables, jnp.asarray(x.transpose(0, 2, 3, 1))  # NCHW -> NHWC
 
 
@@ -55,10 +94,42 @@ def kernel_variant(request):
     return request.param
 
 
+def bce(p, target):  # PyTorch's BCELoss default: mean over batch and classes
+    return -jnp.mean(target * jnp.log(p) + (1 - target) * jnp.log(1 - p))
+
+
+_SMALL_RUNS: dict[tuple[str, str], tuple] = {}
+
+
+def small_with_grads(source: Goldens, kernel_variant: str):
+    """(meta, outputs, loss, gradients as a state_dict) of the 'small' case: one program gives the
+    eval-mode outputs and the gradients of the summed BCE of the three heads (target benign = 1,
+    malignant = 0), so the case compiles once per source and kernel variant (kept in _SMALL_RUNS
+    for the module: pytest's parametrised fixtures would rebuild it as the parameters alternate)."""
+    key = (source.name, kernel_variant)
+    if key in _SMALL_RUNS:
+        return _SMALL_RUNS[key]
+    meta, config, variables, x = case_inputs(source, "small")
+    target = jnp.tile(jnp.array([[1.0, 0.0]]), (meta["N"], 1))
+
+    def loss_fn(params, x):
+        out = GMIC(config).apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
+        return bce(out["y_global"], target) + bce(out["y_local"], target) + bce(out["y_fusion"], target), out
+
+    with fast_ops.kernels(kernel_variant):
+        (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"], x)
+    grads_sd = variables_to_state_dict({"params": jax.tree.map(np.asarray, grads)})
+    _SMALL_RUNS[key] = meta, jax.tree.map(np.asarray, out), float(loss), grads_sd
+    return _SMALL_RUNS[key]
+
+
 @pytest.fixture(scope="module", params=CASES)
-def case_outputs(request, golden, kernel_variant):
+def case_outputs(request, source, kernel_variant):
     case = request.param
-    meta, config, variables, x = case_inputs(golden, case)
+    if case == "small":
+        meta, out, _, _ = small_with_grads(source, kernel_variant)
+        return case, meta, out
+    meta, config, variables, x = case_inputs(source, case)
     with fast_ops.kernels(kernel_variant):
         out = jax.jit(lambda v, x: GMIC(config).apply(v, x, train=False))(variables, x)
     return case, meta, jax.tree.map(np.asarray, out)
@@ -67,19 +138,19 @@ def case_outputs(request, golden, kernel_variant):
 @pytest.mark.parametrize(
     "name", ["y_global", "y_local", "y_fusion", "patch_attns", "global_vec", "patches", "saliency_map"]
 )
-def test_outputs_match_original(case_outputs, golden, name):
+def test_outputs_match_original(case_outputs, source, name):
     case, _, out = case_outputs
     ours = out[name]
     if name == "saliency_map":
         ours = ours.transpose(0, 3, 1, 2)  # NHWC -> NCHW as the original
-    ref = golden[f"{case}/{name}"]
+    ref = source.golden[f"{case}/{name}"]
     assert ours.shape == ref.shape
-    assert rel_err(ours, ref) <= OUTPUT_TOL, f"{case}/{name}: {rel_err(ours, ref):.3g}"
+    assert rel_err(ours, ref) <= OUTPUT_TOL, f"{source.name} {case}/{name}: {rel_err(ours, ref):.3g}"
 
 
-def test_patch_locations_identical(case_outputs, golden):
+def test_patch_locations_identical(case_outputs, source):
     case, meta, out = case_outputs
-    ref = golden[f"{case}/patch_locations"]
+    ref = source.golden[f"{case}/patch_locations"]
     np.testing.assert_array_equal(out["patch_locations"], ref.astype(np.int64))
     # The saliency grid follows from the image size; the maps are the sigmoid of the logits the
     # optional grid-mean loss term uses.
@@ -88,25 +159,42 @@ def test_patch_locations_identical(case_outputs, golden):
                                rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kernel_variant", KERNELS)
-def test_gradients_match_original(golden, kernel_variant):
-    meta, config, variables, x = case_inputs(golden, "small")
-    target = jnp.tile(jnp.array([[1.0, 0.0]]), (meta["N"], 1))  # benign = 1, malignant = 0
-
-    def bce(p):  # PyTorch's BCELoss default: mean over batch and classes
-        return -jnp.mean(target * jnp.log(p) + (1 - target) * jnp.log(1 - p))
-
-    def loss_fn(params, x):
-        out = GMIC(config).apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
-        return bce(out["y_global"]) + bce(out["y_local"]) + bce(out["y_fusion"])
-
-    with fast_ops.kernels(kernel_variant):
-        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"], x)
-    np.testing.assert_allclose(float(loss), float(golden["small/grad_loss"]), rtol=1e-5)
-    grads_sd = variables_to_state_dict({"params": jax.tree.map(np.asarray, grads)})
+def test_gradients_match_original(source, kernel_variant):
+    golden = source.golden
+    _, _, loss, grads_sd = small_with_grads(source, kernel_variant)
+    np.testing.assert_allclose(loss, float(golden["small/grad_loss"]), rtol=1e-5)
     keys = [k[len("small/grad/"):] for k in golden.files if k.startswith("small/grad/")]
     assert len(keys) == 14
     errors = {k: rel_err(grads_sd[k], golden[f"small/grad/{k}"]) for k in keys}
     for key, err in errors.items():
         tol = GRAD_TOL_STEM if key in STEM_KEYS else GRAD_TOL
-        assert err <= tol, f"gradient of {key}: relative error {err:.3g} > {tol}"
+        assert err <= tol, f"{source.name}: gradient of {key}: relative error {err:.3g} > {tol}"
+
+
+def test_golden_recipe_layout_is_the_converters():
+    """The recipe's keys and shapes (written without jax, for make_golden.py) are those our converter
+    expects: the goldens exercise every parameter of the weight-compatible model."""
+    assert dict(golden_recipe.state_dict_layout()) == expected_state_dict_shapes(GMICConfig())
+
+
+def test_repo_goldens_cover_border_and_rounding():
+    """The in-repo 'odd' case exercises what it is there for: a crop clipped at the bottom and one at
+    the right border, whose uncovered part the original fills with the image minimum; and pixel
+    corners where row / h * H is an exact half, rounded to even (a round-half-up would differ)."""
+    golden = np.load(FIXTURES / "golden" / "golden.npz")
+    meta = json.loads(str(golden["odd/meta"]))
+    crop, (H, W), (h, w) = meta["crop"], (meta["H"], meta["W"]), meta["cam_size"]
+    cam = golden["odd/patch_locations_cam"][0]
+    loc = golden["odd/patch_locations"][0].astype(np.int64)
+    np.testing.assert_array_equal(loc, np.round(cam * [H / h, W / w]))
+    halves = (cam * [H, W]) % [h, w] * 2 == [h, w]  # (row * H / h) has fractional part exactly 0.5
+    assert np.any(halves & (loc % 2 == 0) & (np.floor(cam * [H / h, W / w] + 0.5) != loc))
+    x = golden_recipe.golden_input((meta["N"], 1, H, W), meta["input_seed"])[0, 0]
+    patches = golden["odd/patches"][0]
+    for axis, size in ((0, H), (1, W)):
+        clipped = np.flatnonzero(loc[:, axis] + crop > size)
+        assert clipped.size, f"no crop of the 'odd' case reaches the border of axis {axis}"
+        for k in clipped:
+            fill = crop - (size - loc[k, axis])  # rows (axis 0) or columns (axis 1) beyond the image
+            band = patches[k, :fill] if axis == 0 else patches[k, :, :fill]
+            np.testing.assert_array_equal(band, x.min())
