@@ -82,17 +82,18 @@ class _StorageView:
 class _Tensor:
     """A tensor as pickled: its view into a storage, rebuilt by :meth:`array` once the bytes are read."""
 
-    def __init__(self, storage, storage_offset, size, stride):
+    def __init__(self, storage, storage_offset, size, stride, metadata=None):
         if not isinstance(storage, (_Storage, _StorageView)):
             raise TorchFormatError(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
         self.storage, self.offset = storage, int(storage_offset)
         self.size, self.stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
         if len(self.size) != len(self.stride):
             raise TorchFormatError(f"a tensor of size {self.size} has strides {self.stride}")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.size
+        # torch's lazy negation / conjugation bits: the storage holds the values before them.
+        metadata = dict(metadata or {})
+        self.neg, self.conj = bool(metadata.pop("neg", False)), bool(metadata.pop("conj", False))
+        if any(metadata.values()):
+            raise TorchFormatError(f"a tensor with unknown metadata {metadata}")
 
     def array(self) -> np.ndarray:
         storage, offset = self.storage, self.offset
@@ -115,7 +116,12 @@ class _Tensor:
                                    f"element {last} of a storage of {base.size}")
         view = np.lib.stride_tricks.as_strided(base[offset:], shape=self.size,
                                                strides=[s * base.itemsize for s in self.stride], writeable=False)
-        return np.array(view, dtype=base.dtype.newbyteorder("="), order="C")
+        out = np.array(view, dtype=base.dtype.newbyteorder("="), order="C")
+        if self.neg:
+            out = -out
+        if self.conj:
+            out = np.conj(out)
+        return out
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -124,9 +130,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
-    # requires_grad, hooks and metadata (e.g. a conjugate bit set only on complex views) do not change
-    # the values a state_dict holds.
-    return _Tensor(storage, storage_offset, size, stride)
+    # requires_grad and hooks do not change the values a state_dict holds.
+    return _Tensor(storage, storage_offset, size, stride, metadata)
 
 
 _ALLOWED_GLOBALS = {
