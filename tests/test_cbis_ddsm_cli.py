@@ -93,7 +93,8 @@ def test_caches_hold_each_split_with_labels_from_the_csv_pathology(caches):
             assert example["label"] == w["label"], example["image_id"]
             assert (example["breast_id"], example["view"]) == (w["breast_id"], w["view"])
             # a lesion mask in the window exactly for the classes of the label
-            assert [bool(masks[i, ..., c].any()) for c in range(2)] == [bool(v) for v in w["label"]], example["image_id"]
+            has_mask = [bool(masks[i, ..., c].any()) for c in range(2)]
+            assert has_mask == [bool(v) for v in w["label"]], example["image_id"]
             image = cache[i]["image"]
             assert image.shape == WINDOW + (1,) and image.max() > 255  # 16-bit depth kept through the cache
 
