@@ -32,6 +32,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
                  "pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
         "data": ["pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
+        # tests/test_torch_format.py compares gmic_jax.torch_format with torch.load (converting needs no torch)
         "torch": ["torch>=2.2"],
         # benchmarks/memory_fwd_bwd.py --torch-ref: the original release imports torchvision 0.2.2
         "torch-ref": ["torch>=2.2", "torchvision==0.2.2.post3"],

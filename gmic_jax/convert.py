@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from gmic_jax.config import RELEASED_PERCENT_T, GMICConfig
+from gmic_jax.torch_format import TorchFormatError, read_torch_state_dict
 
 IGNORED_LEAVES = ("num_batches_tracked",)
 # Flax module path prefixes that differ from the original's attribute names.
@@ -161,8 +162,8 @@ def _as_numpy(value, key) -> np.ndarray:
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-    """Read an original checkpoint: a torch-saved state_dict (`.p`/`.pt`/`.pth`, needs torch) or
-    an `.npz` of the state_dict's arrays (no torch needed)."""
+    """Read an original checkpoint: a state_dict written by `torch.save` (`.p`/`.pt`/`.pth`, either of
+    its formats; read without torch by :mod:`gmic_jax.torch_format`) or an `.npz` of its arrays."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -173,21 +174,9 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise ConversionError(f"{path}: not a readable .npz state_dict ({e})") from None
     try:
-        import torch
-    except ImportError:
-        raise ConversionError(
-            f"{path}: reading a PyTorch checkpoint needs torch (pip install 'gmic-jax[torch]'), "
-            "or convert it to .npz of its state_dict first"
-        ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConversionError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors")
-    return {k: _as_numpy(v, k) for k, v in obj.items()}
+        return read_torch_state_dict(path)
+    except TorchFormatError as e:
+        raise ConversionError(str(e)) from None
 
 
 def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
@@ -207,7 +196,8 @@ def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
 
 
 def add_arguments(parser):
-    parser.add_argument("src", help="original checkpoint: sample_model_N.p (needs torch) or an .npz of its state_dict")
+    parser.add_argument("src", help="original checkpoint: sample_model_N.p (torch.save; torch not needed) or an .npz "
+                             "of its state_dict")
     parser.add_argument("--out", required=True, help="output directory (gmic-jax checkpoint layout)")
     parser.add_argument("--model-index", type=int, default=1, choices=sorted(RELEASED_PERCENT_T),
                         help="which released model (1..5) the weights are; sets top-t (default: 1)")
