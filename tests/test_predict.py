@@ -572,8 +572,9 @@ def test_cli_preprocess_then_predict_preprocessed_equals_the_raw_images(tmp_path
     config = GMICConfig(global_blocks=(1,) * 5, global_widths=(4,) * 5, K=2, crop_shape=(32, 32))
     assert config.image_shape == Preprocessing().window_shape
     save_checkpoint(tmp_path / "ckpt", config, random_variables(config, 7), Preprocessing())
-    # One exam of 4 images large enough for the original's 100 erosions (the module's are too small).
-    exam_list, images = write_exams(tmp_path / "stored", [{}], seed=11, shape=(700, 480))
+    # One exam of 4 images whose breasts are taller than the window (so that the window's place, the
+    # centre, matters) and wide enough for the original's 100 erosions (the module's are too small).
+    exam_list, images = write_exams(tmp_path / "stored", [{}], seed=11, shape=(4800, 400))
     assert main(["preprocess", "--exam-list", str(exam_list), "--images", str(images),
                  "--output", str(tmp_path / "pre"), "--num-workers", "1", "--no-progress"]) == 0
     assert all("best_center" in exam for exam in load_exam_list(tmp_path / "pre" / "exam_list.pkl"))
