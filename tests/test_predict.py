@@ -62,8 +62,8 @@ def random_variables(config: GMICConfig, seed: int):
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def write_exams(root: Path, exams_spec, seed: int = 0):
-    """Stored 16-bit PNGs + an exam list. ``exams_spec``: per exam, {view: number of images}.
+def write_exams(root: Path, exams_spec, seed: int = 0, shape=(300, 220)):
+    """Stored 16-bit PNGs (``shape``) + an exam list. ``exams_spec``: per exam, {view: number of images}.
     horizontal_flip 'NO': left breasts point right, right breasts point left (as stored)."""
     images = root / "images"
     exams = []
@@ -75,7 +75,7 @@ def write_exams(root: Path, exams_spec, seed: int = 0):
             names = []
             for j in range(counts.get(view, 1)):
                 name = f"{e}_{view}" + (f"_{j}" if j else "")
-                img = breast_image(300, 220, seed=seed + 100 * e + 10 * k + j, points_right=view[0] == "L")
+                img = breast_image(*shape, seed=seed + 100 * e + 10 * k + j, points_right=view[0] == "L")
                 write_png(images / f"{name}.png", img)
                 names.append(name)
             exam[view] = names
@@ -528,6 +528,71 @@ def test_cli_reports_exams_per_second(checkpoints, data, tmp_path, capsys):
     assert "predict" in captured.err and "9/9" in captured.err  # the progress bar
     assert main(["predict", "--exam-list", str(data["exam_list"]), "--checkpoint", str(checkpoints[0]),
                  "--output", str(tmp_path)]) == 2
+
+
+def test_cli_tta_is_the_mean_of_the_seeded_draws(baseline, checkpoints, data, tmp_path):
+    """`gmic-jax predict --tta 2 --seed 5`: every image's predictions.csv row is the mean of its two
+    draws keyed fold_in(fold_in(key(5), crc32(name)), d), d = 1, 2 (the paper's augmentation: the
+    checkpoint records no training), computed here; not the plain prediction."""
+    from gmic_jax.augment import AugmentConfig, augment_batch
+    from gmic_jax.checkpoint import load_checkpoint
+    from gmic_jax.cli import main
+    from gmic_jax.data.exam_list import load_exam_list
+
+    save_exam_list(tmp_path / "exam1.pkl", load_exam_list(data["exam_list"])[1:])  # 4 images
+    assert main(["predict", "--exam-list", str(tmp_path / "exam1.pkl"), "--images", str(data["images"]),
+                 "--checkpoint", str(checkpoints[0]), "--output", str(tmp_path / "out"), "--tta", "2",
+                 "--seed", "5", "--batch-size", "4", "--workers", "0", "--no-progress"]) == 0
+    _, rows = read_csv(tmp_path / "out" / P.PREDICTIONS_CSV)
+    assert json.loads((tmp_path / "out" / P.RUN_JSON).read_text())["tta"] == 2
+    config, variables = load_checkpoint(checkpoints[0])
+    plain = preds_of(baseline[0])
+    assert [r[0] for r in rows] == ["1_L-CC", "1_R-CC", "1_L-MLO", "1_R-MLO"]
+    for name, benign, malignant in (r[:3] for r in rows):
+        task = P.ImageTask(name, name[2:], str(data["images"] / f"{name}.png"), horizontal_flip="NO")
+        x = np.asarray(normalize_images(P.load_image(task, PREP).window[None, ..., None]))
+        h = zlib.crc32(name.encode()) & 0x7FFFFFFF
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(5), h), d) for d in (1, 2)])
+        xa = augment_batch(keys, jnp.repeat(x, 2, axis=0), AugmentConfig())
+        y = np.asarray(direct_apply(config)(variables, jnp.concatenate([xa, xa])))  # 4 rows: shared compile
+        # The CSV holds 6 decimals: 5e-7 of rounding on top of FLOAT_TOL.
+        np.testing.assert_allclose([float(benign), float(malignant)], y[:2].mean(axis=0), rtol=1e-5, atol=1.5e-6)
+        assert np.abs(y[:2].mean(axis=0) - plain[name]).max() > 1e-4  # the draws change the prediction
+
+
+def test_cli_preprocess_then_predict_preprocessed_equals_the_raw_images(tmp_path):
+    """`gmic-jax preprocess` (the original's cropping and centres, for the original's 2944 x 1920
+    window) then `gmic-jax predict --preprocessed` on its output: the same predictions and saliency
+    maps as `gmic-jax predict` on the stored images with a checkpoint of that preprocessing (a
+    narrow model at the original's window size, so that the centres preprocess finds are the ones
+    it needs)."""
+    from gmic_jax.cli import main
+    from gmic_jax.data.exam_list import load_exam_list
+
+    config = GMICConfig(global_blocks=(1,) * 5, global_widths=(4,) * 5, K=2, crop_shape=(32, 32))
+    assert config.image_shape == Preprocessing().window_shape
+    save_checkpoint(tmp_path / "ckpt", config, random_variables(config, 7), Preprocessing())
+    # One exam of 4 images whose breasts are taller than the window (so that the window's place, the
+    # centre, matters) and wide enough for the original's 100 erosions (the module's are too small).
+    exam_list, images = write_exams(tmp_path / "stored", [{}], seed=11, shape=(4800, 400))
+    assert main(["preprocess", "--exam-list", str(exam_list), "--images", str(images),
+                 "--output", str(tmp_path / "pre"), "--num-workers", "1", "--no-progress"]) == 0
+    assert all("best_center" in exam for exam in load_exam_list(tmp_path / "pre" / "exam_list.pkl"))
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--batch-size", "4", "--workers", "0", "--no-progress"]
+    assert main(["predict", "--exam-list", str(exam_list), "--images", str(images), "--output", str(tmp_path / "raw"),
+                 *common]) == 0
+    assert main(["predict", "--exam-list", str(tmp_path / "pre" / "exam_list.pkl"), "--preprocessed",
+                 "--images", str(tmp_path / "pre" / "cropped_images"), "--output", str(tmp_path / "pre_out"),
+                 *common]) == 0
+    assert json.loads((tmp_path / "pre_out" / P.RUN_JSON).read_text())["preprocessed"] is True
+    # The same windows through the same compiled function: equal to the last bit.
+    raw_header, raw_rows = read_csv(tmp_path / "raw" / P.PREDICTIONS_CSV)
+    assert read_csv(tmp_path / "pre_out" / P.PREDICTIONS_CSV) == (raw_header, raw_rows)
+    for name in (r[0] for r in raw_rows):
+        np.testing.assert_array_equal(np.load(tmp_path / "pre_out" / P.SALIENCY_DIR / f"{name}.npy"),
+                                      np.load(tmp_path / "raw" / P.SALIENCY_DIR / f"{name}.npy"))
+    # The images' predictions differ from each other: a window placed elsewhere would show.
+    assert len({tuple(r[1:3]) for r in raw_rows}) == len(raw_rows)
 
 
 def test_predictions_split_over_four_devices_equal_one_device(baseline, checkpoints, data, tmp_path):

@@ -88,7 +88,10 @@ def run_model(model_config, variables, source, mesh, *, batch_size: int, normali
             images = batch.get("image")
             if images is None:  # every example of the batch failed: zeros keep the processes in step
                 images = np.zeros((batch_size, *model_config.image_shape, 1), np.uint16)
-            out = to_host(step(variables, shard_batch({"image": images[p * rows:(p + 1) * rows]}, mesh)["image"], key))
+            index = np.asarray(plan[k], np.int32)  # the augmentation keys of TTA draws (make_eval_step)
+            local = shard_batch({"image": images[p * rows:(p + 1) * rows], "index": index[p * rows:(p + 1) * rows]},
+                                mesh)
+            out = to_host(step(variables, local["image"], local["index"], key))
             if not keep.any():
                 continue
             out = {name: v[:real][keep] for name, v in out.items()}

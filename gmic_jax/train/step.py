@@ -135,16 +135,20 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
 @functools.lru_cache(maxsize=8)  # one compilation per setting, reused by every evaluation
 def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str = "standardize",
                    augment: AugmentConfig | None = None, tta_draws: int = 0):
-    """jit-compiled ``(variables, images, key) -> outputs`` (inference mode), split over ``data``;
-    ``key`` is raw uint32 key data (``jax.random.key_data``).
+    """jit-compiled ``(variables, images, index, key) -> outputs`` (inference mode), split over
+    ``data``; ``index`` (N,) int32 is each image's position in the data source and ``key`` raw
+    uint32 key data (``jax.random.key_data``).
 
     Returns the model's ``EVAL_OUTPUTS`` of the un-augmented images; with ``tta_draws`` > 0 the three
     predictions are instead the mean over that many augmented draws (test-time augmentation),
     while the saliency maps and patches stay those of the un-augmented image (they must align
-    with its masks)."""
+    with its masks). Draw d (0-based) of image ``index`` is augmented with the key
+    ``fold_in(fold_in(key, 1 + d), index)``: it depends on the seed, the image and the draw only,
+    not on the batch size or the number of devices (validation's ``eval.batch_size`` changes no
+    number)."""
     model = GMIC(model_config)
 
-    def per_device(variables, images, key):
+    def per_device(variables, images, index, key):
         key = jax.random.wrap_key_data(key)
         x = normalize_images(images, normalization)
         roi_key = jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
@@ -153,7 +157,7 @@ def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str =
         if tta_draws and augment is not None:
             def draw(i, acc):
                 k = jax.random.fold_in(key, 1 + i)
-                xa = augment_batch(_example_keys(k, x.shape[0]), x, augment)
+                xa = augment_batch(jax.vmap(lambda j: jax.random.fold_in(k, j))(index), x, augment)
                 o = model.apply(variables, xa, train=False, rngs={"roi": jax.random.fold_in(roi_key, 1 + i)})
                 return tuple(a + o[h] for a, h in zip(acc, ("y_global", "y_local", "y_fusion")))
 
@@ -163,8 +167,8 @@ def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str =
                 out[h] = s / tta_draws
         return out
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
-                            check_vma=False)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+                            out_specs=P(DATA_AXIS), check_vma=False)
     return jax.jit(sharded)
 
 
