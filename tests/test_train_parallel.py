@@ -93,23 +93,28 @@ FOUR_DEVICES = COMMON.replace("import jax\n", "import jax\njax.config.update('ja
     HEADS = ("attention", "classifier_linear", "fusion_dnn")
     m1, m4 = make_mesh(jax.devices()[:1]), make_mesh()
     s1, s4, s_local = make_step(m1, "sync"), make_step(m4, "sync"), make_step(m4, "local")
+
+    def upd(new, old, modules=None):
+        pick = lambda params: {k: v for k, v in params.items() if modules is None or k in modules}
+        return flat(pick(new.params)) - flat(pick(old.params))
+
+    def rel(x, y):
+        return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+
     host, records = create_train_state(VARIABLES, TX, 0), []
     for b in BATCHES:
         # Both programs start every step from the one-device trajectory's state: each step is
         # compared on its own, so rounding differences cannot compound over steps.
         (a, ma), (c, mc), (l, ml) = (apply_step(s, m, host, b) for s, m in ((s1, m1), (s4, m4), (s_local, m4)))
-        upd = lambda new, keys=None: flat({k: v for k, v in new.params.items() if keys is None or k in keys}) - \\
-            flat({k: v for k, v in host.params.items() if keys is None or k in keys})
-        rel = lambda x, y: float(np.linalg.norm(x - y) / np.linalg.norm(x))
         records.append({
             "locations_equal": bool(np.array_equal(ma["patch_locations"], mc["patch_locations"])),
             "locations_mismatch": np.argwhere((ma["patch_locations"] != mc["patch_locations"]).any(-1)).tolist(),
             "loss_1": float(ma["loss"]), "loss_4": float(mc["loss"]), "loss_local": float(ml["loss"]),
             "grad_norm_1": float(ma["grad_norm"]), "grad_norm_4": float(mc["grad_norm"]),
-            "update_rel_diff": rel(upd(a), upd(c)), "local_update_rel_diff": rel(upd(a), upd(l)),
-            "head_update_rel_diff": rel(upd(a, HEADS), upd(c, HEADS)),
+            "update_rel_diff": rel(upd(a, host), upd(c, host)), "local_update_rel_diff": rel(upd(a, host), upd(l, host)),
+            "head_update_rel_diff": rel(upd(a, host, HEADS), upd(c, host, HEADS)),
             "batch_stats_rel_diff": rel(flat(a.batch_stats), flat(c.batch_stats)),
-            "update_max": float(np.abs(upd(a)).max())})
+            "update_max": float(np.abs(upd(a, host)).max())})
         host = a
     print(json.dumps({"steps": records}))
 """)
