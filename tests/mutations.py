@@ -5,6 +5,7 @@ code, and whether the tests meant to guard each one catch it.
     python tests/mutations.py --list            # the faults and the tests each one is checked with
     python tests/mutations.py --only NAME ...   # some faults only
     python tests/mutations.py --json OUT.json   # the results as JSON as well
+    python tests/mutations.py --only NAME --tests NODE_ID ...  # does another test catch it?
 
 A script, not a test module: pytest collects only test_*.py files (pytest.ini: testpaths = tests).
 
@@ -243,6 +244,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these faults only")
     parser.add_argument("--list", action="store_true", help="list the faults and their tests, run nothing")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    parser.add_argument("--tests", nargs="+", metavar="NODE_ID",
+                        help="check the faults against these pytest node ids instead of their own tests")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="do not first check that the designated tests pass unmutated (the result is then "
                              "only as good as that check done before)")
@@ -254,6 +257,8 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown fault(s) {unknown}; --list shows them")
         faults = tuple(f for f in FAULTS if f.name in args.only)
+    if args.tests:
+        faults = tuple(dataclasses.replace(f, tests=tuple(args.tests)) for f in faults)
     if args.list:
         for f in faults:
             print(f"{f.name}  ({f.path}): {f.what}\n    " + "\n    ".join(f.tests))
