@@ -108,3 +108,15 @@ def test_a_checkpoint_without_evaluations_loads_its_latest_step(tmp_path):
     ckpt_lib.save_checkpoint(tmp_path, GMICConfig(), {"params": {"w": np.ones(2)}, "batch_stats": {}}, step=3)
     chosen = ckpt_lib.select_checkpoint(tmp_path)
     assert chosen.step == 3 and "latest" in chosen.reason
+
+
+def test_a_step_asked_for_is_the_step_loaded(tmp_path):
+    """An explicit step wins over the recorded rule and over the latest step, for any saved step."""
+    history = {10: _m(0.90), 20: _m(0.98), 30: _m(0.95)}
+    _save_steps(tmp_path, history, SelectionRule(), keep_evaluated=True)
+    assert ckpt_lib.saved_steps(tmp_path) == [10, 20, 30] and ckpt_lib.select_checkpoint(tmp_path).step == 20
+    for step in (10, 20, 30):  # neither the chosen (20) nor the latest (30) alone
+        chosen = ckpt_lib.select_checkpoint(tmp_path, step=step)
+        assert (chosen.step, chosen.reason) == (step, "the step asked for")
+        _, variables = ckpt_lib.load_checkpoint(tmp_path, step=step)
+        np.testing.assert_array_equal(variables["params"]["w"], [float(step)] * 2)
