@@ -32,9 +32,9 @@ SHARED_SKIP = "gmic-jax needs the project's shared folder:"
 
 
 def _shown(path: Path) -> str:
-    """`path` as the messages name it: ../shared/... for the default location."""
+    """`path` as the messages name it: ../shared/... in the default location, else in full."""
     try:
-        return str(Path("..") / path.relative_to(REPO.parent))
+        return str(Path("..", "shared") / path.relative_to(REPO.parent / "shared"))
     except ValueError:
         return str(path)
 
