@@ -14,11 +14,12 @@ from gmic_jax.convert import ConversionError, convert_state_dict, variables_to_s
 
 
 @pytest.fixture(scope="module")
-def reference_state_dict(reference_dir):
-    from recipe import reference_weights, state_dict_layout
-
-    sd = reference_weights(11)
-    assert len(sd) == len(state_dict_layout()) == 258
+def reference_state_dict(goldens):
+    """A whole state_dict of the original GMIC (num_batches_tracked included): the goldens' weights of
+    their 'small' case, for each source of tests/conftest.py's `goldens`."""
+    sd = goldens.state_dict(goldens.meta("small")["weight_seed"])
+    assert len(sd) == 258
+    assert sum(key.endswith("num_batches_tracked") for key in sd) == 41
     return sd
 
 

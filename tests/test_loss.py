@@ -1,7 +1,6 @@
-"""The training loss: hand-computed values, PyTorch's clamping, the reference fixture."""
+"""The training loss: hand-computed values, PyTorch's clamping, the original's goldens (tests/conftest.py)."""
 from __future__ import annotations
 
-import json
 import math
 
 import jax
@@ -54,35 +53,30 @@ def test_saturated_predictions_clamp_like_pytorch_without_nan_gradients():
     np.testing.assert_allclose(np.asarray(g), [-4.0, 4.0], rtol=1e-6)
 
 
-def test_fixture_grad_loss_from_the_original_outputs(reference_dir):
-    """The fixture's grad_loss is the BCE sum of the original's three heads, target [1, 0]."""
-    z = np.load(reference_dir / "golden.npz")
+def test_fixture_grad_loss_from_the_original_outputs(goldens):
+    """The goldens' grad_loss is the BCE sum of the original's three heads, target [1, 0]."""
+    z = goldens.golden
     out = {k: jnp.asarray(z[f"small/{k}"]) for k in ("y_global", "y_local", "y_fusion")}
-    out["saliency_map"] = jnp.zeros((1, 1, 1, 2))
-    labels = jnp.array([[1.0, 0.0]])
+    n = out["y_global"].shape[0]
+    out["saliency_map"] = jnp.zeros((n, 1, 1, 2))
+    labels = jnp.tile(jnp.array([[1.0, 0.0]]), (n, 1))
     total, _ = gmic_loss(out, labels, beta=123.0)  # zero saliency: beta must not matter
     np.testing.assert_allclose(float(total), float(z["small/grad_loss"]), rtol=1e-6)
 
 
-def test_loss_through_the_model_matches_fixture_loss_and_gradients(reference_dir):
-    """Our loss on our model, with the reference weights, gives the fixture's loss and gradients."""
-    from recipe import reference_input, reference_weights
+def test_loss_through_the_model_matches_fixture_loss_and_gradients(goldens):
+    """Our loss on our model, with the goldens' weights, gives the goldens' loss and gradients."""
+    from gmic_jax import GMIC
+    from gmic_jax.convert import variables_to_state_dict
 
-    from gmic_jax import GMIC, GMICConfig
-    from gmic_jax.convert import convert_state_dict, variables_to_state_dict
-
-    z = np.load(reference_dir / "golden.npz")
-    meta = json.loads(str(z["small/meta"]))
-    cfg = GMICConfig(percent_t=meta["percent_t"], K=meta["K"], crop_shape=(meta["crop"], meta["crop"]),
-                     image_shape=(meta["H"], meta["W"]))
-    variables = convert_state_dict(reference_weights(meta["weight_seed"]), cfg)
-    x = reference_input((meta["N"], 1, meta["H"], meta["W"]), meta["input_seed"]).transpose(0, 2, 3, 1)
-    labels = jnp.array([[1.0, 0.0]])
+    meta, cfg, variables, x = goldens.case_inputs("small")
+    labels = jnp.tile(jnp.array([[1.0, 0.0]]), (meta["N"], 1))
 
     def loss_fn(params):
         out = GMIC(cfg).apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=False)
         return gmic_loss(out, labels, beta=0.0)[0]
 
+    z = goldens.golden
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
     np.testing.assert_allclose(float(loss), float(z["small/grad_loss"]), rtol=1e-5)
     ours = variables_to_state_dict({"params": grads, "batch_stats": variables["batch_stats"]})

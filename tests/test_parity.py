@@ -3,30 +3,26 @@
 Two sources of goldens share the test code: tests/fixtures/golden/golden.npz (in the repository,
 made by tests/fixtures/make_golden.py from tests/fixtures/golden_recipe.py; small images and
 128-pixel crops) and, when it is present, the project's reference ../shared/reference/golden.npz
-(with its recipe.py; 1472 x 960 and 1000 x 700 images, 256-pixel crops). Both have the cases
-'small' (with gradients), 'b2' (batch of 2) and 'odd' (crops clipped at the image border).
+(with its recipe.py; 1472 x 960 and 1000 x 700 images, 256-pixel crops): tests/conftest.py's
+`goldens` fixture. Both have the cases 'small' (with gradients), 'b2' (batch of 2) and 'odd'
+(crops clipped at the image border).
 
 Every test runs with both kernel variants of gmic_jax.models.fast_ops forced on CPU: the CPU
 rewrites ('cpu', what CPU programs run) and XLA's own ops ('xla', what GPU programs run)."""
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
-from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES, Goldens, golden_recipe
 
 from gmic_jax import GMIC, GMICConfig
-from gmic_jax.convert import convert_state_dict, expected_state_dict_shapes, variables_to_state_dict
+from gmic_jax.convert import expected_state_dict_shapes, variables_to_state_dict
 from gmic_jax.models import fast_ops
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SOURCES = ("repo", "shared")
 CASES = ("small", "b2", "odd")
 KERNELS = ("cpu", "xla")
 OUTPUT_TOL = 1e-5
@@ -41,52 +37,9 @@ STEM_KEYS = (
 )
 
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-golden_recipe = load_module(FIXTURES / "golden_recipe.py", "golden_recipe")
-
-
-@dataclasses.dataclass(frozen=True)
-class Goldens:
-    name: str
-    golden: np.lib.npyio.NpzFile
-    weights: Callable[[int], dict]  # seed -> original state_dict
-    inputs: Callable[[tuple, int], np.ndarray]  # (NCHW shape, seed) -> image batch
-
-
 def rel_err(ours, ref):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-@pytest.fixture(scope="module", params=SOURCES)
-def source(request) -> Goldens:
-    if request.param == "repo":
-        return Goldens("repo", np.load(FIXTURES / "golden" / "golden.npz"), golden_recipe.golden_weights,
-                       golden_recipe.golden_input)
-    reference_dir = request.getfixturevalue("reference_dir")  # skips without ../shared (fails under CI)
-    recipe = load_module(reference_dir / "recipe.py", "reference_recipe")
-    return Goldens("shared", np.load(reference_dir / "golden.npz"), recipe.reference_weights, recipe.reference_input)
-
-
-def case_inputs(source: Goldens, case):
-    meta = json.loads(str(source.golden[f"{case}/meta"]))
-    config = GMICConfig(percent_t=meta["percent_t"], K=meta["K"], crop_shape=(meta["crop"],) * 2,
-                        image_shape=(meta["H"], meta["W"]))
-    weights = source.weights(meta["weight_seed"])
-    x = source.inputs((meta["N"], 1, meta["H"], meta["W"]), meta["input_seed"])
-    if source.name == "repo":  # the goldens record what the recipe gave when they were made
-        assert golden_recipe.fingerprint(weights) == meta["weights_sha256"], \
-            f"{case}: golden_recipe.golden_weights({meta['weight_seed']}) no longer gives the goldens' weights"
-        assert golden_recipe.fingerprint(x) == meta["input_sha256"], \
-            f"{case}: golden_recipe.golden_input(..., {meta['input_seed']}) no longer gives the goldens' input"
-    variables = convert_state_dict(weights, config)
-    return meta, config, variables, jnp.asarray(x.transpose(0, 2, 3, 1))  # NCHW -> NHWC
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -101,15 +54,15 @@ def bce(p, target):  # PyTorch's BCELoss default: mean over batch and classes
 _SMALL_RUNS: dict[tuple[str, str], tuple] = {}
 
 
-def small_with_grads(source: Goldens, kernel_variant: str):
+def small_with_grads(goldens: Goldens, kernel_variant: str):
     """(meta, outputs, loss, gradients as a state_dict) of the 'small' case: one program gives the
     eval-mode outputs and the gradients of the summed BCE of the three heads (target benign = 1,
     malignant = 0), so the case compiles once per source and kernel variant (kept in _SMALL_RUNS
     for the module: pytest's parametrised fixtures would rebuild it as the parameters alternate)."""
-    key = (source.name, kernel_variant)
+    key = (goldens.name, kernel_variant)
     if key in _SMALL_RUNS:
         return _SMALL_RUNS[key]
-    meta, config, variables, x = case_inputs(source, "small")
+    meta, config, variables, x = goldens.case_inputs("small")
     target = jnp.tile(jnp.array([[1.0, 0.0]]), (meta["N"], 1))
 
     def loss_fn(params, x):
@@ -124,12 +77,12 @@ def small_with_grads(source: Goldens, kernel_variant: str):
 
 
 @pytest.fixture(scope="module", params=CASES)
-def case_outputs(request, source, kernel_variant):
+def case_outputs(request, goldens, kernel_variant):
     case = request.param
     if case == "small":
-        meta, out, _, _ = small_with_grads(source, kernel_variant)
+        meta, out, _, _ = small_with_grads(goldens, kernel_variant)
         return case, meta, out
-    meta, config, variables, x = case_inputs(source, case)
+    meta, config, variables, x = goldens.case_inputs(case)
     with fast_ops.kernels(kernel_variant):
         out = jax.jit(lambda v, x: GMIC(config).apply(v, x, train=False))(variables, x)
     return case, meta, jax.tree.map(np.asarray, out)
@@ -138,19 +91,19 @@ def case_outputs(request, source, kernel_variant):
 @pytest.mark.parametrize(
     "name", ["y_global", "y_local", "y_fusion", "patch_attns", "global_vec", "patches", "saliency_map"]
 )
-def test_outputs_match_original(case_outputs, source, name):
+def test_outputs_match_original(case_outputs, goldens, name):
     case, _, out = case_outputs
     ours = out[name]
     if name == "saliency_map":
         ours = ours.transpose(0, 3, 1, 2)  # NHWC -> NCHW as the original
-    ref = source.golden[f"{case}/{name}"]
+    ref = goldens.golden[f"{case}/{name}"]
     assert ours.shape == ref.shape
-    assert rel_err(ours, ref) <= OUTPUT_TOL, f"{source.name} {case}/{name}: {rel_err(ours, ref):.3g}"
+    assert rel_err(ours, ref) <= OUTPUT_TOL, f"{goldens.name} {case}/{name}: {rel_err(ours, ref):.3g}"
 
 
-def test_patch_locations_identical(case_outputs, source):
+def test_patch_locations_identical(case_outputs, goldens):
     case, meta, out = case_outputs
-    ref = source.golden[f"{case}/patch_locations"]
+    ref = goldens.golden[f"{case}/patch_locations"]
     np.testing.assert_array_equal(out["patch_locations"], ref.astype(np.int64))
     # The saliency grid follows from the image size; the maps are the sigmoid of the logits the
     # optional grid-mean loss term uses.
@@ -159,16 +112,16 @@ def test_patch_locations_identical(case_outputs, source):
                                rtol=1e-6, atol=1e-7)
 
 
-def test_gradients_match_original(source, kernel_variant):
-    golden = source.golden
-    _, _, loss, grads_sd = small_with_grads(source, kernel_variant)
+def test_gradients_match_original(goldens, kernel_variant):
+    golden = goldens.golden
+    _, _, loss, grads_sd = small_with_grads(goldens, kernel_variant)
     np.testing.assert_allclose(loss, float(golden["small/grad_loss"]), rtol=1e-5)
     keys = [k[len("small/grad/"):] for k in golden.files if k.startswith("small/grad/")]
     assert len(keys) == 14
     errors = {k: rel_err(grads_sd[k], golden[f"small/grad/{k}"]) for k in keys}
     for key, err in errors.items():
         tol = GRAD_TOL_STEM if key in STEM_KEYS else GRAD_TOL
-        assert err <= tol, f"{source.name}: gradient of {key}: relative error {err:.3g} > {tol}"
+        assert err <= tol, f"{goldens.name}: gradient of {key}: relative error {err:.3g} > {tol}"
 
 
 def test_golden_recipe_layout_is_the_converters():

@@ -313,10 +313,10 @@ def test_cache_cli_window_noise(exam_list, tmp_path, capsys):
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
 
 
-def test_cache_of_the_sample_exam(shared_dir, tmp_path):
+def test_cache_of_the_sample_exam(sample_exam_dir, tmp_path):
     """The real exam at 2944 x 1920 (CC views shorter than the window): cached draws equal
     noisy_window on the flipped crop; the benign masks are carried."""
-    exam_dir = shared_dir / "sample_exam"
+    exam_dir = sample_exam_dir
     source = ExamListSource(exam_dir / "expected_exam_list.pkl", exam_dir / "images", exam_dir / "segmentation")
     assert build_cache(source, tmp_path / "c", window_noise=True) == (4, [])
     cached = CacheSource(tmp_path / "c")
