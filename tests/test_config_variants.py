@@ -208,13 +208,6 @@ def test_aggregation_extremes(base):
     np.testing.assert_allclose(run(BASE.replace(percent_t=1.0), base[0])["y_global"], sal.mean((1, 2)), rtol=1e-5)
 
 
-def test_uniform_attention_weighs_equally(base):
-    config = BASE.replace(attention="uniform")
-    out = run(config)
-    np.testing.assert_allclose(out["patch_attns"], 1.0 / config.K)
-    np.testing.assert_allclose(out["z"], out["h_crops"].mean(1), rtol=1e-5)
-
-
 @pytest.mark.parametrize("local_net, width", [("resnet34", 512), ("resnet50", 2048), ("resnet18_narrow", 128)])
 def test_local_nets(base, local_net, width):
     config = BASE.replace(local_net=local_net)
