@@ -167,8 +167,9 @@ def test_script_writes_the_json_with_every_field_filled(small_runs):
         assert result[key] >= 0, key
         if not key.endswith("spread"):
             assert result[key] > 0, key
+    # The backward pass costs about twice the forward's FLOPs: a count from XLA's cost analysis, not a
+    # clock (how the two times compare on a loaded machine is for benchmarks/RESULTS.md).
     assert result["flops_fwd_bwd"] > 2 * result["flops_fwd"]
-    assert result["fwd_bwd_ms"] > result["fwd_ms"]
     assert "| forward (ms) |" in stdout and "| peak memory of a training step (MiB) |" in stdout
 
 
@@ -251,7 +252,11 @@ def test_resident_rise_sees_an_allocation_and_not_its_absence():
     with bc.ResidentRise() as busy:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
     del block
+    # 64 MiB touched: at least 60 MiB resident (the kernel counts pages, the array's header is small).
     assert busy.rise >= 60 * 2**20
+    # An empty block: measured 0 bytes in 200 of 200 tries (VmHWM) with jax loaded, on the 2 cores this
+    # suite shares with five other test runs; 16 MiB leaves that much headroom for another thread's allocation
+    # and stays a quarter of the 64 MiB the check must tell apart.
     assert idle.rise < 16 * 2**20
 
 
@@ -327,8 +332,9 @@ def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
     assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit"]
     for r in runs.values():
         assert r["total_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["compile_s"])
-    # Loading the compiled program is faster than compiling it.
-    assert runs["warm, cache hit"]["compile_s"] < runs["cold, cache off"]["compile_s"]
+    # The cache statuses above come from JAX's monitoring events (bc.CompileCacheEvents), not from the
+    # clock: the warm run's every lookup was a hit. Whether loading beats compiling is a timing, measured
+    # on a quiet machine in benchmarks/RESULTS.md, not asserted on a shared one.
     assert "| warm, cache hit |" in stdout and report["cpu"]["family"] is not None
 
 

@@ -1,8 +1,6 @@
 """Every GMICConfig field changes the computation, at a small size."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,28 +52,152 @@ def test_base_outputs(base):
     np.testing.assert_allclose(out["patch_attns"].sum(-1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "field, value, output",
-    [
-        ("percent_t", 0.5, "y_global"),
-        ("aggregation", "gmp", "y_global"),
-        ("aggregation", "gap", "y_global"),
-        ("K", 2, "patch_attns"),
-        ("crop_shape", (96, 96), "patches"),
-        ("attention", "uniform", "patch_attns"),
-        ("global_strides", (1, 2, 2, 1, 1), "saliency_map"),
-        ("global_blocks", (1, 1, 1, 1, 1), "saliency_map"),
-        ("global_widths", (16, 32, 64, 64, 128), "h_g"),
-        ("global_kernels", (3, 3, 1, 1, 1), "saliency_map"),
-    ],
-)
-def test_field_changes_output(base, field, value, output):
+def _params_with(variables, updates):
+    """A copy of ``variables`` with the params at the given paths ('/'-joined) replaced."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(variables["params"], sep="/")
+    assert set(updates) <= set(flat), sorted(set(updates) - set(flat))
+    return {**variables, "params": unflatten_dict({**flat, **updates}, sep="/")}
+
+
+def test_percent_t_sets_how_many_cells_y_global_averages(base):
+    """Same weights: the same saliency maps; y_global the mean of the top round(h * w * t) cells."""
     variables, out = base
-    config = dataclasses.replace(BASE, **{field: value})
-    if field in ("attention", "global_blocks", "global_widths", "global_kernels"):  # other parameters
-        variables = init_variables(config, jax.random.key(0))
-    changed = run(config, variables)
-    assert differs(changed[output], out[output]), f"{field}={value!r} did not change {output}"
+    changed = run(BASE.replace(percent_t=0.5), variables)
+    sal = out["saliency_map"]
+    np.testing.assert_array_equal(changed["saliency_map"], sal)
+    n, h, w, c = sal.shape
+    top = np.sort(sal.reshape(n, h * w, c), axis=1)[:, ::-1]
+    np.testing.assert_allclose(changed["y_global"], top[:, :24].mean(1), rtol=1e-6)  # 48 cells x 0.5
+    np.testing.assert_allclose(out["y_global"], top[:, :2].mean(1), rtol=1e-6)  # round(48 x 0.05) = 2
+    assert differs(changed["y_global"], out["y_global"])
+
+
+def test_K_takes_the_first_K_greedy_patches(base):
+    """Same weights: K=2 keeps the first two of the K=4 run's greedy picks (Algorithm 1 picks in order),
+    their crops and their local features; the attention weighs two patches."""
+    variables, out = base
+    changed = run(BASE.replace(K=2), variables)
+    np.testing.assert_array_equal(changed["patch_locations"], out["patch_locations"][:, :2])
+    np.testing.assert_array_equal(changed["patches"], out["patches"][:, :2])
+    # The local network sees each patch alone (eval-mode BatchNorm): the features of 4 or 8 patches per
+    # call agree to float32 rounding of its convolutions.
+    np.testing.assert_allclose(changed["h_crops"], out["h_crops"][:, :2], rtol=1e-5, atol=1e-6)
+    assert changed["patch_attns"].shape == (2, 2)
+    np.testing.assert_allclose(changed["patch_attns"].sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(changed["y_global"], out["y_global"])
+    assert len({tuple(l) for l in out["patch_locations"][0]}) == 4  # four distinct picks to take a prefix of
+
+
+def test_crop_shape_sets_the_roi_window_and_the_crops(base):
+    """Same weights: the same saliency maps; a 96-pixel crop is a 2 x 2-cell window on the 8 x 6 grid
+    (64 pixels: 1 x 1), so the picks are Algorithm 1's with that window (the float64 transcription in
+    test_roi.py), and each crop is the image under it."""
+    from test_roi import numpy_algorithm_1
+
+    variables, out = base
+    changed = run(BASE.replace(crop_shape=(96, 96)), variables)
+    np.testing.assert_array_equal(changed["saliency_map"], out["saliency_map"])
+    assert changed["patches"].shape == (2, 4, 96, 96)
+    for n in range(2):
+        expected = numpy_algorithm_1(out["saliency_map"][n], (512, 384), (96, 96), 4)
+        np.testing.assert_array_equal(changed["patch_locations"][n], expected)
+        for k, (r, c) in enumerate(expected):
+            np.testing.assert_array_equal(changed["patches"][n, k], np.asarray(X)[n, r:r + 96, c:c + 96, 0])
+    # The window matters here: 64-pixel windows on the same maps pick other places.
+    assert any(differs(numpy_algorithm_1(out["saliency_map"][n], (512, 384), (96, 96), 4),
+                       numpy_algorithm_1(out["saliency_map"][n], (512, 384), (64, 64), 4)) for n in range(2))
+
+
+def test_uniform_attention_on_the_same_weights(base):
+    """Same weights (uniform attention has no parameters; the gated ones are left unused): the same
+    patches and features, each patch weighed 1/K, z their mean."""
+    variables, out = base
+    changed = run(BASE.replace(attention="uniform"), variables)
+    np.testing.assert_array_equal(changed["h_crops"], out["h_crops"])
+    np.testing.assert_allclose(changed["patch_attns"], 0.25)
+    np.testing.assert_allclose(changed["z"], out["h_crops"].mean(1), rtol=1e-5)
+    assert differs(out["patch_attns"], changed["patch_attns"])  # the gated attention did not weigh evenly
+    assert "attention" not in jax.eval_shape(lambda: init_variables(BASE.replace(attention="uniform"),
+                                                                    jax.random.key(0)))["params"]
+
+
+def test_one_block_per_stage_is_the_two_block_network_with_empty_second_blocks(base):
+    """A pre-activation block whose last conv is zero passes its input through, so the paper's
+    two-block network with every second block's conv2 zeroed computes the one-block network from the
+    same remaining weights, and differs from it with the trained (here: initial) second blocks."""
+    variables, out = base
+    config = BASE.replace(global_blocks=(1, 1, 1, 1, 1))
+    one_block = run(config, variables)
+    zeroed = _params_with(variables, {
+        f"ds_net/layer_list_{s}_1/conv2/kernel": np.zeros_like(variables["params"]["ds_net"][f"layer_list_{s}_1"]
+                                                               ["conv2"]["kernel"]) for s in range(5)})
+    two_blocks = run(BASE, zeroed)
+    for key in ("h_g", "saliency_map", "y_global", "patch_locations", "y_local", "y_fusion"):
+        # Identical computations on identical values, up to XLA's choice of fusion: float32 rounding.
+        np.testing.assert_allclose(two_blocks[key], one_block[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert differs(out["h_g"], one_block["h_g"])
+
+
+def test_kernel_1_stages_are_3x3_stages_with_only_the_centre_tap(base):
+    """A 3 x 3 conv (padding 1) with zero off-centre taps is a 1 x 1 conv (padding 0), strided or not:
+    the paper's network with those taps of stages 2-4 zeroed computes global_kernels (3, 3, 1, 1, 1)
+    given the centre taps."""
+    from flax.traverse_util import flatten_dict
+
+    variables, out = base
+    config = BASE.replace(global_kernels=(3, 3, 1, 1, 1))
+    flat = flatten_dict(variables["params"], sep="/")
+    convs = [k for k in flat if k.startswith(tuple(f"ds_net/layer_list_{s}_" for s in (2, 3, 4)))
+             and ("/conv1/" in k or "/conv2/" in k)]
+    assert len(convs) == 12  # conv1 and conv2 of two blocks in each of three stages
+    centre = np.zeros((3, 3, 1, 1), np.float32)
+    centre[1, 1] = 1.0
+    kernel_1 = run(config, _params_with(variables, {k: flat[k][1:2, 1:2] for k in convs}))
+    masked = run(BASE, _params_with(variables, {k: flat[k] * centre for k in convs}))
+    for key in ("h_g", "saliency_map", "y_global", "patch_locations", "y_fusion"):
+        # The same products; the zero taps add exact zeros, so only the summation order can differ.
+        np.testing.assert_allclose(masked[key], kernel_1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert differs(out["h_g"], kernel_1["h_g"])
+    shapes = jax.tree.map(np.shape, flatten_dict(jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+                                                 ["params"], sep="/"))
+    assert all(shapes[k] == (1, 1, *flat[k].shape[2:]) for k in convs)
+
+
+def test_global_widths_set_the_stage_widths_and_leave_the_first_stages(base):
+    """Narrower stages 3 and 4 (64, 128 channels): h_g has the last width and every parameter of those
+    stages follows the widths; the stem and stages 0-2 keep their shapes, and from the same weights
+    they compute the same activations (the output of stage 2 is unchanged)."""
+    from flax.traverse_util import flatten_dict
+
+    variables, out = base
+    widths = (16, 32, 64, 64, 128)
+    config = BASE.replace(global_widths=widths)
+    fresh = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))  # shapes only: no compile
+    new_flat, old_flat = (flatten_dict(v["params"]["ds_net"], sep="/") for v in (fresh, variables))
+    assert new_flat.keys() == old_flat.keys()
+    # Every channel count of the paper's network (all five widths differ from each other and from the
+    # kernel sizes 7, 3, 1 and the input's 1 channel) becomes its stage's new width.
+    channels = dict(zip(BASE.global_widths, widths))
+    for k, v in new_flat.items():
+        assert v.shape == tuple(channels.get(d, d) for d in old_flat[k].shape), k
+    assert all(v.shape == old_flat[k].shape for k, v in new_flat.items() if k.startswith(
+        ("first_conv", "layer_list_0", "layer_list_1", "layer_list_2")))
+    assert fresh["params"]["left_postprocess_net"]["gn_conv_last"]["kernel"].shape == (1, 1, 128, 2)
+    # The base's variables cut to the new shapes (their leading channels): the stem, stages 0-2 and
+    # their statistics are the base's own.
+    mixed = jax.tree.map(lambda new, old: old[tuple(slice(0, d) for d in new.shape)], fresh, variables)
+
+    def stage2(config, variables):
+        _, state = GMIC(config).apply(variables, X, train=False, capture_intermediates=lambda m, _: m.name ==
+                                      "layer_list_2_1", mutable=["intermediates"])
+        return np.asarray(state["intermediates"]["ds_net"]["layer_list_2_1"]["__call__"][0])
+
+    np.testing.assert_array_equal(stage2(config, mixed), stage2(BASE, variables))
+    changed = run(config, mixed)
+    assert changed["h_g"].shape == (*out["h_g"].shape[:3], 128) and out["h_g"].shape[-1] == 256
+    assert changed["saliency_map"].shape == out["saliency_map"].shape
 
 
 def test_aggregation_extremes(base):
@@ -84,13 +206,6 @@ def test_aggregation_extremes(base):
     np.testing.assert_allclose(run(BASE.replace(aggregation="gmp"), base[0])["y_global"], sal.max((1, 2)), rtol=1e-6)
     np.testing.assert_allclose(run(BASE.replace(aggregation="gap"), base[0])["y_global"], sal.mean((1, 2)), rtol=1e-5)
     np.testing.assert_allclose(run(BASE.replace(percent_t=1.0), base[0])["y_global"], sal.mean((1, 2)), rtol=1e-5)
-
-
-def test_uniform_attention_weighs_equally(base):
-    config = BASE.replace(attention="uniform")
-    out = run(config)
-    np.testing.assert_allclose(out["patch_attns"], 1.0 / config.K)
-    np.testing.assert_allclose(out["z"], out["h_crops"].mean(1), rtol=1e-5)
 
 
 @pytest.mark.parametrize("local_net, width", [("resnet34", 512), ("resnet50", 2048), ("resnet18_narrow", 128)])

@@ -100,10 +100,84 @@ def test_pixel_rounding_is_half_to_even():
             np.testing.assert_array_equal(grid_to_pixel_table(h, H), np.around(np.arange(h) / h * H))
 
 
-def test_no_gradient_through_selection():
-    sal = jax.random.uniform(jax.random.key(0), (1, 23, 15, 2))
-    g = jax.grad(lambda s: jnp.sum(retrieve_roi(s, (1472, 960), (256, 256), 6)[1].astype(jnp.float32)))(sal)
-    np.testing.assert_array_equal(np.asarray(g), 0.0)
+def test_selection_passes_no_gradient_and_crops_pass_it_to_their_pixels():
+    """The locations are integers picked by argmax: a loss that sees the saliency map through the
+    crops alone has an exactly zero gradient with respect to the map, while the map's other uses
+    keep theirs, and each crop pixel's gradient lands on the image pixel it was cut from.
+
+    (`lax.stop_gradient` in retrieve_roi and GMIC does not change these values: argmax already ends
+    the gradient, and with it removed the compiled gradient program is the same. A differentiable
+    selection, such as a soft or straight-through one, would fail the first assertion.)"""
+    rng = np.random.default_rng(0)
+    image_shape, crop, K = (160, 128), (64, 64), 3  # 5 x 4 grid, 2 x 2-cell windows: every crop inside
+    sal = jnp.asarray(rng.uniform(size=(1, 5, 4, 2)), jnp.float32)
+    image = jnp.asarray(rng.standard_normal((1, *image_shape)), jnp.float32)
+    crop_weights = jnp.asarray(rng.standard_normal((1, K, *crop)), jnp.float32)
+    map_weights = jnp.asarray(rng.standard_normal(sal.shape), jnp.float32)
+
+    def crops_only(s, x):
+        locs, _ = retrieve_roi(s, image_shape, crop, K)
+        return jnp.sum(crop_weights * extract_patches(x, locs, crop))
+
+    g_map, g_image = jax.grad(crops_only, argnums=(0, 1))(sal, image)
+    np.testing.assert_array_equal(np.asarray(g_map), 0.0)
+    # The map's direct use (as y_global's pooling uses it) passes its gradient unchanged.
+    g_both = jax.grad(lambda s: crops_only(s, image) + jnp.sum(map_weights * s))(sal)
+    np.testing.assert_array_equal(np.asarray(g_both), np.asarray(map_weights))
+    # Crops pass d loss / d crop pixel to the pixel it was cut from (sums where crops overlap).
+    locs = np.asarray(retrieve_roi(sal, image_shape, crop, K)[0])[0]
+    assert ((locs + crop) <= image_shape).all()  # no border fill: every crop pixel is an image pixel
+    expected = np.zeros(image_shape, np.float32)
+    for k, (r, c) in enumerate(locs):
+        expected[r:r + crop[0], c:c + crop[1]] += np.asarray(crop_weights)[0, k]
+    np.testing.assert_allclose(np.asarray(g_image)[0], expected, rtol=1e-6, atol=1e-6)
+    assert len({tuple(l) for l in locs}) == K and (expected == 0).any()  # K distinct crops, pixels outside them
+
+
+def test_local_head_gets_no_gradient_from_the_global_network():
+    """In GMIC, y_local depends on the global network only through the (discrete) patch locations:
+    its gradient with respect to the global network's parameters is exactly zero and its gradient
+    with respect to the image lies inside the crops, while y_global trains the global network."""
+    from gmic_jax import GMIC, GMICConfig
+
+    config = GMICConfig(image_shape=(64, 48), crop_shape=(16, 16), K=2, percent_t=0.1, local_net="resnet18_narrow",
+                        global_strides=(1, 2, 2, 1, 1), global_blocks=(1, 1, 1, 1, 1),
+                        global_widths=(4, 8, 8, 8, 8))
+    model = GMIC(config)
+    x = jax.random.normal(jax.random.key(1), (1, 64, 48, 1))
+    # Variables of init's shapes drawn in numpy (compiling init's random initialisers costs ~18 s of
+    # CPU here): weights N(0, 1 / fan-in), BatchNorm's scale and running variance 1, biases and means 0.
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, jax.random.key(0), x))
+
+    def heads(params, x):
+        out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+        return jnp.stack([out["y_local"].sum(), out["y_global"].sum()]), out["patch_locations"]
+
+    # One compile for both heads' gradients (rows of the Jacobian: 0 y_local, 1 y_global).
+    (g_params, g_x), locs = jax.jit(jax.jacrev(heads, argnums=(0, 1), has_aux=True))(variables["params"], x)
+    g_local = jax.tree.map(lambda g: g[0], g_params)
+    g_global = jax.tree.map(lambda g: g[1], g_params)
+    gx_local = g_x[0]
+    for part in ("ds_net", "left_postprocess_net"):
+        assert all((np.asarray(v) == 0).all() for v in jax.tree.leaves(g_local[part])), part
+        assert any((np.asarray(v) != 0).any() for v in jax.tree.leaves(g_global[part])), part
+    assert any((np.asarray(v) != 0).any() for v in jax.tree.leaves(g_local["dn_resnet"]))
+    inside = np.zeros((64, 48), bool)
+    for r, c in np.asarray(locs)[0]:
+        inside[r:r + 16, c:c + 16] = True
+    gx = np.asarray(gx_local)[0, ..., 0]
+    assert (gx[~inside] == 0).all() and (gx[inside] != 0).mean() > 0.5 and (~inside).any()
 
 
 def numpy_crop(image, r, c, crop_shape):

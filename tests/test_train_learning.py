@@ -13,6 +13,18 @@ from gmic_jax.train.config_lib import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# Measured by this module (fixed seeds; on a 2-core AMD EPYC (family 25 model 17), twice with the same values: 3
+# passed in 18 min 56 s wall at load 9-11, in 3 min 51 s (3 min 7 s of CPU) at load 2-4): the kept record (step
+# 200; 200 validation images) has Dice malignant 0.322, PxAP malignant 0.316, pointing malignant 0.671 and
+# benign 0.657 (of the 70 images with a finding of each class; uniform-random maps: 0.025 / 0.019); the 200
+# held-out test images give Dice malignant 0.333, PxAP malignant 0.313. The test asks for half of each measured
+# value: a run that localises as this one did passes with room for another CPU's rounding, and maps that do not
+# localise fail by far (uniform-random maps: pointing 0.02, Dice 0.0099 (benchmarks/RESULTS.md), PxAP about the
+# findings' share of the pixels, 0.2-0.6% per finding).
+MEASURED = {"val_dice_malignant": 0.322, "val_pxap_malignant": 0.316, "val_pointing_benign": 0.657}
+MEASURED_TEST = {"val_dice_malignant": 0.333, "val_pxap_malignant": 0.313}
+MARGIN = 0.5
+
 
 def random_patch_locations(rng: np.random.Generator, n: int, image_shape, crop_shape, K: int):
     """(n, K, 2) uniform-random crop upper-left corners inside the image (the baseline for ROI hits)."""
@@ -43,7 +55,7 @@ def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
     config, workdir, record = trained
     print("final record:", record)
     assert record["val_auc_malignant"] >= 0.85
-    assert {"val_dice_malignant", "val_pxap_malignant", "val_roi_hit_rate"} <= set(record)
+    assert "val_roi_hit_rate" in record  # asserted on the held-out images below
     cfg, variables = load_checkpoint(workdir)  # the best step
     # Held-out images the run never saw (the 'test' split), more of them for a stable rate.
     from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
@@ -53,6 +65,9 @@ def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
     metrics, details = evaluate(cfg, variables, test, make_mesh(jax.devices()[:1]), batch_size=50)
     print("per-head:", {k: v for k, v in details.items() if k.startswith("auc_")}, metrics)
     assert metrics["val_auc_malignant"] >= 0.85
+    # The malignant saliency map overlaps the findings: Dice (thresholded map) and PxAP (ranking).
+    for key, measured in MEASURED_TEST.items():
+        assert metrics[key] >= MARGIN * measured, (key, metrics[key], measured)
     # The local network alone, on the patches the saliency maps chose.
     assert details["auc_local_malignant"] >= 0.8
     # ROI hit rate against K uniformly random patches on the same masks (50 draws).
@@ -94,14 +109,19 @@ def _kept_record_and_random_rates(trained, c):
 
 def test_synthetic_tiny_malignant_saliency_points_at_the_findings(trained):
     """The malignant map's peak falls on the malignant finding in at least 60% of the validation
-    images (the kept record), above the 99th percentile of uniform-random maps (2000 draws)."""
+    images (the kept record), above the 99th percentile of uniform-random maps (2000 draws), and
+    the map overlaps the findings (Dice, PxAP) at least half as well as the measured run's."""
     kept, rates = _kept_record_and_random_rates(trained, 1)
     assert kept["val_pointing_malignant"] >= 0.6
     assert kept["val_pointing_malignant"] > np.percentile(rates, 99)
+    for key in ("val_dice_malignant", "val_pxap_malignant"):
+        assert kept[key] >= MARGIN * MEASURED[key], (key, kept[key], MEASURED[key])
 
 
 def test_synthetic_tiny_benign_saliency_points_at_the_findings(trained):
-    """The benign map's peak falls on the benign finding more often than the 99th percentile of
-    uniform-random maps (2000 draws) over the validation images with a benign finding."""
+    """The benign map's peak falls on the benign finding in at least half as many validation images
+    as in the measured run (0.657: at least 0.33), and more often than the 99th percentile of
+    uniform-random maps (2000 draws; 0.07) over the validation images with a benign finding."""
     kept, rates = _kept_record_and_random_rates(trained, 0)
+    assert kept["val_pointing_benign"] >= MARGIN * MEASURED["val_pointing_benign"]
     assert kept["val_pointing_benign"] > np.percentile(rates, 99)

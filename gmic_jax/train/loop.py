@@ -35,8 +35,10 @@ JSONL_KEYS = ("step", "epoch", "train_loss", "val_auc_malignant", "val_auc_benig
               "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate",
               "val_pointing_malignant", "val_pointing_benign", "val_pointing_malignant_random",
               "val_pointing_benign_random")
-# Test hook: SIGKILL this process right after starting the (asynchronous) save of this step.
+# Test hooks: SIGKILL this process right after starting the (asynchronous) save of this step, or
+# once that save is complete (a kill between two checkpoints, at a step the test chooses).
 KILL_DURING_SAVE_ENV = "GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP"
+KILL_AFTER_SAVE_ENV = "GMIC_TEST_SIGKILL_AFTER_SAVE_OF_STEP"
 
 
 class TrainingDiverged(RuntimeError):
@@ -222,6 +224,7 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
         return {"epoch": np.int64(step // spe), "loss_sum": np.float64(loss_sum), "loss_count": np.int64(loss_count)}
 
     kill_step = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
+    kill_after_step = int(os.environ.get(KILL_AFTER_SAVE_ENV, "-1"))
     bar = None
     if config.progress_bar and is_main:
         from tqdm import tqdm
@@ -297,6 +300,9 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
             elif done % config.checkpoint_every_steps == 0 or done == total_steps:
                 checkpointing.save(manager, state, data_position(done))
             if done == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if done == kill_after_step:
+                manager.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         batch = None  # released before the pipeline closes (its memory is shared with a worker)
