@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
-                 "pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
+                 "pydicom>=3.0", "tensorflow-datasets>=4.9.7",
+                 "ruff==0.17.6"],  # pinned: another version may format differently and fail the check
         "data": ["pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
         # tests/test_torch_format.py compares gmic_jax.torch_format with torch.load (converting needs no torch)
         "torch": ["torch>=2.2"],
