@@ -1,4 +1,5 @@
 """gmic-jax: a JAX/Flax reimplementation of GMIC (Shen et al., Medical Image Analysis 2021)."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -29,9 +30,14 @@ setup(
         "filelock>=3.0",  # JAX's compilation cache needs it to bound its size (gmic_jax.xla_flags)
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
-                 "pydicom>=3.0", "tensorflow-datasets>=4.9.7",
-                 "ruff==0.17.6"],  # pinned: another version may format differently and fail the check
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "pytest-xdist>=3.5",
+            "pydicom>=3.0",
+            "tensorflow-datasets>=4.9.7",
+            "ruff==0.17.6",
+        ],  # pinned: another version may format differently and fail the check
         "data": ["pydicom>=3.0", "tensorflow-datasets>=4.9.7"],
         # tests/test_torch_format.py compares gmic_jax.torch_format with torch.load (converting needs no torch)
         "torch": ["torch>=2.2"],

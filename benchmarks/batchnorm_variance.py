@@ -6,12 +6,14 @@ one-pass E[x^2] - E[x]^2.
     python benchmarks/batchnorm_variance.py --image-shape 2944 1920 --steps 0   # compiled costs only
     python benchmarks/batchnorm_variance.py --dtype bfloat16 --json bn.json    # on a GPU
 
-Both steps are the project's training step (`make_train_step` on one device, Adam, beta 0) on the same standard-normal images; the one-pass variant swaps the
-formula in `gmic_jax.models.layers` for this process only. Reported per variant: XLA's compiled
+Both steps are the project's training step (`make_train_step` on one device, Adam, beta 0) on the
+same standard-normal images; the one-pass variant swaps the formula in `gmic_jax.models.layers` for
+this process only. Reported per variant: XLA's compiled
 cost analysis (flops, bytes accessed: deterministic, from the compiled program) and, with --steps
 > 0, the median and interquartile range of the step time, the two variants' steps alternating so
 that drift on a shared machine hits both alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +48,8 @@ def build(variant: str, args):
     import numpy as np
 
     from gmic_jax import GMICConfig, init_variables
-    from gmic_jax.train.state import create_train_state, make_optimizer
     from gmic_jax.models import layers
+    from gmic_jax.train.state import create_train_state, make_optimizer
     from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_batch
 
     layers.nn = ORIGINAL_NN
@@ -59,14 +61,26 @@ def build(variant: str, args):
     host = jax.device_get(create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0))
     step = make_train_step(cfg, tx, mesh, beta=0.0)
     rng = np.random.default_rng(0)
-    batch = shard_batch({"image": rng.standard_normal((args.batch, *args.image_shape, 1)).astype(np.float32),
-                         "label": bc.targets(args.batch)}, mesh)
+    batch = shard_batch(
+        {
+            "image": rng.standard_normal((args.batch, *args.image_shape, 1)).astype(np.float32),
+            "label": bc.targets(args.batch),
+        },
+        mesh,
+    )
     state = replicate(host, mesh)
     compiled = step.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return compiled, state, batch, {"flops": float(cost.get("flops", float("nan"))),
-                                    "bytes_accessed": float(cost.get("bytes accessed", float("nan")))}
+    return (
+        compiled,
+        state,
+        batch,
+        {
+            "flops": float(cost.get("flops", float("nan"))),
+            "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+        },
+    )
 
 
 def main(argv=None):
@@ -86,9 +100,14 @@ def main(argv=None):
     global ORIGINAL_NN
     ORIGINAL_NN = layers.nn
     built = {v: build(v, args) for v in VARIANTS}
-    result = {"device": jax.devices()[0].device_kind if jax.default_backend() != "cpu" else bc.cpu_name(),
-              "versions": bc.versions(), "image_shape": list(args.image_shape), "batch": args.batch,
-              "dtype": args.dtype, "variants": {v: dict(built[v][3]) for v in VARIANTS}}
+    result = {
+        "device": jax.devices()[0].device_kind if jax.default_backend() != "cpu" else bc.cpu_name(),
+        "versions": bc.versions(),
+        "image_shape": list(args.image_shape),
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "variants": {v: dict(built[v][3]) for v in VARIANTS},
+    }
     if args.steps:
         states = {v: built[v][1] for v in VARIANTS}
         times = {v: [] for v in VARIANTS}
@@ -103,8 +122,9 @@ def main(argv=None):
         for v in VARIANTS:
             med, spread = bc.median_spread([t * 1e3 for t in times[v]])
             result["variants"][v].update(median_ms=med, iqr_ms=spread, steps=len(times[v]))
-        result["two_pass_over_one_pass"] = (result["variants"]["two_pass"]["median_ms"]
-                                            / result["variants"]["one_pass"]["median_ms"])
+        result["two_pass_over_one_pass"] = (
+            result["variants"]["two_pass"]["median_ms"] / result["variants"]["one_pass"]["median_ms"]
+        )
     b = result["variants"]
     result["bytes_ratio"] = b["two_pass"]["bytes_accessed"] / b["one_pass"]["bytes_accessed"]
     print(json.dumps(result, indent=1))

@@ -4,6 +4,7 @@ measurement, versions and hardware names, timing statistics, and the JAX loss / 
 Import-light: jax, flax and optax are imported inside the functions that need them, so the parent
 process of a benchmark can spawn workers with their own JAX_PLATFORMS and XLA_FLAGS.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,15 +70,20 @@ class Worker:
     """A benchmark worker: `python SCRIPT --worker SPEC_JSON`, pinned to `cores`, speaking one JSON
     object per line on its stdin/stdout. Its stderr goes to `log_path`, shown when it fails."""
 
-    def __init__(self, script: Path, spec: Mapping[str, Any], cores: Sequence[int], env: Mapping[str, str],
-                 log_path: Path):
+    def __init__(
+        self, script: Path, spec: Mapping[str, Any], cores: Sequence[int], env: Mapping[str, str], log_path: Path
+    ):
         self.name = f"{spec.get('impl', '?')}/{spec.get('phase', '?')}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
         cpus = set(cores)
         self.proc = subprocess.Popen(
             [sys.executable, str(script), "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=dict(env),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=dict(env),
             preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )
 
@@ -85,8 +91,10 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"benchmark worker {self.name} exited with code {self.proc.returncode}; "
-                               f"its log ({self.log_path}) ends with:\n{tail(self.log_path)}")
+            raise RuntimeError(
+                f"benchmark worker {self.name} exited with code {self.proc.returncode}; "
+                f"its log ({self.log_path}) ends with:\n{tail(self.log_path)}"
+            )
         msg = json.loads(line)
         if "error" in msg:
             raise RuntimeError(f"benchmark worker {self.name} failed: {msg['error']}\n{tail(self.log_path)}")
@@ -304,8 +312,13 @@ def param_counts(flat: Mapping[str, int]) -> dict[str, int]:
     """{'params', 'params_global', 'params_local', 'params_heads'} from {dotted name: size}."""
     out = {"params_global": 0, "params_local": 0, "params_heads": 0}
     for name, size in flat.items():
-        part = ("params_global" if name.startswith(GLOBAL_PREFIXES)
-                else "params_local" if name.startswith(LOCAL_PREFIXES) else "params_heads")
+        part = (
+            "params_global"
+            if name.startswith(GLOBAL_PREFIXES)
+            else "params_local"
+            if name.startswith(LOCAL_PREFIXES)
+            else "params_heads"
+        )
         out[part] += int(size)
     out["params"] = sum(out.values())
     return out
@@ -314,8 +327,10 @@ def param_counts(flat: Mapping[str, int]) -> dict[str, int]:
 def jax_param_counts(params) -> dict[str, int]:
     import jax
 
-    flat = {".".join(str(getattr(k, "key", k)) for k in path): leaf.size
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        ".".join(str(getattr(k, "key", k)) for k in path): leaf.size
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
     return param_counts(flat)
 
 

@@ -15,6 +15,7 @@ Times are medians over --rounds rounds; the JSON has every round. The XLA flags 
 step into the HLO passes (the slowest by name) and the backend (LLVM code generation of the
 fusions, thunks): where a cold compile goes. The logging itself costs a little time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,17 @@ _US = r"time: [^(]*\((\d+) us\)"
 def xla_compile_profile(log: str, top: int = 12) -> dict:
     """XLA:CPU's compile timers (logged under PROFILE_ENV) of the module whose HLO passes took longest:
     {"module", "hlo_passes_s", "backend_s", "passes": [(pass name, seconds summed, calls)] slowest first}."""
-    module, per_module = None, collections.defaultdict(lambda: {"hlo_passes_s": 0.0, "backend_s": 0.0,
-                                                                "passes": collections.Counter(),
-                                                                "calls": collections.Counter()})
+    module, per_module = (
+        None,
+        collections.defaultdict(
+            lambda: {
+                "hlo_passes_s": 0.0,
+                "backend_s": 0.0,
+                "passes": collections.Counter(),
+                "calls": collections.Counter(),
+            }
+        ),
+    )
     for line in log.splitlines():
         if m := re.search(r"Running HLO pass pipeline on module (\S+?):", line):
             module = m.group(1)
@@ -59,8 +68,12 @@ def xla_compile_profile(log: str, top: int = 12) -> dict:
     if not per_module:
         raise RuntimeError("no XLA compile timers in the worker's log: did TF_CPP_VMODULE reach it?")
     name, info = max(per_module.items(), key=lambda kv: kv[1]["hlo_passes_s"])
-    return {"module": name, "hlo_passes_s": info["hlo_passes_s"], "backend_s": info["backend_s"],
-            "passes": [(k, v, info["calls"][k]) for k, v in info["passes"].most_common(top)]}
+    return {
+        "module": name,
+        "hlo_passes_s": info["hlo_passes_s"],
+        "backend_s": info["backend_s"],
+        "passes": [(k, v, info["calls"][k]) for k, v in info["passes"].most_common(top)],
+    }
 
 
 def run_worker(spec: dict) -> int:
@@ -70,16 +83,20 @@ def run_worker(spec: dict) -> int:
         apply_cpu_defaults()
         enable_compile_cache()
         import jax
+        from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
 
         from gmic_jax import GMIC, init_variables
-        from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
 
         cfg = make_config(spec)
         variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
         n = IMAGES_PER_EXAM * spec["batch_exams"]
-        args = (variables["params"], variables["batch_stats"],
-                jax.ShapeDtypeStruct((n, *cfg.image_shape, 1), jax.numpy.float32),
-                jax.ShapeDtypeStruct((n, 2), jax.numpy.float32), jax.eval_shape(lambda: jax.random.key(0)))
+        args = (
+            variables["params"],
+            variables["batch_stats"],
+            jax.ShapeDtypeStruct((n, *cfg.image_shape, 1), jax.numpy.float32),
+            jax.ShapeDtypeStruct((n, 2), jax.numpy.float32),
+            jax.eval_shape(lambda: jax.random.key(0)),
+        )
         fn = jax.jit(bc.make_grad_fn(GMIC(cfg), train=True))
         with bc.CompileCacheEvents() as cache:
             t0 = time.perf_counter()
@@ -89,8 +106,14 @@ def run_worker(spec: dict) -> int:
             t2 = time.perf_counter()
             lowered.compile()
             t3 = time.perf_counter()
-        return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "total_s": t3 - t0,
-                "compile_cache": cache.status, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        return {
+            "trace_s": t1 - t0,
+            "lower_s": t2 - t1,
+            "compile_s": t3 - t2,
+            "total_s": t3 - t0,
+            "compile_cache": cache.status,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
 
     return bc.serve(lambda msg: {}, ready)
 
@@ -107,15 +130,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch-exams", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--xla-flags", default="", help="extra XLA flags of the workers")
-    p.add_argument("--profile", action="store_true", help="also split one cold compile into XLA's passes and "
-                   "backend [off]")
+    p.add_argument(
+        "--profile", action="store_true", help="also split one cold compile into XLA's passes and backend [off]"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         return run_worker(json.loads(args.worker))
-    spec = {"image_shape": list(args.image_shape), "crop_shape": list(args.crop_shape), "K": args.K,
-            "percent_t": args.percent_t, "dtype": args.dtype, "remat": args.remat, "batch_exams": args.batch_exams}
+    spec = {
+        "image_shape": list(args.image_shape),
+        "crop_shape": list(args.crop_shape),
+        "K": args.K,
+        "percent_t": args.percent_t,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "batch_exams": args.batch_exams,
+    }
     cores = bc.parse_cores(None, args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="gmic_compile_time_"))
     runs = {k: [] for k in KINDS}
@@ -129,8 +160,11 @@ def main(argv=None) -> int:
                     runs[kind].append(worker.receive())
                 finally:
                     worker.close()
-                print(f"[round {r}] {kind}: {runs[kind][-1]['total_s']:.2f} s ({runs[kind][-1]['compile_cache']})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[round {r}] {kind}: {runs[kind][-1]['total_s']:.2f} s ({runs[kind][-1]['compile_cache']})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         profile = None
         if args.profile:
             env = bc.worker_env(args.threads, "cpu", args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": "off", **PROFILE_ENV})
@@ -142,25 +176,46 @@ def main(argv=None) -> int:
             profile.update(xla_compile_profile((tmp / "profile.log").read_text()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    med = {k: {f: statistics.median(x[f] for x in v) for f in ("trace_s", "lower_s", "compile_s", "total_s")}
-           for k, v in runs.items()}
-    report = {"device": f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})",
-              "cpu": bc.cpu_identity(), "versions": bc.versions(), "spec": spec, "rounds": args.rounds,
-              "xla_flags": runs[KINDS[0]][0]["xla_flags"], "median": med, "runs": runs, "profile": profile,
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    lines = [f"Device: {report['device']}  ", f"XLA_FLAGS: {report['xla_flags']!r}; medians of {args.rounds} rounds, "
-             "each kind in a fresh process", "", "| training step | trace (s) | lower (s) | XLA compile / cache load (s) | total (s) |",
-             "|---|---:|---:|---:|---:|"]
+    med = {
+        k: {f: statistics.median(x[f] for x in v) for f in ("trace_s", "lower_s", "compile_s", "total_s")}
+        for k, v in runs.items()
+    }
+    report = {
+        "device": f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})",
+        "cpu": bc.cpu_identity(),
+        "versions": bc.versions(),
+        "spec": spec,
+        "rounds": args.rounds,
+        "xla_flags": runs[KINDS[0]][0]["xla_flags"],
+        "median": med,
+        "runs": runs,
+        "profile": profile,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    lines = [
+        f"Device: {report['device']}  ",
+        f"XLA_FLAGS: {report['xla_flags']!r}; medians of {args.rounds} rounds, each kind in a fresh process",
+        "",
+        "| training step | trace (s) | lower (s) | XLA compile / cache load (s) | total (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for kind in KINDS:
         m = med[kind]
-        lines.append(f"| {kind} | {m['trace_s']:.2f} | {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['total_s']:.2f} |")
+        lines.append(
+            f"| {kind} | {m['trace_s']:.2f} | {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['total_s']:.2f} |"
+        )
     if profile:
         other = profile["compile_s"] - profile["hlo_passes_s"] - profile["backend_s"]
-        lines += ["", f"Where one cold compile goes (cache off, XLA timers logged; module {profile['module']}): "
-                  f"trace {profile['trace_s']:.2f} s, lower {profile['lower_s']:.2f} s, XLA compile "
-                  f"{profile['compile_s']:.2f} s = HLO passes {profile['hlo_passes_s']:.2f} s + backend (LLVM code "
-                  f"generation, thunks) {profile['backend_s']:.2f} s + rest {other:.2f} s", "",
-                  "| slowest HLO passes | s | calls |", "|---|---:|---:|"]
+        lines += [
+            "",
+            f"Where one cold compile goes (cache off, XLA timers logged; module {profile['module']}): "
+            f"trace {profile['trace_s']:.2f} s, lower {profile['lower_s']:.2f} s, XLA compile "
+            f"{profile['compile_s']:.2f} s = HLO passes {profile['hlo_passes_s']:.2f} s + backend (LLVM code "
+            f"generation, thunks) {profile['backend_s']:.2f} s + rest {other:.2f} s",
+            "",
+            "| slowest HLO passes | s | calls |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {name} | {sec:.3f} | {calls} |" for name, sec, calls in profile["passes"]]
     print("\n".join(lines))
     statuses = {k: sorted({x["compile_cache"] for x in v}) for k, v in runs.items()}

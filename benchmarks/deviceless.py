@@ -16,6 +16,7 @@ remat policy's recompute is explicit there, so policy minus 'none' is its recomp
 The persistent compilation cache stays off here: an executable built against a hand-written
 target without autotuning must never be served to a real card of the same name.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,10 +27,16 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 TARGETS = {"h100": BENCH_DIR / "gpu_targets" / "h100_sxm.txtpb", "h200": BENCH_DIR / "gpu_targets" / "h200_sxm.txtpb"}
-PLUGIN_MISSING = ("--deviceless needs the CUDA plugin of jaxlib (the [gpu] extra: pip install 'jax[cuda12]'); "
-                  "it compiles for the GPU without one")
-WORKER_ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "-1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
-              "GMIC_JAX_COMPILE_CACHE": "off"}
+PLUGIN_MISSING = (
+    "--deviceless needs the CUDA plugin of jaxlib (the [gpu] extra: pip install 'jax[cuda12]'); "
+    "it compiles for the GPU without one"
+)
+WORKER_ENV = {
+    "JAX_PLATFORMS": "cpu",
+    "CUDA_VISIBLE_DEVICES": "-1",
+    "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+    "GMIC_JAX_COMPILE_CACHE": "off",
+}
 
 
 def plugin_available() -> bool:
@@ -63,19 +70,22 @@ class DevicelessRunner:
     """Compile the forward (inference) or the training step's forward + backward for a GPU target."""
 
     def __init__(self, spec: dict):
+        import bench_common as bc
         import jax
         import jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec
-
-        import bench_common as bc
-        from gmic_jax import GMIC, init_variables
         from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
+
+        from gmic_jax import GMIC, init_variables
 
         self.spec, self.jax = spec, jax
         self.mesh = target_mesh(spec["deviceless"])
         self.device = self.mesh.devices.flat[0]
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        on_target = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+
+        def on_target(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+
         self.cfg = make_config(spec)
         self.model = GMIC(self.cfg)
         n = IMAGES_PER_EXAM * spec["batch_exams"]
@@ -104,11 +114,16 @@ class DevicelessRunner:
         hlo_text = compiled.as_text()
         mem = compiled.memory_analysis()
         return {
-            "device_kind": self.device.device_kind, "platform": self.device.platform,
-            "target": self.spec["deviceless"], "target_file": str(TARGETS[self.spec["deviceless"]].relative_to(BENCH_DIR.parent)),
-            "compile_s": compile_s, "compile_cache": "off",
-            "arg_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-            "out_bytes": int(mem.output_size_in_bytes), "alias_bytes": int(mem.alias_size_in_bytes),
+            "device_kind": self.device.device_kind,
+            "platform": self.device.platform,
+            "target": self.spec["deviceless"],
+            "target_file": str(TARGETS[self.spec["deviceless"]].relative_to(BENCH_DIR.parent)),
+            "compile_s": compile_s,
+            "compile_cache": "off",
+            "arg_bytes": int(mem.argument_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "out_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
             "flops": flops_before_optimization(lowered),
             "hlo_has_cpu_kernel": "cpu_kernel" in hlo_text,
             **hlo_report.program_counts(hlo_text),

@@ -18,6 +18,7 @@ The backward pass of a layer costs a weight gradient (as many multiply-adds as i
 unless nothing upstream needs it, an input gradient (as many again): the stems of both networks
 read images, which need no gradient.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,8 +93,9 @@ def _dense(name, count, cin, cout) -> Layer:
     return Layer(name, "dense", count, (1, 1), (1, 1), 1, 0, cin, cout)
 
 
-def global_layers(image_shape: Sequence[int], n_images: int,
-                  global_strides: Sequence[int] = GLOBAL_STAGE_STRIDES) -> list[Layer]:
+def global_layers(
+    image_shape: Sequence[int], n_images: int, global_strides: Sequence[int] = GLOBAL_STAGE_STRIDES
+) -> list[Layer]:
     """ResNet-22 (pre-activation) and the saliency 1x1 conv on (n_images, H, W, 1); the stages'
     strides are GMICConfig.global_strides (the paper's by default)."""
     layers = [_conv("ds_net.first_conv", n_images, image_shape, 7, 2, 3, 1, 16, needs_input_grad=False)]
@@ -115,8 +117,9 @@ def global_layers(image_shape: Sequence[int], n_images: int,
     return layers
 
 
-def local_layers(crop_shape: Sequence[int], n_crops: int, local_net: str = "resnet18",
-                 stem_channels: int = 3) -> list[Layer]:
+def local_layers(
+    crop_shape: Sequence[int], n_crops: int, local_net: str = "resnet18", stem_channels: int = 3
+) -> list[Layer]:
     """torchvision-layout ResNet on (n_crops, h, w, stem_channels)."""
     if local_net not in LOCAL_STAGE_SIZES:
         raise ValueError(f"unknown local_net {local_net!r}; expected one of {sorted(LOCAL_STAGE_SIZES)}")
@@ -147,8 +150,9 @@ def local_layers(crop_shape: Sequence[int], n_crops: int, local_net: str = "resn
     return layers
 
 
-def head_layers(n_images: int, K: int, feature_width: int, post_processing_dim: int = 256,
-                num_classes: int = 2) -> list[Layer]:
+def head_layers(
+    n_images: int, K: int, feature_width: int, post_processing_dim: int = 256, num_classes: int = 2
+) -> list[Layer]:
     """Gated attention on the N*K patch vectors, the local classifier and the fusion layer."""
     return [
         _dense("mil_attn_U", n_images * K, feature_width, ATTENTION_HIDDEN),
@@ -159,22 +163,39 @@ def head_layers(n_images: int, K: int, feature_width: int, post_processing_dim: 
     ]
 
 
-def gmic_layers(n_images: int, image_shape=(2944, 1920), crop_shape=(256, 256), K: int = 6,
-                local_net: str = "resnet18", attention: str = "gated", local_stem_channels: int = 3,
-                global_strides: Sequence[int] = GLOBAL_STAGE_STRIDES) -> list[Layer]:
+def gmic_layers(
+    n_images: int,
+    image_shape=(2944, 1920),
+    crop_shape=(256, 256),
+    K: int = 6,
+    local_net: str = "resnet18",
+    attention: str = "gated",
+    local_stem_channels: int = 3,
+    global_strides: Sequence[int] = GLOBAL_STAGE_STRIDES,
+) -> list[Layer]:
     width = 2048 if local_net == "resnet50" else 512
     heads = head_layers(n_images, K, width)
     if attention != "gated":
         heads = [layer for layer in heads if not layer.name.startswith("mil_attn")]
-    return (global_layers(image_shape, n_images, global_strides)
-            + local_layers(crop_shape, n_images * K, local_net, local_stem_channels)
-            + heads)
+    return (
+        global_layers(image_shape, n_images, global_strides)
+        + local_layers(crop_shape, n_images * K, local_net, local_stem_channels)
+        + heads
+    )
 
 
 def layers_for_config(config, n_images: int, image_shape=None, local_stem_channels: int = 3) -> list[Layer]:
     """Layers of GMIC(config) (a `GMICConfig`) on n_images images of `image_shape` (default: the config's)."""
-    return gmic_layers(n_images, tuple(image_shape or config.image_shape), tuple(config.crop_shape), config.K,
-                       config.local_net, config.attention, local_stem_channels, config.global_strides)
+    return gmic_layers(
+        n_images,
+        tuple(image_shape or config.image_shape),
+        tuple(config.crop_shape),
+        config.K,
+        config.local_net,
+        config.attention,
+        local_stem_channels,
+        config.global_strides,
+    )
 
 
 def forward_flops(layers: Sequence[Layer], count_padding: bool = False) -> int:
@@ -189,8 +210,13 @@ def summary(layers: Sequence[Layer]) -> dict[str, int]:
     """FLOPs of the forward pass by part: global (ds_net + saliency), local (dn_resnet), heads."""
     out = {"global": 0, "local": 0, "heads": 0}
     for layer in layers:
-        part = ("global" if layer.name.startswith(("ds_net", "left_postprocess_net"))
-                else "local" if layer.name.startswith("dn_resnet") else "heads")
+        part = (
+            "global"
+            if layer.name.startswith(("ds_net", "left_postprocess_net"))
+            else "local"
+            if layer.name.startswith("dn_resnet")
+            else "heads"
+        )
         out[part] += layer.flops()
     return out
 
@@ -207,16 +233,22 @@ def main(argv=None) -> int:
     layers = gmic_layers(args.images, tuple(args.image_shape), tuple(args.crop_shape), args.K, args.local_net)
     if args.per_layer:
         for layer in layers:
-            print(f"{layer.name:45s} {layer.count:4d} x {layer.in_hw} -> {layer.out_hw} "
-                  f"k{layer.kernel[0]} s{layer.stride} {layer.cin:4d}->{layer.cout:4d}  {layer.flops() / 1e9:9.3f} GFLOP")
+            print(
+                f"{layer.name:45s} {layer.count:4d} x {layer.in_hw} -> {layer.out_hw} "
+                f"k{layer.kernel[0]} s{layer.stride} {layer.cin:4d}->{layer.cout:4d}  {layer.flops() / 1e9:9.3f} GFLOP"
+            )
     parts = summary(layers)
-    print(f"{args.images} images {args.image_shape[0]}x{args.image_shape[1]}, K={args.K}, "
-          f"crops {args.crop_shape[0]}x{args.crop_shape[1]}, {args.local_net}")
+    print(
+        f"{args.images} images {args.image_shape[0]}x{args.image_shape[1]}, K={args.K}, "
+        f"crops {args.crop_shape[0]}x{args.crop_shape[1]}, {args.local_net}"
+    )
     for name, value in parts.items():
         print(f"  forward {name:7s} {value / 1e9:10.2f} GFLOP")
-    print(f"  forward total   {forward_flops(layers) / 1e9:10.2f} GFLOP "
-          f"({forward_flops(layers) / 2e9:.2f} G multiply-adds; every tap incl. padding: "
-          f"{forward_flops(layers, True) / 2e9:.2f} G)")
+    print(
+        f"  forward total   {forward_flops(layers) / 1e9:10.2f} GFLOP "
+        f"({forward_flops(layers) / 2e9:.2f} G multiply-adds; every tap incl. padding: "
+        f"{forward_flops(layers, True) / 2e9:.2f} G)"
+    )
     print(f"  fwd+bwd total   {fwd_bwd_flops(layers) / 1e9:10.2f} GFLOP")
     return 0
 

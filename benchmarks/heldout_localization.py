@@ -26,6 +26,7 @@ The script writes 16-bit PNGs, masks and a manifest, caches each split with `gmi
 and evaluates the kept checkpoint on the test cache; it prints one JSON line with the test
 metrics (AUC, Dice, pointing and its random baseline per class).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from gmic_jax.data.cache import INDEX_NAME, CacheSource  # noqa: E402
+
 SHAPE = (256, 192)  # raw image; the window of configs/synthetic.py
 MAX_VALUE = 4095
 VARIANTS = {
@@ -55,6 +57,7 @@ SPLIT_SEEDS = {"train": 101, "val": 202, "test": 303}
 
 
 # --------------------------------------------------------------------------------------- tissue
+
 
 def _field(rng, shape, sigma):
     f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="nearest")
@@ -81,7 +84,9 @@ def breast_tissue(rng, view):
         along = (xx - nx) * math.cos(a) + (yy - ny) * math.sin(a)
         across = -(xx - nx) * math.sin(a) + (yy - ny) * math.cos(a)
         width = rng.uniform(0.6, 1.6)
-        lines += np.exp(-0.5 * (across / width) ** 2) * (along > 0) * np.clip(1 - along / length, 0, 1) * rng.uniform(0.3, 1)
+        lines += (
+            np.exp(-0.5 * (across / width) ** 2) * (along > 0) * np.clip(1 - along / length, 0, 1) * rng.uniform(0.3, 1)
+        )
     lines = ndimage.gaussian_filter(lines, 0.7)
     density = 0.6 * _field(rng, SHAPE, 9.0) + 0.4 * _field(rng, SHAPE, 3.0)
     gland = np.exp(-(((xx - 0.45 * ax) / (0.5 * ax)) ** 2) - ((yy - cy) / (0.8 * ay)) ** 2)
@@ -98,6 +103,7 @@ def breast_tissue(rng, view):
 
 # ------------------------------------------------------------------------------------- findings
 
+
 def _grid(c, half):
     H, W = SHAPE
     y0, y1 = max(0, int(c[0] - half)), min(H, int(c[0] + half) + 2)
@@ -112,8 +118,9 @@ def lobulated_mass(rng, c, radius):
     lobe_r = radius * rng.uniform(0.55, 0.75, lobes)
     angles = rng.uniform(0, 2 * np.pi, lobes)
     off = radius * rng.uniform(0.25, 0.5, lobes)
-    dist = np.min([np.hypot(dy - o * math.sin(a), dx - o * math.cos(a)) / lr
-                   for a, o, lr in zip(angles, off, lobe_r)], axis=0)
+    dist = np.min(
+        [np.hypot(dy - o * math.sin(a), dx - o * math.cos(a)) / lr for a, o, lr in zip(angles, off, lobe_r)], axis=0
+    )
     return win, 1 / (1 + np.exp((dist - 1) / 0.07)), dist <= 1
 
 
@@ -131,7 +138,7 @@ def indistinct_mass(rng, c, radius):
     ang = np.arctan2(dy, dx)
     rad = np.ones_like(ang)
     for k in range(2, 13):
-        rad += rng.uniform(0, 0.35 / k ** 0.7) * np.sin(k * ang + rng.uniform(0, 2 * np.pi))
+        rad += rng.uniform(0, 0.35 / k**0.7) * np.sin(k * ang + rng.uniform(0, 2 * np.pi))
     d = np.hypot(dy, dx) / (radius * rad)
     density = 1 / (1 + np.exp((d - 1) / 0.18)) * (0.8 + 0.2 * ndimage.gaussian_filter(rng.random(d.shape), 1.0))
     return win, density, d <= 1
@@ -188,6 +195,7 @@ def render(rng, label, view, variant):
 
 # ------------------------------------------------------------------------------------- data set
 
+
 def make_dataset(out: Path, variant: str, seed: int = 0, breasts=None) -> Path:
     """PNGs, masks and manifest.csv under ``out``; returns the manifest's path."""
     from gmic_jax.data.image import write_png
@@ -215,9 +223,19 @@ def make_dataset(out: Path, variant: str, seed: int = 0, breasts=None) -> Path:
                             raise RuntimeError(f"{name}: the {cname} finding lies outside the breast")
                         write_png(out / "masks" / f"{name}_{cname}.png", masks[cls].astype(np.uint8) * 255)
                         cells[cname] = f"masks/{name}_{cname}.png"
-                rows.append(dict(path=f"images/{name}.png", patient=patient, laterality=side, view=view,
-                                 benign=int(label[0]), malignant=int(label[1]), split=split,
-                                 mask_benign=cells.get("benign", ""), mask_malignant=cells.get("malignant", "")))
+                rows.append(
+                    dict(
+                        path=f"images/{name}.png",
+                        patient=patient,
+                        laterality=side,
+                        view=view,
+                        benign=int(label[0]),
+                        malignant=int(label[1]),
+                        split=split,
+                        mask_benign=cells.get("benign", ""),
+                        mask_malignant=cells.get("malignant", ""),
+                    )
+                )
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -275,27 +293,70 @@ def main(argv=None) -> int:
     for split in SPLIT_BREASTS:
         caches[split] = out / "cache" / split
         if not (caches[split] / INDEX_NAME).exists():
-            _cli("cache", "--source", "manifest", "--manifest", data / "manifest.csv", "--split", split,
-                 "--window-shape", *SHAPE, "--iterations", 10, "--num-workers", 1, "--no-progress",
-                 "--output", caches[split], log=log)
+            _cli(
+                "cache",
+                "--source",
+                "manifest",
+                "--manifest",
+                data / "manifest.csv",
+                "--split",
+                split,
+                "--window-shape",
+                *SHAPE,
+                "--iterations",
+                10,
+                "--num-workers",
+                1,
+                "--no-progress",
+                "--output",
+                caches[split],
+                log=log,
+            )
         check_cache(caches[split])
     t_data = time.time() - t0
     run = out / f"run_seed{args.seed}"
     t1 = time.time()
-    _cli("train", "--config", args.config, "--workdir", run, f"--config.seed={args.seed}",
-         "--config.data.source=cache", f"--config.data.train_cache={caches['train']}",
-         f"--config.data.val_cache={caches['val']}", "--config.progress_bar=False", *args.overrides, log=log)
+    _cli(
+        "train",
+        "--config",
+        args.config,
+        "--workdir",
+        run,
+        f"--config.seed={args.seed}",
+        "--config.data.source=cache",
+        f"--config.data.train_cache={caches['train']}",
+        f"--config.data.val_cache={caches['val']}",
+        "--config.progress_bar=False",
+        *args.overrides,
+        log=log,
+    )
     t_train = time.time() - t1
     ev = out / f"eval_seed{args.seed}"
     _cli("evaluate", "--checkpoint", run, "--data", f"cache:{caches['test']}", "--output", ev, log=log)
     metrics = json.loads((ev / "metrics.json").read_text())
-    keys = ("auc_malignant", "auc_benign", "dice_malignant", "dice_benign", "pointing_malignant",
-            "pointing_malignant_random", "pointing_benign", "pointing_benign_random", "roi_hit_rate")
+    keys = (
+        "auc_malignant",
+        "auc_benign",
+        "dice_malignant",
+        "dice_benign",
+        "pointing_malignant",
+        "pointing_malignant_random",
+        "pointing_benign",
+        "pointing_benign_random",
+        "roi_hit_rate",
+    )
     split = metrics["split"]  # evaluate's keys carry the split it scored: test_auc_malignant, ...
-    summary = {"variant": args.variant, "config": args.config, "seed": args.seed, "overrides": args.overrides,
-               "split": split, "checkpoint_step": metrics.get("checkpoint_step"),
-               "test": {k: metrics.get(f"{split}_{k}") for k in keys},
-               "data_s": round(t_data, 1), "train_s": round(t_train, 1)}
+    summary = {
+        "variant": args.variant,
+        "config": args.config,
+        "seed": args.seed,
+        "overrides": args.overrides,
+        "split": split,
+        "checkpoint_step": metrics.get("checkpoint_step"),
+        "test": {k: metrics.get(f"{split}_{k}") for k in keys},
+        "data_s": round(t_data, 1),
+        "train_s": round(t_train, 1),
+    }
     (out / f"summary_seed{args.seed}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return 0

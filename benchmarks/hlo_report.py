@@ -8,6 +8,7 @@ packed into it at fixed offsets) and live ranges (`*-live-range.txt`: each value
 position in the schedule). The peak is reconstructed from both; the dump's own "Live ranges at N
 (peak)" section is not used: it misses most of what the temporary allocation holds.
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,15 +48,20 @@ def program_counts(hlo_text: str) -> dict:
             target = target.group(1) if target else "?"
             custom_calls[target] += 1
             if target.startswith(CUDNN_PREFIX):
-                cudnn[target[len(CUDNN_PREFIX):]] += 1
+                cudnn[target[len(CUDNN_PREFIX) :]] += 1
             if "callback" in target.lower() or "host" in target.lower():
                 host.append(f"{name}: custom-call {target}")
         if opcode in _HOST_OPCODES:
             host.append(f"{name}: {opcode}")
         elif _HOST_MEMORY.search(line.split(" = ", 1)[1].split("metadata=")[0]):
             host.append(f"{name}: {opcode} in host memory")
-    return {"cudnn_convs": sum(cudnn.values()), "cudnn_by_kind": dict(sorted(cudnn.items())), "fusions": fusions,
-            "custom_calls": dict(sorted(custom_calls.items())), "host_transfers": host}
+    return {
+        "cudnn_convs": sum(cudnn.values()),
+        "cudnn_by_kind": dict(sorted(cudnn.items())),
+        "fusions": fusions,
+        "custom_calls": dict(sorted(custom_calls.items())),
+        "host_transfers": host,
+    }
 
 
 def buffer_allocations(buffer_assignment_text: str) -> list[dict]:
@@ -67,9 +73,17 @@ def buffer_allocations(buffer_assignment_text: str) -> list[dict]:
         m = _ALLOCATION.match(line)
         if m:
             flags = m.group(3)
-            kind = ("parameter" if "parameter" in flags else "temp" if "preallocated-temp" in flags
-                    else "output" if ("live-out" in flags or "output shape" in flags)
-                    else "constant" if "constant" in flags else "thread-local")
+            kind = (
+                "parameter"
+                if "parameter" in flags
+                else "temp"
+                if "preallocated-temp" in flags
+                else "output"
+                if ("live-out" in flags or "output shape" in flags)
+                else "constant"
+                if "constant" in flags
+                else "thread-local"
+            )
             allocations.append({"index": int(m.group(1)), "size": int(m.group(2)), "kind": kind, "values": []})
             continue
         v = _VALUE.match(line)
@@ -130,8 +144,13 @@ def temp_peak(buffer_assignment_text: str, live_range_text: str) -> dict:
         if first <= best_position <= last:
             chunks.setdefault((offset, offset + size), name)
     named = sorted(((name, hi - lo) for (lo, hi), name in chunks.items()), key=lambda kv: -kv[1])
-    return {"position": best_position, "bytes": best_bytes, "allocation_bytes": sum(a["size"] for a in temps),
-            "argument_bytes": sum(a["size"] for a in allocations if a["kind"] == "parameter"), "chunks": named}
+    return {
+        "position": best_position,
+        "bytes": best_bytes,
+        "allocation_bytes": sum(a["size"] for a in temps),
+        "argument_bytes": sum(a["size"] for a in allocations if a["kind"] == "parameter"),
+        "chunks": named,
+    }
 
 
 def attribute_peak(buffer_assignment_text: str, live_range_text: str, hlo_text: str) -> dict:
@@ -147,17 +166,29 @@ def attribute_peak(buffer_assignment_text: str, live_range_text: str, hlo_text: 
         direction = "backward" if "transpose(" in op_name else "forward"
         rows.append({"buffer": value, "bytes": size, "part": part, "pass": direction, "op_name": op_name})
         by_part[(part, direction)] += size
-    return {**{k: v for k, v in peak.items() if k != "chunks"}, "buffers": rows,
-            "by_part": [{"part": p, "pass": d, "bytes": b} for (p, d), b in by_part.most_common()]}
+    return {
+        **{k: v for k, v in peak.items() if k != "chunks"},
+        "buffers": rows,
+        "by_part": [{"part": p, "pass": d, "bytes": b} for (p, d), b in by_part.most_common()],
+    }
 
 
 def peak_markdown(peak: dict, per: int = 1, top_parts: int = 8, top_buffers: int = 6) -> str:
     """Markdown of `attribute_peak`'s result, bytes divided by `per` (exams)."""
-    mib = lambda b: f"{b / per / 2**20:.0f}"
-    lines = [f"Temporaries in use at the peak: {mib(peak['bytes'])} MiB per exam of a {mib(peak['allocation_bytes'])} "
-             f"MiB temporary allocation (the rest: XLA's packing); arguments {mib(peak['argument_bytes'])} MiB", "",
-             "| part | pass | MiB per exam |", "|---|---|---:|"]
+
+    def mib(b):
+        return f"{b / per / 2**20:.0f}"
+
+    lines = [
+        f"Temporaries in use at the peak: {mib(peak['bytes'])} MiB per exam of a {mib(peak['allocation_bytes'])} "
+        f"MiB temporary allocation (the rest: XLA's packing); arguments {mib(peak['argument_bytes'])} MiB",
+        "",
+        "| part | pass | MiB per exam |",
+        "|---|---|---:|",
+    ]
     lines += [f"| {r['part']} | {r['pass']} | {mib(r['bytes'])} |" for r in peak["by_part"][:top_parts]]
     lines += ["", "| largest buffers | part | pass | MiB per exam |", "|---|---|---|---:|"]
-    lines += [f"| {r['buffer']} | {r['part']} | {r['pass']} | {mib(r['bytes'])} |" for r in peak["buffers"][:top_buffers]]
+    lines += [
+        f"| {r['buffer']} | {r['part']} | {r['pass']} | {mib(r['bytes'])} |" for r in peak["buffers"][:top_buffers]
+    ]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ JSON (``--json``): {"machine": {...}, "results": [{"path", "workers", "images", 
 "loop": {"step_ms", "loader_wait_ms", "host_ms", "input_bound"} (with --simulate-step-ms),
 "details": {...}}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,19 +66,28 @@ def machine() -> dict:
         text = Path("/proc/cpuinfo").read_text()
         fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info.update(cpu_model=fields.get("model name", info["cpu_model"]),
-                    cpu_family=int(fields.get("cpu family", -1)), cpu_model_number=int(fields.get("model", -1)),
-                    stepping=int(fields.get("stepping", -1)),
-                    amx=any(f.startswith("amx") for f in fields.get("flags", "").split()))
+        info.update(
+            cpu_model=fields.get("model name", info["cpu_model"]),
+            cpu_family=int(fields.get("cpu family", -1)),
+            cpu_model_number=int(fields.get("model", -1)),
+            stepping=int(fields.get("stepping", -1)),
+            amx=any(f.startswith("amx") for f in fields.get("flags", "").split()),
+        )
     except (OSError, ValueError):
         pass
     import grain
     import jax
 
-    info.update(logical_cpus=os.cpu_count(), usable_cpus=len(os.sched_getaffinity(0)),
-                load_average=[round(v, 2) for v in os.getloadavg()], python=platform.python_version(),
-                numpy=np.__version__, jax=jax.__version__, grain=getattr(grain, "__version__", "?"),
-                platform=platform.platform())
+    info.update(
+        logical_cpus=os.cpu_count(),
+        usable_cpus=len(os.sched_getaffinity(0)),
+        load_average=[round(v, 2) for v in os.getloadavg()],
+        python=platform.python_version(),
+        numpy=np.__version__,
+        jax=jax.__version__,
+        grain=getattr(grain, "__version__", "?"),
+        platform=platform.platform(),
+    )
     return info
 
 
@@ -100,9 +110,21 @@ def write_data(root: Path, distinct: int, window=WINDOW, seed: int = 0):
         write_png(root / f"raw{i}.png", breast_image(*raw_shape, seed=i, points_right=side == "L"))
         rows.append(f"raw{i}.png,p{e},{side},{kind},0,{i % 2},train\n")
         if view == 0:
-            exams.append({"horizontal_flip": "NO", "best_center": {},
-                          "cancer_label": {"left_benign": 0, "left_malignant": 1, "right_benign": 0,
-                                           "right_malignant": 0, "benign": 0, "malignant": 1, "unknown": 0}})
+            exams.append(
+                {
+                    "horizontal_flip": "NO",
+                    "best_center": {},
+                    "cancer_label": {
+                        "left_benign": 0,
+                        "left_malignant": 1,
+                        "right_benign": 0,
+                        "right_malignant": 0,
+                        "benign": 0,
+                        "malignant": 1,
+                        "unknown": 0,
+                    },
+                }
+            )
             for key in PREPROCESSING_KEYS[:-1]:
                 exams[-1][key] = {v: [0] for v in VIEWS}
         h = int(rng.integers(0.92 * window[0], 1.09 * window[0]))  # a breast's crop
@@ -132,11 +154,18 @@ def sources(root: Path, window=WINDOW) -> dict:
     from gmic_jax.preprocessing import SyntheticData
 
     distinct = len(CacheSource(root / "cache"))
-    return {"cache": CacheSource(root / "cache"), "cache_noise": CacheSource(root / "cache_noise"),
-            "png": manifest_source(root / "manifest.csv", window_shape=window,  # erosion steps scale too
-                                   iterations=max(2, round(100 * window[0] / WINDOW[0]))),
-            "synthetic": SyntheticLesions(distinct, seed=0, split="train", spec=SyntheticData().spec(window),
-                                          cache=False, with_masks=False)}
+    return {
+        "cache": CacheSource(root / "cache"),
+        "cache_noise": CacheSource(root / "cache_noise"),
+        "png": manifest_source(
+            root / "manifest.csv",
+            window_shape=window,  # erosion steps scale too
+            iterations=max(2, round(100 * window[0] / WINDOW[0])),
+        ),
+        "synthetic": SyntheticLesions(
+            distinct, seed=0, split="train", spec=SyntheticData().spec(window), cache=False, with_masks=False
+        ),
+    }
 
 
 def measure(source, path: str, workers: int, images: int, batch: int, repeats: int) -> dict:
@@ -149,8 +178,10 @@ def measure(source, path: str, workers: int, images: int, batch: int, repeats: i
     timed = -(-images // batch)
     n = len(source)
     # Training's tasks (example, epoch): a new epoch each pass over the data (fresh noise draws).
-    plan = [tuple(((k * batch + r) % n, (k * batch + r) // n) for r in range(batch))
-            for k in range(warmup + repeats * timed)]
+    plan = [
+        tuple(((k * batch + r) % n, (k * batch + r) // n) for r in range(batch))
+        for k in range(warmup + repeats * timed)
+    ]
     examples = TrainExamples(source, seed=0, window_noise=path == "cache_noise")
     rates = []
     t_start = time.perf_counter()
@@ -166,8 +197,14 @@ def measure(source, path: str, workers: int, images: int, batch: int, repeats: i
         if b["failures"] or tuple(first["image"].shape) != (batch, *source[0]["image"].shape):
             raise RuntimeError(f"{path}: unexpected batch {first.get('image', np.zeros(0)).shape} / {b['failures']}")
         del first, b
-    return {"path": path, "workers": workers, "images": repeats * timed * batch,
-            "images_per_s": statistics.median(rates), "_rates": rates, "_warmup_s": t_warm - t_start}
+    return {
+        "path": path,
+        "workers": workers,
+        "images": repeats * timed * batch,
+        "images_per_s": statistics.median(rates),
+        "_rates": rates,
+        "_warmup_s": t_warm - t_start,
+    }
 
 
 def simulation_warmup(workers: int) -> int:
@@ -175,8 +212,9 @@ def simulation_warmup(workers: int) -> int:
     return 1 + workers * BUFFER + 1
 
 
-def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, steps: int,
-             window=WINDOW) -> tuple[dict, dict]:
+def simulate(
+    root: Path, path: str, workers: int, step_ms: float, batch: int, steps: int, window=WINDOW
+) -> tuple[dict, dict]:
     """The training loop with a simulated device step: ("loop" entry, details)."""
     import jax
 
@@ -195,8 +233,8 @@ def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, st
     n = len(sources(root, window)[path])
     config.num_epochs = -(-steps * batch // n)
     config.eval.every_epochs = 0  # no evaluation: the loop's training steps only
-    config.checkpoint_every_steps = 10 ** 9
-    config.log_every_steps = 10 ** 9
+    config.checkpoint_every_steps = 10**9
+    config.log_every_steps = 10**9
     config.progress_bar = False
 
     def device_step(state, b):
@@ -207,18 +245,24 @@ def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, st
     times: list = []
     with tempfile.TemporaryDirectory(dir=root) as workdir:
         train_and_evaluate(config, workdir, step_fn=device_step, step_times=times)
-    steady = times[simulation_warmup(workers) - 1:]  # the loop does not time its first step
-    mean = lambda key: 1e3 * statistics.fmean(t[key] for t in steady)
-    loop = {"step_ms": step_ms, "loader_wait_ms": mean("loader_wait_s"), "host_ms": mean("host_s"),
-            "input_bound": mean("loader_wait_s") > 0.05 * step_ms}
+    steady = times[simulation_warmup(workers) - 1 :]  # the loop does not time its first step
+
+    def mean(key):
+        return 1e3 * statistics.fmean(t[key] for t in steady)
+
+    loop = {
+        "step_ms": step_ms,
+        "loader_wait_ms": mean("loader_wait_s"),
+        "host_ms": mean("host_s"),
+        "input_bound": mean("loader_wait_s") > 0.05 * step_ms,
+    }
     # The device put alone, of a batch as the pipeline gives it (its prefetch thread puts each one).
     from gmic_jax.data.pipeline import load_batches
     from gmic_jax.train.input import TrainExamples
 
     mesh = make_mesh()
     source = sources(root, window)[path]
-    with load_batches([tuple((i % n, 0) for i in range(batch))], TrainExamples(source, seed=0),
-                      workers=workers) as one:
+    with load_batches([tuple((i % n, 0) for i in range(batch))], TrainExamples(source, seed=0), workers=workers) as one:
         images = next(one)["image"]
     puts = []
     for _ in range(5):
@@ -226,10 +270,16 @@ def simulate(root: Path, path: str, workers: int, step_ms: float, batch: int, st
         shard_array(images, mesh).block_until_ready()
         puts.append(1e3 * (time.perf_counter() - t))
     del images
-    details = {"path": path, "workers": workers, "batch": batch, "timed_steps": len(steady),
-               "measured_step_ms": mean("step_s"), "median_loader_wait_ms": 1e3 * statistics.median(
-                   t["loader_wait_s"] for t in steady), "device_put_ms": statistics.median(puts),
-               "device": str(jax.devices()[0])}
+    details = {
+        "path": path,
+        "workers": workers,
+        "batch": batch,
+        "timed_steps": len(steady),
+        "measured_step_ms": mean("step_s"),
+        "median_loader_wait_ms": 1e3 * statistics.median(t["loader_wait_s"] for t in steady),
+        "device_put_ms": statistics.median(puts),
+        "device": str(jax.devices()[0]),
+    }
     return loop, details
 
 
@@ -242,10 +292,21 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per path and worker count (median)")
     parser.add_argument("--batch", type=int, default=4, help="images per batch (an exam)")
     parser.add_argument("--distinct", type=int, default=16, help="distinct images, read over and over")
-    parser.add_argument("--window", type=int, nargs=2, default=list(WINDOW), metavar=("H", "W"),
-                        help="window size (raw images scale with it; smaller only to test this script)")
-    parser.add_argument("--simulate-step-ms", type=float, default=None, metavar="MS",
-                        help="also run the training loop with the device step replaced by a wait of MS")
+    parser.add_argument(
+        "--window",
+        type=int,
+        nargs=2,
+        default=list(WINDOW),
+        metavar=("H", "W"),
+        help="window size (raw images scale with it; smaller only to test this script)",
+    )
+    parser.add_argument(
+        "--simulate-step-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="also run the training loop with the device step replaced by a wait of MS",
+    )
     parser.add_argument("--simulate-path", default="cache", choices=["cache", "cache_noise"])
     parser.add_argument("--simulate-workers", type=int, default=2)
     parser.add_argument("--simulate-batch", type=int, default=16)
@@ -254,13 +315,20 @@ def main(argv=None) -> int:
     if args.distinct % 4 or args.distinct < 4:
         parser.error("--distinct must be a positive multiple of 4 (whole exams)")
     if args.simulate_steps < simulation_warmup(args.simulate_workers) + 5:
-        parser.error(f"--simulate-steps must be at least {simulation_warmup(args.simulate_workers) + 5} "
-                     f"(warm-up + 5 timed steps)")
+        parser.error(
+            f"--simulate-steps must be at least {simulation_warmup(args.simulate_workers) + 5} "
+            f"(warm-up + 5 timed steps)"
+        )
 
     report: dict = {"machine": machine(), "results": []}
     window = tuple(args.window)
-    details: dict = {"window": list(window), "raw_png": list(raw_shape_for(window)), "batch": args.batch,
-                     "distinct_images": args.distinct, "accelerator_images_per_s": ACCELERATOR_IMAGES_PER_S}
+    details: dict = {
+        "window": list(window),
+        "raw_png": list(raw_shape_for(window)),
+        "batch": args.batch,
+        "distinct_images": args.distinct,
+        "accelerator_images_per_s": ACCELERATOR_IMAGES_PER_S,
+    }
     with tempfile.TemporaryDirectory(prefix="gmic-input-") as tmp:
         t = time.perf_counter()
         root = write_data(Path(tmp), args.distinct, window)
@@ -271,18 +339,31 @@ def main(argv=None) -> int:
                 r = measure(srcs[path], path, workers, args.images, args.batch, args.repeats)
                 details.setdefault("runs", []).append({k.lstrip("_"): v for k, v in r.items()})
                 report["results"].append({k: v for k, v in r.items() if not k.startswith("_")})
-                print(f"{path:12s} workers={workers}: {r['images_per_s']:8.2f} images/s (median of "
-                      f"{', '.join(f'{v:.2f}' for v in r['_rates'])}; {r['images']} images after a "
-                      f"{r['_warmup_s']:.1f} s warm-up)", flush=True)
+                print(
+                    f"{path:12s} workers={workers}: {r['images_per_s']:8.2f} images/s (median of "
+                    f"{', '.join(f'{v:.2f}' for v in r['_rates'])}; {r['images']} images after a "
+                    f"{r['_warmup_s']:.1f} s warm-up)",
+                    flush=True,
+                )
         if args.simulate_step_ms is not None:
-            loop, sim = simulate(root, args.simulate_path, args.simulate_workers, args.simulate_step_ms,
-                                 args.simulate_batch, args.simulate_steps, window)
+            loop, sim = simulate(
+                root,
+                args.simulate_path,
+                args.simulate_workers,
+                args.simulate_step_ms,
+                args.simulate_batch,
+                args.simulate_steps,
+                window,
+            )
             report["loop"] = loop
             details["simulation"] = sim
-            print(f"loop ({sim['path']}, {sim['workers']} workers, {sim['batch']} images/step, "
-                  f"step {loop['step_ms']:.0f} ms): loader_wait {loop['loader_wait_ms']:.1f} ms, "
-                  f"host {loop['host_ms']:.2f} ms, input_bound={loop['input_bound']} "
-                  f"(device put alone {sim['device_put_ms']:.1f} ms)", flush=True)
+            print(
+                f"loop ({sim['path']}, {sim['workers']} workers, {sim['batch']} images/step, "
+                f"step {loop['step_ms']:.0f} ms): loader_wait {loop['loader_wait_ms']:.1f} ms, "
+                f"host {loop['host_ms']:.2f} ms, input_bound={loop['input_bound']} "
+                f"(device put alone {sim['device_put_ms']:.1f} ms)",
+                flush=True,
+            )
     details["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     report["details"] = details
     if args.json:

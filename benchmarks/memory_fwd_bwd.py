@@ -47,6 +47,7 @@ Output: a markdown table on stdout and, with --json, the JSON file
 The default run (JAX only, CPU, 1 exam at 2944 x 1920, 5 runs) takes about 3 minutes on a
 2-core CPU; --torch-ref adds about 5.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,18 +67,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the gmic_jax of 
 import bench_common as bc  # noqa: E402
 import deviceless  # noqa: E402
 import flops as analytic  # noqa: E402
+
 from gmic_jax.config import REMAT_POLICIES  # noqa: E402
 from gmic_jax.models.global_net import saliency_grid_shape  # noqa: E402
 
 IMAGES_PER_EXAM = 4
 UNIT = "exam of 4 images"
-RESULT_KEYS = ("impl", "dtype", "remat", "params", "params_global", "params_local", "flops_fwd", "flops_fwd_bwd",
-               "flops_fwd_analytic", "compile_s", "fwd_ms", "fwd_ms_spread", "fwd_bwd_ms", "fwd_bwd_ms_spread",
-               "peak_mem_bytes", "compile_cache")
+RESULT_KEYS = (
+    "impl",
+    "dtype",
+    "remat",
+    "params",
+    "params_global",
+    "params_local",
+    "flops_fwd",
+    "flops_fwd_bwd",
+    "flops_fwd_analytic",
+    "compile_s",
+    "fwd_ms",
+    "fwd_ms_spread",
+    "fwd_bwd_ms",
+    "fwd_bwd_ms_spread",
+    "peak_mem_bytes",
+    "compile_cache",
+)
 # One row per configuration and phase of a --deviceless run (bytes and FLOPs per exam).
-DEVICELESS_KEYS = ("impl", "phase", "device", "dtype", "remat", "batch_exams", "arg_bytes", "temp_bytes",
-                   "out_bytes", "alias_bytes", "flops", "recompute_flops", "compile_s", "compile_cache",
-                   "cudnn_convs", "fusions", "host_transfers", "peak_temp_bytes", "kernels")
+DEVICELESS_KEYS = (
+    "impl",
+    "phase",
+    "device",
+    "dtype",
+    "remat",
+    "batch_exams",
+    "arg_bytes",
+    "temp_bytes",
+    "out_bytes",
+    "alias_bytes",
+    "flops",
+    "recompute_flops",
+    "compile_s",
+    "compile_cache",
+    "cudnn_convs",
+    "fusions",
+    "host_transfers",
+    "peak_temp_bytes",
+    "kernels",
+)
 TOP_KEYS = ("device", "versions", "threads", "image_shape", "unit", "results")
 # XLA flags of the inference and of the training worker when none are given on the command line.
 INFERENCE_XLA_FLAGS = ""
@@ -93,8 +128,13 @@ def make_config(spec: dict):
     """The GMICConfig of a worker spec; --remat only where the model offers it."""
     from gmic_jax import GMICConfig
 
-    kw = dict(image_shape=tuple(spec["image_shape"]), crop_shape=tuple(spec["crop_shape"]), K=spec["K"],
-              percent_t=spec["percent_t"], dtype=spec["dtype"])
+    kw = dict(
+        image_shape=tuple(spec["image_shape"]),
+        crop_shape=tuple(spec["crop_shape"]),
+        K=spec["K"],
+        percent_t=spec["percent_t"],
+        dtype=spec["dtype"],
+    )
     remat = spec.get("remat", "none")
     if remat != "none":
         fields = {f.name: f for f in dataclasses.fields(GMICConfig)}
@@ -142,8 +182,11 @@ class JaxRunner:
 
     def ready(self) -> dict:
         jax = self.jax
-        info = {"device_kind": self.dev.device_kind, "platform": self.dev.platform,
-                "params": bc.jax_param_counts(self.variables["params"])}
+        info = {
+            "device_kind": self.dev.device_kind,
+            "platform": self.dev.platform,
+            "params": bc.jax_param_counts(self.variables["params"]),
+        }
         if self.spec["phase"] == "fwd":
             fn = jax.jit(lambda v, x, rng: self.model.apply(v, x, train=False, rngs={"roi": rng}))
             self.args = (self.variables, self.x, self.rng)
@@ -159,9 +202,12 @@ class JaxRunner:
         # XLA:CPU's optimised program still counts its convolutions; on GPU they become cuDNN
         # calls that carry no FLOPs (1.4 of 229 GFLOP counted on an H200), so there the
         # program before optimisation is counted, as the deviceless compile does.
-        info["flops"] = (_cost_flops(self.compiled) if self.dev.platform == "cpu"
-                         else deviceless.flops_before_optimization(lowered))
-        info["flops_source"] = "XLA cost analysis" + ("" if self.dev.platform == "cpu" else " (HLO before optimisation)")
+        info["flops"] = (
+            _cost_flops(self.compiled) if self.dev.platform == "cpu" else deviceless.flops_before_optimization(lowered)
+        )
+        info["flops_source"] = "XLA cost analysis" + (
+            "" if self.dev.platform == "cpu" else " (HLO before optimisation)"
+        )
         info["xla_temp_bytes"] = _temp_bytes(self.compiled)
         if self.spec["phase"] == "train":
             info.update(self._first_step_memory())
@@ -171,8 +217,11 @@ class JaxRunner:
         if self.dev.platform == "cpu":
             with bc.ResidentRise() as rise:
                 self.last = self.jax.block_until_ready(self.compiled(*self.args))
-            return {"peak_mem_bytes": rise.rise, "mem_method": f"resident rise ({rise.method})",
-                    "rss_before_bytes": rise.baseline}
+            return {
+                "peak_mem_bytes": rise.rise,
+                "mem_method": f"resident rise ({rise.method})",
+                "rss_before_bytes": rise.baseline,
+            }
         self.last = self.jax.block_until_ready(self.compiled(*self.args))
         stats = self.dev.memory_stats() or {}
         return {"peak_mem_bytes": int(stats.get("peak_bytes_in_use", -1)), "mem_method": "peak_bytes_in_use"}
@@ -192,14 +241,18 @@ class JaxRunner:
         np = self.np
         if self.spec["phase"] == "fwd":
             out = self.jax.device_get(self.last)
-            arrays = {k: np.asarray(out[k]) for k in ("y_global", "y_local", "y_fusion", "saliency_map",
-                                                       "patch_locations", "patch_attns")}
+            arrays = {
+                k: np.asarray(out[k])
+                for k in ("y_global", "y_local", "y_fusion", "saliency_map", "patch_locations", "patch_attns")
+            }
         else:
             from gmic_jax.convert import variables_to_state_dict
 
             (loss, _), grads = self.jax.device_get(self.last)
-            arrays = {"loss": np.asarray(loss), **{f"grad/{k}": v for k, v in
-                                                   variables_to_state_dict({"params": grads}).items()}}
+            arrays = {
+                "loss": np.asarray(loss),
+                **{f"grad/{k}": v for k, v in variables_to_state_dict({"params": grads}).items()},
+            }
         np.savez(path, **arrays)
         return str(path)
 
@@ -214,16 +267,22 @@ class JaxRunner:
 class TorchRunner:
     def __init__(self, spec: dict):
         import numpy as np
-
         from torch_reference import TorchGMIC
 
         self.spec, self.np = spec, np
         with np.load(spec["weights"]) as f:
             state_dict = {k: f[k] for k in f.files}
-        self.ref = TorchGMIC(spec["torch_ref"], state_dict, image_shape=spec["image_shape"],
-                             crop_shape=spec["crop_shape"], K=spec["K"], percent_t=spec["percent_t"],
-                             cam_size=saliency_grid_shape(spec["image_shape"]), device=spec["device"],
-                             threads=spec["threads"])
+        self.ref = TorchGMIC(
+            spec["torch_ref"],
+            state_dict,
+            image_shape=spec["image_shape"],
+            crop_shape=spec["crop_shape"],
+            K=spec["K"],
+            percent_t=spec["percent_t"],
+            cam_size=saliency_grid_shape(spec["image_shape"]),
+            device=spec["device"],
+            threads=spec["threads"],
+        )
         highest = spec.get("precision") == "highest"
         self.ref.torch.backends.cudnn.allow_tf32 = not highest  # PyTorch's default: True
         self.ref.torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
@@ -233,11 +292,16 @@ class TorchRunner:
 
     def ready(self) -> dict:
         torch = self.ref.torch
-        info = {"device_kind": torch.cuda.get_device_name(0) if self.ref.device.type == "cuda" else "cpu",
-                "platform": self.ref.device.type, "params": self.ref.param_counts(), "compile_s": 0.0,
-                "compile_cache": "off",
-                "xla_temp_bytes": None, "torch_threads": torch.get_num_threads(),
-                "flops_source": "torch.utils.flop_counter"}
+        info = {
+            "device_kind": torch.cuda.get_device_name(0) if self.ref.device.type == "cuda" else "cpu",
+            "platform": self.ref.device.type,
+            "params": self.ref.param_counts(),
+            "compile_s": 0.0,
+            "compile_cache": "off",
+            "xla_temp_bytes": None,
+            "torch_threads": torch.get_num_threads(),
+            "flops_source": "torch.utils.flop_counter",
+        }
         if self.spec["phase"] == "train":
             if self.ref.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -246,8 +310,11 @@ class TorchRunner:
             else:
                 with bc.ResidentRise() as rise:
                     self.loss = self._step()
-                info.update(peak_mem_bytes=rise.rise, mem_method=f"resident rise ({rise.method})",
-                            rss_before_bytes=rise.baseline)
+                info.update(
+                    peak_mem_bytes=rise.rise,
+                    mem_method=f"resident rise ({rise.method})",
+                    rss_before_bytes=rise.baseline,
+                )
         if self.spec["phase"] == "train":
             info["flops"] = self.ref.train_step_flops(self.x, self.y)
         else:
@@ -273,8 +340,10 @@ class TorchRunner:
             if self.spec["phase"] == "fwd":
                 arrays = self.ref.outputs()
             else:
-                arrays = {"loss": self.np.asarray(float(self.loss.detach())),
-                          **{f"grad/{k}": v for k, v in self.ref.grads().items()}}
+                arrays = {
+                    "loss": self.np.asarray(float(self.loss.detach())),
+                    **{f"grad/{k}": v for k, v in self.ref.grads().items()},
+                }
             self.np.savez(path, **arrays)
             return {"path": str(path)}
         raise ValueError(f"unknown command {msg['cmd']!r}")
@@ -304,8 +373,13 @@ def run_worker(spec: dict) -> int:
 def detect_device() -> str:
     """'gpu' when JAX sees one (asked in a subprocess, so this process never claims GPU memory)."""
     try:
-        out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": ""})
+        out = subprocess.run(
+            [sys.executable, "-c", "import jax; print(jax.default_backend())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "JAX_PLATFORMS": ""},
+        )
     except subprocess.TimeoutExpired:
         return "cpu"
     return "gpu" if out.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
@@ -331,8 +405,13 @@ def compare_forward(jax_npz, torch_npz, rtol: float, exact: bool = True) -> dict
         same_locations = bool(np.array_equal(j["patch_locations"].astype(np.int64), t["patch_locations"]))
     held = errors if exact else {k: errors[k] for k in ("y_global", "saliency_map")}
     ok = (same_locations or not exact) and all(e <= rtol for e in held.values())
-    return {"ok": ok, "rtol": rtol, "checked": sorted(held), "max_rel_err": errors,
-            "patch_locations_equal": same_locations}
+    return {
+        "ok": ok,
+        "rtol": rtol,
+        "checked": sorted(held),
+        "max_rel_err": errors,
+        "patch_locations_equal": same_locations,
+    }
 
 
 def compare_training(jax_npz, torch_npz, rtol: float) -> dict:
@@ -344,56 +423,109 @@ def compare_training(jax_npz, torch_npz, rtol: float) -> dict:
         missing = sorted(set(keys) ^ {k for k in j.files if k.startswith("grad/")})
         errs = {k[5:]: _rel_err(j[k], t[k]) for k in keys if k in j.files}
     worst = max(errs, key=errs.get) if errs else None
-    return {"ok": loss_err <= rtol and not missing, "rtol": rtol, "loss_rel_err": loss_err,
-            "grad_max_rel_err": errs[worst] if worst else None, "grad_worst_key": worst,
-            "grad_median_rel_err": float(np.median(list(errs.values()))) if errs else None,
-            "grad_keys_missing": missing}
+    return {
+        "ok": loss_err <= rtol and not missing,
+        "rtol": rtol,
+        "loss_rel_err": loss_err,
+        "grad_max_rel_err": errs[worst] if worst else None,
+        "grad_worst_key": worst,
+        "grad_median_rel_err": float(np.median(list(errs.values()))) if errs else None,
+        "grad_keys_missing": missing,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__, epilog="Defaults are shown in brackets.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="where to run: auto = GPU when JAX sees one, else CPU [auto]")
-    p.add_argument("--deviceless", choices=sorted(deviceless.TARGETS), default=None,
-                   help="compile for this GPU without one (needs the [gpu] extra) and report compiled memory, "
-                        "FLOPs, cuDNN calls, fusions, host transfers and the peak's buffers; nothing runs [off]")
-    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype(s) of the JAX model; each is its own configuration "
-                        "[float32; --deviceless: float32 bfloat16]")
-    p.add_argument("--remat", nargs="+", choices=REMAT_MODES, default=None,
-                   help="rematerialisation policies (GMICConfig.remat), each its own configuration "
-                        "[none; --deviceless: all of them]")
-    p.add_argument("--batch-exams", type=int, nargs="+", default=None,
-                   help="exams per batch (4 images each); several only with --deviceless [1; --deviceless: 1 4]")
-    p.add_argument("--kernels", choices=("auto", "cpu", "xla"), default="auto",
-                   help="kernel variant of the JAX model (gmic_jax.models.fast_ops): by the platform, or "
-                        "forced [auto]")
-    p.add_argument("--image-shape", type=int, nargs=2, default=(2944, 1920), metavar=("H", "W"),
-                   help="image size [2944 1920]")
-    p.add_argument("--crop-shape", type=int, nargs=2, default=(256, 256), metavar=("H", "W"),
-                   help="patch size [256 256]")
+        description=__doc__,
+        epilog="Defaults are shown in brackets.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where to run: auto = GPU when JAX sees one, else CPU [auto]",
+    )
+    p.add_argument(
+        "--deviceless",
+        choices=sorted(deviceless.TARGETS),
+        default=None,
+        help="compile for this GPU without one (needs the [gpu] extra) and report compiled memory, "
+        "FLOPs, cuDNN calls, fusions, host transfers and the peak's buffers; nothing runs [off]",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype(s) of the JAX model; each is its own configuration "
+        "[float32; --deviceless: float32 bfloat16]",
+    )
+    p.add_argument(
+        "--remat",
+        nargs="+",
+        choices=REMAT_MODES,
+        default=None,
+        help="rematerialisation policies (GMICConfig.remat), each its own configuration "
+        "[none; --deviceless: all of them]",
+    )
+    p.add_argument(
+        "--batch-exams",
+        type=int,
+        nargs="+",
+        default=None,
+        help="exams per batch (4 images each); several only with --deviceless [1; --deviceless: 1 4]",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "cpu", "xla"),
+        default="auto",
+        help="kernel variant of the JAX model (gmic_jax.models.fast_ops): by the platform, or forced [auto]",
+    )
+    p.add_argument(
+        "--image-shape", type=int, nargs=2, default=(2944, 1920), metavar=("H", "W"), help="image size [2944 1920]"
+    )
+    p.add_argument(
+        "--crop-shape", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="patch size [256 256]"
+    )
     p.add_argument("--K", type=int, default=6, help="patches per image [6]")
     p.add_argument("--percent-t", type=float, default=0.02, help="top-t of the aggregation [0.02, model 1]")
-    p.add_argument("--precision", choices=("default", "highest"), default="default",
-                   help="float32 convolutions and matrix products: the backend's default (on GPUs since Ampere "
-                        "both JAX and PyTorch run float32 convolutions in TF32) or full float32 in both (JAX's "
-                        "jax_default_matmul_precision, PyTorch's allow_tf32 off); no effect on CPU [default]")
+    p.add_argument(
+        "--precision",
+        choices=("default", "highest"),
+        default="default",
+        help="float32 convolutions and matrix products: the backend's default (on GPUs since Ampere "
+        "both JAX and PyTorch run float32 convolutions in TF32) or full float32 in both (JAX's "
+        "jax_default_matmul_precision, PyTorch's allow_tf32 off); no effect on CPU [default]",
+    )
     p.add_argument("--n-runs", type=int, default=5, help="timed runs of each measurement after one warm-up [5]")
     p.add_argument("--threads", type=int, default=2, help="threads (and pinned cores) of every worker [2]")
-    p.add_argument("--cores", default=None,
-                   help="CPU ids to pin to, e.g. '0-1' [the first --threads CPUs this process may use]")
-    p.add_argument("--torch-ref", default=None, metavar="PATH",
-                   help="checkout of the original GMIC release: measure it side by side [off]")
-    p.add_argument("--xla-flags-fwd", default=INFERENCE_XLA_FLAGS,
-                   help="extra XLA flags of the JAX inference worker, on top of gmic_jax.xla_flags' "
-                        f"CPU defaults [{INFERENCE_XLA_FLAGS!r}]")
-    p.add_argument("--xla-flags-train", default=TRAINING_XLA_FLAGS,
-                   help="extra XLA flags of the JAX training worker, on top of gmic_jax.xla_flags' "
-                        f"CPU defaults [{TRAINING_XLA_FLAGS!r}]")
-    p.add_argument("--profile", action="store_true",
-                   help="also trace one JAX forward and one training step and print where the time goes [off]")
+    p.add_argument(
+        "--cores", default=None, help="CPU ids to pin to, e.g. '0-1' [the first --threads CPUs this process may use]"
+    )
+    p.add_argument(
+        "--torch-ref",
+        default=None,
+        metavar="PATH",
+        help="checkout of the original GMIC release: measure it side by side [off]",
+    )
+    p.add_argument(
+        "--xla-flags-fwd",
+        default=INFERENCE_XLA_FLAGS,
+        help="extra XLA flags of the JAX inference worker, on top of gmic_jax.xla_flags' "
+        f"CPU defaults [{INFERENCE_XLA_FLAGS!r}]",
+    )
+    p.add_argument(
+        "--xla-flags-train",
+        default=TRAINING_XLA_FLAGS,
+        help="extra XLA flags of the JAX training worker, on top of gmic_jax.xla_flags' "
+        f"CPU defaults [{TRAINING_XLA_FLAGS!r}]",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace one JAX forward and one training step and print where the time goes [off]",
+    )
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results there [off]")
     p.add_argument("--keep-workdir", action="store_true", help="keep the workers' files and logs [off]")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -439,14 +571,24 @@ def run_benchmark(args) -> int:
         load_original(args.torch_ref)  # a clear error now rather than in a worker
         h, w = saliency_grid_shape(args.image_shape)
         if int(round(h * w * args.percent_t)) < 1:
-            raise ValueError(f"--percent-t {args.percent_t}: on the {h}x{w} saliency grid of "
-                             f"{args.image_shape[0]}x{args.image_shape[1]} images the original's top-t pooling "
-                             f"averages round({h * w * args.percent_t:.2f}) = 0 values (NaN); use --percent-t >= "
-                             f"{0.5 / (h * w):.3g} or larger images")
+            raise ValueError(
+                f"--percent-t {args.percent_t}: on the {h}x{w} saliency grid of "
+                f"{args.image_shape[0]}x{args.image_shape[1]} images the original's top-t pooling "
+                f"averages round({h * w * args.percent_t:.2f}) = 0 values (NaN); use --percent-t >= "
+                f"{0.5 / (h * w):.3g} or larger images"
+            )
     configs = [(d, r) for d in args.dtype for r in args.remat]
     for _, remat in configs:  # --remat needs the model's support: fail before any work
-        make_config({"image_shape": args.image_shape, "crop_shape": args.crop_shape, "K": args.K,
-                     "percent_t": args.percent_t, "dtype": "float32", "remat": remat})
+        make_config(
+            {
+                "image_shape": args.image_shape,
+                "crop_shape": args.crop_shape,
+                "K": args.K,
+                "percent_t": args.percent_t,
+                "dtype": "float32",
+                "remat": remat,
+            }
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="gmic_bench_"))
     try:
@@ -462,18 +604,33 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
     import numpy as np
 
     n_images = IMAGES_PER_EXAM * args.batch_exams
-    cfg0 = make_config({"image_shape": args.image_shape, "crop_shape": args.crop_shape, "K": args.K,
-                        "percent_t": args.percent_t, "dtype": "float32"})
+    cfg0 = make_config(
+        {
+            "image_shape": args.image_shape,
+            "crop_shape": args.crop_shape,
+            "K": args.K,
+            "percent_t": args.percent_t,
+            "dtype": "float32",
+        }
+    )
     state_dict, weights_source = bc.benchmark_weights(cfg0)
     np.savez(workdir / "weights.npz", **state_dict)
     x = np.random.default_rng(0).standard_normal((n_images, *args.image_shape)).astype(np.float32)
     np.save(workdir / "input.npy", x)
     del x, state_dict
 
-    base = {"device": device, "image_shape": list(args.image_shape), "crop_shape": list(args.crop_shape),
-            "K": args.K, "percent_t": args.percent_t, "threads": args.threads,
-            "weights": str(workdir / "weights.npz"), "input": str(workdir / "input.npy"),
-            "torch_ref": args.torch_ref, "precision": args.precision}
+    base = {
+        "device": device,
+        "image_shape": list(args.image_shape),
+        "crop_shape": list(args.crop_shape),
+        "K": args.K,
+        "percent_t": args.percent_t,
+        "threads": args.threads,
+        "weights": str(workdir / "weights.npz"),
+        "input": str(workdir / "input.npy"),
+        "torch_ref": args.torch_ref,
+        "precision": args.precision,
+    }
     entries = [dict(impl="jax", dtype=d, remat=r) for d, r in configs]
     if args.torch_ref:
         entries.append(dict(impl="torch", dtype="float32", remat="none"))
@@ -500,8 +657,11 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
                 e[phase]["saved"] = w.call("save", path=str(workdir / f"{e['tag']}_{phase}.npz"))["path"]
                 if args.profile and e["impl"] == "jax":
                     e[phase]["profile"] = w.call("profile", path=str(workdir / f"trace_{e['tag']}_{phase}"))["summary"]
-                print(f"[{phase}] {e['label']}: median {bc.median_spread(times)[0]:.0f} ms "
-                      f"({args.n_runs} runs)", file=sys.stderr, flush=True)
+                print(
+                    f"[{phase}] {e['label']}: median {bc.median_spread(times)[0]:.0f} ms ({args.n_runs} runs)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             for w in workers:
                 w.close()
@@ -513,8 +673,9 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
         for e in entries[:-1]:
             rtol = AGREE_RTOL[e["dtype"]]
             agreement[e["tag"]] = {
-                "forward": compare_forward(e["fwd"]["saved"], torch_entry["fwd"]["saved"], rtol,
-                                           exact=e["dtype"] == "float32"),
+                "forward": compare_forward(
+                    e["fwd"]["saved"], torch_entry["fwd"]["saved"], rtol, exact=e["dtype"] == "float32"
+                ),
                 "training_step": compare_training(e["train"]["saved"], torch_entry["train"]["saved"], rtol),
             }
 
@@ -530,12 +691,17 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     bad = [tag for tag, a in agreement.items() if not a["forward"]["ok"]]
     if bad:
-        print(f"memory_fwd_bwd: error: JAX and PyTorch outputs disagree for {bad}: "
-              f"{json.dumps({t: agreement[t]['forward'] for t in bad})}", file=sys.stderr)
+        print(
+            f"memory_fwd_bwd: error: JAX and PyTorch outputs disagree for {bad}: "
+            f"{json.dumps({t: agreement[t]['forward'] for t in bad})}",
+            file=sys.stderr,
+        )
         if device == "gpu" and args.precision == "default":
-            print("memory_fwd_bwd: on a GPU both run float32 convolutions in TF32 by default (measured on an H200: "
-                  "max rel. error 1.6e-3 this way, 1.0e-6 with --precision highest); compare at --precision highest",
-                  file=sys.stderr)
+            print(
+                "memory_fwd_bwd: on a GPU both run float32 convolutions in TF32 by default (measured on an H200: "
+                "max rel. error 1.6e-3 this way, 1.0e-6 with --precision highest); compare at --precision highest",
+                file=sys.stderr,
+            )
         return 2
     return 0
 
@@ -549,7 +715,7 @@ def timed_runs(workers, n_runs: int) -> list[list[float]]:
     runs = [[] for _ in workers]
     order = list(range(len(workers)))
     for i in range(n_runs):
-        for k in (order if i % 2 == 0 else order[::-1]):
+        for k in order if i % 2 == 0 else order[::-1]:
             runs[k].append(workers[k].call("run")["ms"])
     return runs
 
@@ -575,8 +741,14 @@ def deviceless_configs(args) -> list[dict]:
 
 
 def run_deviceless(args, cores, user_env) -> int:
-    base = {"impl": "jax", "deviceless": args.deviceless, "image_shape": list(args.image_shape),
-            "crop_shape": list(args.crop_shape), "K": args.K, "percent_t": args.percent_t}
+    base = {
+        "impl": "jax",
+        "deviceless": args.deviceless,
+        "image_shape": list(args.image_shape),
+        "crop_shape": list(args.crop_shape),
+        "K": args.K,
+        "percent_t": args.percent_t,
+    }
     env = {**bc.worker_env(args.threads, "cpu", ""), **deviceless.WORKER_ENV, "GMIC_JAX_KERNELS": args.kernels}
     workdir = Path(tempfile.mkdtemp(prefix="gmic_deviceless_"))
     entries = []
@@ -601,24 +773,55 @@ def run_deviceless(args, cores, user_env) -> int:
 
 def assemble_deviceless(args, cores, entries, user_env) -> dict:
     kinds = sorted({e["device_kind"] for e in entries})
-    device = f"{', '.join(kinds)} (deviceless compile for target {entries[0]['target_file']}; compiled memory, not runtime)"
-    baseline = {(e["dtype"], e["batch_exams"]): e["flops"] for e in entries
-                if e["phase"] == "train" and e["remat"] == "none"}
+    device = (
+        f"{', '.join(kinds)} (deviceless compile for target {entries[0]['target_file']}; compiled memory, not runtime)"
+    )
+    baseline = {
+        (e["dtype"], e["batch_exams"]): e["flops"] for e in entries if e["phase"] == "train" and e["remat"] == "none"
+    }
     results, details = [], []
     for e in entries:
         n = e["batch_exams"]
         base_flops = baseline.get((e["dtype"], n)) if e["phase"] == "train" else None
-        results.append({
-            "impl": "jax", "phase": e["phase"], "device": device, "dtype": e["dtype"], "remat": e["remat"],
-            "batch_exams": n, "arg_bytes": e["arg_bytes"] // n, "temp_bytes": e["temp_bytes"] // n,
-            "out_bytes": e["out_bytes"] // n, "alias_bytes": e["alias_bytes"] // n, "flops": e["flops"] / n,
-            "recompute_flops": None if base_flops is None else (e["flops"] - base_flops) / n,
-            "compile_s": e["compile_s"], "compile_cache": e["compile_cache"],
-            "cudnn_convs": e["cudnn_convs"], "fusions": e["fusions"], "host_transfers": len(e["host_transfers"]),
-            "peak_temp_bytes": e["peak"]["bytes"] // n, "kernels": e["kernels"],
-        })
-        details.append({k: e[k] for k in ("phase", "dtype", "remat", "batch_exams", "cudnn_by_kind", "custom_calls",
-                                          "host_transfers", "hlo_has_cpu_kernel", "peak")})
+        results.append(
+            {
+                "impl": "jax",
+                "phase": e["phase"],
+                "device": device,
+                "dtype": e["dtype"],
+                "remat": e["remat"],
+                "batch_exams": n,
+                "arg_bytes": e["arg_bytes"] // n,
+                "temp_bytes": e["temp_bytes"] // n,
+                "out_bytes": e["out_bytes"] // n,
+                "alias_bytes": e["alias_bytes"] // n,
+                "flops": e["flops"] / n,
+                "recompute_flops": None if base_flops is None else (e["flops"] - base_flops) / n,
+                "compile_s": e["compile_s"],
+                "compile_cache": e["compile_cache"],
+                "cudnn_convs": e["cudnn_convs"],
+                "fusions": e["fusions"],
+                "host_transfers": len(e["host_transfers"]),
+                "peak_temp_bytes": e["peak"]["bytes"] // n,
+                "kernels": e["kernels"],
+            }
+        )
+        details.append(
+            {
+                k: e[k]
+                for k in (
+                    "phase",
+                    "dtype",
+                    "remat",
+                    "batch_exams",
+                    "cudnn_by_kind",
+                    "custom_calls",
+                    "host_transfers",
+                    "hlo_has_cpu_kernel",
+                    "peak",
+                )
+            }
+        )
     report = {
         "device": device,
         "versions": bc.versions(extra=(*bc.GPU_PACKAGES, "nvidia-cuda-nvcc-cu12")),
@@ -627,16 +830,22 @@ def assemble_deviceless(args, cores, entries, user_env) -> dict:
         "unit": UNIT,
         "results": results,
         "details": {
-            "target": args.deviceless, "target_file": entries[0]["target_file"], "crop_shape": list(args.crop_shape),
-            "K": args.K, "percent_t": args.percent_t, "kernels": args.kernels, "host_cpu": bc.cpu_identity(),
-            "per_result": details, "user_xla_flags": user_env.get("XLA_FLAGS", ""),
+            "target": args.deviceless,
+            "target_file": entries[0]["target_file"],
+            "crop_shape": list(args.crop_shape),
+            "K": args.K,
+            "percent_t": args.percent_t,
+            "kernels": args.kernels,
+            "host_cpu": bc.cpu_identity(),
+            "per_result": details,
+            "user_xla_flags": user_env.get("XLA_FLAGS", ""),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "memory": "XLA buffer assignment of the compiled program (argument, temporary, output bytes); "
-                      "no autotuning ran, so cuDNN workspaces are not in it; not runtime peak_bytes_in_use",
+            "no autotuning ran, so cuDNN workspaces are not in it; not runtime peak_bytes_in_use",
             "flops": "XLA cost analysis of the HLO before optimisation; recompute_flops = this policy's minus "
-                     "remat='none' of the same dtype and batch",
+            "remat='none' of the same dtype and batch",
             "compile_s": "wall time of lower + compile (tracing included), one fresh process per configuration, "
-                         "persistent cache off, XLA dump of the buffer assignment included",
+            "persistent cache off, XLA dump of the buffer assignment included",
         },
     }
     assert all(tuple(r) == DEVICELESS_KEYS for r in results)
@@ -647,24 +856,33 @@ def markdown_deviceless(report: dict) -> str:
     import hlo_report
 
     MiB, GiB, G = 2**20, 2**30, 1e9
-    lines = [f"Device: {report['device']}  ",
-             f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}; compiled on "
-             f"{bc.cpu_name(report['details']['host_cpu'])}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
-             "| phase | dtype | remat | exams/batch | args MiB | temp MiB | out MiB | args + temp GiB | GFLOP | "
-             "recompute GFLOP | cuDNN convs | fusions | host transfers | compile s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {report['device']}  ",
+        f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}; compiled on "
+        f"{bc.cpu_name(report['details']['host_cpu'])}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| phase | dtype | remat | exams/batch | args MiB | temp MiB | out MiB | args + temp GiB | GFLOP | "
+        "recompute GFLOP | cuDNN convs | fusions | host transfers | compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
         recompute = "-" if r["recompute_flops"] is None else f"{r['recompute_flops'] / G:.1f}"
-        lines.append(f"| {r['phase']} | {r['dtype']} | {r['remat']} | {r['batch_exams']} | {r['arg_bytes'] / MiB:.0f} | "
-                     f"{r['temp_bytes'] / MiB:.0f} | {r['out_bytes'] / MiB:.0f} | "
-                     f"{(r['arg_bytes'] + r['temp_bytes']) / GiB:.3f} | {r['flops'] / G:.1f} | {recompute} | "
-                     f"{r['cudnn_convs']} | {r['fusions']} | {r['host_transfers']} | {r['compile_s']:.1f} |")
+        lines.append(
+            f"| {r['phase']} | {r['dtype']} | {r['remat']} | {r['batch_exams']} | {r['arg_bytes'] / MiB:.0f} | "
+            f"{r['temp_bytes'] / MiB:.0f} | {r['out_bytes'] / MiB:.0f} | "
+            f"{(r['arg_bytes'] + r['temp_bytes']) / GiB:.3f} | {r['flops'] / G:.1f} | {recompute} | "
+            f"{r['cudnn_convs']} | {r['fusions']} | {r['host_transfers']} | {r['compile_s']:.1f} |"
+        )
     lines.append("\n(per exam; compiled memory of XLA's buffer assignment, not runtime)")
     for r, d in zip(report["results"], report["details"]["per_result"]):
         if r["phase"] == "train" and r["batch_exams"] == min(x["batch_exams"] for x in report["results"]):
-            lines += ["", f"### Peak of the training step: {r['dtype']}, remat={r['remat']}, {r['batch_exams']} exam(s)", "",
-                      hlo_report.peak_markdown(d["peak"], per=r["batch_exams"])]
+            lines += [
+                "",
+                f"### Peak of the training step: {r['dtype']}, remat={r['remat']}, {r['batch_exams']} exam(s)",
+                "",
+                hlo_report.peak_markdown(d["peak"], per=r["batch_exams"]),
+            ]
     return "\n".join(lines)
 
 
@@ -674,38 +892,55 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
     for e in entries:
         fwd, train = e["fwd"], e["train"]
         stem = 1 if e["impl"] == "jax" else 3  # gmic-jax folds the crop's channel repeat into the kernel
-        layers = analytic.gmic_layers(n_images, tuple(args.image_shape), tuple(args.crop_shape), args.K,
-                                      local_stem_channels=stem)
+        layers = analytic.gmic_layers(
+            n_images, tuple(args.image_shape), tuple(args.crop_shape), args.K, local_stem_channels=stem
+        )
         fwd_med, fwd_spread = bc.median_spread(fwd["runs_ms"])
         bwd_med, bwd_spread = bc.median_spread(train["runs_ms"])
         params = fwd["params"]
-        results.append({
-            "impl": e["impl"], "dtype": e["dtype"], "remat": e["remat"],
-            "params": params["params"], "params_global": params["params_global"],
-            "params_local": params["params_local"],
-            "flops_fwd": fwd["flops"] / n, "flops_fwd_bwd": train["flops"] / n,
-            "flops_fwd_analytic": analytic.forward_flops(layers) / n,
-            "compile_s": train["compile_s"],
-            "fwd_ms": fwd_med / n, "fwd_ms_spread": fwd_spread / n,
-            "fwd_bwd_ms": bwd_med / n, "fwd_bwd_ms_spread": bwd_spread / n,
-            "peak_mem_bytes": int(train["peak_mem_bytes"] / n),
-            "compile_cache": train["compile_cache"],
-        })
-        details.append({
-            "impl": e["impl"], "dtype": e["dtype"], "remat": e["remat"],
-            "params_heads": params["params_heads"],
-            "flops_fwd_bwd_analytic": analytic.fwd_bwd_flops(layers) / n,
-            "flops_fwd_analytic_every_tap": analytic.forward_flops(layers, count_padding=True) / n,
-            "flops_source": fwd["flops_source"],
-            "compile_fwd_s": fwd["compile_s"], "compile_train_step_s": train["compile_s"],
-            "compile_cache_fwd": fwd["compile_cache"],
-            "xla_temp_bytes_fwd": fwd["xla_temp_bytes"], "xla_temp_bytes_train_step": train["xla_temp_bytes"],
-            "peak_mem_method": train["mem_method"], "rss_before_step_bytes": train.get("rss_before_bytes"),
-            "fwd_ms_runs": fwd["runs_ms"], "fwd_bwd_ms_runs": train["runs_ms"],
-            "xla_flags_fwd": fwd["xla_flags"] if e["impl"] == "jax" else None,
-            "xla_flags_train": train["xla_flags"] if e["impl"] == "jax" else None,
-            "device_kind": fwd["device_kind"],
-        })
+        results.append(
+            {
+                "impl": e["impl"],
+                "dtype": e["dtype"],
+                "remat": e["remat"],
+                "params": params["params"],
+                "params_global": params["params_global"],
+                "params_local": params["params_local"],
+                "flops_fwd": fwd["flops"] / n,
+                "flops_fwd_bwd": train["flops"] / n,
+                "flops_fwd_analytic": analytic.forward_flops(layers) / n,
+                "compile_s": train["compile_s"],
+                "fwd_ms": fwd_med / n,
+                "fwd_ms_spread": fwd_spread / n,
+                "fwd_bwd_ms": bwd_med / n,
+                "fwd_bwd_ms_spread": bwd_spread / n,
+                "peak_mem_bytes": int(train["peak_mem_bytes"] / n),
+                "compile_cache": train["compile_cache"],
+            }
+        )
+        details.append(
+            {
+                "impl": e["impl"],
+                "dtype": e["dtype"],
+                "remat": e["remat"],
+                "params_heads": params["params_heads"],
+                "flops_fwd_bwd_analytic": analytic.fwd_bwd_flops(layers) / n,
+                "flops_fwd_analytic_every_tap": analytic.forward_flops(layers, count_padding=True) / n,
+                "flops_source": fwd["flops_source"],
+                "compile_fwd_s": fwd["compile_s"],
+                "compile_train_step_s": train["compile_s"],
+                "compile_cache_fwd": fwd["compile_cache"],
+                "xla_temp_bytes_fwd": fwd["xla_temp_bytes"],
+                "xla_temp_bytes_train_step": train["xla_temp_bytes"],
+                "peak_mem_method": train["mem_method"],
+                "rss_before_step_bytes": train.get("rss_before_bytes"),
+                "fwd_ms_runs": fwd["runs_ms"],
+                "fwd_bwd_ms_runs": train["runs_ms"],
+                "xla_flags_fwd": fwd["xla_flags"] if e["impl"] == "jax" else None,
+                "xla_flags_train": train["xla_flags"] if e["impl"] == "jax" else None,
+                "device_kind": fwd["device_kind"],
+            }
+        )
     kinds = {d["device_kind"] for d in details if d["impl"] == "jax"}
     if device == "cpu":
         device_name = f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})"
@@ -719,17 +954,25 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
         "unit": UNIT,
         "results": results,
         "details": {
-            "batch_exams": n, "crop_shape": list(args.crop_shape), "K": args.K, "n_runs": args.n_runs,
-            "cores": cores, "weights": weights_source, "input": "standard normal, seed 0",
-            "cpu": bc.cpu_identity(), "kernels": args.kernels, "precision": args.precision,
+            "batch_exams": n,
+            "crop_shape": list(args.crop_shape),
+            "K": args.K,
+            "n_runs": args.n_runs,
+            "cores": cores,
+            "weights": weights_source,
+            "input": "standard normal, seed 0",
+            "cpu": bc.cpu_identity(),
+            "kernels": args.kernels,
+            "precision": args.precision,
             "compile_cache_dir": _cache_dir_note(),
-            "per_result": details, "agreement": agreement,
+            "per_result": details,
+            "agreement": agreement,
             "user_xla_flags": user_env.get("XLA_FLAGS", ""),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "timing": "median and interquartile range of n runs after one warm-up; runs of the "
-                      "implementations alternate (ABBA)",
+            "implementations alternate (ABBA)",
             "training_step": "forward + backward of the three heads' BCE, BatchNorm on batch statistics, "
-                             "no optimizer update",
+            "no optimizer update",
         },
     }
     assert tuple(report)[:-1] == TOP_KEYS and all(tuple(r) == RESULT_KEYS for r in results)
@@ -769,17 +1012,33 @@ def markdown(report: dict) -> str:
         ("forward + backward (ms)", lambda r, d: r["fwd_bwd_ms"], "{:.0f}"),
         ("forward + backward spread, IQR (ms)", lambda r, d: r["fwd_bwd_ms_spread"], "{:.0f}"),
         ("peak memory of a training step (MiB)", lambda r, d: r["peak_mem_bytes"] / MB, "{:.0f}"),
-        ("XLA temp buffers, training step (MiB)",
-         lambda r, d: None if d["xla_temp_bytes_train_step"] is None else d["xla_temp_bytes_train_step"] / MB / report["details"]["batch_exams"], "{:.0f}"),
+        (
+            "XLA temp buffers, training step (MiB)",
+            lambda r, d: (
+                None
+                if d["xla_temp_bytes_train_step"] is None
+                else d["xla_temp_bytes_train_step"] / MB / report["details"]["batch_exams"]
+            ),
+            "{:.0f}",
+        ),
     ]
-    ratio_rows = {"GFLOP forward (XLA / torch counter)", "forward (ms)", "forward + backward (ms)",
-                  "peak memory of a training step (MiB)", "GFLOP fwd+bwd (XLA / torch counter)"}
-    lines = [f"Device: {report['device']}  ",
-             f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}, "
-             f"batch of {report['details']['batch_exams']} exam(s), {report['threads']} threads; "
-             f"memory: {det[0]['peak_mem_method']}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
-             "| per exam | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    ratio_rows = {
+        "GFLOP forward (XLA / torch counter)",
+        "forward (ms)",
+        "forward + backward (ms)",
+        "peak memory of a training step (MiB)",
+        "GFLOP fwd+bwd (XLA / torch counter)",
+    }
+    lines = [
+        f"Device: {report['device']}  ",
+        f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}, "
+        f"batch of {report['details']['batch_exams']} exam(s), {report['threads']} threads; "
+        f"memory: {det[0]['peak_mem_method']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| per exam | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for name, get, fmt in rows:
         vals = [get(r, d) for r, d in zip(res, det)]
         cells = ["-" if v is None else fmt.format(v) for v in vals]
@@ -788,21 +1047,26 @@ def markdown(report: dict) -> str:
                 if i != torch_i:
                     cells.append(_fmt_ratio(vals[i], vals[torch_i]) if name in ratio_rows else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nCPU: {bc.cpu_name(report['details']['cpu'])}; kernels: {report['details']['kernels']}; "
-                 f"float32 precision: {report['details']['precision']}; "
-                 f"compile cache: {report['details']['compile_cache_dir']}")
+    lines.append(
+        f"\nCPU: {bc.cpu_name(report['details']['cpu'])}; kernels: {report['details']['kernels']}; "
+        f"float32 precision: {report['details']['precision']}; "
+        f"compile cache: {report['details']['compile_cache_dir']}"
+    )
     for tag, a in report["details"]["agreement"].items():
         f, t = a["forward"], a["training_step"]
         lines.append("")
-        lines.append(f"Agreement {tag} vs torch: forward {'OK' if f['ok'] else 'FAILED'} (max rel. error "
-                     f"{max(f['max_rel_err'].values()):.1e}, patch locations "
-                     f"{'identical' if f['patch_locations_equal'] else 'DIFFER'}); training step: loss rel. "
-                     f"error {t['loss_rel_err']:.1e}, gradients max rel. error {t['grad_max_rel_err']:.1e} "
-                     f"({t['grad_worst_key']}), median {t['grad_median_rel_err']:.1e}")
+        lines.append(
+            f"Agreement {tag} vs torch: forward {'OK' if f['ok'] else 'FAILED'} (max rel. error "
+            f"{max(f['max_rel_err'].values()):.1e}, patch locations "
+            f"{'identical' if f['patch_locations_equal'] else 'DIFFER'}); training step: loss rel. "
+            f"error {t['loss_rel_err']:.1e}, gradients max rel. error {t['grad_max_rel_err']:.1e} "
+            f"({t['grad_worst_key']}), median {t['grad_median_rel_err']:.1e}"
+        )
     for d in det:
         if d["impl"] == "jax":
-            lines.append(f"\nXLA_FLAGS of {entry_label(d)}: inference {d['xla_flags_fwd']!r}, "
-                         f"training {d['xla_flags_train']!r}")
+            lines.append(
+                f"\nXLA_FLAGS of {entry_label(d)}: inference {d['xla_flags_fwd']!r}, training {d['xla_flags_train']!r}"
+            )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ and returns markdown: time by part of the model and pass (forward / backward), t
 Times are summed over threads (and asynchronous ops overlap others), so parts can add up to more
 than the wall time.
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,8 +57,11 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
             out[name] = (opcode, op_name)
         if op_name:
             continue
-        pick = ([n for o, n, _ in inner if o in ("convolution", "dot") and n]
-                or [n for _, n, root in inner if root and n] or [n for _, n, _ in inner if n])
+        pick = (
+            [n for o, n, _ in inner if o in ("convolution", "dot") and n]
+            or [n for _, n, root in inner if root and n]
+            or [n for _, n, _ in inner if n]
+        )
         if pick:
             out[name] = (opcode, pick[0])
     # XLA drops the metadata of some rewritten ops (weight-gradient convolutions): take it from
@@ -76,14 +80,16 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 # Name-stack entries that wrap a module's ops without being a module: jax.checkpoint (remat), the
 # per-platform kernel choice (cond branches, the CPU kernels' scope), lifted functions.
-_WRAPPERS_IN_PATH = re.compile(r"^(checkpoint|rematted_computation|remat\d*|cond|branch_\d+_fun|cpu_kernel|jit|"
-                               r"[\w.]*<locals>[\w.<>]*|(ds_net|dn_resnet)\.\w+|)$")
+_WRAPPERS_IN_PATH = re.compile(
+    r"^(checkpoint|rematted_computation|remat\d*|cond|branch_\d+_fun|cpu_kernel|jit|"
+    r"[\w.]*<locals>[\w.<>]*|(ds_net|dn_resnet)\.\w+|)$"
+)
 
 
 def _module_path(path: list[str], net: str) -> list[str]:
     """The module names below the last `net` entry of a name stack, wrappers left out."""
     last = len(path) - 1 - path[::-1].index(net)
-    return [p for p in path[last + 1:] if not _WRAPPERS_IN_PATH.match(p)]
+    return [p for p in path[last + 1 :] if not _WRAPPERS_IN_PATH.match(p)]
 
 
 def part_of(op_name: str) -> str:
@@ -172,8 +178,12 @@ def summarize(logdir, hlo_text: str, top: int = 12) -> str:
     total = sum(by_part.values())
     if not total:
         return "(no XLA op events in the trace)"
-    lines = [f"Wall time of the traced execution: {wall:.0f} ms; XLA ops summed over threads: {total:.0f} ms.", "",
-             "| part | pass | ms | share |", "|---|---|---:|---:|"]
+    lines = [
+        f"Wall time of the traced execution: {wall:.0f} ms; XLA ops summed over threads: {total:.0f} ms.",
+        "",
+        "| part | pass | ms | share |",
+        "|---|---|---:|---:|",
+    ]
     for (part, direction), ms in sorted(by_part.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {part} | {direction} | {ms:.1f} | {100 * ms / total:.1f}% |")
     lines += ["", "| slowest ops | HLO | emitted by | ms |", "|---|---|---|---:|"]

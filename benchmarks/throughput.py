@@ -20,6 +20,7 @@ image size, no cache) through `gmic_jax.data.pipeline.load_batches` in this proc
 --input-cache DIR, a `gmic-jax cache` directory read through it by --input-workers processes.
 Defaults are shown by --help.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,15 @@ import bench_common as bc  # noqa: E402
 UNIT = "exam of 4 images"
 IMAGES_PER_EXAM = 4
 SCRIPT = Path(__file__).resolve()
-RESULT_KEYS = ("devices", "global_batch_exams", "compile_s", "compile_cache", "step_ms", "step_ms_spread",
-               "exams_per_s")
+RESULT_KEYS = (
+    "devices",
+    "global_batch_exams",
+    "compile_s",
+    "compile_cache",
+    "step_ms",
+    "step_ms_spread",
+    "exams_per_s",
+)
 
 
 # =============================================================================== worker side
@@ -63,18 +71,20 @@ def measure_training(spec: dict) -> dict:
     if len(devices) < spec["devices"]:
         raise ValueError(f"{spec['devices']} devices asked for, {len(devices)} available: {devices}")
     mesh = make_mesh(devices[: spec["devices"]])
-    cfg = GMICConfig(image_shape=tuple(spec["image_shape"]), crop_shape=tuple(spec["crop_shape"]),
-                     dtype=spec["dtype"])
+    cfg = GMICConfig(image_shape=tuple(spec["image_shape"]), crop_shape=tuple(spec["crop_shape"]), dtype=spec["dtype"])
     tx = make_optimizer({"learning_rate": 1e-5}, total_steps=1)
     state = create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0)
     state = replicate(jax.device_get(state), mesh)
     step = make_train_step(cfg, tx, mesh, beta=0.0)
     n_images = IMAGES_PER_EXAM * spec["per_device_exams"] * spec["devices"]
     rng = np.random.default_rng(0)
-    batch = shard_batch({
-        "image": rng.standard_normal((n_images, *spec["image_shape"], 1)).astype(np.float32),
-        "label": bc.targets(n_images),
-    }, mesh)
+    batch = shard_batch(
+        {
+            "image": rng.standard_normal((n_images, *spec["image_shape"], 1)).astype(np.float32),
+            "label": bc.targets(n_images),
+        },
+        mesh,
+    )
     with bc.CompileCacheEvents() as cache:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -87,8 +97,14 @@ def measure_training(spec: dict) -> dict:
         t0 = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, batch))
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"compile_s": compile_s, "compile_cache": cache.status, "runs_ms": times, "device_kind": devices[0].device_kind,
-            "platform": devices[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    return {
+        "compile_s": compile_s,
+        "compile_cache": cache.status,
+        "runs_ms": times,
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
 
 
 def run_worker(spec: dict) -> int:
@@ -111,13 +127,16 @@ def input_pipeline_rate(args) -> dict:
         from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
 
         n = batch_images * args.input_batches
-        source = SyntheticLesions(n + n % 2, spec=SyntheticSpec(image_shape=tuple(args.image_shape)), cache=False,
-                                  with_masks=False)
+        source = SyntheticLesions(
+            n + n % 2, spec=SyntheticSpec(image_shape=tuple(args.image_shape)), cache=False, with_masks=False
+        )
         workers = 0
         name = "synthetic lesions (rendered, no cache) through the Grain pipeline in this process"
     warmup = 1 if workers else 0  # first batch: the workers' start-up
-    plan = [tuple((k * batch_images + r) % len(source) for r in range(batch_images))
-            for k in range(warmup + args.input_batches)]
+    plan = [
+        tuple((k * batch_images + r) % len(source) for r in range(batch_images))
+        for k in range(warmup + args.input_batches)
+    ]
     with load_batches(plan, SourceExamples(source, keys=("image",)), workers=workers) as batches:
         for _ in range(warmup):
             next(batches)
@@ -126,19 +145,32 @@ def input_pipeline_rate(args) -> dict:
             batch = next(batches)
         elapsed = time.perf_counter() - t0
     if tuple(batch["image"].shape[1:3]) != tuple(args.image_shape):
-        raise ValueError(f"input pipeline gives images of {tuple(batch['image'].shape[1:3])}, "
-                         f"the benchmark runs {tuple(args.image_shape)}")
-    return {"source": name, "batches": args.input_batches, "batch_exams": args.per_device_exams,
-            "exams_per_s": args.input_batches * args.per_device_exams / elapsed}
+        raise ValueError(
+            f"input pipeline gives images of {tuple(batch['image'].shape[1:3])}, "
+            f"the benchmark runs {tuple(args.image_shape)}"
+        )
+    return {
+        "source": name,
+        "batches": args.input_batches,
+        "batch_exams": args.per_device_exams,
+        "exams_per_s": args.input_batches * args.per_device_exams / elapsed,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Defaults are shown in brackets.")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults are shown in brackets.",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="[auto: GPU if JAX sees one]")
-    p.add_argument("--devices", type=int, nargs="+", default=None,
-                   help="device counts [CPU: 1 2; GPU: 1, 2, 4, ... up to the GPUs present]")
+    p.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=None,
+        help="device counts [CPU: 1 2; GPU: 1, 2, 4, ... up to the GPUs present]",
+    )
     p.add_argument("--per-device-exams", type=int, default=1, help="exams per device per step [1]")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="[float32]")
     p.add_argument("--image-shape", type=int, nargs=2, default=(2944, 1920), metavar=("H", "W"), help="[2944 1920]")
@@ -146,12 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up [3]")
     p.add_argument("--threads", type=int, default=2, help="threads and pinned cores of each worker [2]")
     p.add_argument("--cores", default=None, help="CPU ids to pin to, e.g. '0-1' [the first --threads CPUs]")
-    p.add_argument("--xla-flags", default="",
-                   help="extra XLA flags of the workers, on top of gmic_jax.xla_flags' CPU defaults ['']")
-    p.add_argument("--input-batches", type=int, default=1, help="batches timed for the input pipeline rate; 0 skips it (the synthetic "
-                   "source renders a 2944 x 1920 exam in ~33 s on the H200 machine's CPU) [1]")
-    p.add_argument("--input-cache", default=None, metavar="DIR",
-                   help="measure this gmic-jax cache through Grain instead of synthetic images [off]")
+    p.add_argument(
+        "--xla-flags",
+        default="",
+        help="extra XLA flags of the workers, on top of gmic_jax.xla_flags' CPU defaults ['']",
+    )
+    p.add_argument(
+        "--input-batches",
+        type=int,
+        default=1,
+        help="batches timed for the input pipeline rate; 0 skips it (the synthetic "
+        "source renders a 2944 x 1920 exam in ~33 s on the H200 machine's CPU) [1]",
+    )
+    p.add_argument(
+        "--input-cache",
+        default=None,
+        metavar="DIR",
+        help="measure this gmic-jax cache through Grain instead of synthetic images [off]",
+    )
     p.add_argument("--input-workers", type=int, default=2, help="Grain worker processes for --input-cache [2]")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results there [off]")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -161,8 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 def gpu_count() -> int:
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": ""},
+    )
     try:
         return int(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -201,11 +250,19 @@ def run(args) -> int:
     results, kinds = [], set()
     with tempfile.TemporaryDirectory(prefix="gmic_throughput_") as tmp:
         for k in counts:
-            spec = {"device": device, "devices": k, "per_device_exams": args.per_device_exams, "dtype": args.dtype,
-                    "image_shape": list(args.image_shape), "crop_shape": list(args.crop_shape), "steps": args.steps}
+            spec = {
+                "device": device,
+                "devices": k,
+                "per_device_exams": args.per_device_exams,
+                "dtype": args.dtype,
+                "image_shape": list(args.image_shape),
+                "crop_shape": list(args.crop_shape),
+                "steps": args.steps,
+            }
             print(f"[train] {k} device(s) ...", file=sys.stderr, flush=True)
-            worker = bc.Worker(SCRIPT, spec, cores, bc.worker_env(args.threads, device, args.xla_flags),
-                               Path(tmp) / f"devices_{k}.log")
+            worker = bc.Worker(
+                SCRIPT, spec, cores, bc.worker_env(args.threads, device, args.xla_flags), Path(tmp) / f"devices_{k}.log"
+            )
             try:
                 out = worker.receive()
             finally:
@@ -214,12 +271,23 @@ def run(args) -> int:
             xla_flags = out["xla_flags"]
             med, spread = bc.median_spread(out["runs_ms"])
             exams = k * args.per_device_exams
-            results.append({"devices": k, "global_batch_exams": exams, "compile_s": out["compile_s"],
-                            "compile_cache": out["compile_cache"],
-                            "step_ms": med, "step_ms_spread": spread, "exams_per_s": exams / (med / 1e3)})
+            results.append(
+                {
+                    "devices": k,
+                    "global_batch_exams": exams,
+                    "compile_s": out["compile_s"],
+                    "compile_cache": out["compile_cache"],
+                    "step_ms": med,
+                    "step_ms_spread": spread,
+                    "exams_per_s": exams / (med / 1e3),
+                }
+            )
     report = {
-        "device": (f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores}; forced devices share them)"
-                   if device == "cpu" else ", ".join(sorted(kinds))),
+        "device": (
+            f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores}; forced devices share them)"
+            if device == "cpu"
+            else ", ".join(sorted(kinds))
+        ),
         "versions": bc.versions(extra=bc.GPU_PACKAGES if device == "gpu" else ()),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
@@ -239,21 +307,32 @@ def run(args) -> int:
 
 def markdown(report: dict) -> str:
     base = report["results"][0]["exams_per_s"] / report["results"][0]["devices"]
-    lines = [f"Device: {report['device']}  ",
-             f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}, "
-             f"{report['dtype']}, {report['threads']} threads  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
-             "| devices | global batch (exams) | compile (s) | compile cache | step (ms) | spread, IQR (ms) | exams/s | per device vs 1 |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {report['device']}  ",
+        f"Unit: {report['unit']}, images {report['image_shape'][0]}x{report['image_shape'][1]}, "
+        f"{report['dtype']}, {report['threads']} threads  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| devices | global batch (exams) | compile (s) | compile cache | step (ms) | spread, IQR (ms) | exams/s "
+        "| per device vs 1 |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['devices']} | {r['global_batch_exams']} | {r['compile_s']:.1f} | {r['compile_cache']} | {r['step_ms']:.0f} | "
-                     f"{r['step_ms_spread']:.0f} | {r['exams_per_s']:.3f} | "
-                     f"{r['exams_per_s'] / r['devices'] / base:.2f} |")
+        lines.append(
+            f"| {r['devices']} | {r['global_batch_exams']} | {r['compile_s']:.1f} | {r['compile_cache']} "
+            f"| {r['step_ms']:.0f} | "
+            f"{r['step_ms_spread']:.0f} | {r['exams_per_s']:.3f} | "
+            f"{r['exams_per_s'] / r['devices'] / base:.2f} |"
+        )
     ip = report["input_pipeline"]
-    lines += ["", f"XLA_FLAGS: {report['xla_flags']!r}  ",
-              "Input pipeline: not measured (--input-batches 0)" if ip is None else
-              f"Input pipeline: {ip['exams_per_s']:.3f} exams/s ({ip['source']}, {ip['batches']} batches of "
-              f"{ip['batch_exams']} exam(s), on the same cores, host side only)"]
+    lines += [
+        "",
+        f"XLA_FLAGS: {report['xla_flags']!r}  ",
+        "Input pipeline: not measured (--input-batches 0)"
+        if ip is None
+        else f"Input pipeline: {ip['exams_per_s']:.3f} exams/s ({ip['source']}, {ip['batches']} batches of "
+        f"{ip['batch_exams']} exam(s), on the same cores, host side only)",
+    ]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ loop included, since that is what users compare against. It needs torch and torc
 (`pip install torch torchvision==0.2.2.post3`); that torchvision imports `PIL.PILLOW_VERSION`,
 which Pillow >= 7 no longer has, so it is set to Pillow's version before the import.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-
 from bench_common import param_counts
 
 
@@ -25,8 +25,9 @@ def load_original(path):
     """The original's `gmic` model module from a checkout at `path`."""
     path = Path(path).resolve()
     if not (path / "src" / "modeling" / "gmic.py").is_file():
-        raise TorchReferenceError(f"--torch-ref {path}: no src/modeling/gmic.py there; "
-                                  "expected a checkout of the original GMIC release")
+        raise TorchReferenceError(
+            f"--torch-ref {path}: no src/modeling/gmic.py there; expected a checkout of the original GMIC release"
+        )
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -40,13 +41,21 @@ def load_original(path):
     try:
         from src.modeling import gmic
     except ImportError as e:
-        raise TorchReferenceError(f"--torch-ref {path}: cannot import its model ({e}); it needs "
-                                  "torchvision 0.2.2 (pip install torchvision==0.2.2.post3)") from None
+        raise TorchReferenceError(
+            f"--torch-ref {path}: cannot import its model ({e}); it needs "
+            "torchvision 0.2.2 (pip install torchvision==0.2.2.post3)"
+        ) from None
     return gmic
 
 
-def original_parameters(image_shape: Sequence[int], crop_shape: Sequence[int], K: int, percent_t: float,
-                        cam_size: Sequence[int], device: str) -> dict:
+def original_parameters(
+    image_shape: Sequence[int],
+    crop_shape: Sequence[int],
+    K: int,
+    percent_t: float,
+    cam_size: Sequence[int],
+    device: str,
+) -> dict:
     """The original's inference parameters (its run script's dictionary, model 1) for these shapes."""
     return {
         "device_type": "gpu" if device == "gpu" else "cpu",
@@ -66,8 +75,19 @@ def original_parameters(image_shape: Sequence[int], crop_shape: Sequence[int], K
 class TorchGMIC:
     """The original model with given weights, on CPU or one GPU; batches are NHWC numpy arrays."""
 
-    def __init__(self, path, state_dict: Mapping[str, np.ndarray], *, image_shape, crop_shape, K: int,
-                 percent_t: float, cam_size, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        path,
+        state_dict: Mapping[str, np.ndarray],
+        *,
+        image_shape,
+        crop_shape,
+        K: int,
+        percent_t: float,
+        cam_size,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
         import torch
 
         if threads:
@@ -113,7 +133,10 @@ class TorchGMIC:
     def outputs(self) -> dict[str, np.ndarray]:
         """The last forward's outputs, named and laid out as gmic-jax's (NHWC saliency maps)."""
         m = self.model
-        to_np = lambda t: t.detach().cpu().numpy()
+
+        def to_np(t):
+            return t.detach().cpu().numpy()
+
         return {
             "y_global": to_np(m.y_global),
             "y_local": to_np(m.y_local),

@@ -6,6 +6,7 @@
 Changes model.aggregation only (on configs/synthetic.py unless a base is named after a comma).
 Cost: that of the base config (synthetic: ~15-20 min on a 2-core CPU).
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config

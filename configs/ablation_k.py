@@ -5,6 +5,7 @@
 Changes model.K only (on configs/synthetic.py unless a base is named after a comma).
 Cost: that of the base config, scaled roughly with K for the local network.
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config

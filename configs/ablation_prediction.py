@@ -7,6 +7,7 @@ Changes eval.prediction only (on configs/synthetic.py unless a base is named aft
 Any trained checkpoint can also be scored this way: gmic-jax evaluate --prediction local ...
 Cost: that of the base config.
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config

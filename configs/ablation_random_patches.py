@@ -5,6 +5,7 @@
 Changes model.patch_selection only (on configs/synthetic.py, or the base named as the argument).
 Cost: that of the base config.
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config

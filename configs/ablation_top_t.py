@@ -5,6 +5,7 @@
 Changes model.percent_t only (on configs/synthetic.py unless a base is named after a comma).
 Cost: that of the base config.
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config

@@ -11,6 +11,7 @@ Hyper-parameters: the paper draws them per run by random search -- learning rate
 there before quoting). The values below are mid-range picks. The paper also pretrains the global
 network f_g; pass such a checkpoint with --init-from DIR.
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config
@@ -18,7 +19,7 @@ from gmic_jax.train.config_lib import load_config
 
 def get_config():
     c = load_config(str(Path(__file__).with_name("nyu_paper.py")))
-    c.data.normalization = "unit_range"   # the CBIS-DDSM preprocessing's [0, 1] scaling
-    c.data.window_noise = False           # no best centre: the CBIS-DDSM preprocessing resizes the whole breast
-    c.eval.tta_draws = 0                  # 10 for the paper's test-time augmentation
+    c.data.normalization = "unit_range"  # the CBIS-DDSM preprocessing's [0, 1] scaling
+    c.data.window_noise = False  # no best centre: the CBIS-DDSM preprocessing resizes the whole breast
+    c.eval.tta_draws = 0  # 10 for the paper's test-time augmentation
     return c

@@ -12,6 +12,7 @@ drawn per run (as we read Sec. 4 of the paper; check there before quoting); bala
 positives and negatives each epoch; augmentation as in gmic_jax.augment; test-time
 augmentation with 10 draws; the global network pretrained (use --init-from).
 """
+
 from gmic_jax.train.defaults import default_config
 
 
@@ -19,7 +20,7 @@ def get_config():
     c = default_config()
     c.data.source = "cache"
     c.data.normalization = "standardize"  # the original's per-window standardisation
-    c.data.window_noise = True            # the original's window noise; train cache built with --window-noise
+    c.data.window_noise = True  # the original's window noise; train cache built with --window-noise
     c.model.image_shape = (2944, 1920)
     c.model.crop_shape = (256, 256)
     c.model.K = 6

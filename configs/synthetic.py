@@ -67,6 +67,7 @@ epochs); late strides (1, 1, 1, 2, 2) (malignant pointing 0.30-0.43); beta 0.07 
 symmetry (0.10 / 0.01).
 Per-seed results and timings: benchmarks/RESULTS.md ("Localisation").
 """
+
 from gmic_jax.train.defaults import default_config
 
 

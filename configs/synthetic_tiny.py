@@ -7,6 +7,7 @@ Cost: 800 training images of 256 x 192, 4 epochs of 50 steps; measured 2.7 min (
 training, tests/test_train_learning.py, in the full suite) on a 2-core Intel Xeon (family 6 model 207,
 no AMX), load 1.4-2.2.
 """
+
 from pathlib import Path
 
 from gmic_jax.train.config_lib import load_config

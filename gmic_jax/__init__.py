@@ -5,6 +5,7 @@
 The names below are imported on first use, so that processes which only read data (the input
 pipeline's worker processes, ``gmic-jax cache``) do not import JAX and Flax.
 """
+
 __version__ = "0.1.0"
 
 _LAZY = {"GMICConfig": "gmic_jax.config", "GMIC": "gmic_jax.models", "init_variables": "gmic_jax.models"}

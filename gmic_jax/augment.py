@@ -10,6 +10,7 @@ translation; output pixel p takes the bilinear sample of the input at
 c + A^-1 (p - c - t). Pixels that fall outside the input take the image's minimum (the
 background of a normalised mammogram). scale > 1 zooms in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +26,12 @@ from jax.scipy.ndimage import map_coordinates
 class AugmentConfig:
     """Ranges of the random augmentation; the defaults are the paper's."""
 
-    flip: bool = True                     # left-right, with probability 1/2
-    rotation_deg: float = 15.0            # uniform in [-r, r]
-    translation: float = 0.1              # uniform in [-f, f] times (H, W)
+    flip: bool = True  # left-right, with probability 1/2
+    rotation_deg: float = 15.0  # uniform in [-r, r]
+    translation: float = 0.1  # uniform in [-f, f] times (H, W)
     scale: tuple[float, float] = (0.8, 1.6)
-    shear_deg: float = 25.0               # uniform in [-s, s]
-    noise_sigma: float = 0.005            # additive Gaussian noise
+    shear_deg: float = 25.0  # uniform in [-s, s]
+    noise_sigma: float = 0.005  # additive Gaussian noise
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "AugmentConfig":
@@ -52,8 +53,14 @@ class AugmentConfig:
 
     @property
     def is_identity(self) -> bool:
-        return (not self.flip and self.rotation_deg == 0 and self.translation == 0
-                and tuple(self.scale) == (1.0, 1.0) and self.shear_deg == 0 and self.noise_sigma == 0)
+        return (
+            not self.flip
+            and self.rotation_deg == 0
+            and self.translation == 0
+            and tuple(self.scale) == (1.0, 1.0)
+            and self.shear_deg == 0
+            and self.noise_sigma == 0
+        )
 
 
 def sample_transform(key, cfg: AugmentConfig, shape):

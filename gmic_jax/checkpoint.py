@@ -10,9 +10,11 @@
 Training workdirs add "checkpoint_selection": {"metric", "min_delta", "rule"}, the rule by which
 `load_checkpoint` picks a step (see `SelectionRule`); training logs the step it keeps by the same
 rule, and predict and evaluate record the step they load and why (`load_selected`,
-`Selection.to_dict`, through :mod:`gmic_jax.records`). Steps are managed by `orbax.checkpoint.CheckpointManager`; steps saved at an evaluation carry
-the validation metrics the rule reads.
+`Selection.to_dict`, through :mod:`gmic_jax.records`). Steps are managed by
+`orbax.checkpoint.CheckpointManager`; steps saved at an evaluation carry the validation metrics the
+rule reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +51,8 @@ class Selection:
 
     step: int
     reason: str
-    value: float | None = None       # the rule's metric at ``step`` (None: no evaluated step)
-    best_step: int | None = None     # the evaluated step with the highest metric
+    value: float | None = None  # the rule's metric at ``step`` (None: no evaluated step)
+    best_step: int | None = None  # the evaluated step with the highest metric
     best_value: float | None = None
     rule: dict = dataclasses.field(default_factory=dict, hash=False)  # SelectionRule.to_dict(), or {"rule": ...}
 
@@ -77,8 +79,10 @@ class SelectionRule:
     metric: str = BEST_METRIC
     min_delta: float = 0.0
 
-    DESCRIPTION = ("the latest evaluated step whose metric is within min_delta of the best value of "
-                   "the metric over all evaluated steps")
+    DESCRIPTION = (
+        "the latest evaluated step whose metric is within min_delta of the best value of "
+        "the metric over all evaluated steps"
+    )
 
     def __post_init__(self):
         if not (isinstance(self.min_delta, (int, float)) and self.min_delta >= 0 and math.isfinite(self.min_delta)):
@@ -111,8 +115,10 @@ class SelectionRule:
         if step == best_step:
             reason = f"{self.metric} {value:.4f}, the best of {n} evaluated step{'s' * (n > 1)}"
         else:
-            reason = (f"{self.metric} {value:.4f}, within best_min_delta {self.min_delta:g} of the best "
-                      f"{best:.4f} (step {best_step}): the later step wins")
+            reason = (
+                f"{self.metric} {value:.4f}, within best_min_delta {self.min_delta:g} of the best "
+                f"{best:.4f} (step {best_step}): the later step wins"
+            )
         return Selection(step, reason, value, best_step, best, self.to_dict())
 
     def steps_to_preserve(self, evaluated: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
@@ -145,8 +151,10 @@ def write_config(directory, config: GMICConfig, preprocessing: Preprocessing | N
     the model's image_shape."""
     preprocessing = preprocessing or Preprocessing(window_shape=config.image_shape)
     if preprocessing.window_shape != config.image_shape:
-        raise ValueError(f"preprocessing window_shape {list(preprocessing.window_shape)} differs from the "
-                         f"model's image_shape {list(config.image_shape)}")
+        raise ValueError(
+            f"preprocessing window_shape {list(preprocessing.window_shape)} differs from the "
+            f"model's image_shape {list(config.image_shape)}"
+        )
     doc = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -191,8 +199,9 @@ def read_config(directory) -> tuple[GMICConfig, Preprocessing, dict]:
     return config, preprocessing, doc
 
 
-def save_checkpoint(directory, config: GMICConfig, variables, preprocessing: Preprocessing | None = None,
-                    step: int = 0):
+def save_checkpoint(
+    directory, config: GMICConfig, variables, preprocessing: Preprocessing | None = None, step: int = 0
+):
     """Write config.json (:func:`write_config`) and `variables` ({'params', 'batch_stats'}) as step `step` of DIR."""
     import orbax.checkpoint as ocp
 
@@ -212,9 +221,12 @@ def _read_only_manager(directory):
     quiet_library_noise()  # Orbax announces every read-only manager
     # Options a read-only manager would otherwise reset, one warning each; no root metadata (its
     # save ends in a barrier of all processes, and a reader may be one process alone).
-    return ocp.CheckpointManager(directory, options=manager_options(
-        read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False,
-        save_root_metadata=False))
+    return ocp.CheckpointManager(
+        directory,
+        options=manager_options(
+            read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False, save_root_metadata=False
+        ),
+    )
 
 
 def saved_steps(directory) -> list[int]:
@@ -278,8 +290,10 @@ def load_selected(directory, step: int | None = None) -> tuple[GMICConfig, dict,
     with _read_only_manager(directory) as mngr:
         chosen = _select(mngr, given, doc, step)
         try:
-            restored = mngr.restore(chosen.step, args=ocp.args.Composite(
-                **{VARIABLES_ITEM: ocp.args.StandardRestore(fallback_sharding=here)}))
+            restored = mngr.restore(
+                chosen.step,
+                args=ocp.args.Composite(**{VARIABLES_ITEM: ocp.args.StandardRestore(fallback_sharding=here)}),
+            )
         except Exception as e:  # Orbax's errors for a missing or damaged step
             raise CheckpointError(f"{given}: cannot read step {chosen.step} ({type(e).__name__}: {e})") from None
     variables = restored[VARIABLES_ITEM]

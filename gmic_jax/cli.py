@@ -8,6 +8,7 @@ so ``gmic-jax --help`` stays fast.
 Exit status: 0 done; 2 a mistake in the command line or config (one line on stderr, no traceback,
 nothing written); 1 the data, a checkpoint or the run failed (a batch job lists its failures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,18 @@ from pathlib import Path
 # name -> (module, one-line help). Modules are imported lazily, only for the chosen command.
 COMMANDS = {
     "convert": ("gmic_jax.convert", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
-    "preprocess": ("gmic_jax.data.preprocess", "crop images and find window centres (the original's exam-list pipeline)"),
+    "preprocess": (
+        "gmic_jax.data.preprocess",
+        "crop images and find window centres (the original's exam-list pipeline)",
+    ),
     "cache": ("gmic_jax.data.cache", "preprocess a dataset once into memory-mapped uint16 window shards"),
     "predict": ("gmic_jax.predict.cli", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
     "train": ("gmic_jax.train.loop", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
     "evaluate": ("gmic_jax.train.evaluate", "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure"),
-    "compare-steps": ("gmic_jax.train.compare_steps",
-                      "evaluate every evaluated checkpoint step of a training workdir on held-out data"),
+    "compare-steps": (
+        "gmic_jax.train.compare_steps",
+        "evaluate every evaluated checkpoint step of a training workdir on held-out data",
+    ),
 }
 # Options that name an output directory (each command has at most one).
 OUTPUT_DIR_OPTIONS = ("workdir", "output", "out")

@@ -4,6 +4,7 @@ Kept free of ml_collections on purpose: the model and benchmark path must import
 that only have jax/flax. Training configs (`configs/*.py`) hold a `GMICConfig`'s fields under
 `config.model` and build it with `GMICConfig.from_dict`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -148,7 +149,9 @@ class GMICConfig:
         if len(self.global_blocks) != 5 or min(self.global_blocks) < 1:
             raise ValueError(f"GMICConfig.global_blocks={self.global_blocks}; expected five block counts >= 1")
         if self.saliency_symmetry not in SALIENCY_SYMMETRIES:
-            raise ValueError(f"GMICConfig.saliency_symmetry={self.saliency_symmetry!r}; expected one of {SALIENCY_SYMMETRIES}")
+            raise ValueError(
+                f"GMICConfig.saliency_symmetry={self.saliency_symmetry!r}; expected one of {SALIENCY_SYMMETRIES}"
+            )
         if len(self.global_widths) != 5 or min(self.global_widths) < 1:
             raise ValueError(f"GMICConfig.global_widths={self.global_widths}; expected five channel counts >= 1")
         if len(self.global_kernels) != 5 or not set(self.global_kernels) <= {1, 3}:

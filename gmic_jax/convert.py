@@ -10,6 +10,7 @@ The original is NCHW/OIHW PyTorch; gmic-jax is NHWC/HWIO Flax. Every key of the 
 state_dict must find its place and every parameter of the model must be filled: a missing,
 unexpected or mis-shaped key is an error naming it. `num_batches_tracked` is ignored.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,11 @@ from gmic_jax.torch_format import TorchFormatError, read_torch_state_dict
 
 IGNORED_LEAVES = ("num_batches_tracked",)
 # Flax module path prefixes that differ from the original's attribute names.
-_PREFIX_TO_TORCH = {("attention", "mil_attn_U"): "mil_attn_U", ("attention", "mil_attn_V"): "mil_attn_V",
-                    ("attention", "mil_attn_w"): "mil_attn_w"}
+_PREFIX_TO_TORCH = {
+    ("attention", "mil_attn_U"): "mil_attn_U",
+    ("attention", "mil_attn_V"): "mil_attn_V",
+    ("attention", "mil_attn_w"): "mil_attn_w",
+}
 _NUMBERED = re.compile(r"^(layer_list|layer\d+|downsample)_(\d+(?:_\d+)*)$")
 
 
@@ -115,7 +119,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GMICConfig 
     for collection, path, leaf in _flat_leaves(template):
         key = _torch_key(collection, path)
         if key not in sd:
-            problems.append(f"missing key {key!r} (expected shape {_to_torch_layout(np.empty(leaf.shape, np.uint8)).shape})")
+            problems.append(
+                f"missing key {key!r} (expected shape {_to_torch_layout(np.empty(leaf.shape, np.uint8)).shape})"
+            )
             continue
         used.add(key)
         value = _as_numpy(sd[key], key)
@@ -131,7 +137,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GMICConfig 
             node = node.setdefault(p, {})
         node[path[-1]] = np.ascontiguousarray(converted, dtype=np.float32)
     for key in sorted(set(sd) - used):
-        problems.append(f"unexpected key {key!r} (shape {tuple(np.shape(sd[key]))}): no place for it in GMIC({_describe(config)})")
+        problems.append(
+            f"unexpected key {key!r} (shape {tuple(np.shape(sd[key]))}): no place for it in GMIC({_describe(config)})"
+        )
     if problems:
         raise ConversionError(f"state_dict does not fit GMIC ({len(problems)} problems):\n  " + "\n  ".join(problems))
     return variables
@@ -196,11 +204,17 @@ def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
 
 
 def add_arguments(parser):
-    parser.add_argument("src", help="original checkpoint: sample_model_N.p (torch.save; torch not needed) or an .npz "
-                             "of its state_dict")
+    parser.add_argument(
+        "src", help="original checkpoint: sample_model_N.p (torch.save; torch not needed) or an .npz of its state_dict"
+    )
     parser.add_argument("--out", required=True, help="output directory (gmic-jax checkpoint layout)")
-    parser.add_argument("--model-index", type=int, default=1, choices=sorted(RELEASED_PERCENT_T),
-                        help="which released model (1..5) the weights are; sets top-t (default: 1)")
+    parser.add_argument(
+        "--model-index",
+        type=int,
+        default=1,
+        choices=sorted(RELEASED_PERCENT_T),
+        help="which released model (1..5) the weights are; sets top-t (default: 1)",
+    )
     parser.add_argument("--percent-t", type=float, default=None, help="override top-t of --model-index")
 
 

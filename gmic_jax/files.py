@@ -5,6 +5,7 @@ beside its destination and renamed over it. Batch commands (preprocess, cache, p
 bad inputs the same way: one ``error: ...`` line per failure on stderr, the same lines in
 ``failures.txt`` beside the outputs, exit status 1.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ JAX's ``Unable to initialize backend 'tpu'`` is an INFO message of ``jax._src.xl
 probe for a TPU runtime on a machine without one): it shows only when the root logger is at INFO,
 which :func:`configure` no longer does.
 """
+
 from __future__ import annotations
 
 import logging

@@ -24,8 +24,8 @@ class):
 
 A metric that is undefined (e.g. AUC with one class present) is left out, not reported as NaN.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
@@ -57,8 +57,9 @@ def breast_level(scores, labels, breast_ids):
     ids = np.asarray(breast_ids)
     uniq, inverse = np.unique(ids, return_inverse=True)
     count = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
-    out_scores = np.stack([np.bincount(inverse, scores[:, c], len(uniq)) / count
-                           for c in range(scores.shape[1])], axis=1)
+    out_scores = np.stack(
+        [np.bincount(inverse, scores[:, c], len(uniq)) / count for c in range(scores.shape[1])], axis=1
+    )
     out_labels = np.zeros((len(uniq), labels.shape[1]), labels.dtype)
     np.maximum.at(out_labels, inverse, labels)
     return out_scores, out_labels
@@ -128,7 +129,7 @@ def patch_cover(image_shape, locations, crop_shape):
     ch, cw = crop_shape
     cover = np.zeros((H, W), bool)
     for r, c in np.asarray(locations, np.int64):
-        cover[max(r, 0):min(r + ch, H), max(c, 0):min(c + cw, W)] = True
+        cover[max(r, 0) : min(r + ch, H), max(c, 0) : min(c + cw, W)] = True
     return cover
 
 
@@ -158,8 +159,12 @@ def pointing_cells(mask, grid_shape) -> np.ndarray:
     table[1:, 1:] = m.cumsum(0).cumsum(1)
     r0, r1 = np.clip(rows - ry, 0, H), np.clip(rows + ry + 1, 0, H)
     c0, c1 = np.clip(cols - rx, 0, W), np.clip(cols + rx + 1, 0, W)
-    count = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
-             - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
+    count = (
+        table[r1[:, None], c1[None, :]]
+        - table[r0[:, None], c1[None, :]]
+        - table[r1[:, None], c0[None, :]]
+        + table[r0[:, None], c0[None, :]]
+    )
     return count > 0
 
 

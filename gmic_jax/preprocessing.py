@@ -31,6 +31,7 @@ that knows old spellings:
     std_floor (written, never read: always 1e-5) -> dropped; any other value is refused
     no section at all -> "original" at the model's window
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,14 +73,22 @@ class SyntheticData:
         """The :class:`~gmic_jax.data.synthetic.SyntheticSpec` of these settings at ``image_shape``."""
         from gmic_jax.data.synthetic import SyntheticSpec
 
-        kw = dict(image_shape=tuple(image_shape), p_benign=self.p_benign, p_malignant=self.p_malignant,
-                  lesion_area=self.lesion_area)
+        kw = dict(
+            image_shape=tuple(image_shape),
+            p_benign=self.p_benign,
+            p_malignant=self.p_malignant,
+            lesion_area=self.lesion_area,
+        )
         kw.update(overrides)
         return SyntheticSpec(**kw)
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "p_benign": self.p_benign, "p_malignant": self.p_malignant,
-                "lesion_area": list(self.lesion_area)}
+        return {
+            "seed": self.seed,
+            "p_benign": self.p_benign,
+            "p_malignant": self.p_malignant,
+            "lesion_area": list(self.lesion_area),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +115,9 @@ class Preprocessing:
         if self.iterations < 0 or self.buffer_size < 0:
             raise ValueError(f"iterations={self.iterations}, buffer_size={self.buffer_size}; expected >= 0")
         if self.synthetic is not None and self.name != "window":
-            raise ValueError(f"a synthetic section goes with name 'window' (the synthetic images are the "
-                             f"windows), not {self.name!r}")
+            raise ValueError(
+                f"a synthetic section goes with name 'window' (the synthetic images are the windows), not {self.name!r}"
+            )
 
     @classmethod
     def for_name(cls, name: str, window_shape=ORIGINAL_WINDOW, **kw) -> "Preprocessing":
@@ -117,9 +127,13 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         """The canonical config.json section."""
-        doc: dict[str, Any] = {"name": self.name, "window_shape": list(self.window_shape),
-                               "normalization": self.normalization, "iterations": self.iterations,
-                               "buffer_size": self.buffer_size}
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "window_shape": list(self.window_shape),
+            "normalization": self.normalization,
+            "iterations": self.iterations,
+            "buffer_size": self.buffer_size,
+        }
         if self.synthetic is not None:
             doc["synthetic"] = self.synthetic.to_dict()
         return doc
@@ -141,8 +155,10 @@ class Preprocessing:
         without a window stands for). Raises ValueError saying what is wrong."""
         prep = cls.from_dict(migrate(doc, image_shape))
         if image_shape is not None and prep.window_shape != tuple(image_shape):
-            raise ValueError(f"preprocessing window_shape {list(prep.window_shape)} differs from the "
-                             f"model's image_shape {list(image_shape)}")
+            raise ValueError(
+                f"preprocessing window_shape {list(prep.window_shape)} differs from the "
+                f"model's image_shape {list(image_shape)}"
+            )
         return prep
 
 

@@ -6,6 +6,7 @@ and why (:class:`gmic_jax.checkpoint.Selection`), the command line, the versions
                               "reason": "val_auc_malignant 0.9818, the best of 12 evaluated steps", ...},
      "command": ["gmic-jax", "evaluate", ...], "versions": {"gmic-jax": ..., "jax": ..., ...}}
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -29,8 +30,11 @@ def versions() -> dict[str, str]:
 def checkpoint_record(directory, selection) -> dict:
     """``checkpoint``, ``checkpoint_step`` and ``checkpoint_selection`` (rule and reason) of one
     loaded checkpoint."""
-    return {"checkpoint": str(directory), "checkpoint_step": int(selection.step),
-            "checkpoint_selection": selection.to_dict()}
+    return {
+        "checkpoint": str(directory),
+        "checkpoint_step": int(selection.step),
+        "checkpoint_selection": selection.to_dict(),
+    }
 
 
 def describe(directory, selection) -> str:

@@ -20,6 +20,7 @@ only the globals a state_dict needs (the tensor rebuild functions, the `torch.<T
 it. Each tensor is rebuilt as a numpy copy of its view into the storage (offset, size and stride
 in elements), bounds-checked against the storage.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,17 @@ PROTOCOL_VERSION = 1001  # second pickle of the legacy format
 
 # torch.<name> storage classes of the pickles -> numpy dtype (BFloat16 through ml_dtypes, as in JAX).
 _STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexDoubleStorage": "complex128",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
     "ComplexFloatStorage": "complex64",
 }
 
@@ -99,9 +108,11 @@ class _Tensor:
         storage, offset = self.storage, self.offset
         if isinstance(storage, _StorageView):
             if storage.offset < 0 or storage.offset + storage.numel > storage.root.numel:
-                raise TorchFormatError(f"a storage view [{storage.offset}, +{storage.numel}) lies outside its "
-                                       f"storage of {storage.root.numel} elements")
-            base = storage.root.data[storage.offset: storage.offset + storage.numel]
+                raise TorchFormatError(
+                    f"a storage view [{storage.offset}, +{storage.numel}) lies outside its "
+                    f"storage of {storage.root.numel} elements"
+                )
+            base = storage.root.data[storage.offset : storage.offset + storage.numel]
         else:
             base = storage.data
         if base is None:
@@ -112,10 +123,13 @@ class _Tensor:
             return np.zeros(self.size, base.dtype.newbyteorder("="))
         last = offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
         if last >= base.size:
-            raise TorchFormatError(f"a tensor of size {self.size}, stride {self.stride}, offset {offset} reaches "
-                                   f"element {last} of a storage of {base.size}")
-        view = np.lib.stride_tricks.as_strided(base[offset:], shape=self.size,
-                                               strides=[s * base.itemsize for s in self.stride], writeable=False)
+            raise TorchFormatError(
+                f"a tensor of size {self.size}, stride {self.stride}, offset {offset} reaches "
+                f"element {last} of a storage of {base.size}"
+            )
+        view = np.lib.stride_tricks.as_strided(
+            base[offset:], shape=self.size, strides=[s * base.itemsize for s in self.stride], writeable=False
+        )
         out = np.array(view, dtype=base.dtype.newbyteorder("="), order="C")
         if self.neg:
             out = -out
@@ -128,8 +142,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     return _Tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     # requires_grad and hooks do not change the values a state_dict holds.
     return _Tensor(storage, storage_offset, size, stride, metadata)
 
@@ -158,8 +171,10 @@ class _Unpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        raise TorchFormatError(f"refusing the pickled global {module}.{name}: a state_dict holds only tensors "
-                               "(torch._utils._rebuild_tensor_v2, torch.<T>Storage, collections.OrderedDict)")
+        raise TorchFormatError(
+            f"refusing the pickled global {module}.{name}: a state_dict holds only tensors "
+            "(torch._utils._rebuild_tensor_v2, torch.<T>Storage, collections.OrderedDict)"
+        )
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid:
@@ -210,8 +225,10 @@ def _read_zip(raw: bytes) -> Any:
             data = zf.read(record)
             nbytes = storage.numel * storage.dtype.itemsize
             if len(data) != nbytes:
-                raise TorchFormatError(f"storage record {record} has {len(data)} bytes, expected {nbytes} "
-                                       f"({storage.numel} x {storage.dtype})")
+                raise TorchFormatError(
+                    f"storage record {record} has {len(data)} bytes, expected {nbytes} "
+                    f"({storage.numel} x {storage.dtype})"
+                )
             storage.data = np.frombuffer(data, storage.dtype.newbyteorder(order))
     return obj
 
@@ -281,6 +298,16 @@ def read_torch_state_dict(path) -> dict[str, np.ndarray]:
         return _materialize(obj)
     except TorchFormatError as e:
         raise TorchFormatError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, struct.error, UnicodeDecodeError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        struct.error,
+        UnicodeDecodeError,
+    ) as e:
         raise TorchFormatError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None

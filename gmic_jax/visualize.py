@@ -11,6 +11,7 @@ Panels, left to right (4 + K of them, one row):
 The figure has a fixed size in pixels (:func:`figure_size`), so a batch of figures lines up.
 Rendered with matplotlib's object API (no pyplot state), so it works headless and in threads.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,14 +21,15 @@ import numpy as np
 
 from gmic_jax.files import atomic_path
 
-PANEL_PX = 300      # width of every panel
-TITLE_PX = 40       # band above the panels for their titles
+PANEL_PX = 300  # width of every panel
+TITLE_PX = 40  # band above the panels for their titles
 DPI = 100
 SALIENCY_ALPHA_MAX = 0.95  # opacity of a saliency value of 1 (0 is fully transparent)
 
 
-def figure_size(image_shape: Sequence[int], crop_shape: Sequence[int], K: int,
-                panel_px: int = PANEL_PX) -> tuple[int, int]:
+def figure_size(
+    image_shape: Sequence[int], crop_shape: Sequence[int], K: int, panel_px: int = PANEL_PX
+) -> tuple[int, int]:
     """(width, height) in pixels of the PNG that :func:`save_figure` writes."""
     H, W = image_shape
     ch, cw = crop_shape
@@ -63,14 +65,28 @@ def _overlay_masks(ax, masks, extent):
     for c, color in ((0, (0.1, 0.75, 0.2, 0.6)), (1, (0.9, 0.15, 0.1, 0.6))):
         m = np.asarray(masks[..., c]) > 0
         if m.any():
-            ax.imshow(np.ma.masked_where(~m, m.astype(np.float32)), cmap=ListedColormap([color]),
-                      vmin=0, vmax=1, extent=extent, interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_where(~m, m.astype(np.float32)),
+                cmap=ListedColormap([color]),
+                vmin=0,
+                vmax=1,
+                extent=extent,
+                interpolation="nearest",
+            )
 
 
-def save_figure(path, image: np.ndarray, saliency_map: np.ndarray, patch_locations: np.ndarray,
-                patches: np.ndarray, patch_attns: np.ndarray, crop_shape: Sequence[int],
-                masks: Optional[np.ndarray] = None, title: Optional[str] = None,
-                panel_px: int = PANEL_PX) -> Path:
+def save_figure(
+    path,
+    image: np.ndarray,
+    saliency_map: np.ndarray,
+    patch_locations: np.ndarray,
+    patches: np.ndarray,
+    patch_attns: np.ndarray,
+    crop_shape: Sequence[int],
+    masks: Optional[np.ndarray] = None,
+    title: Optional[str] = None,
+    panel_px: int = PANEL_PX,
+) -> Path:
     """Write the figure of one image as PNG (atomically) and return its path.
 
     image: (H, W) the model's input window; saliency_map: (h, w, 2) [benign, malignant] as the
@@ -92,8 +108,9 @@ def save_figure(path, image: np.ndarray, saliency_map: np.ndarray, patch_locatio
     if saliency_map.ndim != 3 or saliency_map.shape[-1] != 2:
         raise ValueError(f"saliency_map must be (h, w, 2), got {saliency_map.shape}")
     if patches.shape != (K, ch, cw) or patch_attns.shape != (K,):
-        raise ValueError(f"expected patches ({K}, {ch}, {cw}) and patch_attns ({K},), got "
-                         f"{patches.shape} and {patch_attns.shape}")
+        raise ValueError(
+            f"expected patches ({K}, {ch}, {cw}) and patch_attns ({K},), got {patches.shape} and {patch_attns.shape}"
+        )
 
     width_px, height_px = figure_size((H, W), crop_shape, K, panel_px)
     fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
@@ -103,8 +120,9 @@ def save_figure(path, image: np.ndarray, saliency_map: np.ndarray, patch_locatio
     def panel(i, aspect_hw):
         h_px = panel_px * aspect_hw
         # Panels are top-aligned under the title band.
-        return fig.add_axes([i * panel_px / width_px, (body_px - h_px) / height_px,
-                             panel_px / width_px, h_px / height_px])
+        return fig.add_axes(
+            [i * panel_px / width_px, (body_px - h_px) / height_px, panel_px / width_px, h_px / height_px]
+        )
 
     extent = (-0.5, W - 0.5, H - 0.5, -0.5)
     lo, hi = float(image.min()), float(image.max())
@@ -117,8 +135,14 @@ def save_figure(path, image: np.ndarray, saliency_map: np.ndarray, patch_locatio
 
     def base(i, name):
         ax = panel(i, H / W)
-        ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, extent=shown_extent,
-                  interpolation="antialiased")
+        ax.imshow(
+            shown,
+            cmap="gray",
+            vmin=lo,
+            vmax=hi if hi > lo else lo + 1,
+            extent=shown_extent,
+            interpolation="antialiased",
+        )
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.set_title(name, fontsize=9)
@@ -131,14 +155,24 @@ def save_figure(path, image: np.ndarray, saliency_map: np.ndarray, patch_locatio
     ax = base(1, "patch map")
     _overlay_masks(ax, masks, shown_extent)
     for k, (r, c) in enumerate(patch_locations):
-        ax.add_patch(Rectangle((c - 0.5, r - 0.5), cw, ch, fill=True, facecolor=(0.15, 0.45, 0.85, 0.25),
-                               edgecolor=(0.15, 0.45, 0.95, 1.0), linewidth=1.0))
+        ax.add_patch(
+            Rectangle(
+                (c - 0.5, r - 0.5),
+                cw,
+                ch,
+                fill=True,
+                facecolor=(0.15, 0.45, 0.85, 0.25),
+                edgecolor=(0.15, 0.45, 0.95, 1.0),
+                linewidth=1.0,
+            )
+        )
         ax.text(c + 2, r + 2, str(k + 1), color="yellow", fontsize=7, va="top", ha="left")
 
     for i, (c, name, cmap) in enumerate(((0, "SM: benign", "Greens"), (1, "SM: malignant", "Reds"))):
         ax = base(2 + i, name)
-        ax.imshow(saliency_map[..., c], cmap=_alpha_cmap(cmap), vmin=0.0, vmax=1.0, extent=extent,
-                  interpolation="bilinear")
+        ax.imshow(
+            saliency_map[..., c], cmap=_alpha_cmap(cmap), vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear"
+        )
 
     for k in range(K):
         ax = panel(4 + k, ch / cw)

@@ -17,6 +17,7 @@ $XDG_CACHE_HOME/gmic-jax/jax-compile-cache (~/.cache/...), capped at COMPILE_CAC
 (least recently used entries go first). A cache directory JAX was already given
 (JAX_COMPILATION_CACHE_DIR) is kept when GMIC_JAX_COMPILE_CACHE is not set.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,8 +87,11 @@ def enable_compile_cache() -> Path | None:
     except ImportError:  # without it JAX would fail every cache read: keep the cache, unlimited
         import warnings  # noqa: PLC0415
 
-        warnings.warn(f"the compilation cache in {path} has no size limit: `pip install filelock` for "
-                      f"the {COMPILE_CACHE_MAX_BYTES / 2**30:.0f} GiB cap", stacklevel=2)
+        warnings.warn(
+            f"the compilation cache in {path} has no size limit: `pip install filelock` for "
+            f"the {COMPILE_CACHE_MAX_BYTES / 2**30:.0f} GiB cap",
+            stacklevel=2,
+        )
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's threshold wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_COMPILE_S)
     return path

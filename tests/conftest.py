@@ -4,7 +4,9 @@ The original's goldens: the `goldens` fixture gives each test that asks for it t
 tests/fixtures/golden (always) and those of ../shared/reference (where that folder is present, and
 always under CI=true, where its absence fails). Only the tests of the real sample exam need
 ../shared (its sample_exam, and reference for their weights): outside CI they skip without it, and
-the run ends with one line that counts them; under CI=true they fail. GMIC_JAX_SHARED names another folder in place of ../shared."""
+the run ends with one line that counts them; under CI=true they fail. GMIC_JAX_SHARED names another
+folder in place of ../shared."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,10 +82,12 @@ def pytest_terminal_summary(terminalreporter):
         verb = "is" if len(missing) == 1 else "are"
         terminalreporter.write_line(
             f"gmic-jax: {count} test{'s' if count != 1 else ''} of the real sample exam skipped: "
-            f"{', '.join(missing)} {verb} not beside the repo (under CI=true they fail instead)")
+            f"{', '.join(missing)} {verb} not beside the repo (under CI=true they fail instead)"
+        )
 
 
 # ------------------------------------------------------------------------------ parity goldens
+
 
 def load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -100,6 +104,7 @@ GOLDEN_SOURCES = ("repo", "shared") if UNDER_CI or (SHARED / "reference").exists
 class Goldens:
     """What the original computed ('golden': cases 'small' with gradients, 'b2', 'odd', each with its
     'meta') and the recipe of the weights and inputs it computed it on."""
+
     name: str
     golden: np.lib.npyio.NpzFile
     weights: Callable[[int], dict]  # seed -> original state_dict entries (the 'repo' recipe: float ones only)
@@ -126,15 +131,18 @@ class Goldens:
         from gmic_jax.convert import convert_state_dict
 
         meta = self.meta(case)
-        config = GMICConfig(percent_t=meta["percent_t"], K=meta["K"], crop_shape=(meta["crop"],) * 2,
-                            image_shape=(meta["H"], meta["W"]))
+        config = GMICConfig(
+            percent_t=meta["percent_t"], K=meta["K"], crop_shape=(meta["crop"],) * 2, image_shape=(meta["H"], meta["W"])
+        )
         weights = self.weights(meta["weight_seed"])
         x = self.inputs((meta["N"], 1, meta["H"], meta["W"]), meta["input_seed"])
         if self.name == "repo":
-            assert golden_recipe.fingerprint(weights) == meta["weights_sha256"], \
+            assert golden_recipe.fingerprint(weights) == meta["weights_sha256"], (
                 f"{case}: golden_recipe.golden_weights({meta['weight_seed']}) no longer gives the goldens' weights"
-            assert golden_recipe.fingerprint(x) == meta["input_sha256"], \
+            )
+            assert golden_recipe.fingerprint(x) == meta["input_sha256"], (
                 f"{case}: golden_recipe.golden_input(..., {meta['input_seed']}) no longer gives the goldens' input"
+            )
         return meta, config, convert_state_dict(weights, config), x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
 
 
@@ -142,8 +150,12 @@ class Goldens:
 def goldens(request) -> Goldens:
     """The in-repo goldens ('repo') and, where present, the project's reference goldens ('shared')."""
     if request.param == "repo":
-        return Goldens("repo", np.load(FIXTURES / "golden" / "golden.npz"), golden_recipe.golden_weights,
-                       golden_recipe.golden_input)
+        return Goldens(
+            "repo",
+            np.load(FIXTURES / "golden" / "golden.npz"),
+            golden_recipe.golden_weights,
+            golden_recipe.golden_input,
+        )
     reference_dir = request.getfixturevalue("reference_dir")  # under CI=true: fails without ../shared
     recipe = load_module(reference_dir / "recipe.py", "reference_recipe")
     return Goldens("shared", np.load(reference_dir / "golden.npz"), recipe.reference_weights, recipe.reference_input)
@@ -153,12 +165,20 @@ def goldens(request) -> Goldens:
 
 # A training run of a few seconds: `gmic-jax train` on a tiny synthetic config (1 epoch of 6 steps).
 TINY_TRAIN_ARGS = [
-    "--config", "configs/synthetic_tiny.py",
-    "--config.data.image_shape=(128, 96)", "--config.model.image_shape=(128, 96)",
-    "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
-    "--config.data.num_train=24", "--config.data.num_val=8", "--config.batch_size=4",
-    "--config.num_epochs=1", "--config.checkpoint_every_steps=2", "--config.eval.batch_size=8",
-    "--config.progress_bar=False", "--config.log_every_steps=1",
+    "--config",
+    "configs/synthetic_tiny.py",
+    "--config.data.image_shape=(128, 96)",
+    "--config.model.image_shape=(128, 96)",
+    "--config.model.crop_shape=(32, 32)",
+    "--config.model.K=2",
+    "--config.data.num_train=24",
+    "--config.data.num_val=8",
+    "--config.batch_size=4",
+    "--config.num_epochs=1",
+    "--config.checkpoint_every_steps=2",
+    "--config.eval.batch_size=8",
+    "--config.progress_bar=False",
+    "--config.log_every_steps=1",
 ]
 
 
@@ -189,17 +209,26 @@ def train_env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
     # GMIC_JAX_COMPILE_CACHE names it: the CLI's enable_compile_cache() reads that variable first, and
     # the "off" set above for every other subprocess would turn this session-wide cache off too.
-    e = {**os.environ, "JAX_PLATFORMS": "cpu", "GMIC_JAX_COMPILE_CACHE": str(cache),
-         "JAX_COMPILATION_CACHE_DIR": str(cache),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    e = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "GMIC_JAX_COMPILE_CACHE": str(cache),
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     e.pop("XLA_FLAGS", None)
     return e
 
 
 # The tiny run shared by the tests of a training workdir and of what evaluate and predict make of it.
 # best_min_delta 0: the tests of the selection rule state its plain form (the best step wins).
-TINY_RUN_ARGS = [*TINY_TRAIN_ARGS, "--config.optimizer.schedule=constant", "--config.keep_evaluated=True",
-                 "--config.best_min_delta=0.0"]
+TINY_RUN_ARGS = [
+    *TINY_TRAIN_ARGS,
+    "--config.optimizer.schedule=constant",
+    "--config.keep_evaluated=True",
+    "--config.best_min_delta=0.0",
+]
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +238,13 @@ def tiny_run(tmp_path_factory, train_env):
     (JAX probes for a TPU runtime then, and must not say so: tests/test_train_workdir.py)."""
     workdir = tmp_path_factory.mktemp("runs") / "tiny"
     env = {k: v for k, v in train_env.items() if k != "JAX_PLATFORMS"}
-    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "train", *TINY_RUN_ARGS, "--workdir", str(workdir)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "gmic_jax.cli", "train", *TINY_RUN_ARGS, "--workdir", str(workdir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return workdir, r.stderr

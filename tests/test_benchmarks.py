@@ -6,6 +6,7 @@ on 2 x 2 maps, which XLA's CPU backend runs on a slow path). The side by side wi
 PyTorch release needs its checkout and torch: set GMIC_TORCH_REF=/path/to/checkout to run it here;
 CI has neither, so RESULTS.md holds that run's table and command.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,16 @@ from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
 IMAGE = (256, 192)
 CROP = (96, 96)
 THREADS = min(2, len(os.sched_getaffinity(0)))
-SMALL = ["--image-shape", *map(str, IMAGE), "--crop-shape", *map(str, CROP), "--threads", str(THREADS),
-         "--device", "cpu"]
+SMALL = [
+    "--image-shape",
+    *map(str, IMAGE),
+    "--crop-shape",
+    *map(str, CROP),
+    "--threads",
+    str(THREADS),
+    "--device",
+    "cpu",
+]
 
 
 def _xla_flops(fn, *args) -> float:
@@ -48,8 +57,13 @@ def _xla_flops(fn, *args) -> float:
 
 def _run_script(script: str, args, tmp_path: Path, name: str, timeout: int = 600):
     out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text()), proc.stdout
 
@@ -117,7 +131,9 @@ def test_whole_model_forward_flops_within_5_percent_of_xla_at_full_size():
     cfg = GMICConfig()
     variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
     x = jax.ShapeDtypeStruct((4, *cfg.image_shape, 1), jnp.float32)
-    xla = jax.jit(lambda v, x: GMIC(cfg).apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()["flops"]
+    xla = (
+        jax.jit(lambda v, x: GMIC(cfg).apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()["flops"]
+    )
     analytic = flops.forward_flops(flops.layers_for_config(cfg, 4, local_stem_channels=1))
     assert abs(xla / analytic - 1) < 0.05, (xla, analytic)
 
@@ -176,13 +192,19 @@ def test_script_writes_the_json_with_every_field_filled(small_runs):
 def test_script_parameter_counts_match_the_model(small_runs):
     report, _ = small_runs[1]
     [result] = report["results"]
-    params = jax.eval_shape(lambda: init_variables(GMICConfig(image_shape=IMAGE, crop_shape=CROP), jax.random.key(0)))["params"]
-    size = lambda name: sum(x.size for x in jax.tree.leaves(params[name]))
+    params = jax.eval_shape(lambda: init_variables(GMICConfig(image_shape=IMAGE, crop_shape=CROP), jax.random.key(0)))[
+        "params"
+    ]
+
+    def size(name):
+        return sum(x.size for x in jax.tree.leaves(params[name]))
+
     assert result["params"] == sum(x.size for x in jax.tree.leaves(params))
     assert result["params_global"] == size("ds_net") + size("left_postprocess_net")
     assert result["params_local"] == size("dn_resnet")
     assert report["details"]["per_result"][0]["params_heads"] == (
-        result["params"] - result["params_global"] - result["params_local"])
+        result["params"] - result["params_global"] - result["params_local"]
+    )
 
 
 def test_script_xla_flops_within_5_percent_of_the_analytic_count(small_runs):
@@ -195,7 +217,8 @@ def test_script_xla_flops_within_5_percent_of_the_analytic_count(small_runs):
         assert result["flops_fwd_analytic"] == pytest.approx(expected)
     # per exam: the same whatever the batch size
     assert small_runs[2][0]["results"][0]["flops_fwd_analytic"] == pytest.approx(
-        small_runs[1][0]["results"][0]["flops_fwd_analytic"])
+        small_runs[1][0]["results"][0]["flops_fwd_analytic"]
+    )
 
 
 def test_script_memory_is_positive_and_grows_with_the_batch(small_runs):
@@ -239,8 +262,13 @@ def test_remat_flag_follows_the_models_config(monkeypatch):
 
 
 def test_bad_torch_reference_path_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "memory_fwd_bwd.py"), *SMALL, "--torch-ref", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "memory_fwd_bwd.py"), *SMALL, "--torch-ref", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 1
     assert str(tmp_path) in proc.stderr and "src/modeling/gmic.py" in proc.stderr
     assert proc.stdout == ""
@@ -266,7 +294,14 @@ def test_cpu_identity_reads_the_flags():
     info = bc.cpu_identity()
     assert info["amx"] == any(f.startswith("amx") for f in flags) and info["avx512"] == ("avx512f" in flags)
     assert isinstance(info["family"], int) and isinstance(info["model"], int)
-    fake = {"name": "Xeon", "family": 6, "model": 143, "amx": True, "avx512": True, "amx_flags": ["amx_bf16", "amx_tile"]}
+    fake = {
+        "name": "Xeon",
+        "family": 6,
+        "model": 143,
+        "amx": True,
+        "avx512": True,
+        "amx_flags": ["amx_bf16", "amx_tile"],
+    }
     assert bc.cpu_name(fake) == "Xeon (family 6 model 143, AVX-512, AMX (amx_bf16, amx_tile))"
 
 
@@ -315,9 +350,13 @@ ENTRY %main (a: f32[2]) -> f32[2] {
 }
 """
     # an asynchronous op lasts until its 'end:' event; a synchronous one its own duration
-    events = [{"name": "conv.1", "ts": 0.0, "dur": 5.0}, {"name": "end: conv.1", "ts": 3000.0, "dur": 1.0},
-              {"name": "add.2", "ts": 3001.0, "dur": 2000.0},
-              {"name": "conv.1", "ts": 6000.0, "dur": 5.0}, {"name": "end: conv.1", "ts": 6999.0, "dur": 1.0}]
+    events = [
+        {"name": "conv.1", "ts": 0.0, "dur": 5.0},
+        {"name": "end: conv.1", "ts": 3000.0, "dur": 1.0},
+        {"name": "add.2", "ts": 3001.0, "dur": 2000.0},
+        {"name": "conv.1", "ts": 6000.0, "dur": 5.0},
+        {"name": "end: conv.1", "ts": 6999.0, "dur": 1.0},
+    ]
     assert list(profile_summary._op_durations(events)) == [("conv.1", 3.001), ("add.2", 2.0), ("conv.1", 1.0)]
     instructions = profile_summary.hlo_instructions(hlo)
     assert instructions["ynn_fusion.1"] == ("fusion: convolution", "jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")
@@ -326,8 +365,21 @@ ENTRY %main (a: f32[2]) -> f32[2] {
 
 # ----------------------------------------------------------------------------- compile_time.py
 def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
-    report, stdout = _run_script("compile_time.py", ["--rounds", "1", "--image-shape", *map(str, IMAGE), "--crop-shape",
-                                                     *map(str, CROP), "--threads", str(THREADS)], tmp_path, "ct")
+    report, stdout = _run_script(
+        "compile_time.py",
+        [
+            "--rounds",
+            "1",
+            "--image-shape",
+            *map(str, IMAGE),
+            "--crop-shape",
+            *map(str, CROP),
+            "--threads",
+            str(THREADS),
+        ],
+        tmp_path,
+        "ct",
+    )
     runs = {kind: r[0] for kind, r in report["runs"].items()}
     assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit"]
     for r in runs.values():
@@ -349,7 +401,7 @@ I1130 11:39:49.002 1 hlo_pass_pipeline.cc:176] HLO pass: fusion time: 40.0 ms (4
 I1130 11:39:49.003 1 hlo_pass_pipeline.cc:176] HLO pass: algsimp time: 0.80 ms (800 us) (cumulative: 42 ms)
 I1130 11:39:49.100 1 cpu_compiler.cc:1269] Running HLO passes on [jit_loss_fn] for CPU time: 50.0 ms (50000 us) (cumulative: 52.6 ms)
 I1130 11:39:52.100 1 cpu_compiler.cc:2094] Compiling [jit_loss_fn] for CPU using JIT time: 3.00 s (3000000 us) (cumulative: 3 s)
-"""
+"""  # noqa: E501 (XLA's log lines as it writes them)
 
 
 def test_compile_profile_reads_xla_timers_of_the_largest_module():
@@ -379,25 +431,63 @@ def test_throughput_without_the_input_rate():
     """--input-batches 0 measures the step alone (the rendered full-size source is slow); the
     table says so instead of showing a rate."""
     assert tp.main(["--input-batches", "-1"]) == 1
-    report = {"device": "test", "versions": {"jax": "0"}, "threads": 1, "image_shape": [64, 32], "unit": tp.UNIT,
-              "dtype": "float32", "results": [{"devices": 1, "global_batch_exams": 1, "compile_s": 1.0,
-                                               "compile_cache": "off", "step_ms": 10.0, "step_ms_spread": 1.0,
-                                               "exams_per_s": 100.0}],
-              "input_pipeline": None, "xla_flags": ""}
+    report = {
+        "device": "test",
+        "versions": {"jax": "0"},
+        "threads": 1,
+        "image_shape": [64, 32],
+        "unit": tp.UNIT,
+        "dtype": "float32",
+        "results": [
+            {
+                "devices": 1,
+                "global_batch_exams": 1,
+                "compile_s": 1.0,
+                "compile_cache": "off",
+                "step_ms": 10.0,
+                "step_ms_spread": 1.0,
+                "exams_per_s": 100.0,
+            }
+        ],
+        "input_pipeline": None,
+        "xla_flags": "",
+    }
     assert "Input pipeline: not measured (--input-batches 0)" in tp.markdown(report)
 
 
 # ----------------------------------------------------------------------------- input pipeline
 def test_input_pipeline_json_contract(tmp_path):
     """The keys and types other checks read; small windows (the default is 2944 x 1920)."""
-    report, stdout = _run_script("input_pipeline.py", ["--window", "128", "64", "--distinct", "4", "--images", "8", "--repeats", "2",
-                                                       "--workers", "0", "1", "--simulate-step-ms", "5",
-                                                       "--simulate-steps", "12", "--simulate-batch", "4"],
-                                 tmp_path, "input")
+    report, stdout = _run_script(
+        "input_pipeline.py",
+        [
+            "--window",
+            "128",
+            "64",
+            "--distinct",
+            "4",
+            "--images",
+            "8",
+            "--repeats",
+            "2",
+            "--workers",
+            "0",
+            "1",
+            "--simulate-step-ms",
+            "5",
+            "--simulate-steps",
+            "12",
+            "--simulate-batch",
+            "4",
+        ],
+        tmp_path,
+        "input",
+    )
     m = report["machine"]
     assert isinstance(m["cpu_model"], str) and isinstance(m["amx"], bool) and isinstance(m["cpu_family"], int)
     assert [(r["path"], r["workers"]) for r in report["results"]] == [
-        (p, w) for p in ("cache", "cache_noise", "png") for w in (0, 1)]
+        (p, w) for p in ("cache", "cache_noise", "png") for w in (0, 1)
+    ]
     for r in report["results"]:
         assert set(r) == {"path", "workers", "images", "images_per_s"}
         assert r["images"] == 16 and isinstance(r["images_per_s"], float) and r["images_per_s"] > 0
@@ -410,11 +500,17 @@ def test_input_pipeline_json_contract(tmp_path):
 
 
 # ----------------------------------------------------------------------------- side by side (local)
-@pytest.mark.skipif(not os.environ.get("GMIC_TORCH_REF"),
-                    reason="needs a checkout of the original release: set GMIC_TORCH_REF=/path (not in CI)")
+@pytest.mark.skipif(
+    not os.environ.get("GMIC_TORCH_REF"),
+    reason="needs a checkout of the original release: set GMIC_TORCH_REF=/path (not in CI)",
+)
 def test_side_by_side_with_the_original(tmp_path):
-    report, stdout = _run_script("memory_fwd_bwd.py", [*SMALL, "--n-runs", "1", "--percent-t", "0.1",
-                                                       "--torch-ref", os.environ["GMIC_TORCH_REF"]], tmp_path, "sbs")
+    report, stdout = _run_script(
+        "memory_fwd_bwd.py",
+        [*SMALL, "--n-runs", "1", "--percent-t", "0.1", "--torch-ref", os.environ["GMIC_TORCH_REF"]],
+        tmp_path,
+        "sbs",
+    )
     jax_r, torch_r = report["results"]
     assert torch_r["impl"] == "torch" and torch_r["params"] == jax_r["params"]
     assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:-1])

@@ -6,6 +6,7 @@ ROI-mask and cropped-lesion DICOMs per abnormality, the four description CSVs) i
 Retriever's folder layout. Reading the tree itself is tested in tests/test_data_datasets.py; here
 the labels, masks and splits must come out right in the caches, and training must run on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from gmic_jax.cli import main as cli_main
 from gmic_jax.data.cache import CacheSource
 from gmic_jax.data.testing import fake_cbis_ddsm_tree
@@ -28,8 +29,9 @@ VAL_PATIENTS = {"P_00001", "P_00005", "P_00008"}
 
 
 def _case(split, kind, patient, side, view, pathology, abnormality=1):
-    return dict(split=split, kind=kind, patient=patient, side=side, view=view, pathology=pathology,
-                abnormality=abnormality)
+    return dict(
+        split=split, kind=kind, patient=patient, side=side, view=view, pathology=pathology, abnormality=abnormality
+    )
 
 
 CASES = [
@@ -56,8 +58,15 @@ def expected_images() -> dict[str, dict]:
     for c in CASES:
         image_id = f"{c['kind']}-{c['split']}_{c['patient']}_{c['side']}_{c['view']}"
         split = "test" if c["split"] == "Test" else ("val" if c["patient"] in VAL_PATIENTS else "train")
-        e = images.setdefault(image_id, dict(split=split, label=[0.0, 0.0], breast_id=f"{c['patient']}/{c['side'][0]}",
-                                             view=f"{c['side'][0]}-{c['view']}"))
+        e = images.setdefault(
+            image_id,
+            dict(
+                split=split,
+                label=[0.0, 0.0],
+                breast_id=f"{c['patient']}/{c['side'][0]}",
+                view=f"{c['side'][0]}-{c['view']}",
+            ),
+        )
         e["label"][1 if c["pathology"] == "MALIGNANT" else 0] = 1.0
     return images
 
@@ -70,9 +79,33 @@ def caches(tmp_path_factory):
     out = {}
     for split in ("train", "val", "test"):
         out[split] = tmp / f"cache-{split}"
-        assert cli_main(["cache", "--source", "cbis-tcia", "--root", str(root), "--split", split,
-                         "--val-fraction", str(VAL_FRACTION), "--seed", str(SEED), "--window-shape", *map(str, WINDOW),
-                         "--iterations", "3", "--num-workers", "1", "--no-progress", "--output", str(out[split])]) == 0
+        assert (
+            cli_main(
+                [
+                    "cache",
+                    "--source",
+                    "cbis-tcia",
+                    "--root",
+                    str(root),
+                    "--split",
+                    split,
+                    "--val-fraction",
+                    str(VAL_FRACTION),
+                    "--seed",
+                    str(SEED),
+                    "--window-shape",
+                    *map(str, WINDOW),
+                    "--iterations",
+                    "3",
+                    "--num-workers",
+                    "1",
+                    "--no-progress",
+                    "--output",
+                    str(out[split]),
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -103,14 +136,32 @@ def test_train_on_the_caches_through_the_cli(caches, train_env, tmp_path):
     """configs/cbis_ddsm.py shrunk to a tiny model: 6 training images (all with a finding: one
     balanced epoch is all of them) in batches of 4 -> 1 step per epoch, 2 epochs."""
     workdir = tmp_path / "run"
-    args = ["--config", "configs/cbis_ddsm.py", f"--config.data.train_cache={caches['train']}",
-            f"--config.data.val_cache={caches['val']}", f"--config.model.image_shape={WINDOW}",
-            "--config.model.crop_shape=(32, 32)", "--config.model.K=2", "--config.model.local_net=resnet18_narrow",
-            "--config.model.global_blocks=(1, 1, 1, 1, 1)", "--config.batch_size=4", "--config.num_epochs=2",
-            "--config.eval.batch_size=4", "--config.checkpoint_every_steps=1", "--config.progress_bar=False",
-            "--config.log_every_steps=1", "--config.augment.enabled=False"]
-    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "train", *args, "--workdir", str(workdir)],
-                       cwd=REPO, env=train_env, capture_output=True, text=True, timeout=900)
+    args = [
+        "--config",
+        "configs/cbis_ddsm.py",
+        f"--config.data.train_cache={caches['train']}",
+        f"--config.data.val_cache={caches['val']}",
+        f"--config.model.image_shape={WINDOW}",
+        "--config.model.crop_shape=(32, 32)",
+        "--config.model.K=2",
+        "--config.model.local_net=resnet18_narrow",
+        "--config.model.global_blocks=(1, 1, 1, 1, 1)",
+        "--config.batch_size=4",
+        "--config.num_epochs=2",
+        "--config.eval.batch_size=4",
+        "--config.checkpoint_every_steps=1",
+        "--config.progress_bar=False",
+        "--config.log_every_steps=1",
+        "--config.augment.enabled=False",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "gmic_jax.cli", "train", *args, "--workdir", str(workdir)],
+        cwd=REPO,
+        env=train_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [rec for rec in records if "val_auc_malignant" in rec]

@@ -1,5 +1,6 @@
 """The checkpoint a run keeps: the selection rule, Orbax keeping exactly what it needs, and
 load_checkpoint picking the step the rule (and so the training log) names."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def test_other_metric_undefined_values_and_no_metric():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]), min_size=1, max_size=12),
-       st.sampled_from([0.0, 0.05, 0.1, 0.3]))
+@given(
+    st.lists(st.sampled_from([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]), min_size=1, max_size=12),
+    st.sampled_from([0.0, 0.05, 0.1, 0.3]),
+)
 def test_preserving_only_the_chosen_and_best_steps_never_changes_the_choice(values, min_delta):
     """Orbax deletes everything else as steps come; the choice among what is left must be the
     choice among all evaluated steps, at every point of the run."""
@@ -66,14 +69,22 @@ def _save_steps(directory, metrics_by_step, rule, keep_evaluated=False, keep_lat
     from gmic_jax.train import checkpointing
 
     ckpt_lib.write_config(directory, GMICConfig(), train={}, **{ckpt_lib.SELECTION_KEY: rule.to_dict()})
-    manager = checkpointing.make_manager(directory, keep_latest=keep_latest, asynchronous=False, rule=rule,
-                                         keep_evaluated=keep_evaluated)
+    manager = checkpointing.make_manager(
+        directory, keep_latest=keep_latest, asynchronous=False, rule=rule, keep_evaluated=keep_evaluated
+    )
     for step, metrics in metrics_by_step.items():
         tree = {"params": {"w": np.full((2,), float(step), np.float32)}, "batch_stats": {}}
-        manager.save(step, args=ocp.args.Composite(**{
-            ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(tree),
-            checkpointing.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)})}),
-            metrics=metrics, force=True)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(tree),
+                    checkpointing.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)}),
+                }
+            ),
+            metrics=metrics,
+            force=True,
+        )
     manager.wait_until_finished()
     manager.close()
 

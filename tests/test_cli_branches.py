@@ -10,6 +10,7 @@ independently here:
 
 The model is the shared tiny training run's (tests/conftest.py ``tiny_run``).
 """
+
 from __future__ import annotations
 
 import json
@@ -81,12 +82,14 @@ _FORWARDS: dict = {}
 
 def _forward(config):
     if config not in _FORWARDS:
-        _FORWARDS[config] = jax.jit(lambda v, x: {h: GMIC(config).apply(v, x, train=False)[h]
-                                                  for h in (*HEADS, "saliency_map")})
+        _FORWARDS[config] = jax.jit(
+            lambda v, x: {h: GMIC(config).apply(v, x, train=False)[h] for h in (*HEADS, "saliency_map")}
+        )
     return _FORWARDS[config]
 
 
 # ------------------------------------------------------------------------------------ evaluate --tta
+
 
 def test_evaluate_tta_is_the_mean_of_the_seeded_draws(tiny_run, spy_evaluate, tmp_path):
     """``evaluate --tta 2 --seed 3``: y_global, y_local and y_fusion are the mean over 2 draws of the
@@ -98,15 +101,31 @@ def test_evaluate_tta_is_the_mean_of_the_seeded_draws(tiny_run, spy_evaluate, tm
     workdir, _ = tiny_run
     config, variables = load_checkpoint(workdir)
     _, prep, doc = read_config(workdir)
-    _cli("evaluate", "--checkpoint", workdir, "--data", SYNTHETIC, "--workers", 0, "--output", tmp_path,
-         "--tta", 2, "--seed", 3, "--batch-size", 4)
+    _cli(
+        "evaluate",
+        "--checkpoint",
+        workdir,
+        "--data",
+        SYNTHETIC,
+        "--workers",
+        0,
+        "--output",
+        tmp_path,
+        "--tta",
+        2,
+        "--seed",
+        3,
+        "--batch-size",
+        4,
+    )
     (details,) = spy_evaluate
     tta = details["outputs"]
 
     # The documented rule, computed here: the training augmentation when enabled, else the paper's.
     section = dict(doc["train"]["augment"])
-    augment = AugmentConfig(**{k: v for k, v in section.items() if k != "enabled"}) if section["enabled"] \
-        else AugmentConfig()
+    augment = (
+        AugmentConfig(**{k: v for k, v in section.items() if k != "enabled"}) if section["enabled"] else AugmentConfig()
+    )
     x = np.asarray(normalize_images(_images(prep), prep.normalization))
     draws = []
     for d in range(2):
@@ -136,8 +155,10 @@ STEP_AUCS = {2: 0.5, 4: 0.9, 6: 0.7}  # val_auc_malignant per step: the rule kee
 def _step_variables(variables, step: int):
     """The tiny run's variables, every parameter moved by its own seeded noise: weights unique to ``step``."""
     rng = np.random.default_rng(step)
-    params = jax.tree.map(lambda p: (p + 0.1 * np.std(p) * rng.standard_normal(p.shape) if p.size > 1 else p)
-                          .astype(np.float32), variables["params"])
+    params = jax.tree.map(
+        lambda p: (p + 0.1 * np.std(p) * rng.standard_normal(p.shape) if p.size > 1 else p).astype(np.float32),
+        variables["params"],
+    )
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
@@ -158,14 +179,25 @@ def stepped_workdir(tiny_run, tmp_path_factory):
     shutil.copy(workdir / "config.json", directory / "config.json")
     _, base = load_checkpoint(workdir)
     saved = {s: _step_variables(base, s) for s in STEP_AUCS}
-    manager = checkpointing.make_manager(directory, keep_latest=1, asynchronous=False,
-                                         rule=ckpt_lib.SelectionRule.from_doc(read_config(directory)[2]),
-                                         keep_evaluated=True)
+    manager = checkpointing.make_manager(
+        directory,
+        keep_latest=1,
+        asynchronous=False,
+        rule=ckpt_lib.SelectionRule.from_doc(read_config(directory)[2]),
+        keep_evaluated=True,
+    )
     for step, auc in STEP_AUCS.items():
-        manager.save(step, args=ocp.args.Composite(**{
-            ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(saved[step]),
-            checkpointing.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)})}),
-            metrics={"val_auc_malignant": auc}, force=True)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(saved[step]),
+                    checkpointing.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)}),
+                }
+            ),
+            metrics={"val_auc_malignant": auc},
+            force=True,
+        )
     manager.wait_until_finished()
     manager.close()
     assert ckpt_lib.saved_steps(directory) == sorted(STEP_AUCS)
@@ -200,8 +232,20 @@ def test_evaluate_step_scores_that_steps_weights(stepped_workdir, spy_evaluate, 
     asked = [2, 6, None]  # None: the kept step (4)
     for step in asked:
         out = tmp_path / str(step)
-        _cli("evaluate", "--checkpoint", directory, "--data", SYNTHETIC, "--workers", 0, "--batch-size", 8,
-             "--output", out, *(["--step", step] if step is not None else []))
+        _cli(
+            "evaluate",
+            "--checkpoint",
+            directory,
+            "--data",
+            SYNTHETIC,
+            "--workers",
+            0,
+            "--batch-size",
+            8,
+            "--output",
+            out,
+            *(["--step", step] if step is not None else []),
+        )
         assert json.loads((out / "metrics.json").read_text())["checkpoint_step"] == (step or 4)
     for step, details in zip(asked, spy_evaluate):
         np.testing.assert_allclose(details["outputs"]["y_fusion"], expected[step or 4], **TOL)
@@ -223,8 +267,15 @@ def test_compare_steps_evaluates_each_steps_weights(stepped_workdir, tmp_path):
     source = parse_data_spec(data, prep.window_shape, prep.synthetic)
     expected = {}
     for step in STEP_AUCS:
-        metrics, _ = evaluate(config, saved[step], source, make_mesh(), batch_size=8,
-                              normalization=prep.normalization, prediction=result["prediction"])
+        metrics, _ = evaluate(
+            config,
+            saved[step],
+            source,
+            make_mesh(),
+            batch_size=8,
+            normalization=prep.normalization,
+            prediction=result["prediction"],
+        )
         expected[step] = {k.removeprefix("val_"): v for k, v in metrics.items()}
     for row in result["rows"]:
         assert row["heldout"] == expected[row["step"]], row["step"]
@@ -233,6 +284,7 @@ def test_compare_steps_evaluates_each_steps_weights(stepped_workdir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ train --init-from
+
 
 def test_train_init_from_starts_from_the_given_weights(tiny_run, train_env, tmp_path):
     """``train --init-from WORKDIR`` with another seed and a learning rate of 0: Adam then moves no
@@ -244,10 +296,28 @@ def test_train_init_from_starts_from_the_given_weights(tiny_run, train_env, tmp_
 
     source, _ = tiny_run
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "train", *TINY_TRAIN_ARGS, "--config.seed=1",
-                        "--config.optimizer.schedule=constant", "--config.optimizer.learning_rate=0.0",
-                        "--config.data.num_train=8", "--init-from", str(source), "--workdir", str(run)],
-                       cwd=REPO, env=train_env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmic_jax.cli",
+            "train",
+            *TINY_TRAIN_ARGS,
+            "--config.seed=1",
+            "--config.optimizer.schedule=constant",
+            "--config.optimizer.learning_rate=0.0",
+            "--config.data.num_train=8",
+            "--init-from",
+            str(source),
+            "--workdir",
+            str(run),
+        ],
+        cwd=REPO,
+        env=train_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     _, want = load_checkpoint(source)
     n = len(jax.tree.leaves(want["params"])) + len(jax.tree.leaves(want["batch_stats"]))

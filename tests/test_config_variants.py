@@ -1,4 +1,5 @@
 """Every GMICConfig field changes the computation, at a small size."""
+
 from __future__ import annotations
 
 import jax
@@ -8,9 +9,9 @@ import pytest
 
 from gmic_jax import GMIC, GMICConfig, init_variables
 from gmic_jax.config import REMAT_POLICIES
-from gmic_jax.models.remat import remat_spec
 from gmic_jax.models.global_net import receptive_field, saliency_grid_shape
 from gmic_jax.models.local_net import local_feature_width
+from gmic_jax.models.remat import remat_spec
 
 # Programs that take >= 1 s to compile and are built again by later tests load from JAX's
 # persistent cache: measured 289 -> 258 s wall (404 -> 346 s of CPU) for the module, quiet machine.
@@ -87,7 +88,7 @@ def test_K_takes_the_first_K_greedy_patches(base):
     assert changed["patch_attns"].shape == (2, 2)
     np.testing.assert_allclose(changed["patch_attns"].sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(changed["y_global"], out["y_global"])
-    assert len({tuple(l) for l in out["patch_locations"][0]}) == 4  # four distinct picks to take a prefix of
+    assert len({tuple(loc) for loc in out["patch_locations"][0]}) == 4  # four distinct picks to take a prefix of
 
 
 def test_crop_shape_sets_the_roi_window_and_the_crops(base):
@@ -104,10 +105,15 @@ def test_crop_shape_sets_the_roi_window_and_the_crops(base):
         expected = numpy_algorithm_1(out["saliency_map"][n], (512, 384), (96, 96), 4)
         np.testing.assert_array_equal(changed["patch_locations"][n], expected)
         for k, (r, c) in enumerate(expected):
-            np.testing.assert_array_equal(changed["patches"][n, k], np.asarray(X)[n, r:r + 96, c:c + 96, 0])
+            np.testing.assert_array_equal(changed["patches"][n, k], np.asarray(X)[n, r : r + 96, c : c + 96, 0])
     # The window matters here: 64-pixel windows on the same maps pick other places.
-    assert any(differs(numpy_algorithm_1(out["saliency_map"][n], (512, 384), (96, 96), 4),
-                       numpy_algorithm_1(out["saliency_map"][n], (512, 384), (64, 64), 4)) for n in range(2))
+    assert any(
+        differs(
+            numpy_algorithm_1(out["saliency_map"][n], (512, 384), (96, 96), 4),
+            numpy_algorithm_1(out["saliency_map"][n], (512, 384), (64, 64), 4),
+        )
+        for n in range(2)
+    )
 
 
 def test_uniform_attention_on_the_same_weights(base):
@@ -119,8 +125,10 @@ def test_uniform_attention_on_the_same_weights(base):
     np.testing.assert_allclose(changed["patch_attns"], 0.25)
     np.testing.assert_allclose(changed["z"], out["h_crops"].mean(1), rtol=1e-5)
     assert differs(out["patch_attns"], changed["patch_attns"])  # the gated attention did not weigh evenly
-    assert "attention" not in jax.eval_shape(lambda: init_variables(BASE.replace(attention="uniform"),
-                                                                    jax.random.key(0)))["params"]
+    assert (
+        "attention"
+        not in jax.eval_shape(lambda: init_variables(BASE.replace(attention="uniform"), jax.random.key(0)))["params"]
+    )
 
 
 def test_one_block_per_stage_is_the_two_block_network_with_empty_second_blocks(base):
@@ -130,9 +138,15 @@ def test_one_block_per_stage_is_the_two_block_network_with_empty_second_blocks(b
     variables, out = base
     config = BASE.replace(global_blocks=(1, 1, 1, 1, 1))
     one_block = run(config, variables)
-    zeroed = _params_with(variables, {
-        f"ds_net/layer_list_{s}_1/conv2/kernel": np.zeros_like(variables["params"]["ds_net"][f"layer_list_{s}_1"]
-                                                               ["conv2"]["kernel"]) for s in range(5)})
+    zeroed = _params_with(
+        variables,
+        {
+            f"ds_net/layer_list_{s}_1/conv2/kernel": np.zeros_like(
+                variables["params"]["ds_net"][f"layer_list_{s}_1"]["conv2"]["kernel"]
+            )
+            for s in range(5)
+        },
+    )
     two_blocks = run(BASE, zeroed)
     for key in ("h_g", "saliency_map", "y_global", "patch_locations", "y_local", "y_fusion"):
         # Identical computations on identical values, up to XLA's choice of fusion: float32 rounding.
@@ -149,8 +163,11 @@ def test_kernel_1_stages_are_3x3_stages_with_only_the_centre_tap(base):
     variables, out = base
     config = BASE.replace(global_kernels=(3, 3, 1, 1, 1))
     flat = flatten_dict(variables["params"], sep="/")
-    convs = [k for k in flat if k.startswith(tuple(f"ds_net/layer_list_{s}_" for s in (2, 3, 4)))
-             and ("/conv1/" in k or "/conv2/" in k)]
+    convs = [
+        k
+        for k in flat
+        if k.startswith(tuple(f"ds_net/layer_list_{s}_" for s in (2, 3, 4))) and ("/conv1/" in k or "/conv2/" in k)
+    ]
     assert len(convs) == 12  # conv1 and conv2 of two blocks in each of three stages
     centre = np.zeros((3, 3, 1, 1), np.float32)
     centre[1, 1] = 1.0
@@ -160,8 +177,9 @@ def test_kernel_1_stages_are_3x3_stages_with_only_the_centre_tap(base):
         # The same products; the zero taps add exact zeros, so only the summation order can differ.
         np.testing.assert_allclose(masked[key], kernel_1[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert differs(out["h_g"], kernel_1["h_g"])
-    shapes = jax.tree.map(np.shape, flatten_dict(jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-                                                 ["params"], sep="/"))
+    shapes = jax.tree.map(
+        np.shape, flatten_dict(jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))["params"], sep="/")
+    )
     assert all(shapes[k] == (1, 1, *flat[k].shape[2:]) for k in convs)
 
 
@@ -182,16 +200,24 @@ def test_global_widths_set_the_stage_widths_and_leave_the_first_stages(base):
     channels = dict(zip(BASE.global_widths, widths))
     for k, v in new_flat.items():
         assert v.shape == tuple(channels.get(d, d) for d in old_flat[k].shape), k
-    assert all(v.shape == old_flat[k].shape for k, v in new_flat.items() if k.startswith(
-        ("first_conv", "layer_list_0", "layer_list_1", "layer_list_2")))
+    assert all(
+        v.shape == old_flat[k].shape
+        for k, v in new_flat.items()
+        if k.startswith(("first_conv", "layer_list_0", "layer_list_1", "layer_list_2"))
+    )
     assert fresh["params"]["left_postprocess_net"]["gn_conv_last"]["kernel"].shape == (1, 1, 128, 2)
     # The base's variables cut to the new shapes (their leading channels): the stem, stages 0-2 and
     # their statistics are the base's own.
     mixed = jax.tree.map(lambda new, old: old[tuple(slice(0, d) for d in new.shape)], fresh, variables)
 
     def stage2(config, variables):
-        _, state = GMIC(config).apply(variables, X, train=False, capture_intermediates=lambda m, _: m.name ==
-                                      "layer_list_2_1", mutable=["intermediates"])
+        _, state = GMIC(config).apply(
+            variables,
+            X,
+            train=False,
+            capture_intermediates=lambda m, _: m.name == "layer_list_2_1",
+            mutable=["intermediates"],
+        )
         return np.asarray(state["intermediates"]["ds_net"]["layer_list_2_1"]["__call__"][0])
 
     np.testing.assert_array_equal(stage2(config, mixed), stage2(BASE, variables))
@@ -266,8 +292,13 @@ def remat_reference():
 
     def grads(config):
         def loss(p):
-            out, _ = GMIC(config).apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                        mutable=["batch_stats"], rngs={"roi": jax.random.key(0)})
+            out, _ = GMIC(config).apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"roi": jax.random.key(0)},
+            )
             return out["y_fusion"].sum()
 
         return jax.grad(loss)
@@ -281,8 +312,12 @@ def test_remat_policies_recompute_their_parts_with_same_gradients(remat_referenc
     # One checkpoint per unit the policy names: 10 global blocks (or 5 stages), the global stem,
     # the local stem and 8 local blocks.
     spec = remat_spec(policy)
-    units = ({"block": 10, "stage": 5, "": 0}[spec.global_blocks] + spec.global_stem + spec.local_stem
-             + 8 * bool(spec.local_blocks))
+    units = (
+        {"block": 10, "stage": 5, "": 0}[spec.global_blocks]
+        + spec.global_stem
+        + spec.local_stem
+        + 8 * bool(spec.local_blocks)
+    )
     assert str(jax.make_jaxpr(grads(REMAT_BASE.replace(remat=policy)))(variables["params"])).count("remat") == units
     assert "remat" not in str(jax.make_jaxpr(grads(REMAT_BASE))(variables["params"]))
     ours = jax.jit(grads(REMAT_BASE.replace(remat=policy)))(variables["params"])
@@ -349,22 +384,28 @@ def test_global_strides_set_the_saliency_grid(base):
     assert jax.tree.map(np.shape, init_variables(config, jax.random.key(0))) == jax.tree.map(np.shape, variables)
 
 
-@pytest.mark.parametrize("strides, blocks, kernels", [((1, 2, 2, 1, 1), (1, 1, 1, 1, 1), (3, 3, 3, 3, 3)),
-                                                     ((1, 1, 2, 2, 1), (2, 1, 1, 1, 1), (3, 3, 3, 3, 3)),
-                                                     ((1, 2, 2, 1, 1), (1, 1, 1, 1, 1), (3, 3, 1, 1, 1))])
+@pytest.mark.parametrize(
+    "strides, blocks, kernels",
+    [
+        ((1, 2, 2, 1, 1), (1, 1, 1, 1, 1), (3, 3, 3, 3, 3)),
+        ((1, 1, 2, 2, 1), (2, 1, 1, 1, 1), (3, 3, 3, 3, 3)),
+        ((1, 2, 2, 1, 1), (1, 1, 1, 1, 1), (3, 3, 1, 1, 1)),
+    ],
+)
 def test_global_blocks_and_kernels_bound_the_receptive_field(strides, blocks, kernels):
     """A saliency cell depends on exactly the pixels receptive_field says: the support of its
     gradient with respect to the image is that square (clipped to the image), and fewer blocks
     drop their parameters (kernel 1 stages: 51 pixels instead of 227)."""
-    config = BASE.replace(image_shape=(256, 256), global_strides=strides, global_blocks=blocks,
-                          global_kernels=kernels)
+    config = BASE.replace(image_shape=(256, 256), global_strides=strides, global_blocks=blocks, global_kernels=kernels)
     variables = init_variables(config, jax.random.key(0))
     size, jump, start = receptive_field(strides, blocks, kernels)
     h, w = saliency_grid_shape(config.image_shape, strides)
     i, j = h // 2, w // 2
 
     def cell(x):
-        return GMIC(config).apply(variables, x, train=False, rngs={"roi": jax.random.key(0)})["saliency_map"][0, i, j, 1]
+        return GMIC(config).apply(variables, x, train=False, rngs={"roi": jax.random.key(0)})["saliency_map"][
+            0, i, j, 1
+        ]
 
     g = np.asarray(jax.grad(cell)(X[:1, :256, :256]))[0, ..., 0]
     rows, cols = np.nonzero(g)
@@ -373,7 +414,9 @@ def test_global_blocks_and_kernels_bound_the_receptive_field(strides, blocks, ke
     assert (rows.max(), cols.max()) == tuple(min(255, f + size - 1) for f in first)
     names = {"/".join(k) for k in __import__("flax").traverse_util.flatten_dict(variables["params"])}
     for s, n in enumerate(blocks):
-        assert any(f"layer_list_{s}_{n - 1}/" in k for k in names) and not any(f"layer_list_{s}_{n}/" in k for k in names)
+        assert any(f"layer_list_{s}_{n - 1}/" in k for k in names) and not any(
+            f"layer_list_{s}_{n}/" in k for k in names
+        )
 
 
 def test_rot180_symmetry_makes_the_saliency_map_equivariant(base):
@@ -384,7 +427,9 @@ def test_rot180_symmetry_makes_the_saliency_map_equivariant(base):
     turned = X[:, ::-1, ::-1]
 
     def saliency(config, x):
-        return np.asarray(GMIC(config).apply(variables, x, train=False, rngs={"roi": jax.random.key(0)})["saliency_map"])
+        return np.asarray(
+            GMIC(config).apply(variables, x, train=False, rngs={"roi": jax.random.key(0)})["saliency_map"]
+        )
 
     sym, sym_turned = saliency(config, X), saliency(config, turned)
     np.testing.assert_allclose(sym_turned, sym[:, ::-1, ::-1], rtol=1e-5, atol=1e-6)
@@ -397,9 +442,16 @@ def test_rot180_symmetry_makes_the_saliency_map_equivariant(base):
 
 
 def test_config_dict_round_trip():
-    config = GMICConfig(percent_t=0.1, crop_shape=[128, 128], local_net="resnet34", global_strides=[1, 2, 2, 1, 1],
-                        global_blocks=[1, 1, 1, 2, 1], global_widths=[8, 16, 32, 64, 64],
-                        global_kernels=[3, 3, 1, 1, 1], saliency_symmetry="rot180")
+    config = GMICConfig(
+        percent_t=0.1,
+        crop_shape=[128, 128],
+        local_net="resnet34",
+        global_strides=[1, 2, 2, 1, 1],
+        global_blocks=[1, 1, 1, 2, 1],
+        global_widths=[8, 16, 32, 64, 64],
+        global_kernels=[3, 3, 1, 1, 1],
+        saliency_symmetry="rot180",
+    )
     assert GMICConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown GMICConfig fields"):
         GMICConfig.from_dict({"percent_t": 0.1, "typo": 1})

@@ -2,6 +2,7 @@
 skip and the run ends with one line that counts them (also under pytest-xdist, whose controller
 gets the workers' reports); under CI=true they fail. Each case runs pytest in a subprocess on two
 small test files with the repo's conftest as a plugin and GMIC_JAX_SHARED naming a missing folder."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import sys
 import pytest
 from conftest import REPO
 
-EXAM_TESTS = '''
+EXAM_TESTS = """
 import pytest
 
 def test_exam_a(sample_exam_dir):
@@ -21,9 +22,9 @@ def test_exam_a(sample_exam_dir):
 @pytest.mark.parametrize("i", [1, 2])
 def test_exam_b(sample_exam_dir, i):
     pass
-'''
+"""
 
-OTHER_TESTS = '''
+OTHER_TESTS = """
 import pytest
 
 def test_exam_c(sample_exam_dir):
@@ -37,7 +38,7 @@ def test_goldens(goldens):
 
 def test_plain():
     pass
-'''
+"""
 
 WORKERS = [pytest.param(["-n", "0"], id="serial"), pytest.param(["-n", "2", "--dist", "loadfile"], id="xdist")]
 
@@ -50,9 +51,29 @@ def run_pytest(tmp_path, workers, ci):
     env.update(GMIC_JAX_SHARED=str(tmp_path / "absent"), PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
     if ci:
         env["CI"] = "true"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:randomly", "-p", "no:cacheprovider",
-                        "-q", *workers, "test_exam.py", "test_other.py"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "conftest",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            *workers,
+            "test_exam.py",
+            "test_other.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return r, r.stdout.splitlines()
 
 
@@ -62,8 +83,10 @@ def test_one_summary_line_counts_the_skips_of_the_shared_folder(tmp_path, worker
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = [line for line in lines if line.startswith("gmic-jax:")]
     # 4 of the 5 skips (not the one with another reason); without the folder 'goldens' is only 'repo'.
-    expected = (f"gmic-jax: 4 tests of the real sample exam skipped: {tmp_path / 'absent' / 'sample_exam'} "
-                "is not beside the repo (under CI=true they fail instead)")
+    expected = (
+        f"gmic-jax: 4 tests of the real sample exam skipped: {tmp_path / 'absent' / 'sample_exam'} "
+        "is not beside the repo (under CI=true they fail instead)"
+    )
     assert summary == [expected], r.stdout[-3000:]
     assert re.search(r"\b2 passed, 5 skipped\b", lines[-1]), lines[-1]
 

@@ -1,4 +1,5 @@
 """Converter: strict key mapping, exact round trip, clear errors; the checkpoint layout and CLI."""
+
 from __future__ import annotations
 
 import json
@@ -134,4 +135,3 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(tmp_path)
-

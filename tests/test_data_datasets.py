@@ -1,4 +1,5 @@
 """Datasets: manifest CSV, raw TCIA CBIS-DDSM (fake tree), TFDS CBIS-DDSM (tfds.testing.mock_data)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_manifest_source_examples(tmp_path):
     assert batch["mask"][1:].sum() == 0
     # breast oriented to start at the left edge, whichever side it was stored on
     for img in batch["image"][..., 0]:
-        assert img[:, : WINDOW[1] // 4].sum() > img[:, -WINDOW[1] // 4:].sum()
+        assert img[:, : WINDOW[1] // 4].sum() > img[:, -WINDOW[1] // 4 :].sum()
     assert len(manifest_source(csv_path, split="val", window_shape=WINDOW, iterations=3)) == 1
 
 
@@ -63,14 +64,17 @@ def test_manifest_mask_follows_image(tmp_path):
     assert (window == 60000).sum() == masks[..., 0].sum() == 100
 
 
-@pytest.mark.parametrize("row,message", [
-    ("img/d.png,p3,L,,0,0,train,,\n", "missing view"),
-    ("img/d.png,p3,X,CC,0,0,train,,\n", "laterality must be L or R"),
-    ("img/d.png,p3,L,CC,2,0,train,,\n", "benign must be 0 or 1"),
-    ("img/d.png,p3,L,CC,0,0,dev,,\n", "split must be one of"),
-    ("img/zz.png,p3,L,CC,0,0,train,,\n", "not found"),
-    ("img/d.png,p3,L,CC,0,0,train,,,extra\n", "fields, the header has"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ("img/d.png,p3,L,,0,0,train,,\n", "missing view"),
+        ("img/d.png,p3,X,CC,0,0,train,,\n", "laterality must be L or R"),
+        ("img/d.png,p3,L,CC,2,0,train,,\n", "benign must be 0 or 1"),
+        ("img/d.png,p3,L,CC,0,0,dev,,\n", "split must be one of"),
+        ("img/zz.png,p3,L,CC,0,0,train,,\n", "not found"),
+        ("img/d.png,p3,L,CC,0,0,train,,,extra\n", "fields, the header has"),
+    ],
+)
 def test_manifest_bad_rows_reported_rest_kept(tmp_path, row, message):
     csv_path = _manifest_folder(tmp_path, GOOD_ROWS[:2] + [row] + GOOD_ROWS[2:])
     records, errors = read_manifest(csv_path)
@@ -101,7 +105,9 @@ def test_blank_and_corrupt_images_name_the_file(tmp_path):
 CASES = [
     dict(split="Training", kind="Calc", patient="P_00001", side="LEFT", view="CC", pathology="MALIGNANT"),
     dict(split="Training", kind="Calc", patient="P_00001", side="LEFT", view="CC", pathology="BENIGN", abnormality=2),
-    dict(split="Training", kind="Mass", patient="P_00003", side="RIGHT", view="MLO", pathology="BENIGN_WITHOUT_CALLBACK"),
+    dict(
+        split="Training", kind="Mass", patient="P_00003", side="RIGHT", view="MLO", pathology="BENIGN_WITHOUT_CALLBACK"
+    ),
     dict(split="Test", kind="Mass", patient="P_00002", side="RIGHT", view="CC", pathology="BENIGN"),
 ]
 
@@ -140,8 +146,9 @@ def test_tcia_missing_file_reported(tmp_path):
 def test_seeded_validation_split_by_patient(tmp_path):
     from gmic_jax.data.sources import ImageRecord
 
-    records = [ImageRecord(f"i{i}", f"p{i // 2}/L", "L-CC", (0, 0), "train", "x", patient=f"p{i // 2}")
-               for i in range(400)]
+    records = [
+        ImageRecord(f"i{i}", f"p{i // 2}/L", "L-CC", (0, 0), "train", "x", patient=f"p{i // 2}") for i in range(400)
+    ]
     a = assign_validation(records, 0.25, seed=1)
     b = assign_validation(records, 0.25, seed=1)
     c = assign_validation(records, 0.25, seed=2)
@@ -157,8 +164,14 @@ def test_tfds_example_to_record_labels_and_masks():
     m0[1:3, 1:3] = 255
     m1 = np.zeros((5, 4, 1), np.uint8)  # wrong size: resized to the image
     m1[0, 0] = 255
-    ex = dict(image=image, breast=1, view=1, patient=b"P_1", id=b"x",
-              abnormalities=dict(pathology=np.array([2, 1]), mask=np.stack([m0, np.zeros_like(m0)])[:, :, :, :]))
+    ex = dict(
+        image=image,
+        breast=1,
+        view=1,
+        patient=b"P_1",
+        id=b"x",
+        abnormalities=dict(pathology=np.array([2, 1]), mask=np.stack([m0, np.zeros_like(m0)])[:, :, :, :]),
+    )
     rec = cbis_ddsm.tfds_example_to_record(ex)
     assert rec["label"] == (1.0, 1.0) and (rec["side"], rec["view"]) == ("R", "MLO")
     assert rec["masks"][1].sum() == 4 and rec["masks"][0].sum() == 0
@@ -169,6 +182,7 @@ def test_tfds_example_to_record_labels_and_masks():
 
 def test_tfds_data_source_mocked():
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         raw = tfds.data_source("curated_breast_imaging_ddsm/original-mass", split="train")
         train = cbis_ddsm.TfdsSource("original-mass", "train", window_shape=WINDOW, iterations=1, val_fraction=0.3)

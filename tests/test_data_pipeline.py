@@ -1,5 +1,6 @@
 """The cache (`gmic-jax cache`), its reader, and the input pipeline (Grain: plans, workers, failures,
 device prefetch)."""
+
 from __future__ import annotations
 
 import json
@@ -65,9 +66,25 @@ def test_cache_with_failures_is_not_complete(manifest, tmp_path):
 def test_cache_cli(manifest, tmp_path, capsys):
     from gmic_jax.cli import main
 
-    args = ["cache", "--output", str(tmp_path / "c"), "--source", "manifest", "--manifest", str(manifest),
-            "--window-shape", "48", "32", "--iterations", "2", "--num-workers", "2", "--shard-size", "4",
-            "--no-progress"]
+    args = [
+        "cache",
+        "--output",
+        str(tmp_path / "c"),
+        "--source",
+        "manifest",
+        "--manifest",
+        str(manifest),
+        "--window-shape",
+        "48",
+        "32",
+        "--iterations",
+        "2",
+        "--num-workers",
+        "2",
+        "--shard-size",
+        "4",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert len(CacheSource(tmp_path / "c")) == 7
     # a bad manifest row: the rest is cached, the run fails, no index.json
@@ -171,7 +188,9 @@ def test_batches_go_to_device_ahead_and_errors_reach_the_consumer(manifest):
     with load_batches(plan, SourceExamples(source), put=jax.device_put) as batches:
         for tasks, batch in zip(plan, batches):
             assert isinstance(batch["image"], jax.Array) and isinstance(batch["image_id"], np.ndarray)
-            np.testing.assert_array_equal(np.asarray(batch["image"]), batch_lib.stack([source[i] for i in tasks])["image"])
+            np.testing.assert_array_equal(
+                np.asarray(batch["image"]), batch_lib.stack([source[i] for i in tasks])["image"]
+            )
 
     def put(x):
         raise RuntimeError("device full")

@@ -1,4 +1,5 @@
 """The original inference preprocessing: cropping, best centre, window placement, the CLI."""
+
 from __future__ import annotations
 
 import pickle
@@ -33,9 +34,20 @@ def sample_output(sample_exam_dir, tmp_path_factory):
     from gmic_jax.cli import main
 
     out = tmp_path_factory.mktemp("preprocessed")
-    rc = main(["preprocess", "--exam-list", str(sample_exam_dir / "exam_list_before_cropping.pkl"),
-               "--images", str(sample_exam_dir / "images"), "--output", str(out), "--num-workers", "1",
-               "--no-progress"])
+    rc = main(
+        [
+            "preprocess",
+            "--exam-list",
+            str(sample_exam_dir / "exam_list_before_cropping.pkl"),
+            "--images",
+            str(sample_exam_dir / "images"),
+            "--output",
+            str(out),
+            "--num-workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -74,8 +86,12 @@ def test_windows_deterministic_and_normalised(sample_output):
     for view in ("R-CC", "L-MLO"):
         path = sample_output / "cropped_images" / f"{exam[view][0]}.png"
         center = exam["best_center"][view][0]
-        raw, again = (window.place_window(window.flip_for_model(read_image(path).pixels, view, exam["horizontal_flip"]),
-                                          view, center) for _ in range(2))
+        raw, again = (
+            window.place_window(
+                window.flip_for_model(read_image(path).pixels, view, exam["horizontal_flip"]), view, center
+            )
+            for _ in range(2)
+        )
         assert raw.shape == (2944, 1920) and raw.dtype == np.float32
         np.testing.assert_array_equal(raw, again)
         a = np.asarray(normalize_images(raw[None, ..., None], "standardize"))[0, ..., 0]
@@ -86,8 +102,8 @@ def test_windows_deterministic_and_normalised(sample_output):
         h, w = cropped.shape
         if view.endswith("CC"):  # CC: padding split above and below
             top = (2944 - h) // 2
-            np.testing.assert_array_equal(raw[top:top + h, :w], flipped)
-            assert not raw[:top].any() and not raw[top + h:].any()
+            np.testing.assert_array_equal(raw[top : top + h, :w], flipped)
+            assert not raw[:top].any() and not raw[top + h :].any()
         else:  # MLO: padding only below
             np.testing.assert_array_equal(raw[:h, :w], flipped)
             assert not raw[h:].any()
@@ -95,7 +111,7 @@ def test_windows_deterministic_and_normalised(sample_output):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2 ** 32 - 1), st.integers(1, 6))
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6))
 def test_erode_dilate_equal_iterated_cross(seed, k):
     rng = np.random.default_rng(seed)
     mask = ndimage.binary_opening(rng.random((24, 19)) < 0.7) | (rng.random((24, 19)) < 0.1)
@@ -142,14 +158,14 @@ def _brute_force_cc_center(image, rightmost_x, window_shape):
         top, left = y - wh // 2, x - ww // 2
         dy, dx = max(0, -top), max(0, -left)
         top, left = top + dy, left + dx
-        count = int((image[top:min(top + wh, h), left:min(left + ww, w)] > 0).sum())
+        count = int((image[top : min(top + wh, h), left : min(left + ww, w)] > 0).sum())
         if count > best or (count == best and abs(y - h // 2) < abs(best_y - h // 2)):
             best, best_y = count, y
     return best_y, x
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2 ** 32 - 1), st.integers(21, 60), st.integers(5, 30))
+@given(st.integers(0, 2**32 - 1), st.integers(21, 60), st.integers(5, 30))
 def test_cc_center_matches_brute_force(seed, h, w):
     rng = np.random.default_rng(seed)
     image = (rng.random((h, w)) < 0.3).astype(np.uint16) * (rng.random((h, w)) < rng.random())
@@ -165,11 +181,14 @@ def test_mlo_center_uses_last_nonzero_row():
     assert tuple(map(int, c)) == (29 - 10 - 1, 5 - 4 - 1)
 
 
-@pytest.mark.parametrize("view,shape,center,expected_rows", [
-    ("L-CC", (7, 5), (3, 2), (3, 10)),  # extra 6: padded 3 above, 3 below
-    ("L-CC", (8, 5), (3, 2), (2, 10)),  # extra 5: 2 above, 3 below
-    ("L-MLO", (7, 5), (3, 2), (0, 7)),  # padded below only
-])
+@pytest.mark.parametrize(
+    "view,shape,center,expected_rows",
+    [
+        ("L-CC", (7, 5), (3, 2), (3, 10)),  # extra 6: padded 3 above, 3 below
+        ("L-CC", (8, 5), (3, 2), (2, 10)),  # extra 5: 2 above, 3 below
+        ("L-MLO", (7, 5), (3, 2), (0, 7)),  # padded below only
+    ],
+)
 def test_place_window_padding(view, shape, center, expected_rows):
     pixels = np.arange(1, 1 + shape[0] * shape[1], dtype=np.float32).reshape(shape)
     out = window.place_window(pixels, view, center, window_shape=(13, 8))
@@ -200,8 +219,16 @@ def _exam(prefix, flip="NO"):
 def test_batch_bad_inputs_reported_rest_processed(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    exams = [_exam("good"), _exam("blank"), _exam("cut"), _exam("noview"), "not an exam", _exam("badview"),
-             _exam("empty"), _exam("oneside")]
+    exams = [
+        _exam("good"),
+        _exam("blank"),
+        _exam("cut"),
+        _exam("noview"),
+        "not an exam",
+        _exam("badview"),
+        _exam("empty"),
+        _exam("oneside"),
+    ]
     del exams[3]["R-MLO"]  # a missing view is no image, not an error
     exams[5]["R-CC"] = "badview_R-CC"  # not a list
     for v in VIEWS:
@@ -219,8 +246,20 @@ def test_batch_bad_inputs_reported_rest_processed(tmp_path):
 
     from gmic_jax.cli import main
 
-    rc = main(["preprocess", "--exam-list", str(exam_list), "--images", str(images), "--output", str(out),
-               "--num-workers", "2", "--no-progress"])
+    rc = main(
+        [
+            "preprocess",
+            "--exam-list",
+            str(exam_list),
+            "--images",
+            str(images),
+            "--output",
+            str(out),
+            "--num-workers",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     assert not (out / "exam_list.pkl").exists()
     failures = (out / "failures.txt").read_text()
@@ -273,5 +312,6 @@ def test_horizontal_flip_yes_flips_left_views():
     np.testing.assert_array_equal(cropped_r, cropped_l)
     assert _structure(r_no) == _structure(l_yes)
     _, l_no = preprocess_image(img, "L-CC", "NO")  # wrong orientation: the chest-wall side differs
-    assert int(l_no["window_location"][3]) != int(r_no["window_location"][3]) or \
-        _structure(l_no["best_center"]) != _structure(r_no["best_center"])
+    assert int(l_no["window_location"][3]) != int(r_no["window_location"][3]) or _structure(
+        l_no["best_center"]
+    ) != _structure(r_no["best_center"])

@@ -1,4 +1,5 @@
 """Readers: PNG (8/12/16-bit values kept) and DICOM (LUTs, inversion, padding, header metadata)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,6 @@ import pytest
 
 from gmic_jax.data.image import DataError, Mammogram, read_dicom, read_image, read_png, write_png
 from gmic_jax.data.testing import corrupt_copy, write_dicom
-
 
 
 def ramp(h=12, w=10, hi=4095):
@@ -82,8 +82,9 @@ def test_dicom_window_linear(tmp_path):
 def test_dicom_monochrome1_with_window_inverts_window_output(tmp_path):
     arr = np.array([[0, 2048, 4095]], np.uint16)
     m2 = read_dicom(write_dicom(tmp_path / "m2.dcm", arr, bits_stored=12, window=(2048, 4096)))
-    m1 = read_dicom(write_dicom(tmp_path / "m1.dcm", arr, bits_stored=12, window=(2048, 4096),
-                                photometric="MONOCHROME1"))
+    m1 = read_dicom(
+        write_dicom(tmp_path / "m1.dcm", arr, bits_stored=12, window=(2048, 4096), photometric="MONOCHROME1")
+    )
     np.testing.assert_allclose(m1.pixels, 4095 - m2.pixels, atol=1e-3)
 
 
@@ -91,8 +92,9 @@ def test_dicom_pixel_padding_becomes_background(tmp_path):
     arr = ramp(hi=4095)
     arr[:, :3] = 4095  # the padding value is the brightest one: padding must become background (0)
     arr[0, 5] = 4095
-    image = read_dicom(write_dicom(tmp_path / "a.dcm", arr, bits_stored=12, photometric="MONOCHROME2",
-                                   padding_value=4095))
+    image = read_dicom(
+        write_dicom(tmp_path / "a.dcm", arr, bits_stored=12, photometric="MONOCHROME2", padding_value=4095)
+    )
     pad = arr == 4095
     assert (image.pixels[pad] == 0).all()
     np.testing.assert_array_equal(image.pixels[~pad], arr[~pad].astype(np.float32))

@@ -3,6 +3,7 @@ scored (every metric key, the figure's title) and the checkpoint step it loaded 
 run.json names every ensemble member's step and why. Through the `gmic-jax` command line, on the
 shared tiny training run (tests/conftest.py `tiny_run`: steps 4 and 6 saved, 6 evaluated).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,32 @@ from gmic_jax.checkpoint import ASKED_FOR, SelectionRule, select_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = "synthetic:num=8"  # the model's window (128, 96) and the synthetic data it was trained on
-RECORD_FIELDS = {"split", "num_images", "prediction", "tta_draws", "data", "checkpoint", "checkpoint_step",
-                 "checkpoint_selection", "command", "versions", "recorded_split", "failed_images"}
+RECORD_FIELDS = {
+    "split",
+    "num_images",
+    "prediction",
+    "tta_draws",
+    "data",
+    "checkpoint",
+    "checkpoint_step",
+    "checkpoint_selection",
+    "command",
+    "versions",
+    "recorded_split",
+    "failed_images",
+}
 HEAD_AUCS = {f"auc_{head}_{cls}" for head in ("global", "local", "fusion") for cls in ("benign", "malignant")}
 
 
 def _cli(env, *args, code=0):
-    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", *map(str, args)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "gmic_jax.cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
     assert r.returncode == code, r.stderr[-3000:]
     return r
@@ -57,8 +76,16 @@ def test_evaluate_names_the_split_the_step_and_why(tiny_run, train_env, tmp_path
     selection = report["checkpoint_selection"]
     assert selection["reason"] == kept.reason and selection["rule"] == SelectionRule.DESCRIPTION
     assert (selection["metric"], selection["min_delta"], selection["value"]) == ("val_auc_malignant", 0.0, kept.value)
-    assert report["command"] == ["gmic-jax", "evaluate", "--checkpoint", str(workdir), "--data", SYNTHETIC,
-                                 "--output", str(tmp_path / "kept")]
+    assert report["command"] == [
+        "gmic-jax",
+        "evaluate",
+        "--checkpoint",
+        str(workdir),
+        "--data",
+        SYNTHETIC,
+        "--output",
+        str(tmp_path / "kept"),
+    ]
     assert report["versions"]["jax"] and report["versions"]["gmic-jax"]
     assert f"step 6 ({kept.reason})" in log and "split 'test'" in log
     assert "Given directory is read only" not in log and "Unable to initialize backend" not in log
@@ -91,8 +118,24 @@ def _cache(tmp_path, env):
         rows.append(f"{i}.png,p{i // 2},{'LR'[i % 2]},{('CC', 'MLO')[i // 2]},{benign},{malignant},test\n")
     (tmp_path / "data.csv").write_text("".join(rows))
     cache = tmp_path / "cache"
-    _cli(env, "cache", "--source", "manifest", "--manifest", tmp_path / "data.csv", "--split", "test",
-         "--window-shape", "128", "96", "--iterations", "2", "--output", cache, "--no-progress")
+    _cli(
+        env,
+        "cache",
+        "--source",
+        "manifest",
+        "--manifest",
+        tmp_path / "data.csv",
+        "--split",
+        "test",
+        "--window-shape",
+        "128",
+        "96",
+        "--iterations",
+        "2",
+        "--output",
+        cache,
+        "--no-progress",
+    )
     return cache
 
 
@@ -109,14 +152,24 @@ def test_evaluate_on_a_cache_uses_the_split_it_records_or_the_one_named(tiny_run
     index = json.loads((unnamed / "index.json").read_text())
     index["metadata"]["split"] = None
     (unnamed / "index.json").write_text(json.dumps(index))
-    r = _cli(train_env, "evaluate", "--checkpoint", workdir, "--data", f"cache:{unnamed}", "--output",
-             tmp_path / "refused", code=2)
+    r = _cli(
+        train_env,
+        "evaluate",
+        "--checkpoint",
+        workdir,
+        "--data",
+        f"cache:{unnamed}",
+        "--output",
+        tmp_path / "refused",
+        code=2,
+    )
     assert "records no split" in r.stderr and "--split NAME" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "refused").exists()
     named, _ = _evaluate(train_env, workdir, tmp_path / "named", "--split", "heldout", data=f"cache:{unnamed}")
     assert named["split"] == "heldout" and all(k.startswith("heldout_") for k in _metric_keys(named))
-    assert {k.removeprefix("heldout_"): v for k, v in named.items() if k in _metric_keys(named)} == \
-        {k.removeprefix("test_"): v for k, v in report.items() if k in _metric_keys(report)}
+    assert {k.removeprefix("heldout_"): v for k, v in named.items() if k in _metric_keys(named)} == {
+        k.removeprefix("test_"): v for k, v in report.items() if k in _metric_keys(report)
+    }
 
 
 def test_split_names_of_synthetic_data_and_caches():
@@ -150,8 +203,18 @@ def test_predict_records_each_members_step_and_what_it_wrote(tiny_run, train_env
     shutil.copytree(workdir, member)
     shutil.rmtree(member / "6")
     out = tmp_path / "out"
-    args = ["predict", "--synthetic", "1", "--checkpoint", workdir, "--checkpoint", member, "--output", out,
-            "--no-progress"]
+    args = [
+        "predict",
+        "--synthetic",
+        "1",
+        "--checkpoint",
+        workdir,
+        "--checkpoint",
+        member,
+        "--output",
+        out,
+        "--no-progress",
+    ]
     r = _cli(train_env, *args)
     run = json.loads((out / "run.json").read_text())
     members = [select_checkpoint(d) for d in (workdir, member)]

@@ -1,5 +1,6 @@
 """The one exam-list reader (gmic_jax.data.exam_list.read_exam_list) and the rules every user of it
 follows: missing views, unknown labels, segmentation names, PNG or DICOM images."""
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,10 @@ def _exam(prefix, views=VIEWS, **extra):
 def test_views_labels_and_segmentation_names(tmp_path):
     exams = [
         _exam("full", **{"R-CC_benign_seg": ["lesion7"], "R-CC_malignant_seg": [""]}),
-        _exam("left", views=("L-CC", "L-MLO")),                    # right views absent
-        dict(_exam("empty"), **{"R-CC": [], "R-MLO": []}),        # right views empty
-        dict(_exam("nolabel"), cancer_label={"left_benign": 1}),   # three labels unknown
-        dict(_exam("none"), **{v: [] for v in VIEWS}),            # no image at all
+        _exam("left", views=("L-CC", "L-MLO")),  # right views absent
+        dict(_exam("empty"), **{"R-CC": [], "R-MLO": []}),  # right views empty
+        dict(_exam("nolabel"), cancer_label={"left_benign": 1}),  # three labels unknown
+        dict(_exam("none"), **{v: [] for v in VIEWS}),  # no image at all
         dict(_exam("bad"), cancer_label={"left_benign": "yes"}),
         ["not", "a", "dict"],
     ]

@@ -1,5 +1,6 @@
 """Speed rewrites compute the same function as the plain ops they replace, and the variant a
 program gets follows the platform it is lowered for."""
+
 from __future__ import annotations
 
 import jax
@@ -21,10 +22,10 @@ def numpy_max_pool_grad(x, g, window, stride, padding):
         for i in range(ho):
             for j in range(wo):
                 for ch in range(c):
-                    win = xp[b, i * stride:i * stride + window, j * stride:j * stride + window, ch]
+                    win = xp[b, i * stride : i * stride + window, j * stride : j * stride + window, ch]
                     a, bb = np.unravel_index(np.argmax(win), win.shape)  # argmax: first maximum
                     dx[b, i * stride + a, j * stride + bb, ch] += g[b, i, j, ch]
-    return dx[:, padding:padding + x.shape[1], padding:padding + x.shape[2]]
+    return dx[:, padding : padding + x.shape[1], padding : padding + x.shape[2]]
 
 
 @pytest.mark.parametrize("pool", [max_pool_separable, max_pool_xla])
@@ -35,8 +36,14 @@ def test_max_pool_gradient_goes_to_first_maximum_on_ties(shape, padding, pool):
     y, vjp = jax.vjp(lambda v: pool(v, 3, 2, padding), jnp.asarray(x))
     g = rng.standard_normal(y.shape).astype(np.float32)
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), numpy_max_pool_grad(x, g, 3, 2, padding), rtol=1e-6)
-    ref = lax.reduce_window(jnp.asarray(x), -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                            ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ref = lax.reduce_window(
+        jnp.asarray(x),
+        -jnp.inf,
+        lax.max,
+        (1, 3, 3, 1),
+        (1, 2, 2, 1),
+        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+    )
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
 
 
@@ -83,8 +90,11 @@ def _three_ops(x, k, k2):
     return jnp.sum(fast_ops.strided_conv(y, k2, 2, 1) ** 2)
 
 
-_ARGS = (jax.ShapeDtypeStruct((1, 40, 36, 1), jnp.float32), jax.ShapeDtypeStruct((7, 7, 1, 4), jnp.float32),
-         jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32))
+_ARGS = (
+    jax.ShapeDtypeStruct((1, 40, 36, 1), jnp.float32),
+    jax.ShapeDtypeStruct((7, 7, 1, 4), jnp.float32),
+    jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32),
+)
 
 
 def _program(platform: str, choice: str = "auto") -> str:

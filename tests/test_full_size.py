@@ -1,4 +1,5 @@
 """The jitted forward at the original's 2944 x 1920: one compile, no host callbacks."""
+
 from __future__ import annotations
 
 import chex
@@ -7,7 +8,7 @@ import numpy as np
 
 from gmic_jax import GMIC, GMICConfig, init_variables
 
-HOST_CALLBACK_MARKERS = ("callback", "host_callback", "CustomCall(\"xla_python", "xla_ffi_python")
+HOST_CALLBACK_MARKERS = ("callback", "host_callback", 'CustomCall("xla_python', "xla_ffi_python")
 
 
 def test_full_size_forward_compiles_once_and_stays_on_device():

@@ -8,6 +8,7 @@ assignment and live ranges of `two_blocks_gradient` compiled for the H100 target
 with jax[cuda12] 0.10.2; `test_checked_in_program_is_what_the_compiler_makes` recompiles it where
 the plugin is installed (rewrite them with `python tests/test_gpu_compile.py`).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,10 @@ import hlo_report  # noqa: E402
 HLO = DATA / "gpu_two_blocks.hlo.txt"
 LIVE_RANGE = DATA / "gpu_two_blocks.live-range.txt"
 ASSIGNMENT = DATA / "gpu_two_blocks.buffer-assignment.txt"
-needs_plugin = pytest.mark.skipif(not deviceless.plugin_available(),
-                                  reason="needs jaxlib's CUDA plugin (the [gpu] extra, jax[cuda12]) to compile "
-                                         "for a GPU without one; CI is CPU-only")
+needs_plugin = pytest.mark.skipif(
+    not deviceless.plugin_available(),
+    reason="needs jaxlib's CUDA plugin (the [gpu] extra, jax[cuda12]) to compile for a GPU without one; CI is CPU-only",
+)
 
 
 def two_blocks_gradient():
@@ -102,7 +104,10 @@ def test_counts_cudnn_convolutions_and_fusions():
     assert 1 <= kinds["BackwardInput"] <= 5
     assert counts["cudnn_convs"] == sum(kinds.values())
     assert counts["fusions"] > 10 and counts["host_transfers"] == []
-    assert sum(n for t, n in counts["custom_calls"].items() if t.startswith(hlo_report.CUDNN_PREFIX)) == counts["cudnn_convs"]
+    assert (
+        sum(n for t, n in counts["custom_calls"].items() if t.startswith(hlo_report.CUDNN_PREFIX))
+        == counts["cudnn_convs"]
+    )
 
 
 def test_peak_is_the_fullest_moment_of_the_temporary_allocation():
@@ -119,8 +124,10 @@ def test_peak_is_the_fullest_moment_of_the_temporary_allocation():
     ranges = hlo_report.live_ranges(live)
     values = [(n, s, o) for n, s, o in temp["values"] if s and n in ranges]
     last = max(e for _, e in ranges.values())
-    in_use = [hlo_report._union({(o, o + s) for n, s, o in values if ranges[n][0] <= t <= ranges[n][1]})
-              for t in range(last + 1)]
+    in_use = [
+        hlo_report._union({(o, o + s) for n, s, o in values if ranges[n][0] <= t <= ranges[n][1]})
+        for t in range(last + 1)
+    ]
     assert max(in_use) == peak["bytes"] == in_use[peak["position"]]
 
 
@@ -149,8 +156,12 @@ ENTRY %main (p: f32[4]) -> f32[4] {
 }
 """
     found = hlo_report.program_counts(hlo)["host_transfers"]
-    assert found == ["cb: custom-call xla_ffi_python_gpu_callback", "cs: copy-start in host memory",
-                     "cd: copy-done in host memory", "of: outfeed"]
+    assert found == [
+        "cb: custom-call xla_ffi_python_gpu_callback",
+        "cs: copy-start in host memory",
+        "cd: copy-done in host memory",
+        "of: outfeed",
+    ]
 
 
 def test_dumps_without_temporaries_are_an_error():
@@ -208,10 +219,34 @@ def test_cuda_program_lacks_the_cpu_kernels():
 def test_deviceless_benchmark_writes_its_contract(tmp_path):
     out = tmp_path / "h100.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "memory_fwd_bwd.py"), "--deviceless", "h100", "--dtype", "bfloat16",
-         "--remat", "none", "global", "--batch-exams", "1", "--image-shape", "256", "192", "--crop-shape", "96", "96",
-         "--threads", str(min(2, len(os.sched_getaffinity(0)))), "--json", str(out)],
-        capture_output=True, text=True, timeout=900, cwd=REPO)
+        [
+            sys.executable,
+            str(BENCH / "memory_fwd_bwd.py"),
+            "--deviceless",
+            "h100",
+            "--dtype",
+            "bfloat16",
+            "--remat",
+            "none",
+            "global",
+            "--batch-exams",
+            "1",
+            "--image-shape",
+            "256",
+            "192",
+            "--crop-shape",
+            "96",
+            "96",
+            "--threads",
+            str(min(2, len(os.sched_getaffinity(0)))),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     rows = report["results"]
@@ -241,8 +276,14 @@ if __name__ == "__main__":  # in a deviceless process: regenerate the data files
     hlo_text, assignment_text, live_text = compile_for_h100(*two_blocks_gradient())
     if command == "analyse":
         peak = hlo_report.temp_peak(assignment_text, live_text)
-        print(json.dumps({"counts": hlo_report.program_counts(hlo_text),
-                          "peak": {k: peak[k] for k in ("bytes", "allocation_bytes", "argument_bytes")}}))
+        print(
+            json.dumps(
+                {
+                    "counts": hlo_report.program_counts(hlo_text),
+                    "peak": {k: peak[k] for k in ("bytes", "allocation_bytes", "argument_bytes")},
+                }
+            )
+        )
     else:
         HLO.write_text(strip_unread_attributes(hlo_text))
         ASSIGNMENT.write_text(assignment_text)

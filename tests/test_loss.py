@@ -1,4 +1,5 @@
 """The training loss: hand-computed values, PyTorch's clamping, the original's goldens (tests/conftest.py)."""
+
 from __future__ import annotations
 
 import math

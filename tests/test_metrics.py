@@ -1,4 +1,5 @@
 """Evaluation metrics against hand-computed values and direct pixel-level definitions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,9 @@ def test_auc_prauc_and_undefined_cases():
 def test_breast_level_is_the_mean_of_views():
     scores = np.array([[0.1, 0.9], [0.3, 0.1], [0.5, 0.5], [0.7, 0.2]])
     labels = np.array([[0, 1], [0, 0], [1, 0], [1, 0]])
-    s, l = M.breast_level(scores, labels, ["a", "a", "b", "b"])
+    s, lab = M.breast_level(scores, labels, ["a", "a", "b", "b"])
     np.testing.assert_allclose(s, [[0.2, 0.5], [0.6, 0.35]])
-    np.testing.assert_array_equal(l, [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(lab, [[0, 1], [1, 0]])
     out = M.classification_metrics(scores, labels, ["a", "a", "b", "b"])
     assert "val_breast_auc_malignant" in out and out["val_breast_auc_malignant"] == 1.0
 
@@ -55,7 +56,7 @@ def test_pxap_on_the_grid_equals_pixel_level_average_precision():
             g = np.round(g, 1)  # ties between cells
         mask = np.zeros((H, W), np.uint8)
         r, c = rng.integers(0, H), rng.integers(0, W)
-        mask[r:r + rng.integers(1, 8), c:c + rng.integers(1, 8)] = 1
+        mask[r : r + rng.integers(1, 8), c : c + rng.integers(1, 8)] = 1
         direct = average_precision_score(mask.ravel(), M.upsample_nearest(g, (H, W)).ravel())
         assert M.pxap(g, mask) == pytest.approx(direct, abs=1e-12)
     with pytest.raises(ValueError, match="undefined"):
@@ -64,13 +65,13 @@ def test_pxap_on_the_grid_equals_pixel_level_average_precision():
 
 def test_roi_hits_counts_lesions_covered_at_least_70_percent():
     mask = np.zeros((40, 40, 2), np.uint8)
-    mask[2:6, 2:6, 0] = 1        # lesion A (benign, 16 px)
-    mask[20:30, 20:22, 1] = 1    # lesion B (malignant, 10 rows x 2 cols)
-    mask[35:38, 35:38, 1] = 1    # lesion C (malignant, 9 px)
-    assert M.roi_hits(mask, np.array([[0, 0]]), (8, 8)) == (1, 3)            # A only
+    mask[2:6, 2:6, 0] = 1  # lesion A (benign, 16 px)
+    mask[20:30, 20:22, 1] = 1  # lesion B (malignant, 10 rows x 2 cols)
+    mask[35:38, 35:38, 1] = 1  # lesion C (malignant, 9 px)
+    assert M.roi_hits(mask, np.array([[0, 0]]), (8, 8)) == (1, 3)  # A only
     assert M.roi_hits(mask, np.array([[0, 0], [33, 33]]), (8, 8)) == (2, 3)  # A and C
-    assert M.roi_hits(mask, np.array([[20, 20]]), (7, 2)) == (1, 3)          # B: 7/10 = 70% -> hit
-    assert M.roi_hits(mask, np.array([[20, 20]]), (6, 2)) == (0, 3)          # B: 60% -> miss
+    assert M.roi_hits(mask, np.array([[20, 20]]), (7, 2)) == (1, 3)  # B: 7/10 = 70% -> hit
+    assert M.roi_hits(mask, np.array([[20, 20]]), (6, 2)) == (0, 3)  # B: 60% -> miss
     # Coverage is the union of the patches: two crops of 4 rows each cover 8/10 of B.
     assert M.roi_hits(mask, np.array([[20, 20], [24, 20]]), (4, 2)) == (1, 3)
     assert M.roi_hits(mask, np.array([[20, 20], [20, 20]]), (4, 2)) == (0, 3)
@@ -82,19 +83,20 @@ def test_accumulator_averages_over_lesion_images():
     sal = np.zeros((2, 2, 2, 2))
     sal[0, 0, 0, 1] = 1.0
     masks = np.zeros((2, 8, 8, 2), np.uint8)
-    masks[0, 0:4, 0:4, 1] = 1    # image 0: malignant lesion exactly the saliency cell
-    masks[1, 4:8, 4:8, 1] = 1    # image 1: malignant lesion, saliency elsewhere (all zero)
+    masks[0, 0:4, 0:4, 1] = 1  # image 0: malignant lesion exactly the saliency cell
+    masks[1, 4:8, 4:8, 1] = 1  # image 1: malignant lesion, saliency elsewhere (all zero)
     acc = M.LocalizationAccumulator((4, 4))
     acc.update(sal[:1], masks[:1], np.zeros((1, 1, 2), int))  # batch by batch
     acc.update(sal[1:], masks[1:], np.zeros((1, 1, 2), int))
     out = acc.result()
-    assert out["val_dice_malignant"] == pytest.approx(0.5)   # 1.0 and 0.0
+    assert out["val_dice_malignant"] == pytest.approx(0.5)  # 1.0 and 0.0
     assert "val_dice_benign" not in out
     assert out["val_roi_hit_rate"] == pytest.approx(0.5)
     assert out["val_pxap_malignant"] == pytest.approx((1.0 + 0.25) / 2)  # image 1: all tied -> prevalence
 
 
 # ---------------------------------------------------------------------------- pointing
+
 
 def _reference_pointing(saliency, mask):
     """(hit, random share) straight from the definition: scan for the first largest cell in
@@ -110,8 +112,11 @@ def _reference_pointing(saliency, mask):
     dilated = ndimage.binary_dilation(mask > 0, structure=np.ones((2 * ry + 1, 2 * rx + 1), bool))
 
     def centre_hit(i, j):
-        return bool(dilated[math.floor((i + Fraction(1, 2)) * Fraction(H, h)),
-                            math.floor((j + Fraction(1, 2)) * Fraction(W, w))])
+        return bool(
+            dilated[
+                math.floor((i + Fraction(1, 2)) * Fraction(H, h)), math.floor((j + Fraction(1, 2)) * Fraction(W, w))
+            ]
+        )
 
     best = (0, 0)
     for i in range(h):
@@ -127,7 +132,7 @@ def test_pointing_by_hand():
     mask[0, 0] = 1  # dilated by ceil(8/4) = 2 pixels: rows and columns 0..2 hold the centre (2, 2) of cell (0, 0)
     cells = M.pointing_cells(mask, (2, 2))
     np.testing.assert_array_equal(cells, [[True, False], [False, False]])
-    assert M.pointing_hit(np.array([[0.5, 0.1], [0.2, 0.5]]), mask)        # tie: the first in row-major order
+    assert M.pointing_hit(np.array([[0.5, 0.1], [0.2, 0.5]]), mask)  # tie: the first in row-major order
     assert not M.pointing_hit(np.array([[0.1, 0.5], [0.2, 0.5]]), mask)
     mask[0, 0], mask[0, 5] = 0, 1  # in cell (0, 1): 1 column from its centre (2, 6), 3 from (2, 2)
     np.testing.assert_array_equal(M.pointing_cells(mask, (2, 2)), [[False, True], [False, False]])
@@ -160,7 +165,7 @@ def test_accumulator_pointing_and_random_maps():
     masks = np.zeros((n, H, W, 2), np.uint8)
     for i in range(n):
         r, c = rng.integers(0, H - 6), rng.integers(0, W - 6)
-        masks[i, r:r + 6, c:c + 6, i % 2] = 1  # one lesion per image, alternating classes
+        masks[i, r : r + 6, c : c + 6, i % 2] = 1  # one lesion per image, alternating classes
     sal = rng.random((n, h, w, 2))
     out = _localization(sal, masks, np.zeros((n, 1, 2), int), (8, 8))
     for c, name in enumerate(M.CLASSES):

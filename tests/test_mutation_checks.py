@@ -1,6 +1,7 @@
 """Contracts that tests/mutations.py found unguarded: top-t pooling, the per-image standardisation,
 and the evaluation step's test-time augmentation. Each is checked against an independent numpy or
 step-by-step computation."""
+
 from __future__ import annotations
 
 import jax
@@ -31,8 +32,9 @@ def test_top_t_pooling_is_the_mean_of_the_largest_rounded_t_percent():
 def test_normalize_images_standardizes_each_image():
     rng = np.random.default_rng(1)
     # Three images with very different levels and spreads (std 5, 300, 1150: far from 1), and a constant one.
-    raw = np.stack([rng.normal(10, 5, (8, 6)), rng.normal(-200, 300, (8, 6)), rng.uniform(0, 4000, (8, 6)),
-                    np.full((8, 6), 7.0)])[..., None].astype(np.float32)
+    raw = np.stack(
+        [rng.normal(10, 5, (8, 6)), rng.normal(-200, 300, (8, 6)), rng.uniform(0, 4000, (8, 6)), np.full((8, 6), 7.0)]
+    )[..., None].astype(np.float32)
     x = raw.astype(np.float64)
     mean = x.mean(axis=(1, 2, 3), keepdims=True)
     std = x.std(axis=(1, 2, 3), keepdims=True)  # population standard deviation, as the original
@@ -40,15 +42,27 @@ def test_normalize_images_standardizes_each_image():
     # float32 sums of n = 48 values err by at most n * 2**-24 * max|x| (naive summation): in units of
     # the std that is 48 * 6e-8 * 5 = 1.4e-5 here (max|x| / std <= 5 for these images); mean and std
     # both, on outputs up to ~3 in magnitude: 1e-4.
-    np.testing.assert_allclose(np.asarray(normalize_images(jnp.asarray(raw), "standardize")), expected, rtol=0,
-                               atol=1e-4)
-    np.testing.assert_allclose(np.asarray(normalize_images(jnp.asarray(raw), "unit_range")),
-                               x / x.max(axis=(1, 2, 3), keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(normalize_images(jnp.asarray(raw), "standardize")), expected, rtol=0, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.asarray(normalize_images(jnp.asarray(raw), "unit_range")),
+        x / x.max(axis=(1, 2, 3), keepdims=True),
+        rtol=1e-6,
+    )
 
 
 # A small model: pointwise late stages and a narrow local network keep its compile to seconds.
-TINY = GMICConfig(image_shape=(64, 48), crop_shape=(16, 16), K=2, percent_t=0.1, local_net="resnet18_narrow",
-                  global_strides=(1, 2, 1, 2, 1), global_blocks=(1, 1, 1, 1, 1), global_kernels=(3, 3, 1, 1, 1))
+TINY = GMICConfig(
+    image_shape=(64, 48),
+    crop_shape=(16, 16),
+    K=2,
+    percent_t=0.1,
+    local_net="resnet18_narrow",
+    global_strides=(1, 2, 1, 2, 1),
+    global_blocks=(1, 1, 1, 1, 1),
+    global_kernels=(3, 3, 1, 1, 1),
+)
 HEADS = ("y_global", "y_local", "y_fusion")
 
 
@@ -58,8 +72,9 @@ def test_eval_step_tta_is_each_images_mean_over_its_draws():
     patches stay those of the plain image; an image's predictions do not depend on its batch-mates."""
     variables = init_variables(TINY, jax.random.key(0))
     mesh = make_mesh(jax.devices()[:1])
-    augment = AugmentConfig(flip=False, rotation_deg=10.0, translation=0.1, scale=(0.9, 1.1), shear_deg=0.0,
-                            noise_sigma=0.05)
+    augment = AugmentConfig(
+        flip=False, rotation_deg=10.0, translation=0.1, scale=(0.9, 1.1), shear_deg=0.0, noise_sigma=0.05
+    )
     rng = np.random.default_rng(2)
     images = rng.uniform(0, 4000, (3, 64, 48, 1)).astype(np.float32)
     key = jax.random.key_data(jax.random.key(5))

@@ -9,6 +9,7 @@ made by tests/fixtures/make_golden.py from tests/fixtures/golden_recipe.py; smal
 
 Every test runs with both kernel variants of gmic_jax.models.fast_ops forced on CPU: the CPU
 rewrites ('cpu', what CPU programs run) and XLA's own ops ('xla', what GPU programs run)."""
+
 from __future__ import annotations
 
 import json
@@ -108,15 +109,16 @@ def test_patch_locations_identical(case_outputs, goldens):
     # The saliency grid follows from the image size; the maps are the sigmoid of the logits the
     # optional grid-mean loss term uses.
     assert out["saliency_map"].shape[1:3] == tuple(meta["cam_size"])
-    np.testing.assert_allclose(1 / (1 + np.exp(-out["saliency_logits"].astype(np.float64))), out["saliency_map"],
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        1 / (1 + np.exp(-out["saliency_logits"].astype(np.float64))), out["saliency_map"], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_gradients_match_original(goldens, kernel_variant):
     golden = goldens.golden
     _, _, loss, grads_sd = small_with_grads(goldens, kernel_variant)
     np.testing.assert_allclose(loss, float(golden["small/grad_loss"]), rtol=1e-5)
-    keys = [k[len("small/grad/"):] for k in golden.files if k.startswith("small/grad/")]
+    keys = [k[len("small/grad/") :] for k in golden.files if k.startswith("small/grad/")]
     assert len(keys) == 14
     errors = {k: rel_err(grads_sd[k], golden[f"small/grad/{k}"]) for k in keys}
     for key, err in errors.items():

@@ -1,5 +1,6 @@
 """gmic-jax predict on small synthetic exams with a small model: outputs, batching, ensembles, TTA,
 the input modes (exam list raw / preprocessed, DICOM) and every kind of bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -20,17 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gmic_jax import GMIC, GMICConfig, init_variables
-from gmic_jax.checkpoint import save_checkpoint
+from gmic_jax import GMIC, GMICConfig, init_variables, metrics
+from gmic_jax import predict as P
+from gmic_jax.checkpoint import CheckpointError, save_checkpoint
 from gmic_jax.data import cropping
 from gmic_jax.data.exam_list import save_exam_list
 from gmic_jax.data.image import write_png
 from gmic_jax.data.testing import breast_image, corrupt_copy
 from gmic_jax.data.transforms import crop_flip_center, gmic_window
 from gmic_jax.data.window import place_window
-from gmic_jax import predict as P
-from gmic_jax import metrics
-from gmic_jax.checkpoint import CheckpointError
 from gmic_jax.preprocessing import Preprocessing, SyntheticData, normalize_images
 from gmic_jax.visualize import figure_size
 
@@ -68,9 +67,18 @@ def write_exams(root: Path, exams_spec, seed: int = 0, shape=(300, 220)):
     images = root / "images"
     exams = []
     for e, counts in enumerate(exams_spec):
-        exam = {"horizontal_flip": "NO",
-                "cancer_label": {"left_benign": 0, "left_malignant": e % 2, "right_benign": 1, "right_malignant": 0,
-                                 "benign": 1, "malignant": e % 2, "unknown": 0}}
+        exam = {
+            "horizontal_flip": "NO",
+            "cancer_label": {
+                "left_benign": 0,
+                "left_malignant": e % 2,
+                "right_benign": 1,
+                "right_malignant": 0,
+                "benign": 1,
+                "malignant": e % 2,
+                "unknown": 0,
+            },
+        }
         for k, view in enumerate(VIEWS):
             names = []
             for j in range(counts.get(view, 1)):
@@ -128,9 +136,17 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(checkpoints, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
-    result = P.predict([checkpoints[0]], out, exam_list=data["exam_list"], images_dir=data["images"],
-                       visualize=True, segmentations_dir=data["seg"], batch_size=4, workers=2,
-                       progress=False)
+    result = P.predict(
+        [checkpoints[0]],
+        out,
+        exam_list=data["exam_list"],
+        images_dir=data["images"],
+        visualize=True,
+        segmentations_dir=data["seg"],
+        batch_size=4,
+        workers=2,
+        progress=False,
+    )
     return result, out
 
 
@@ -175,14 +191,25 @@ def test_outputs(baseline, data):
 def test_localization_csv(baseline, data):
     result, out = baseline
     header, rows = read_csv(out / P.LOCALIZATION_CSV)
-    assert header == ["image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant",
-                      "pointing_benign", "pointing_malignant", "roi_hit"]
+    assert header == [
+        "image_index",
+        "dice_benign",
+        "dice_malignant",
+        "pxap_benign",
+        "pxap_malignant",
+        "pointing_benign",
+        "pointing_malignant",
+        "roi_hit",
+    ]
     assert [r[0] for r in rows] == ["0_R-CC", "1_L-MLO"]  # only images with a lesion
     benign_row, malignant_row = rows
     assert benign_row[2] == benign_row[4] == benign_row[6] == ""  # no malignant lesion: undefined
     assert malignant_row[1] == malignant_row[3] == malignant_row[5] == ""
     # Recompute from the written saliency map with the training metrics.
-    for row, name, c, seg in ((benign_row, "0_R-CC", 0, "0_R-CC_benign"), (malignant_row, "1_L-MLO", 1, "1_L-MLO_malignant")):
+    for row, name, c, seg in (
+        (benign_row, "0_R-CC", 0, "0_R-CC_benign"),
+        (malignant_row, "1_L-MLO", 1, "1_L-MLO_malignant"),
+    ):
         sal = np.load(out / P.SALIENCY_DIR / f"{name}.npy")[c]
         mask = np.asarray(Image.open(data["seg"] / f"{seg}.png")) > 0
         assert float(row[1 + c]) == pytest.approx(metrics.dice(sal, mask), abs=1e-6)
@@ -195,22 +222,38 @@ def test_localization_csv(baseline, data):
 
 def test_predictions_do_not_depend_on_batch_size(baseline, checkpoints, data, tmp_path):
     result, out = baseline
-    one = P.predict([checkpoints[0]], tmp_path, exam_list=data["exam_list"], images_dir=data["images"],
-                    batch_size=1, workers=0, progress=False)
+    one = P.predict(
+        [checkpoints[0]],
+        tmp_path,
+        exam_list=data["exam_list"],
+        images_dir=data["images"],
+        batch_size=1,
+        workers=0,
+        progress=False,
+    )
     a, b = preds_of(result), preds_of(one)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], **FLOAT_TOL)
-        np.testing.assert_allclose(np.load(tmp_path / P.SALIENCY_DIR / f"{k}.npy"),
-                                   np.load(out / P.SALIENCY_DIR / f"{k}.npy"), **FLOAT_TOL)
+        np.testing.assert_allclose(
+            np.load(tmp_path / P.SALIENCY_DIR / f"{k}.npy"), np.load(out / P.SALIENCY_DIR / f"{k}.npy"), **FLOAT_TOL
+        )
 
 
 def test_outputs_do_not_depend_on_the_number_of_loader_processes(baseline, checkpoints, data, tmp_path):
     """The baseline loads its images in 2 worker processes; loaded in this process (workers=0)
     every output is the same, bit for bit (the same windows through the same compiled function)."""
     result, out = baseline
-    again = P.predict([checkpoints[0]], tmp_path, exam_list=data["exam_list"], images_dir=data["images"],
-                      segmentations_dir=data["seg"], batch_size=4, workers=0, progress=False)
+    again = P.predict(
+        [checkpoints[0]],
+        tmp_path,
+        exam_list=data["exam_list"],
+        images_dir=data["images"],
+        segmentations_dir=data["seg"],
+        batch_size=4,
+        workers=0,
+        progress=False,
+    )
     assert again.ok and again.predictions == result.predictions and again.localization == result.localization
     for name in (P.PREDICTIONS_CSV, P.BREAST_CSV, P.LOCALIZATION_CSV):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
@@ -222,10 +265,14 @@ def test_outputs_do_not_depend_on_the_number_of_loader_processes(baseline, check
 
 def test_ensemble_is_mean_of_single_models(baseline, checkpoints, data, tmp_path):
     single_a = preds_of(baseline[0])
-    single_b = preds_of(P.predict([checkpoints[1]], tmp_path / "b", exam_list=data["exam_list"],
-                                  images_dir=data["images"], progress=False))
-    both = P.predict(list(checkpoints), tmp_path / "ab", exam_list=data["exam_list"], images_dir=data["images"],
-                     progress=False)
+    single_b = preds_of(
+        P.predict(
+            [checkpoints[1]], tmp_path / "b", exam_list=data["exam_list"], images_dir=data["images"], progress=False
+        )
+    )
+    both = P.predict(
+        list(checkpoints), tmp_path / "ab", exam_list=data["exam_list"], images_dir=data["images"], progress=False
+    )
     ens = preds_of(both)
     for k in ens:
         np.testing.assert_allclose(ens[k], (single_a[k] + single_b[k]) / 2, **FLOAT_TOL)
@@ -233,8 +280,11 @@ def test_ensemble_is_mean_of_single_models(baseline, checkpoints, data, tmp_path
         assert np.abs(ens[k] - single_a[k]).max() > 1e-3 and np.abs(ens[k] - single_b[k]).max() > 1e-3
     # Saliency maps and figures are the first model's.
     for k in ens:
-        np.testing.assert_allclose(np.load(tmp_path / "ab" / P.SALIENCY_DIR / f"{k}.npy"),
-                                   np.load(baseline[1] / P.SALIENCY_DIR / f"{k}.npy"), **FLOAT_TOL)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "ab" / P.SALIENCY_DIR / f"{k}.npy"),
+            np.load(baseline[1] / P.SALIENCY_DIR / f"{k}.npy"),
+            **FLOAT_TOL,
+        )
 
 
 def test_load_image_is_the_original_pipeline(data):
@@ -247,12 +297,19 @@ def test_load_image_is_the_original_pipeline(data):
         loaded = P.load_image(P.ImageTask(f"1_{view}", view, str(path), horizontal_flip="NO"), PREP)
         pixels = read_image(path).to_uint()
         direction = cropping.breast_direction("NO", view[0])
-        expected, _ = gmic_window(pixels, view, direction=direction, window_shape=PREP.window_shape,
-                                  iterations=PREP.iterations, buffer_size=PREP.buffer_size)
+        expected, _ = gmic_window(
+            pixels,
+            view,
+            direction=direction,
+            window_shape=PREP.window_shape,
+            iterations=PREP.iterations,
+            buffer_size=PREP.buffer_size,
+        )
         assert loaded.window.dtype == np.float32 and loaded.window.shape == PREP.window_shape
         np.testing.assert_array_equal(loaded.window, expected)
-        _, flipped, center = crop_flip_center(pixels, view, direction, PREP.window_shape, PREP.iterations,
-                                              PREP.buffer_size)
+        _, flipped, center = crop_flip_center(
+            pixels, view, direction, PREP.window_shape, PREP.iterations, PREP.buffer_size
+        )
         np.testing.assert_array_equal(place_window(flipped, view, center, PREP.window_shape), expected)
         # Without horizontal_flip (DICOM) the orientation is read off the image: the same here.
         guessed = P.load_image(P.ImageTask(f"1_{view}", view, str(path)), PREP)
@@ -271,14 +328,21 @@ def test_preprocessed_mode_reads_cropped_images(baseline, checkpoints, data, tmp
             for name in exam[view]:
                 pixels = np.asarray(Image.open(data["images"] / f"{name}.png")).astype(np.uint16)
                 direction = cropping.breast_direction("NO", view[0])
-                _, source, center = crop_flip_center(pixels, view, direction, PREP.window_shape, PREP.iterations,
-                                                     PREP.buffer_size)
+                _, source, center = crop_flip_center(
+                    pixels, view, direction, PREP.window_shape, PREP.iterations, PREP.buffer_size
+                )
                 stored = source[:, ::-1] if direction == "left" else source
                 write_png(tmp_path / "cropped" / f"{name}.png", np.ascontiguousarray(stored))
                 exam["best_center"][view].append(tuple(np.int64(v) for v in center))
     save_exam_list(tmp_path / "exams.pkl", exams)
-    result = P.predict([checkpoints[0]], tmp_path / "out", exam_list=tmp_path / "exams.pkl",
-                       images_dir=tmp_path / "cropped", preprocessed=True, progress=False)
+    result = P.predict(
+        [checkpoints[0]],
+        tmp_path / "out",
+        exam_list=tmp_path / "exams.pkl",
+        images_dir=tmp_path / "cropped",
+        preprocessed=True,
+        progress=False,
+    )
     assert result.ok
     base = preds_of(baseline[0])
     for k, v in preds_of(result).items():
@@ -287,8 +351,14 @@ def test_preprocessed_mode_reads_cropped_images(baseline, checkpoints, data, tmp
     # Without best_center, --preprocessed names the exam and the exam list.
     del exams[1]["best_center"]
     save_exam_list(tmp_path / "exams2.pkl", exams)
-    result = P.predict([checkpoints[0]], tmp_path / "out2", exam_list=tmp_path / "exams2.pkl",
-                       images_dir=tmp_path / "cropped", preprocessed=True, progress=False)
+    result = P.predict(
+        [checkpoints[0]],
+        tmp_path / "out2",
+        exam_list=tmp_path / "exams2.pkl",
+        images_dir=tmp_path / "cropped",
+        preprocessed=True,
+        progress=False,
+    )
     assert [r["image_index"][0] for r in result.predictions] == ["0"] * 5
     assert len(result.failures) == 1 and "exam 1" in str(result.failures[0])
     assert "exams2.pkl" in str(result.failures[0]) and "best_center" in str(result.failures[0])
@@ -296,8 +366,10 @@ def test_preprocessed_mode_reads_cropped_images(baseline, checkpoints, data, tmp
 
 # ------------------------------------------------------------------------------------------- TTA
 
-def test_tta_draws_the_papers_augmentation_for_a_checkpoint_without_training_record(baseline, checkpoints, data,
-                                                                                     tmp_path):
+
+def test_tta_draws_the_papers_augmentation_for_a_checkpoint_without_training_record(
+    baseline, checkpoints, data, tmp_path
+):
     """A converted-style checkpoint records no training augmentation: --tta draws the paper's
     ranges on device (gmic_jax.augment.tta_augment), keyed by (seed, image name, draw)."""
     from gmic_jax.augment import AugmentConfig, augment_batch
@@ -312,12 +384,15 @@ def test_tta_draws_the_papers_augmentation_for_a_checkpoint_without_training_rec
     p1, p2, p3, p0 = preds_of(r1), preds_of(r2), preds_of(r3), preds_of(baseline[0])
     assert sorted(p1) == ["1_L-CC", "1_L-MLO", "1_R-CC", "1_R-MLO"]
     for k in p1:
-        np.testing.assert_array_equal(p2[k], p1[k])                     # seeded
-    assert max(np.abs(p1[k] - p3[k]).max() for k in p1) > 1e-4          # another seed, other draws
-    assert max(np.abs(p1[k] - p0[k]).max() for k in p1) > 1e-4          # TTA changes the prediction
+        np.testing.assert_array_equal(p2[k], p1[k])  # seeded
+    assert max(np.abs(p1[k] - p3[k]).max() for k in p1) > 1e-4  # another seed, other draws
+    assert max(np.abs(p1[k] - p0[k]).max() for k in p1) > 1e-4  # TTA changes the prediction
     # Saliency maps stay those of the un-augmented window.
-    np.testing.assert_allclose(np.load(tmp_path / "s0" / P.SALIENCY_DIR / "1_R-CC.npy"),
-                               np.load(baseline[1] / P.SALIENCY_DIR / "1_R-CC.npy"), **FLOAT_TOL)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "s0" / P.SALIENCY_DIR / "1_R-CC.npy"),
+        np.load(baseline[1] / P.SALIENCY_DIR / "1_R-CC.npy"),
+        **FLOAT_TOL,
+    )
 
     # Independently: the documented draws through the model, averaged.
     config, variables = load_checkpoint(checkpoints[0])
@@ -338,13 +413,25 @@ def test_missing_views_and_unknown_labels(baseline, checkpoints, data, tmp_path,
     from gmic_jax.data.exam_list import load_exam_list
 
     exams = load_exam_list(data["exam_list"])
-    del exams[0]["R-CC"], exams[0]["R-MLO"]          # exam 0: the right breast is absent
-    exams[1]["L-CC"] = []                             # exam 1: no left CC
-    del exams[1]["cancer_label"]["right_malignant"]   # exam 1: right malignant label unknown
+    del exams[0]["R-CC"], exams[0]["R-MLO"]  # exam 0: the right breast is absent
+    exams[1]["L-CC"] = []  # exam 1: no left CC
+    del exams[1]["cancer_label"]["right_malignant"]  # exam 1: right malignant label unknown
     save_exam_list(tmp_path / "exams.pkl", exams)
     out = tmp_path / "out"
-    rc = main(["predict", "--exam-list", str(tmp_path / "exams.pkl"), "--images", str(data["images"]),
-               "--checkpoint", str(checkpoints[0]), "--output", str(out), "--no-progress"])
+    rc = main(
+        [
+            "predict",
+            "--exam-list",
+            str(tmp_path / "exams.pkl"),
+            "--images",
+            str(data["images"]),
+            "--checkpoint",
+            str(checkpoints[0]),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and not (out / P.FAILURES_TXT).exists()
     assert "2 exam(s), 6 image(s)" in capsys.readouterr().out
     _, rows = read_csv(out / P.PREDICTIONS_CSV)
@@ -362,6 +449,7 @@ def test_missing_views_and_unknown_labels(baseline, checkpoints, data, tmp_path,
 
 
 # ------------------------------------------------------------------------------------ bad input
+
 
 def _bad_exam_list(root: Path, case: str):
     exam_list, images = write_exams(root, [{}, {}])
@@ -396,12 +484,25 @@ def test_bad_input_names_exam_and_file_and_keeps_the_other_exams(case, checkpoin
 
     exam_list, images, file_part, problem = _bad_exam_list(tmp_path, case)
     out = tmp_path / "out"
-    rc = main(["predict", "--exam-list", str(exam_list), "--images", str(images), "--checkpoint",
-               str(checkpoints[0]), "--output", str(out), "--no-progress",
-               "--workers", "2" if case == "corrupt" else "0"])  # a bad file in a worker process, too
+    rc = main(
+        [
+            "predict",
+            "--exam-list",
+            str(exam_list),
+            "--images",
+            str(images),
+            "--checkpoint",
+            str(checkpoints[0]),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--workers",
+            "2" if case == "corrupt" else "0",
+        ]
+    )  # a bad file in a worker process, too
     assert rc == 1
     err = capsys.readouterr().err
-    line = next(l for l in err.splitlines() if l.startswith("error:"))
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
     assert "exam 1" in line and file_part in line and problem in line, line
     # Only exam 0, complete rows only, everywhere.
     header, rows = read_csv(out / P.PREDICTIONS_CSV)
@@ -417,8 +518,20 @@ def test_unreadable_exam_list(checkpoints, tmp_path, capsys):
     from gmic_jax.cli import main
 
     (tmp_path / "exams.pkl").write_bytes(b"not a pickle")
-    rc = main(["predict", "--exam-list", str(tmp_path / "exams.pkl"), "--images", str(tmp_path),
-               "--checkpoint", str(checkpoints[0]), "--output", str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "predict",
+            "--exam-list",
+            str(tmp_path / "exams.pkl"),
+            "--images",
+            str(tmp_path),
+            "--checkpoint",
+            str(checkpoints[0]),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     assert "exams.pkl: malformed exam list" in capsys.readouterr().err
     _, rows = read_csv(tmp_path / "out" / P.PREDICTIONS_CSV)
@@ -436,9 +549,22 @@ def test_checkpoint_of_another_architecture(checkpoints, data, tmp_path, capsys)
     out = tmp_path / "out"
     (out).mkdir()
     (out / P.PREDICTIONS_CSV).write_text("stale\n")  # a stale output must not survive
-    rc = main(["predict", "--exam-list", str(data["exam_list"]), "--images", str(data["images"]),
-               "--checkpoint", str(checkpoints[0]), "--checkpoint", str(bad), "--output", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "predict",
+            "--exam-list",
+            str(data["exam_list"]),
+            "--images",
+            str(data["images"]),
+            "--checkpoint",
+            str(checkpoints[0]),
+            "--checkpoint",
+            str(bad),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "not those of the architecture" in err and "local_net=resnet34" in err
@@ -447,8 +573,12 @@ def test_checkpoint_of_another_architecture(checkpoints, data, tmp_path, capsys)
 
     # Ensemble members that take different windows.
     other = tmp_path / "other"
-    save_checkpoint(other, CFG.replace(image_shape=(128, 96)), random_variables(CFG, 2),
-                    dataclasses.replace(PREP, window_shape=(128, 96)))
+    save_checkpoint(
+        other,
+        CFG.replace(image_shape=(128, 96)),
+        random_variables(CFG, 2),
+        dataclasses.replace(PREP, window_shape=(128, 96)),
+    )
     with pytest.raises(CheckpointError, match="an ensemble needs one input"):
         P.load_models([checkpoints[0], other])
     # A config.json whose window is not the model's.
@@ -462,6 +592,7 @@ def test_checkpoint_of_another_architecture(checkpoints, data, tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------------------- DICOM
+
 
 def _write_study(root: Path, study_uid: str, seed: int, views=VIEWS, view_positions=None):
     import pydicom
@@ -490,8 +621,9 @@ def test_dicom_mode_groups_by_study_and_matches_exam_list_mode(checkpoints, tmp_
     _write_study(root / "c", "1.2.3.3", seed=50, views=("L-CC", "L-MLO"))
     (root / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     out = tmp_path / "out"
-    rc = main(["predict", "--dicom", str(root), "--checkpoint", str(checkpoints[0]), "--output", str(out),
-               "--no-progress"])
+    rc = main(
+        ["predict", "--dicom", str(root), "--checkpoint", str(checkpoints[0]), "--output", str(out), "--no-progress"]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "exam 1.2.3.2:" in err and "R-MLO.dcm" in err and "unknown view" in err and "'LM'" in err
@@ -517,17 +649,43 @@ def test_dicom_mode_groups_by_study_and_matches_exam_list_mode(checkpoints, tmp_
 
 # ------------------------------------------------------------------------------- CLI, devices
 
+
 def test_cli_reports_exams_per_second(checkpoints, data, tmp_path, capsys):
     from gmic_jax.cli import main
 
-    rc = main(["predict", "--exam-list", str(data["exam_list"]), "--images", str(data["images"]),
-               "--checkpoint", str(checkpoints[0]), "--output", str(tmp_path), "--batch-size", "4"])
+    rc = main(
+        [
+            "predict",
+            "--exam-list",
+            str(data["exam_list"]),
+            "--images",
+            str(data["images"]),
+            "--checkpoint",
+            str(checkpoints[0]),
+            "--output",
+            str(tmp_path),
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert "2 exam(s), 9 image(s)" in captured.out and "exams/s" in captured.out
     assert "predict" in captured.err and "9/9" in captured.err  # the progress bar
-    assert main(["predict", "--exam-list", str(data["exam_list"]), "--checkpoint", str(checkpoints[0]),
-                 "--output", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--exam-list",
+                str(data["exam_list"]),
+                "--checkpoint",
+                str(checkpoints[0]),
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
 
 
 def test_cli_tta_is_the_mean_of_the_seeded_draws(baseline, checkpoints, data, tmp_path):
@@ -540,9 +698,31 @@ def test_cli_tta_is_the_mean_of_the_seeded_draws(baseline, checkpoints, data, tm
     from gmic_jax.data.exam_list import load_exam_list
 
     save_exam_list(tmp_path / "exam1.pkl", load_exam_list(data["exam_list"])[1:])  # 4 images
-    assert main(["predict", "--exam-list", str(tmp_path / "exam1.pkl"), "--images", str(data["images"]),
-                 "--checkpoint", str(checkpoints[0]), "--output", str(tmp_path / "out"), "--tta", "2",
-                 "--seed", "5", "--batch-size", "4", "--workers", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--exam-list",
+                str(tmp_path / "exam1.pkl"),
+                "--images",
+                str(data["images"]),
+                "--checkpoint",
+                str(checkpoints[0]),
+                "--output",
+                str(tmp_path / "out"),
+                "--tta",
+                "2",
+                "--seed",
+                "5",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _, rows = read_csv(tmp_path / "out" / P.PREDICTIONS_CSV)
     assert json.loads((tmp_path / "out" / P.RUN_JSON).read_text())["tta"] == 2
     config, variables = load_checkpoint(checkpoints[0])
@@ -575,22 +755,65 @@ def test_cli_preprocess_then_predict_preprocessed_equals_the_raw_images(tmp_path
     # One exam of 4 images whose breasts are taller than the window (so that the window's place, the
     # centre, matters) and wide enough for the original's 100 erosions (the module's are too small).
     exam_list, images = write_exams(tmp_path / "stored", [{}], seed=11, shape=(4800, 400))
-    assert main(["preprocess", "--exam-list", str(exam_list), "--images", str(images),
-                 "--output", str(tmp_path / "pre"), "--num-workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "--exam-list",
+                str(exam_list),
+                "--images",
+                str(images),
+                "--output",
+                str(tmp_path / "pre"),
+                "--num-workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert all("best_center" in exam for exam in load_exam_list(tmp_path / "pre" / "exam_list.pkl"))
     common = ["--checkpoint", str(tmp_path / "ckpt"), "--batch-size", "4", "--workers", "0", "--no-progress"]
-    assert main(["predict", "--exam-list", str(exam_list), "--images", str(images), "--output", str(tmp_path / "raw"),
-                 *common]) == 0
-    assert main(["predict", "--exam-list", str(tmp_path / "pre" / "exam_list.pkl"), "--preprocessed",
-                 "--images", str(tmp_path / "pre" / "cropped_images"), "--output", str(tmp_path / "pre_out"),
-                 *common]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--exam-list",
+                str(exam_list),
+                "--images",
+                str(images),
+                "--output",
+                str(tmp_path / "raw"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--exam-list",
+                str(tmp_path / "pre" / "exam_list.pkl"),
+                "--preprocessed",
+                "--images",
+                str(tmp_path / "pre" / "cropped_images"),
+                "--output",
+                str(tmp_path / "pre_out"),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "pre_out" / P.RUN_JSON).read_text())["preprocessed"] is True
     # The same windows through the same compiled function: equal to the last bit.
     raw_header, raw_rows = read_csv(tmp_path / "raw" / P.PREDICTIONS_CSV)
     assert read_csv(tmp_path / "pre_out" / P.PREDICTIONS_CSV) == (raw_header, raw_rows)
     for name in (r[0] for r in raw_rows):
-        np.testing.assert_array_equal(np.load(tmp_path / "pre_out" / P.SALIENCY_DIR / f"{name}.npy"),
-                                      np.load(tmp_path / "raw" / P.SALIENCY_DIR / f"{name}.npy"))
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "pre_out" / P.SALIENCY_DIR / f"{name}.npy"),
+            np.load(tmp_path / "raw" / P.SALIENCY_DIR / f"{name}.npy"),
+        )
     # The images' predictions differ from each other: a window placed elsewhere would show.
     assert len({tuple(r[1:3]) for r in raw_rows}) == len(raw_rows)
 
@@ -602,8 +825,8 @@ def test_predictions_split_over_four_devices_equal_one_device(baseline, checkpoi
         import json
         from gmic_jax import predict as P
         assert len(jax.local_devices()) == 4
-        r = P.predict([{str(checkpoints[0])!r}], {str(tmp_path)!r}, exam_list={str(data['exam_list'])!r},
-                      images_dir={str(data['images'])!r}, batch_size=4, progress=False)
+        r = P.predict([{str(checkpoints[0])!r}], {str(tmp_path)!r}, exam_list={str(data["exam_list"])!r},
+                      images_dir={str(data["images"])!r}, batch_size=4, progress=False)
         print(json.dumps({{row["image_index"]: [row["benign_pred"], row["malignant_pred"]] for row in r.predictions}}))
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -617,6 +840,7 @@ def test_predictions_split_over_four_devices_equal_one_device(baseline, checkpoi
 
 
 # ----------------------------------------------------- window preprocessing (synthetic data)
+
 
 def write_synthetic_exam(root: Path, seed: int, split: str = "val", exam: int = 0, shape=(256, 192)):
     """Breasts 2*exam (left) and 2*exam + 1 (right) of the synthetic data as an exam list of
@@ -647,8 +871,15 @@ def synthetic_checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("synthetic_ckpt")
     prep = Preprocessing("window", (256, 192), synthetic=SyntheticData(seed=0))
     save_checkpoint(d, CFG, random_variables(CFG, 5), prep)
-    augment = {"enabled": True, "flip": False, "rotation_deg": 5.0, "translation": 0.05, "scale": [0.9, 1.1],
-               "shear_deg": 0.0, "noise_sigma": 0.01}
+    augment = {
+        "enabled": True,
+        "flip": False,
+        "rotation_deg": 5.0,
+        "translation": 0.05,
+        "scale": [0.9, 1.1],
+        "shear_deg": 0.0,
+        "noise_sigma": 0.01,
+    }
     write_config(d, CFG, prep, train={"augment": augment, "seed": 0})
     return d
 
@@ -679,13 +910,14 @@ def test_window_preprocessing_and_on_device_tta(synthetic_checkpoint, tmp_path):
     assert max(np.abs(t1[k] - preds_of(plain)[k]).max() for k in t1) > 1e-4
     # Independently, from the documented keys. With 3 rows per image and batches of 4, the second
     # image straddles a batch boundary: a key tied to the row's position would show here.
-    aug = AugmentConfig(flip=False, rotation_deg=5.0, translation=0.05, scale=(0.9, 1.1), shear_deg=0.0,
-                        noise_sigma=0.01)
+    aug = AugmentConfig(
+        flip=False, rotation_deg=5.0, translation=0.05, scale=(0.9, 1.1), shear_deg=0.0, noise_sigma=0.01
+    )
     base = jax.random.key(7)
     for i, n in enumerate(names[:2]):
         h = zlib.crc32(n.encode()) & 0x7FFFFFFF
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, h), d) for d in (1, 2)])
-        xa = augment_batch(keys, jnp.repeat(x[i:i + 1], 2, axis=0), aug)
+        xa = augment_batch(keys, jnp.repeat(x[i : i + 1], 2, axis=0), aug)
         y = np.asarray(apply(variables, jnp.concatenate([xa, x[:2]])))  # 4 rows: the shared compile
         np.testing.assert_allclose(t1[n], y[:2].mean(axis=0), **FLOAT_TOL)
 
@@ -718,14 +950,23 @@ def test_synthetic_exams_for_a_synthetic_checkpoint(synthetic_checkpoint, checkp
     assert (out / P.LOCALIZATION_CSV).exists()
 
     exam_list, images, seg = write_synthetic_exam(tmp_path / "files", seed=0, split="test")
-    files = P.predict([synthetic_checkpoint], tmp_path / "files_out", exam_list=exam_list, images_dir=images,
-                      segmentations_dir=seg, progress=False)
+    files = P.predict(
+        [synthetic_checkpoint],
+        tmp_path / "files_out",
+        exam_list=exam_list,
+        images_dir=images,
+        segmentations_dir=seg,
+        progress=False,
+    )
     same = {r["image_index"].replace("syn0", "synthetic0"): r for r in files.predictions}
     for r in result.predictions:
-        assert (r["benign_pred"], r["malignant_pred"]) == (same[r["image_index"]]["benign_pred"],
-                                                           same[r["image_index"]]["malignant_pred"])
-    assert [r["image_index"].replace("syn0", "synthetic0") for r in files.localization] == \
-        [r["image_index"] for r in result.localization]
+        assert (r["benign_pred"], r["malignant_pred"]) == (
+            same[r["image_index"]]["benign_pred"],
+            same[r["image_index"]]["malignant_pred"],
+        )
+    assert [r["image_index"].replace("syn0", "synthetic0") for r in files.localization] == [
+        r["image_index"] for r in result.localization
+    ]
 
     with pytest.raises(ValueError, match="trained on synthetic data"):
         P.predict([checkpoints[0]], tmp_path / "no", synthetic=1, progress=False)

@@ -8,6 +8,7 @@ with the same weights predict what 730583d predicted (tests/fixtures/sample_exam
 recorded there with the same command), to 1e-6. (Not bit for bit: whether the CLI's XLA:CPU flags
 take effect depends on what ran first in the process; measured, they move outputs by < 1e-6.)
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,10 +58,25 @@ def runs(sample_exam_dir, converted, tmp_path_factory):
     outs = []
     for i, extra in enumerate((["--visualize"], [])):
         out = tmp_path_factory.mktemp(f"sample{i}")
-        rc = main(["predict", "--exam-list", str(sample_exam_dir / "exam_list_before_cropping.pkl"),
-                   "--images", str(sample_exam_dir / "images"), "--segmentations",
-                   str(sample_exam_dir / "segmentation"), "--checkpoint", str(converted),
-                   "--output", str(out), "--no-progress", "--batch-size", "4", *extra])
+        rc = main(
+            [
+                "predict",
+                "--exam-list",
+                str(sample_exam_dir / "exam_list_before_cropping.pkl"),
+                "--images",
+                str(sample_exam_dir / "images"),
+                "--segmentations",
+                str(sample_exam_dir / "segmentation"),
+                "--checkpoint",
+                str(converted),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "4",
+                *extra,
+            ]
+        )
         assert rc == 0
         outs.append(out)
     return outs
@@ -98,8 +114,16 @@ def test_visualize_writes_one_png_per_view(runs):
 
 def test_localization_for_the_two_benign_segmentations(runs):
     header, rows = read_csv(runs[0] / P.LOCALIZATION_CSV)
-    assert header == ["image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant",
-                      "pointing_benign", "pointing_malignant", "roi_hit"]
+    assert header == [
+        "image_index",
+        "dice_benign",
+        "dice_malignant",
+        "pxap_benign",
+        "pxap_malignant",
+        "pointing_benign",
+        "pointing_malignant",
+        "roi_hit",
+    ]
     assert [r[0] for r in rows] == ["0_R-CC", "0_R-MLO"]
     for r in rows:
         assert r[2] == r[4] == r[6] == ""  # no malignant lesion
@@ -122,9 +146,24 @@ def test_windows_are_placed_at_the_original_best_centres(sample_exam_dir):
 def _predict(sample_exam_dir, checkpoint, out, exam_list=None):
     from gmic_jax.cli import main
 
-    return main(["predict", "--exam-list", str(exam_list or sample_exam_dir / "exam_list_before_cropping.pkl"),
-                 "--images", str(sample_exam_dir / "images"), "--segmentations", str(sample_exam_dir / "segmentation"),
-                 "--checkpoint", str(checkpoint), "--output", str(out), "--no-progress", "--batch-size", "4"])
+    return main(
+        [
+            "predict",
+            "--exam-list",
+            str(exam_list or sample_exam_dir / "exam_list_before_cropping.pkl"),
+            "--images",
+            str(sample_exam_dir / "images"),
+            "--segmentations",
+            str(sample_exam_dir / "segmentation"),
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            "4",
+        ]
+    )
 
 
 def _assert_golden(out, breasts=None):
@@ -149,8 +188,9 @@ def _assert_golden(out, breasts=None):
         expected = GOLDEN["localization"][r[0]]
         got = [row[c] for c in golden_columns]
         assert [v == "" for v in got] == [v is None for v in expected]
-        np.testing.assert_allclose([float(v) for v in got if v != ""], [v for v in expected if v is not None],
-                                   atol=TOL + 5e-7)
+        np.testing.assert_allclose(
+            [float(v) for v in got if v != ""], [v for v in expected if v is not None], atol=TOL + 5e-7
+        )
         for c, name in enumerate(("benign", "malignant")):  # pointing: newer than the golden; defined with Dice
             assert (row[f"pointing_{name}"] == "") == (row[f"dice_{name}"] == "")
             assert row[f"pointing_{name}"] in ("", "0", "1")

@@ -1,5 +1,6 @@
 """retrieve_roi and crop extraction against plain-numpy transcriptions of the paper's Algorithm 1
 and of the original's crop rule (written here in float64, independent of the JAX code)."""
+
 from __future__ import annotations
 
 import functools
@@ -38,11 +39,11 @@ def numpy_algorithm_1(saliency, image_shape, crop_shape, K):
         best, best_rc = -np.inf, None
         for r in range(h - wh + 1):
             for c in range(w - ww + 1):
-                s = m[r:r + wh, c:c + ww].sum()
+                s = m[r : r + wh, c : c + ww].sum()
                 if s > best:  # strict: the first maximum in row-major order wins ties
                     best, best_rc = s, (r, c)
         r, c = best_rc
-        m[r:r + wh, c:c + ww] = 0.0
+        m[r : r + wh, c : c + ww] = 0.0
         picks.append((int(np.round(r / h * H)), int(np.round(c / w * W))))
     return np.array(picks)
 
@@ -129,9 +130,9 @@ def test_selection_passes_no_gradient_and_crops_pass_it_to_their_pixels():
     assert ((locs + crop) <= image_shape).all()  # no border fill: every crop pixel is an image pixel
     expected = np.zeros(image_shape, np.float32)
     for k, (r, c) in enumerate(locs):
-        expected[r:r + crop[0], c:c + crop[1]] += np.asarray(crop_weights)[0, k]
+        expected[r : r + crop[0], c : c + crop[1]] += np.asarray(crop_weights)[0, k]
     np.testing.assert_allclose(np.asarray(g_image)[0], expected, rtol=1e-6, atol=1e-6)
-    assert len({tuple(l) for l in locs}) == K and (expected == 0).any()  # K distinct crops, pixels outside them
+    assert len({tuple(loc) for loc in locs}) == K and (expected == 0).any()  # K distinct crops, pixels outside them
 
 
 def test_local_head_gets_no_gradient_from_the_global_network():
@@ -140,9 +141,16 @@ def test_local_head_gets_no_gradient_from_the_global_network():
     with respect to the image lies inside the crops, while y_global trains the global network."""
     from gmic_jax import GMIC, GMICConfig
 
-    config = GMICConfig(image_shape=(64, 48), crop_shape=(16, 16), K=2, percent_t=0.1, local_net="resnet18_narrow",
-                        global_strides=(1, 2, 2, 1, 1), global_blocks=(1, 1, 1, 1, 1),
-                        global_widths=(4, 8, 8, 8, 8))
+    config = GMICConfig(
+        image_shape=(64, 48),
+        crop_shape=(16, 16),
+        K=2,
+        percent_t=0.1,
+        local_net="resnet18_narrow",
+        global_strides=(1, 2, 2, 1, 1),
+        global_blocks=(1, 1, 1, 1, 1),
+        global_widths=(4, 8, 8, 8, 8),
+    )
     model = GMIC(config)
     x = jax.random.normal(jax.random.key(1), (1, 64, 48, 1))
     # Variables of init's shapes drawn in numpy (compiling init's random initialisers costs ~18 s of
@@ -175,7 +183,7 @@ def test_local_head_gets_no_gradient_from_the_global_network():
     assert any((np.asarray(v) != 0).any() for v in jax.tree.leaves(g_local["dn_resnet"]))
     inside = np.zeros((64, 48), bool)
     for r, c in np.asarray(locs)[0]:
-        inside[r:r + 16, c:c + 16] = True
+        inside[r : r + 16, c : c + 16] = True
     gx = np.asarray(gx_local)[0, ..., 0]
     assert (gx[~inside] == 0).all() and (gx[inside] != 0).mean() > 0.5 and (~inside).any()
 
@@ -186,7 +194,7 @@ def numpy_crop(image, r, c, crop_shape):
     ch, cw = crop_shape
     r1, c1 = min(r + ch, H), min(c + cw, W)
     out = np.full(crop_shape, image.min(), image.dtype)
-    out[ch - (r1 - r):, cw - (c1 - c):] = image[r:r1, c:c1]
+    out[ch - (r1 - r) :, cw - (c1 - c) :] = image[r:r1, c:c1]
     return out
 
 
@@ -209,7 +217,7 @@ def test_extract_patches_matches_original_border_rule(image_shape, fractions, se
 
 @functools.lru_cache(maxsize=None)
 def _jitted_crops(crop):
-    return jax.jit(lambda x, l: extract_patches(x, l, crop))
+    return jax.jit(lambda x, locs: extract_patches(x, locs, crop))
 
 
 def test_extract_patches_image_smaller_than_crop():

@@ -1,4 +1,5 @@
 """The synthetic lesion data: deterministic, any size, masks, small and not-too-bright findings."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ hold GMIC's full original state_dict layout as strided views into small shared s
 formats torch.save writes. The reference every test compares with is rebuilt here with numpy from the
 script's rule, not read from the files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,8 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from gmic_jax import GMIC, GMICConfig, load_checkpoint
 from gmic_jax.cli import main as cli_main
 from gmic_jax.convert import convert_state_dict
@@ -28,8 +29,9 @@ FORMATS = ["zip", "legacy"]
 
 
 def _load_maker():
-    spec = importlib.util.spec_from_file_location("make_torch_checkpoints",
-                                                  REPO / "tests" / "fixtures" / "make_torch_checkpoints.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_torch_checkpoints", REPO / "tests" / "fixtures" / "make_torch_checkpoints.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

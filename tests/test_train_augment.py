@@ -1,4 +1,5 @@
 """On-device augmentation: identity when disabled, the right geometry, deterministic per key."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,16 @@ def test_identity_and_flip():
     same = augment_image(key, x, dataclasses.replace(NONE, scale=(1.0, 1.0 + 1e-12)))
     np.testing.assert_allclose(np.asarray(same), np.asarray(x), atol=1e-5)
     flip_only = dataclasses.replace(NONE, flip=True)
-    flips = [np.allclose(np.asarray(augment_image(jax.random.key(i), x, flip_only)), np.asarray(x)[:, ::-1], atol=1e-5)
-             for i in range(16)]
+    flips = [
+        np.allclose(np.asarray(augment_image(jax.random.key(i), x, flip_only)), np.asarray(x)[:, ::-1], atol=1e-5)
+        for i in range(16)
+    ]
     assert 3 <= sum(flips) <= 13  # about half flipped ...
     for i, f in enumerate(flips):  # ... and the others untouched
         if not f:
-            np.testing.assert_allclose(np.asarray(augment_image(jax.random.key(i), x, flip_only)), np.asarray(x), atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(augment_image(jax.random.key(i), x, flip_only)), np.asarray(x), atol=1e-5
+            )
 
 
 def _blob(H, W, centre, sigma=2.0):
@@ -58,9 +63,11 @@ def test_translation_scale_and_rotation_move_a_dot_where_the_drawn_transform_say
     c = np.array([(H - 1) / 2, (W - 1) / 2])
     q = c + np.array([6.0, -5.0])  # the blob, off the centre in both directions
     x = jnp.asarray(_blob(H, W, q))[..., None]
-    cases = [(dataclasses.replace(NONE, scale=(1.3, 1.6)), "scale"),
-             (dataclasses.replace(NONE, rotation_deg=90.0), "rotation"),
-             (dataclasses.replace(NONE, translation=0.1), "translation")]
+    cases = [
+        (dataclasses.replace(NONE, scale=(1.3, 1.6)), "scale"),
+        (dataclasses.replace(NONE, rotation_deg=90.0), "rotation"),
+        (dataclasses.replace(NONE, translation=0.1), "translation"),
+    ]
     for cfg, what in cases:
         for seed in range(4):
             key = jax.random.key(seed)

@@ -1,4 +1,5 @@
 """Configs load, overrides parse, and each ablation config changes exactly what it claims."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from gmic_jax.config import GMICConfig
-from gmic_jax.train.config_lib import ConfigError, apply_overrides, flat_fields as _flat, load_config, split_config_args
+from gmic_jax.train.config_lib import ConfigError, apply_overrides, load_config, split_config_args
+from gmic_jax.train.config_lib import flat_fields as _flat
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -75,8 +77,17 @@ def test_prediction_choice_changes_the_scores():
 
 def test_overrides_and_argument_splitting():
     c = load_config(str(CONFIGS / "synthetic.py"))
-    apply_overrides(c, ["optimizer.learning_rate=3e-4", "model.K=2", "model.crop_shape=(32, 32)",
-                        "data.source=cache", "optimizer.learning_rate=1", "augment.enabled=False"])
+    apply_overrides(
+        c,
+        [
+            "optimizer.learning_rate=3e-4",
+            "model.K=2",
+            "model.crop_shape=(32, 32)",
+            "data.source=cache",
+            "optimizer.learning_rate=1",
+            "augment.enabled=False",
+        ],
+    )
     assert c.optimizer.learning_rate == 1.0 and isinstance(c.optimizer.learning_rate, float)
     assert c.model.K == 2 and tuple(c.model.crop_shape) == (32, 32) and c.data.source == "cache"
     assert c.augment.enabled is False
@@ -96,8 +107,21 @@ def test_cli_parses_train_overrides(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(loop, "main", lambda args: seen.setdefault("args", args) and 0)
-    assert cli.main(["train", "--config", "configs/synthetic.py", "--workdir", "w", "--config.num_epochs=2",
-                     "--config.optimizer.learning_rate", "3e-4"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                "configs/synthetic.py",
+                "--workdir",
+                "w",
+                "--config.num_epochs=2",
+                "--config.optimizer.learning_rate",
+                "3e-4",
+            ]
+        )
+        == 0
+    )
     ns = seen["args"]
     assert ns.config_overrides == ["num_epochs=2", "optimizer.learning_rate=3e-4"] and ns.workdir == "w"
     with pytest.raises(SystemExit):

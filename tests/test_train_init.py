@@ -1,4 +1,5 @@
 """--init-from: loaded arrays replace the fresh ones by path; unknown keys and shapes are errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,10 @@ from gmic_jax.train.loop import _merge_init
 
 
 def _fresh():
-    return {"params": {"ds_net": {"w": np.zeros((2, 3), np.float32)}, "head": {"b": np.zeros(2, np.float32)}},
-            "batch_stats": {"ds_net": {"mean": np.zeros(3, np.float32)}}}
+    return {
+        "params": {"ds_net": {"w": np.zeros((2, 3), np.float32)}, "head": {"b": np.zeros(2, np.float32)}},
+        "batch_stats": {"ds_net": {"mean": np.zeros(3, np.float32)}},
+    }
 
 
 def test_partial_checkpoint_replaces_only_its_arrays():

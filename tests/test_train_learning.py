@@ -1,5 +1,6 @@
 """Learning, by fixed steps and seed: configs/synthetic_tiny.py trained from image-level labels
 only, then scored on held-out synthetic images."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,13 @@ def test_synthetic_tiny_learns_to_find_malignant_findings(trained):
     # Held-out images the run never saw (the 'test' split), more of them for a stable rate.
     from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
 
-    test = SyntheticLesions(200, seed=config.data.seed, split="test", cache=False,
-                            spec=SyntheticSpec(image_shape=tuple(config.data.image_shape)))
+    test = SyntheticLesions(
+        200,
+        seed=config.data.seed,
+        split="test",
+        cache=False,
+        spec=SyntheticSpec(image_shape=tuple(config.data.image_shape)),
+    )
     metrics, details = evaluate(cfg, variables, test, make_mesh(jax.devices()[:1]), batch_size=50)
     print("per-head:", {k: v for k, v in details.items() if k.startswith("auc_")}, metrics)
     assert metrics["val_auc_malignant"] >= 0.85
@@ -95,15 +101,28 @@ def _kept_record_and_random_rates(trained, c):
     config, workdir, record = trained
     records = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
     kept = records[select_checkpoint(workdir).step]
-    val = SyntheticLesions(config.data.num_val, seed=config.data.seed, split="val", cache=False,
-                           spec=SyntheticSpec(image_shape=tuple(config.data.image_shape)))
+    val = SyntheticLesions(
+        config.data.num_val,
+        seed=config.data.seed,
+        split="val",
+        cache=False,
+        spec=SyntheticSpec(image_shape=tuple(config.data.image_shape)),
+    )
     grid = saliency_grid_shape(tuple(config.model.image_shape), tuple(config.model.global_strides))
     tables = [M.pointing_cells(m, grid) for m in (val[i]["mask"][..., c] for i in range(len(val))) if m.any()]
     name = M.CLASSES[c]
     assert np.mean([t.mean() for t in tables]) == pytest.approx(kept[f"val_pointing_{name}_random"])
     rates = M.random_pointing_rates(tables, np.random.default_rng(c), 2000)
-    print("kept record:", kept, f"\n{name} pointing", kept[f"val_pointing_{name}"], "random maps: mean",
-          rates.mean(), "p99", np.percentile(rates, 99))
+    print(
+        "kept record:",
+        kept,
+        f"\n{name} pointing",
+        kept[f"val_pointing_{name}"],
+        "random maps: mean",
+        rates.mean(),
+        "p99",
+        np.percentile(rates, 99),
+    )
     return kept, rates
 
 

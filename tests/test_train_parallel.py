@@ -10,6 +10,7 @@
   process on two devices trains, bit for bit (its checkpoint loads in one process); one task, or
   GMIC_JAX_DISTRIBUTED=off, means no jax.distributed at all.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,9 @@ COMMON = textwrap.dedent("""
         return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 """)
 
-FOUR_DEVICES = COMMON.replace("import jax\n", "import jax\njax.config.update('jax_num_cpu_devices', 4)\n", 1) + textwrap.dedent("""
+FOUR_DEVICES = COMMON.replace(
+    "import jax\n", "import jax\njax.config.update('jax_num_cpu_devices', 4)\n", 1
+) + textwrap.dedent("""
     assert len(jax.devices()) == 4
     # The layers after every ReLU and max: their gradients are smooth functions of forward values.
     HEADS = ("attention", "classifier_linear", "fusion_dnn")
@@ -111,7 +114,8 @@ FOUR_DEVICES = COMMON.replace("import jax\n", "import jax\njax.config.update('ja
             "locations_mismatch": np.argwhere((ma["patch_locations"] != mc["patch_locations"]).any(-1)).tolist(),
             "loss_1": float(ma["loss"]), "loss_4": float(mc["loss"]), "loss_local": float(ml["loss"]),
             "grad_norm_1": float(ma["grad_norm"]), "grad_norm_4": float(mc["grad_norm"]),
-            "update_rel_diff": rel(upd(a, host), upd(c, host)), "local_update_rel_diff": rel(upd(a, host), upd(l, host)),
+            "update_rel_diff": rel(upd(a, host), upd(c, host)),
+            "local_update_rel_diff": rel(upd(a, host), upd(l, host)),
             "head_update_rel_diff": rel(upd(a, host, HEADS), upd(c, host, HEADS)),
             "batch_stats_rel_diff": rel(flat(a.batch_stats), flat(c.batch_stats)),
             "update_max": float(np.abs(upd(a, host)).max())})
@@ -126,7 +130,9 @@ def _run(code, env_extra=None, args=()):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     env.pop("XLA_FLAGS", None)
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=env, stdout=out, stderr=err, text=True
+    )
     proc.files = (out, err)
     return proc
 
@@ -181,8 +187,12 @@ def test_four_devices_equal_one_device_with_synchronised_batch_norm(four_devices
         assert r["local_update_rel_diff"] > 10 * UPDATE_RTOL, (i, r)
 
 
-TWO_PROCESSES = COMMON.replace("import jax\n", "import jax\nfrom gmic_jax.train.distributed import maybe_initialize_distributed\n"
-                               "assert maybe_initialize_distributed()\n", 1) + textwrap.dedent("""
+TWO_PROCESSES = COMMON.replace(
+    "import jax\n",
+    "import jax\nfrom gmic_jax.train.distributed import maybe_initialize_distributed\n"
+    "assert maybe_initialize_distributed()\n",
+    1,
+) + textwrap.dedent("""
     pid, n = jax.process_index(), jax.process_count()
     assert n == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
     rows = slice(pid * 4, (pid + 1) * 4)  # this process feeds only its half of each global batch
@@ -195,7 +205,9 @@ TWO_PROCESSES = COMMON.replace("import jax\n", "import jax\nfrom gmic_jax.train.
 # One process with two devices: the per-device program of each of the two processes. (A 2-device
 # mesh inside a process of 4 devices is not: XLA splits the host's threads over its devices, so
 # the convolutions round differently.)
-TWO_DEVICES = COMMON.replace("import jax\n", "import jax\njax.config.update('jax_num_cpu_devices', 2)\n", 1) + textwrap.dedent("""
+TWO_DEVICES = COMMON.replace(
+    "import jax\n", "import jax\njax.config.update('jax_num_cpu_devices', 2)\n", 1
+) + textwrap.dedent("""
     assert len(jax.devices()) == 2
     host, losses = train(make_mesh())
     save_variables(sys.argv[1], host)
@@ -216,8 +228,14 @@ def test_two_processes_with_jax_distributed_equal_one_process_with_two_devices(t
     port = _free_port()
     outs = [tmp_path / f"process_{i}.npz" for i in range(2)]
     one = _run(TWO_DEVICES, args=[tmp_path / "one_process.npz"])
-    procs = [_run(TWO_PROCESSES, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                  "JAX_PROCESS_ID": str(i)}, args=[outs[i]]) for i in range(2)]
+    procs = [
+        _run(
+            TWO_PROCESSES,
+            {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+            args=[outs[i]],
+        )
+        for i in range(2)
+    ]
     try:
         results = [_result(p) for p in procs]
     finally:
@@ -238,9 +256,15 @@ def test_two_processes_with_jax_distributed_equal_one_process_with_two_devices(t
 
 def _slurm_env(task, ntasks, port):
     """What `srun --ntasks=N` sets (the variables JAX's SLURM detection reads), on localhost."""
-    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(ntasks),
-            "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_STEP_NUM_NODES": "1",
-            "JAX_COORDINATOR_PORT": str(port)}
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_PROCID": str(task),
+        "SLURM_LOCALID": str(task),
+        "SLURM_STEP_NUM_NODES": "1",
+        "JAX_COORDINATOR_PORT": str(port),
+    }
 
 
 DECISION = textwrap.dedent("""
@@ -269,21 +293,39 @@ def test_distributed_switch_and_variables_are_checked():
         maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 
 
-TRAIN = ["--config", "configs/synthetic_tiny.py", "--config.data.image_shape=(128, 96)",
-         "--config.model.image_shape=(128, 96)", "--config.model.crop_shape=(32, 32)", "--config.model.K=2",
-         "--config.data.num_train=16", "--config.data.num_val=8", "--config.batch_size=4",
-         "--config.num_epochs=1", "--config.eval.batch_size=8", "--config.progress_bar=False",
-         "--config.batch_norm=sync", "--config.data.balanced_sampling=False", "--config.data.workers=1",
-         # crop rotation draws per device (the step folds the roi key with the device index)
-         "--config.model.rotate_crops=False"]
+TRAIN = [
+    "--config",
+    "configs/synthetic_tiny.py",
+    "--config.data.image_shape=(128, 96)",
+    "--config.model.image_shape=(128, 96)",
+    "--config.model.crop_shape=(32, 32)",
+    "--config.model.K=2",
+    "--config.data.num_train=16",
+    "--config.data.num_val=8",
+    "--config.batch_size=4",
+    "--config.num_epochs=1",
+    "--config.eval.batch_size=8",
+    "--config.progress_bar=False",
+    "--config.batch_norm=sync",
+    "--config.data.balanced_sampling=False",
+    "--config.data.workers=1",
+    # crop rotation draws per device (the step folds the roi key with the device index)
+    "--config.model.rotate_crops=False",
+]
 
 
 def _train(workdir, env_extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update({"JAX_PLATFORMS": "cpu", **env_extra})
     log = open(f"{workdir}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "gmic_jax.cli", "train", *TRAIN, "--workdir", str(workdir)],
-                            cwd=REPO, env=env, stdout=log, stderr=log, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gmic_jax.cli", "train", *TRAIN, "--workdir", str(workdir)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=log,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -304,8 +346,9 @@ def srun_runs(tmp_path_factory):
     log = Path(f"{two}.log").read_text()
     assert codes == [0, 0], log[-3000:]
     one = tmp_path / "one"
-    assert _train(one, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).wait(timeout=900) == 0, \
-        Path(f"{one}.log").read_text()[-3000:]
+    assert _train(one, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).wait(timeout=900) == 0, Path(
+        f"{one}.log"
+    ).read_text()[-3000:]
     return two, one, log, Path(f"{one}.log").read_text()
 
 
@@ -323,8 +366,8 @@ def test_srun_style_two_task_training_equals_one_process(srun_runs):
     assert "slurm runs 2 tasks" in log
     assert "2 cpu device(s) in 1 process(es)" in one_log
     # Process 0 wrote the records; every number in them is the one process's, digit for digit.
-    a = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    a = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [4]
     assert a == b
     # The checkpoint two processes saved loads in this one process (a fallback for shardings over

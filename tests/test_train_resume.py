@@ -5,6 +5,7 @@ load_checkpoint and `gmic-jax evaluate`.
 All runs are `gmic-jax train` subprocesses on a tiny synthetic config; they share a persistent
 compilation cache so that only the first one compiles.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,11 @@ def _workers(pid):
     out = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
-                    and b"multiprocessing.spawn" in (d / "cmdline").read_bytes():
+            if (
+                d.name.isdigit()
+                and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+                and b"multiprocessing.spawn" in (d / "cmdline").read_bytes()
+            ):
                 out.append(int(d.name))
         except (OSError, IndexError):
             continue
@@ -131,12 +135,28 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
     from gmic_jax import load_checkpoint
     from gmic_jax.checkpoint import read_config
 
-    records = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1
-    allowed = {"step", "epoch", "train_loss", "val_auc_malignant", "val_auc_benign", "val_prauc_malignant",
-               "val_prauc_benign", "val_breast_auc_malignant", "val_breast_auc_benign", "val_dice_malignant",
-               "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate", "val_pointing_malignant",
-               "val_pointing_benign", "val_pointing_malignant_random", "val_pointing_benign_random"}
+    allowed = {
+        "step",
+        "epoch",
+        "train_loss",
+        "val_auc_malignant",
+        "val_auc_benign",
+        "val_prauc_malignant",
+        "val_prauc_benign",
+        "val_breast_auc_malignant",
+        "val_breast_auc_benign",
+        "val_dice_malignant",
+        "val_dice_benign",
+        "val_pxap_malignant",
+        "val_pxap_benign",
+        "val_roi_hit_rate",
+        "val_pointing_malignant",
+        "val_pointing_benign",
+        "val_pointing_malignant_random",
+        "val_pointing_benign_random",
+    }
     assert set(records[0]) <= allowed and {"step", "epoch", "train_loss", "val_roi_hit_rate"} <= set(records[0])
     cfg, prep, doc = read_config(uninterrupted)
     assert cfg.K == 2 and cfg.rotate_crops
@@ -149,20 +169,59 @@ def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
     cfg, variables = load_checkpoint(uninterrupted)
     assert set(variables) == {"params", "batch_stats"}
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "evaluate", "--checkpoint", str(uninterrupted),
-                        "--data", "synthetic:num=8,split=val,height=128,width=96", "--output", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmic_jax.cli",
+            "evaluate",
+            "--checkpoint",
+            str(uninterrupted),
+            "--data",
+            "synthetic:num=8,split=val,height=128,width=96",
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     # The same validation images as the training run's evaluation: the same metrics.
-    for k in ("val_auc_malignant", "val_dice_malignant", "val_roi_hit_rate", "val_pointing_malignant",
-              "val_pointing_malignant_random", "val_pointing_benign", "val_pointing_benign_random"):
+    for k in (
+        "val_auc_malignant",
+        "val_dice_malignant",
+        "val_roi_hit_rate",
+        "val_pointing_malignant",
+        "val_pointing_malignant_random",
+        "val_pointing_benign",
+        "val_pointing_benign_random",
+    ):
         if k in records[0]:
             assert m[k] == pytest.approx(records[0][k], abs=1e-6)
     assert (out / "roc_pr.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "evaluate", "--checkpoint", str(tmp_path / "nope"),
-                          "--data", "synthetic", "--output", str(out)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmic_jax.cli",
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--data",
+            "synthetic",
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "not a gmic-jax checkpoint" in bad.stderr
 
 
@@ -178,8 +237,23 @@ def test_evaluate_scores_the_readable_images_and_reports_the_rest(uninterrupted,
     shard = tmp_path / "cache" / "images-00001.npy"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated: images 4..7 unreadable
     out = tmp_path / "eval"
-    code = main(["evaluate", "--checkpoint", str(uninterrupted), "--data", f"cache:{tmp_path / 'cache'}",
-                 "--output", str(out), "--batch-size", "4", "--workers", "1", "--split", "test"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(uninterrupted),
+            "--data",
+            f"cache:{tmp_path / 'cache'}",
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--split",
+            "test",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("images-00001.npy: unreadable cache shard") == 4 and "left out of metrics.json" in err

@@ -7,6 +7,7 @@ stays out of its log.
 a persistent compilation cache so that only the first one compiles. The guard's decisions that need
 no training run on a fake workdir.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def env(train_env):
 
 
 def _train(workdir, env, *extra):
-    return subprocess.run([sys.executable, "-m", "gmic_jax.cli", "train", *TINY, "--workdir", str(workdir), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "gmic_jax.cli", "train", *TINY, "--workdir", str(workdir), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _kept_in_log(text):
@@ -64,15 +71,17 @@ def test_tensorboard_event_files_hold_step_and_evaluation_scalars(run):
     record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     for key, value in record.items():
         if key.startswith("val_"):
-            tag = "val/" + key[len("val_"):]
+            tag = "val/" + key[len("val_") :]
             assert scalars[tag] == [(6, pytest.approx(value, abs=1e-6))], tag
     assert scalars["train/loss_mean"] == [(6, pytest.approx(record["train_loss"], rel=1e-6))]
     assert {"val/auc_global_malignant", "val/auc_local_malignant", "val/auc_fusion_malignant"} <= set(scalars)
 
 
 def _snapshot(workdir):
-    return {str(p.relative_to(workdir)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
-            for p in sorted(workdir.rglob("*"))}
+    return {
+        str(p.relative_to(workdir)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        for p in sorted(workdir.rglob("*"))
+    }
 
 
 def test_resume_guard_extension_override_and_the_kept_step(run, env, tmp_path):
@@ -115,15 +124,32 @@ def test_resume_guard_extension_override_and_the_kept_step(run, env, tmp_path):
     straight = tmp_path / "straight"
     r = _train(straight, env, "--config.num_epochs=2")
     assert r.returncode == 0, r.stderr[-3000:]
-    for a, b in zip(jax.tree.leaves(load_checkpoint(straight, step=12)[1]),
-                    jax.tree.leaves(load_checkpoint(workdir, step=12)[1])):
+    for a, b in zip(
+        jax.tree.leaves(load_checkpoint(straight, step=12)[1]), jax.tree.leaves(load_checkpoint(workdir, step=12)[1])
+    ):
         np.testing.assert_array_equal(a, b)
     assert (straight / "metrics.jsonl").read_text() == (workdir / "metrics.jsonl").read_text()
     # 5) compare-steps evaluates both evaluated steps on held-out data and marks the kept one.
     out = tmp_path / "steps"
-    r = subprocess.run([sys.executable, "-m", "gmic_jax.cli", "compare-steps", "--workdir", str(workdir),
-                        "--data", "synthetic:split=test,num=8", "--output", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gmic_jax.cli",
+            "compare-steps",
+            "--workdir",
+            str(workdir),
+            "--data",
+            "synthetic:split=test,num=8",
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((out / "steps.json").read_text())
     assert [row["step"] for row in result["rows"]] == [6, 12]
@@ -142,7 +168,6 @@ def _fake_workdir(path, config, steps=(12,)):
 
     from gmic_jax import checkpoint as ckpt_lib
     from gmic_jax.config import GMICConfig
-
     from gmic_jax.train.sampling import make_sources
 
     model = GMICConfig.from_dict(config.model.to_dict())
@@ -166,8 +191,11 @@ def test_num_epochs_with_a_cosine_schedule_is_a_change_of_the_computation(tmp_pa
 
     doc = _fake_workdir(tmp_path, _config(**{"optimizer.schedule": "cosine", "num_epochs": 2}), steps=(12,))
     longer = {**doc, "train": _config(**{"optimizer.schedule": "cosine", "num_epochs": 3}).to_dict()}
-    with pytest.raises(W.WorkdirError, match=r"num_epochs 2 -> 3 \(optimizer.schedule='cosine'.*learning rate at "
-                                             r"step 12 would be 0.00025 instead of 0\)"):
+    with pytest.raises(
+        W.WorkdirError,
+        match=r"num_epochs 2 -> 3 \(optimizer.schedule='cosine'.*learning rate at "
+        r"step 12 would be 0.00025 instead of 0\)",
+    ):
         W.check(tmp_path, longer, steps_per_epoch=6)
     resume = W.check(tmp_path, longer, steps_per_epoch=6, config_changes_ok=True)
     assert resume.entry["changes"] == {"num_epochs": [2, 3]}
@@ -192,13 +220,24 @@ def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tm
     from gmic_jax.train import workdir as W
 
     doc = _fake_workdir(tmp_path / "run", _config())
-    free = {**doc, "train": _config(**{"progress_bar": True, "log_every_steps": 3, "eval.batch_size": 2,
-                                                   "data.workers": 2}).to_dict()}
+    free = {
+        **doc,
+        "train": _config(
+            **{"progress_bar": True, "log_every_steps": 3, "eval.batch_size": 2, "data.workers": 2}
+        ).to_dict(),
+    }
     resume = W.check(tmp_path / "run", free, steps_per_epoch=6)
     assert set(resume.entry["changes"]) == {"progress_bar", "log_every_steps", "eval.batch_size", "data.workers"}
     assert W.check(tmp_path / "run", doc, steps_per_epoch=6).entry is None
-    for field, value in [("seed", 1), ("batch_size", 8), ("optimizer.learning_rate", 0.5), ("data.num_train", 10),
-                         ("loss.beta", 0.5), ("eval.every_epochs", 2), ("best_metric", "val_dice_malignant")]:
+    for field, value in [
+        ("seed", 1),
+        ("batch_size", 8),
+        ("optimizer.learning_rate", 0.5),
+        ("data.num_train", 10),
+        ("loss.beta", 0.5),
+        ("eval.every_epochs", 2),
+        ("best_metric", "val_dice_malignant"),
+    ]:
         with pytest.raises(W.WorkdirError, match=re.escape(field)):
             W.check(tmp_path / "run", {**doc, "train": _config(**{field: value}).to_dict()}, steps_per_epoch=6)
     # A config.json written before the loss.gap_* fields existed was trained with gap_weight 0 (and
@@ -208,8 +247,7 @@ def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tm
         old["train"]["loss"].pop(k)
     _fake_workdir(tmp_path / "old", ml_collections.ConfigDict(old["train"]))
     paper_loss = {"loss.gap_weight": 0.0, "loss.gap_margin": 2.0}
-    assert W.check(tmp_path / "old", {**doc, "train": _config(**paper_loss).to_dict()},
-                   steps_per_epoch=6).entry is None
+    assert W.check(tmp_path / "old", {**doc, "train": _config(**paper_loss).to_dict()}, steps_per_epoch=6).entry is None
     with pytest.raises(W.WorkdirError, match=re.escape("loss.gap_margin 2.0 -> 0.25, loss.gap_weight 0.0 -> 4.0")):
         W.check(tmp_path / "old", doc, steps_per_epoch=6)
     save_checkpoint(tmp_path / "converted", GMICConfig(), {"params": {"w": np.ones(2)}, "batch_stats": {}})
@@ -233,8 +271,11 @@ def test_a_730583d_workdir_resumes_with_its_preprocessing_migrated_not_changed(t
         m.save(4, args=ocp.args.Composite(variables=ocp.args.StandardSave({"w": np.ones(2)})), force=True)
     old = json.loads(fixture.read_text())
     config = ml_collections.ConfigDict(old["train"])
-    requested = {"model": old["model"], "preprocessing": make_sources(config.data)[2].to_dict(),
-                 "train": config.to_dict()}
+    requested = {
+        "model": old["model"],
+        "preprocessing": make_sources(config.data)[2].to_dict(),
+        "train": config.to_dict(),
+    }
     resume = W.check(tmp_path, requested, steps_per_epoch=2)
     assert resume.entry is None or not resume.entry.get("changes")
     assert (tmp_path / ckpt_lib.CONFIG_FILE).read_text() == fixture.read_text()  # check() writes nothing

@@ -1,4 +1,5 @@
 """The per-image figure: fixed pixel size, the panels it promises, bad shapes refused."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,17 @@ def test_save_figure_writes_png_of_the_promised_size(tmp_path, with_masks):
     if with_masks:
         masks = np.zeros((256, 192, 2), np.uint8)
         masks[100:140, 50:90, 0] = 1
-    path = save_figure(tmp_path / "sub" / "a.png", image, saliency, locations, patches, attns, (48, 48),
-                       masks=masks, title="L-CC: benign 0.10, malignant 0.90")
+    path = save_figure(
+        tmp_path / "sub" / "a.png",
+        image,
+        saliency,
+        locations,
+        patches,
+        attns,
+        (48, 48),
+        masks=masks,
+        title="L-CC: benign 0.10, malignant 0.90",
+    )
     assert path.exists() and not list((tmp_path / "sub").glob(".*tmp*"))
     png = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert png.shape[:2][::-1] == figure_size((256, 192), (48, 48), 3) == (2100, 440)
@@ -42,17 +52,19 @@ def test_save_figure_writes_png_of_the_promised_size(tmp_path, with_masks):
     # Panel 4 (malignant saliency) is red where the hot cell is and grey elsewhere; panel 3
     # (benign, all zero) shows the image unchanged (grey: r == g == b).
     body = png[TITLE_PX:]
-    benign = body[:, 2 * PANEL_PX:3 * PANEL_PX]
-    malignant = body[:, 3 * PANEL_PX:4 * PANEL_PX]
+    benign = body[:, 2 * PANEL_PX : 3 * PANEL_PX]
+    malignant = body[:, 3 * PANEL_PX : 4 * PANEL_PX]
     cell_h, cell_w = 400 // 4, PANEL_PX // 3
-    hot = malignant[cell_h + 20:2 * cell_h - 20, 2 * cell_w + 20:3 * cell_w - 20]
-    cold = malignant[20:cell_h - 20, 20:cell_w - 20]
+    hot = malignant[cell_h + 20 : 2 * cell_h - 20, 2 * cell_w + 20 : 3 * cell_w - 20]
+    cold = malignant[20 : cell_h - 20, 20 : cell_w - 20]
     assert (hot[..., 0] - hot[..., 1]).mean() > 100
     assert np.abs(cold[..., 0] - cold[..., 1]).mean() < 5
     assert np.abs(benign[..., 0] - benign[..., 1]).max() < 3
     # Ground truth is drawn in green on the input panel only when given.
     inp = body[:, :PANEL_PX]
-    lesion = inp[int(100 / 256 * 400) + 5:int(140 / 256 * 400) - 5, int(50 / 192 * PANEL_PX) + 5:int(90 / 192 * PANEL_PX) - 5]
+    lesion = inp[
+        int(100 / 256 * 400) + 5 : int(140 / 256 * 400) - 5, int(50 / 192 * PANEL_PX) + 5 : int(90 / 192 * PANEL_PX) - 5
+    ]
     greenish = (lesion[..., 1] - lesion[..., 0]).mean()
     assert (greenish > 50) == with_masks
 

@@ -1,5 +1,6 @@
 """The original's window noise: the draw rule (gmic_jax.data.window), caches that keep each image's
 noise context (`gmic-jax cache --window-noise`) and training on fresh draws (data.window_noise)."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def _padded_reference(image, view, center, window_shape, crop_noise, size_noise,
     margin = (crop_noise[0] + size_noise, crop_noise[1] + size_noise)
     (pad_top, pad_bottom, pad_right), at = W.window_bounds(image.shape, view, center, window_shape, margin)
     padded = np.zeros((image.shape[0] + pad_top + pad_bottom, image.shape[1] + pad_right), np.float32)
-    padded[pad_top:pad_top + image.shape[0], :image.shape[1]] = image
+    padded[pad_top : pad_top + image.shape[0], : image.shape[1]] = image
     borders = W.noise_borders(padded.shape, at, window_shape, rng, crop_noise, size_noise)
     return W.crop_resized(padded, borders, window_shape)
 
@@ -40,9 +41,19 @@ def _write_exam_list(root, shapes, seed=0, masks=True):
     images, segs = root / "images", root / "seg"
     exams = []
     for e, shape in enumerate(shapes):
-        exam = {"horizontal_flip": "NO", "best_center": {},
-                "cancer_label": {"left_benign": e % 2, "left_malignant": 0, "right_benign": 0,
-                                 "right_malignant": 1, "benign": e % 2, "malignant": 1, "unknown": 0}}
+        exam = {
+            "horizontal_flip": "NO",
+            "best_center": {},
+            "cancer_label": {
+                "left_benign": e % 2,
+                "left_malignant": 0,
+                "right_benign": 0,
+                "right_malignant": 1,
+                "benign": e % 2,
+                "malignant": 1,
+                "unknown": 0,
+            },
+        }
         for key in PREPROCESSING_KEYS[:-1]:
             exam[key] = {view: [0] for view in VIEWS}
         for k, view in enumerate(VIEWS):
@@ -55,15 +66,17 @@ def _write_exam_list(root, shapes, seed=0, masks=True):
             exam[f"{view}_malignant_seg"] = [f"{name}_malignant"]  # absent file: no lesion
             if masks and k % 2 == 0:
                 m = np.zeros(WINDOW, np.uint8)
-                m[10 + k:30 + k, 5:25] = 1
+                m[10 + k : 30 + k, 5:25] = 1
                 write_png(segs / f"{name}_benign.png", m)
         exams.append(exam)
     save_exam_list(root / "exams.pkl", exams)
     return root / "exams.pkl", images, segs
 
 
-SHAPES = [[(100, 50), (160, 110), (200, 40), (120, 90)],  # L-CC short, R-CC tall, L-MLO narrow, R-MLO wide
-          [(128, 64), (240, 130), (40, 30), (150, 70)]]
+SHAPES = [
+    [(100, 50), (160, 110), (200, 40), (120, 90)],  # L-CC short, R-CC tall, L-MLO narrow, R-MLO wide
+    [(128, 64), (240, 130), (40, 30), (150, 70)],
+]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +104,7 @@ def _flipped_image(source, i):
 
 # ----------------------------------------------------------------------------------- the draw rule
 
+
 def test_noisy_window_without_noise_is_the_plain_window():
     rng = np.random.default_rng(0)
     for view, shape in (("L-CC", (180, 150)), ("R-MLO", (180, 150)), ("L-CC", (400, 260)), ("L-MLO", (400, 100))):
@@ -108,8 +122,12 @@ def test_noisy_window_moves_the_window_within_its_amplitude():
     for seed in range(20):
         got = W.noisy_window(image, "L-CC", center, (256, 192), np.random.default_rng(seed), (10, 12), 0)
         # Crop noise only: the window is the image shifted by (dy, dx) within the amplitude.
-        matches = [(dy, dx) for dy in range(-10, 11) for dx in range(-12, 13)
-                   if np.array_equal(got, image[172 + dy:428 + dy, 154 + dx:346 + dx])]
+        matches = [
+            (dy, dx)
+            for dy in range(-10, 11)
+            for dx in range(-12, 13)
+            if np.array_equal(got, image[172 + dy : 428 + dy, 154 + dx : 346 + dx])
+        ]
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 10  # it does move
@@ -137,16 +155,17 @@ def test_a_draw_from_the_context_equals_the_draw_on_the_whole_padded_image():
         my, mx = crop_noise[0] + size_noise, crop_noise[1] + size_noise
         assert context.dtype == np.uint16 and context.shape[0] <= wh + 2 * my and context.shape[1] <= ww + 2 * mx
         got = W.draw_window(context, at, WINDOW, np.random.default_rng(seed), crop_noise, size_noise)
-        ref = _padded_reference(image, view, center, WINDOW, crop_noise, size_noise,
-                                            np.random.default_rng(seed))
+        ref = _padded_reference(image, view, center, WINDOW, crop_noise, size_noise, np.random.default_rng(seed))
         np.testing.assert_array_equal(got, ref)
-        np.testing.assert_array_equal(got, W.noisy_window(image, view, center, WINDOW, np.random.default_rng(seed),
-                                                          crop_noise, size_noise))
+        np.testing.assert_array_equal(
+            got, W.noisy_window(image, view, center, WINDOW, np.random.default_rng(seed), crop_noise, size_noise)
+        )
         # origin: where the context sits in the image
         r, c = origin
-        inside = context[max(-r, 0):h - r, max(-c, 0):w - c]
-        np.testing.assert_array_equal(inside, image[max(r, 0):max(r, 0) + inside.shape[0],
-                                                    max(c, 0):max(c, 0) + inside.shape[1]])
+        inside = context[max(-r, 0) : h - r, max(-c, 0) : w - c]
+        np.testing.assert_array_equal(
+            inside, image[max(r, 0) : max(r, 0) + inside.shape[0], max(c, 0) : max(c, 0) + inside.shape[1]]
+        )
 
 
 def test_noise_amplitudes_are_respected():
@@ -172,22 +191,23 @@ def test_masks_move_with_the_image():
     """Crop noise alone: image and masks are the same shifted cut; with size noise: nearest resize
     keeps the masks on the image's blocks."""
     image = np.zeros((250, 150), np.uint16)
-    image[80:140, 50:80] = 1000   # a bright block ...
+    image[80:140, 50:80] = 1000  # a bright block ...
     masks = np.zeros((250, 150, 2), np.uint8)
-    masks[80:140, 50:80, 1] = 1   # ... is the malignant lesion
-    center = (110, 60)            # plain window: rows 46-174, columns 28-92
+    masks[80:140, 50:80, 1] = 1  # ... is the malignant lesion
+    center = (110, 60)  # plain window: rows 46-174, columns 28-92
     plain_masks = W.place_window(masks, "L-CC", center, WINDOW)
     for size_noise in (0, 6):
         context, at, origin = W.noise_context(image, "L-CC", center, WINDOW, (8, 8), size_noise)
         mask_context = W.window_to_context(plain_masks, image.shape, "L-CC", center, context.shape, origin, WINDOW)
         for seed in range(10):
-            window, drawn = W.draw_window(context, at, WINDOW, np.random.default_rng(seed), (8, 8), size_noise,
-                                          masks=mask_context)
+            window, drawn = W.draw_window(
+                context, at, WINDOW, np.random.default_rng(seed), (8, 8), size_noise, masks=mask_context
+            )
             assert drawn.dtype == np.uint8 and drawn.shape == WINDOW + (2,) and not drawn[..., 0].any()
             lesion = drawn[..., 1] == 1
             if size_noise == 0:  # crop noise alone: the same shifted cut
                 np.testing.assert_array_equal(lesion, window == 1000)
-            else:                # resized: the lesion stays on the bright block
+            else:  # resized: the lesion stays on the bright block
                 assert set(np.unique(drawn)) <= {0, 1} and 0.6 * 1800 < lesion.sum() < 1.6 * 1800
                 assert np.abs(window[lesion] - 1000).mean() < 50 and np.abs(window[~lesion]).mean() < 50
                 # nearest neighbour, pixel centres aligned: output pixel i takes input (i + 0.5) * in / out
@@ -198,6 +218,7 @@ def test_masks_move_with_the_image():
 
 
 # ----------------------------------------------------------------------------------------- caches
+
 
 def test_plain_windows_of_a_context_cache_are_the_old_cache_windows(caches):
     source, plain, noise = caches
@@ -212,8 +233,11 @@ def test_plain_windows_of_a_context_cache_are_the_old_cache_windows(caches):
             assert b[key].dtype == c[key].dtype == a[key].dtype
     index = json.loads((noise.cache_dir / "index.json").read_text())
     assert index["window_noise"]["context_shape"] == [WINDOW[0] + 20, WINDOW[1] + 18]
-    assert [s["contexts"] for s in index["shards"]] == ["contexts-00000.npy", "contexts-00001.npy",
-                                                         "contexts-00002.npy"]
+    assert [s["contexts"] for s in index["shards"]] == [
+        "contexts-00000.npy",
+        "contexts-00001.npy",
+        "contexts-00002.npy",
+    ]
     stored = np.load(noise.cache_dir / "contexts-00000.npy", mmap_mode="r")
     assert stored.shape == (3, WINDOW[0] + 20, WINDOW[1] + 18) and stored.dtype == np.uint16
     # Contexts of different sizes: zero beyond each one's valid shape.
@@ -229,8 +253,7 @@ def test_a_cached_draw_equals_noisy_window_on_the_image(caches):
         image, item = _flipped_image(source, i)
         for seed in (0, 1):
             drawn = noise.draw(i, np.random.default_rng(seed))
-            expected = W.noisy_window(image, item.view, item.best_center, WINDOW, np.random.default_rng(seed),
-                                      *NOISE)
+            expected = W.noisy_window(image, item.view, item.best_center, WINDOW, np.random.default_rng(seed), *NOISE)
             np.testing.assert_array_equal(drawn["image"][..., 0], _to_uint16(expected))
             assert drawn["image"].dtype == np.uint16 and drawn["mask"].shape == WINDOW + (2,)
             for key in ("label", "image_id", "breast_id", "view"):
@@ -291,15 +314,34 @@ def test_cache_cli_window_noise(exam_list, tmp_path, capsys):
     from gmic_jax.cli import main
 
     exams, images, segs = exam_list
-    common = ["cache", "--source", "exam-list", "--exam-list", str(exams), "--images", str(images),
-              "--window-shape", *map(str, WINDOW), "--no-progress", "--num-workers", "1"]
+    common = [
+        "cache",
+        "--source",
+        "exam-list",
+        "--exam-list",
+        str(exams),
+        "--images",
+        str(images),
+        "--window-shape",
+        *map(str, WINDOW),
+        "--no-progress",
+        "--num-workers",
+        "1",
+    ]
     assert main(common + ["--output", str(tmp_path / "a"), "--window-noise"]) == 0
     cached = CacheSource(tmp_path / "a")
     assert cached.window_noise["crop_noise"] == [4, 3] and cached.window_noise["size_noise"] == 4  # 100 px, scaled
-    assert main(common + ["--output", str(tmp_path / "b"), "--window-noise", "--crop-noise", "3", "4",
-                          "--size-noise", "0"]) == 0
-    assert CacheSource(tmp_path / "b").window_noise == {"crop_noise": [3, 4], "size_noise": 0,
-                                                         "context_shape": [WINDOW[0] + 6, WINDOW[1] + 8]}
+    assert (
+        main(
+            common + ["--output", str(tmp_path / "b"), "--window-noise", "--crop-noise", "3", "4", "--size-noise", "0"]
+        )
+        == 0
+    )
+    assert CacheSource(tmp_path / "b").window_noise == {
+        "crop_noise": [3, 4],
+        "size_noise": 0,
+        "context_shape": [WINDOW[0] + 6, WINDOW[1] + 8],
+    }
     capsys.readouterr()
     assert main(common + ["--output", str(tmp_path / "c"), "--crop-noise", "3", "4"]) == 2
     assert "--window-noise" in capsys.readouterr().err
@@ -307,8 +349,22 @@ def test_cache_cli_window_noise(exam_list, tmp_path, capsys):
     assert ">= 0" in capsys.readouterr().err
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,patient,laterality,view,benign,malignant,split\n")
-    assert main(["cache", "--source", "manifest", "--manifest", str(manifest), "--output", str(tmp_path / "e"),
-                 "--window-noise", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "cache",
+                "--source",
+                "manifest",
+                "--manifest",
+                str(manifest),
+                "--output",
+                str(tmp_path / "e"),
+                "--window-noise",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--window-noise needs --source exam-list" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
 
@@ -337,6 +393,7 @@ def test_cache_of_the_sample_exam(sample_exam_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- training
+
 
 def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch, compile_cache_in_process):
     import jax
@@ -368,8 +425,9 @@ def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch, compile_cac
     assert len(calls) == steps * c.batch_size and {(e, s) for _, e, s in calls} == {(0, 3)}
 
 
-def test_an_unreadable_training_example_stops_training_naming_it(caches, tmp_path, monkeypatch,
-                                                                 compile_cache_in_process):
+def test_an_unreadable_training_example_stops_training_naming_it(
+    caches, tmp_path, monkeypatch, compile_cache_in_process
+):
     import jax
 
     from gmic_jax.train.defaults import default_config
@@ -391,9 +449,12 @@ def test_an_unreadable_training_example_stops_training_naming_it(caches, tmp_pat
     c.model.image_shape, c.model.crop_shape, c.model.K = WINDOW, (32, 32), 1
     c.augment.enabled = False
     c.batch_size, c.num_epochs, c.progress_bar = 4 * jax.device_count(), 1, False
-    with pytest.raises(DataFailure, match=r"1 training example\(s\) of step \d could not be loaded:\n"
-                                          r"  contexts-00001.npy: example 5: short read\n"
-                                          r"stopped; last good checkpoint: step (None|1) in "):
+    with pytest.raises(
+        DataFailure,
+        match=r"1 training example\(s\) of step \d could not be loaded:\n"
+        r"  contexts-00001.npy: example 5: short read\n"
+        r"stopped; last good checkpoint: step (None|1) in ",
+    ):
         train_and_evaluate(c, tmp_path / "run")
 
 
@@ -407,8 +468,9 @@ def test_grain_workers_give_the_same_noisy_batches(caches):
     _, _, noise = caches
     plan = TrainPlan(source_labels(noise), batch_size=4, steps_per_epoch=2, num_steps=6, seed=3, balanced=False)
     examples = TrainExamples(noise, seed=3, window_noise=True)
-    expected = [batch_lib.stack([noise.noisy_example(i, e, 3, with_masks=False) for i, e in plan[k]])
-                for k in range(len(plan))]
+    expected = [
+        batch_lib.stack([noise.noisy_example(i, e, 3, with_masks=False) for i, e in plan[k]]) for k in range(len(plan))
+    ]
     assert [sorted(i for k in (2 * e, 2 * e + 1) for i, _ in plan[k]) for e in range(3)] == [list(range(8))] * 3
     assert [{e for _, e in plan[k]} for k in range(6)] == [{0}, {0}, {1}, {1}, {2}, {2}]  # fresh draws per epoch
     for workers, start in ((0, 0), (2, 0), (2, 3)):

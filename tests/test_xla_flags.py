@@ -1,4 +1,5 @@
 """CPU XLA defaults are added before JAX starts, never override the user's, and can be turned off."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,9 @@ SNIPPET = "from gmic_jax.xla_flags import apply_cpu_defaults; print(apply_cpu_de
 def run(env_extra):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GMIC_JAX_KEEP_XLA_FLAGS")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", SNIPPET], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", SNIPPET], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_defaults_added():
@@ -48,8 +51,9 @@ def run_cache(env_extra, cwd):
     env = {k: v for k, v in os.environ.items() if k not in ("GMIC_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
     # Cache every program, however fast it compiles (the user's threshold wins over gmic-jax's).
     env.update(env_extra, PYTHONPATH=str(cwd), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    out = subprocess.run([sys.executable, "-c", CACHE_SNIPPET], env=env, capture_output=True, text=True, cwd=cwd,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_SNIPPET], env=env, capture_output=True, text=True, cwd=cwd, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.split()
 

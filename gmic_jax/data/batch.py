@@ -20,6 +20,7 @@ A single example is the same dict without the leading N. Keep this layout stable
 evaluation, the cache and the benchmarks all depend on it. String keys stay on the host; send
 ``device_arrays(batch)`` to the accelerator.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -41,8 +42,14 @@ DEVICE_KEYS = (IMAGE, LABEL, MASK)
 FULL_VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 
 
-def make_example(image: np.ndarray, label: Sequence[float], image_id: str, breast_id: str, view: str,
-                 mask: Optional[np.ndarray] = None) -> dict:
+def make_example(
+    image: np.ndarray,
+    label: Sequence[float],
+    image_id: str,
+    breast_id: str,
+    view: str,
+    mask: Optional[np.ndarray] = None,
+) -> dict:
     """One example in the batch layout, checked. ``image`` is (H, W) or (H, W, 1);
     ``mask`` (H, W, 2) or None."""
     image = np.asarray(image)

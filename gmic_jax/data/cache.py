@@ -27,6 +27,7 @@ masks moved into the context frame: zero outside the plain window). ``index.json
 :func:`gmic_jax.data.window.noisy_window` on the full crop with the same generator. Disk: about
 (1 + (H + 2m)(W + 2m) / (H W)) times a plain cache (m = crop + size noise; 2.4x at 2944 x 1920).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,7 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data.image import DataError
 from gmic_jax.data.transforms import PREPROCESSINGS
-from gmic_jax.data.window import (draw_window, noise_context, window_noise_amplitudes,
-                                  window_to_context)
+from gmic_jax.data.window import draw_window, noise_context, window_noise_amplitudes, window_to_context
 from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
 from gmic_jax.files import print_failures, write_atomic, write_failures
 
@@ -72,12 +72,12 @@ def exam_list_context(source, index: int, crop_noise, size_noise, window_mask=No
     item = source.items[index]
     pixels = source.flipped_pixels(index) if pixels is None else pixels
     center = item.best_center
-    context, window_at, origin = noise_context(pixels, item.view, center, source.window_shape,
-                                               crop_noise, size_noise)
+    context, window_at, origin = noise_context(pixels, item.view, center, source.window_shape, crop_noise, size_noise)
     masks = None
     if window_mask is not None:
-        masks = window_to_context(window_mask, pixels.shape, item.view, center, context.shape, origin,
-                                  source.window_shape)
+        masks = window_to_context(
+            window_mask, pixels.shape, item.view, center, context.shape, origin, source.window_shape
+        )
     # stored values, as the window's (make_example): rounded and clipped to uint16
     context = np.clip(np.rint(context), 0, np.iinfo(batch_lib.IMAGE_DTYPE).max).astype(batch_lib.IMAGE_DTYPE)
     return {"pixels": context, "window": window_at, "origin": origin, "masks": masks}
@@ -116,13 +116,22 @@ def _examples(source, num_workers: int, window_noise=None):
         yield from (_load_example(i, source, window_noise) for i in range(n))
         return
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(source, window_noise)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=context, initializer=_init_worker, initargs=(source, window_noise)
+    ) as pool:
         yield from pool.map(_load_example, range(n), chunksize=1)
 
 
-def build_cache(source, output_dir, shard_size: int = 256, num_workers: int = 1, metadata: Optional[dict] = None,
-                progress: bool = False, prior_failures=(), window_noise=None) -> tuple[int, list[DataError]]:
+def build_cache(
+    source,
+    output_dir,
+    shard_size: int = 256,
+    num_workers: int = 1,
+    metadata: Optional[dict] = None,
+    progress: bool = False,
+    prior_failures=(),
+    window_noise=None,
+) -> tuple[int, list[DataError]]:
     """Write every example of ``source`` into ``output_dir``; returns (examples written, failures).
 
     ``prior_failures`` (e.g. bad manifest rows found before) count as failures of this build.
@@ -134,8 +143,9 @@ def build_cache(source, output_dir, shard_size: int = 256, num_workers: int = 1,
     """
     if window_noise is not None and window_noise is not False:
         if not supports_window_noise(source):
-            raise ValueError(f"window noise needs an exam-list source (images with a best centre); "
-                             f"got {type(source).__name__}")
+            raise ValueError(
+                f"window noise needs an exam-list source (images with a best centre); got {type(source).__name__}"
+            )
         if window_noise is True:
             window_noise = window_noise_amplitudes(source.window_shape)
         (ny, nx), s = window_noise
@@ -156,6 +166,7 @@ def build_cache(source, output_dir, shard_size: int = 256, num_workers: int = 1,
     if progress:
         try:
             from tqdm import tqdm
+
             iterator = tqdm(iterator, total=n, desc="cache", unit="image")
         except ImportError:
             pass
@@ -178,55 +189,86 @@ def build_cache(source, output_dir, shard_size: int = 256, num_workers: int = 1,
                 (ny, nx), s = window_noise
                 context_shape = (window_shape[0] + 2 * (ny + s), window_shape[1] + 2 * (nx + s))
         if image.shape != window_shape:
-            failures.append(DataError(str(example[batch_lib.IMAGE_ID]),
-                                      f"window {image.shape} differs from the first one {window_shape}"))
+            failures.append(
+                DataError(
+                    str(example[batch_lib.IMAGE_ID]), f"window {image.shape} differs from the first one {window_shape}"
+                )
+            )
             continue
         if images is None or shards[-1]["count"] == shard_size:
             close_shard()
             k = len(shards)
             capacity = min(shard_size, n - i)
             shard = {"images": f"images-{k:05d}.npy", "count": 0}
-            images = np.lib.format.open_memmap(output_dir / shard["images"], mode="w+",
-                                               dtype=batch_lib.IMAGE_DTYPE, shape=(capacity,) + window_shape)
+            images = np.lib.format.open_memmap(
+                output_dir / shard["images"], mode="w+", dtype=batch_lib.IMAGE_DTYPE, shape=(capacity,) + window_shape
+            )
             if has_masks:
                 shard["masks"] = f"masks-{k:05d}.npy"
-                masks = np.lib.format.open_memmap(output_dir / shard["masks"], mode="w+",
-                                                  dtype=batch_lib.MASK_DTYPE, shape=(capacity,) + window_shape + (2,))
+                masks = np.lib.format.open_memmap(
+                    output_dir / shard["masks"],
+                    mode="w+",
+                    dtype=batch_lib.MASK_DTYPE,
+                    shape=(capacity,) + window_shape + (2,),
+                )
             if context_shape is not None:  # fresh files: zeros beyond each context
                 shard["contexts"] = f"contexts-{k:05d}.npy"
-                contexts = np.lib.format.open_memmap(output_dir / shard["contexts"], mode="w+",
-                                                     dtype=batch_lib.IMAGE_DTYPE, shape=(capacity,) + context_shape)
+                contexts = np.lib.format.open_memmap(
+                    output_dir / shard["contexts"],
+                    mode="w+",
+                    dtype=batch_lib.IMAGE_DTYPE,
+                    shape=(capacity,) + context_shape,
+                )
                 if has_masks:
                     shard["context_masks"] = f"context-masks-{k:05d}.npy"
                     context_masks = np.lib.format.open_memmap(
-                        output_dir / shard["context_masks"], mode="w+", dtype=batch_lib.MASK_DTYPE,
-                        shape=(capacity,) + context_shape + (2,))
+                        output_dir / shard["context_masks"],
+                        mode="w+",
+                        dtype=batch_lib.MASK_DTYPE,
+                        shape=(capacity,) + context_shape + (2,),
+                    )
             shards.append(shard)
         slot = shards[-1]["count"]
         images[slot] = image
         if has_masks:
             masks[slot] = example.get(batch_lib.MASK, np.zeros(window_shape + (2,), batch_lib.MASK_DTYPE))
         record = {
-            "image_id": str(example[batch_lib.IMAGE_ID]), "breast_id": str(example[batch_lib.BREAST_ID]),
-            "view": str(example[batch_lib.VIEW]), "label": [float(v) for v in example[batch_lib.LABEL]],
+            "image_id": str(example[batch_lib.IMAGE_ID]),
+            "breast_id": str(example[batch_lib.BREAST_ID]),
+            "view": str(example[batch_lib.VIEW]),
+            "label": [float(v) for v in example[batch_lib.LABEL]],
         }
         if context_shape is not None:
             h, w = context["pixels"].shape
             contexts[slot, :h, :w] = context["pixels"]
             if has_masks and context["masks"] is not None:
                 context_masks[slot, :h, :w] = context["masks"]
-            record["context"] = {"shape": [h, w], "window": [int(v) for v in context["window"]],
-                                 "origin": [int(v) for v in context["origin"]]}
+            record["context"] = {
+                "shape": [h, w],
+                "window": [int(v) for v in context["window"]],
+                "origin": [int(v) for v in context["origin"]],
+            }
         shards[-1]["count"] += 1
         examples.append(record)
     close_shard()
-    index = {"format": FORMAT, "window_shape": list(window_shape or ()), "has_masks": bool(has_masks),
-             "num_examples": len(examples), "shards": shards, "examples": examples,
-             "metadata": {**{k: getattr(source, k) for k in ("preprocessing", "iterations") if hasattr(source, k)},
-                          **(metadata or {})}}
+    index = {
+        "format": FORMAT,
+        "window_shape": list(window_shape or ()),
+        "has_masks": bool(has_masks),
+        "num_examples": len(examples),
+        "shards": shards,
+        "examples": examples,
+        "metadata": {
+            **{k: getattr(source, k) for k in ("preprocessing", "iterations") if hasattr(source, k)},
+            **(metadata or {}),
+        },
+    }
     if window_noise is not None:
-        index["window_noise"] = {"crop_noise": list(window_noise[0]), "size_noise": window_noise[1],
-                                 "context_shape": list(context_shape or ())}
+        index["window_noise"] = {
+            "crop_noise": list(window_noise[0]),
+            "size_noise": window_noise[1],
+            "context_shape": list(context_shape or ()),
+        }
     if failures:
         write_failures(output_dir, failures)
     write_atomic(output_dir / (PARTIAL_INDEX_NAME if failures else INDEX_NAME), json.dumps(index))
@@ -245,8 +287,12 @@ class CacheSource:
         index_path = self.cache_dir / INDEX_NAME
         if not index_path.is_file():
             partial = (self.cache_dir / PARTIAL_INDEX_NAME).is_file()
-            raise DataError(index_path, "cache is incomplete (its build reported failures; see failures.txt)"
-                            if partial else "not a gmic-jax cache (no index.json)")
+            raise DataError(
+                index_path,
+                "cache is incomplete (its build reported failures; see failures.txt)"
+                if partial
+                else "not a gmic-jax cache (no index.json)",
+            )
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
@@ -309,8 +355,11 @@ class CacheSource:
         to the batch layout's uint16; masks (``with_masks`` and a cache with masks) are cut at the
         same borders, nearest neighbour. Raises :class:`DataError` for a cache without contexts."""
         if not self.has_contexts:
-            raise DataError(self.cache_dir, f"this cache holds no window-noise contexts; rebuild it with "
-                                            f"`gmic-jax cache ... {WINDOW_NOISE_OPTION}` (exam-list source)")
+            raise DataError(
+                self.cache_dir,
+                f"this cache holds no window-noise contexts; rebuild it with "
+                f"`gmic-jax cache ... {WINDOW_NOISE_OPTION}` (exam-list source)",
+            )
         s, j = self._locations[index]
         shard = self.index["shards"][s]
         meta = self.examples[index]
@@ -318,11 +367,19 @@ class CacheSource:
         pixels = self._map(shard["contexts"])[j, :h, :w]  # a view: only the drawn crop is read
         masks = self._map(shard["context_masks"])[j, :h, :w] if with_masks and self.has_masks else None
         noise = self.window_noise
-        drawn = draw_window(pixels, tuple(meta["context"]["window"]), self.window_shape, rng,
-                            tuple(noise["crop_noise"]), noise["size_noise"], masks=masks)
+        drawn = draw_window(
+            pixels,
+            tuple(meta["context"]["window"]),
+            self.window_shape,
+            rng,
+            tuple(noise["crop_noise"]),
+            noise["size_noise"],
+            masks=masks,
+        )
         window, masks = drawn if masks is not None else (drawn, None)
-        return batch_lib.make_example(window, meta["label"], meta["image_id"], meta["breast_id"], meta["view"],
-                                      mask=masks)
+        return batch_lib.make_example(
+            window, meta["label"], meta["image_id"], meta["breast_id"], meta["view"], mask=masks
+        )
 
     def noisy_example(self, index: int, epoch: int, seed: int, with_masks: bool = True) -> dict:
         """:meth:`draw` with a generator fixed by (``seed``, ``epoch``, ``index``) alone: the same
@@ -338,12 +395,14 @@ class CacheSource:
 
 # ------------------------------------------------------------------------------------------- CLI
 
+
 def make_source(args):
     """The data source the CLI arguments describe (also used by the benchmark)."""
     window_shape = tuple(args.window_shape)
     common = dict(window_shape=window_shape)
     if args.source == "exam-list":
         from gmic_jax.data.sources import ExamListSource
+
         if not args.exam_list or not args.images:
             raise SystemExit("--source exam-list needs --exam-list and --images")
         return ExamListSource(args.exam_list, args.images, args.segmentations, **common)
@@ -352,25 +411,37 @@ def make_source(args):
         common.update(preprocessing=args.preprocessing)
     if args.source == "manifest":
         from gmic_jax.data.manifest import manifest_source
+
         if not args.manifest:
             raise SystemExit("--source manifest needs --manifest")
         from gmic_jax.data.manifest import read_manifest
+
         source = manifest_source(args.manifest, split=args.split, strict=False, **common)
         source.load_errors = read_manifest(args.manifest)[1]
         return source
     if args.source == "cbis-tcia":
         from gmic_jax.data.cbis_ddsm import tcia_source
+
         if not args.root:
             raise SystemExit("--source cbis-tcia needs --root")
         from gmic_jax.data.cbis_ddsm import tcia_records
-        source = tcia_source(args.root, args.split or "train", kinds=args.kinds, val_fraction=args.val_fraction,
-                             seed=args.seed, **common)
+
+        source = tcia_source(
+            args.root, args.split or "train", kinds=args.kinds, val_fraction=args.val_fraction, seed=args.seed, **common
+        )
         source.load_errors = tcia_records(args.root, args.kinds, args.val_fraction, args.seed)[1]
         return source
     if args.source == "cbis-tfds":
         from gmic_jax.data.cbis_ddsm import tfds_source
-        return tfds_source(args.tfds_config, args.split or "train", data_dir=args.data_dir,
-                           val_fraction=args.val_fraction, seed=args.seed, **common)
+
+        return tfds_source(
+            args.tfds_config,
+            args.split or "train",
+            data_dir=args.data_dir,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            **common,
+        )
     raise SystemExit(f"unknown source {args.source!r}")
 
 
@@ -385,8 +456,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", nargs="+", default=["calc", "mass"], choices=["calc", "mass"])
     parser.add_argument("--tfds-config", default="original-calc", choices=["original-calc", "original-mass"])
     parser.add_argument("--data-dir", help="TFDS data_dir (--source cbis-tfds)")
-    parser.add_argument("--preprocessing", choices=list(PREPROCESSINGS),
-                        help="default: original for manifest, cbis_ddsm for CBIS-DDSM (see gmic_jax.preprocessing)")
+    parser.add_argument(
+        "--preprocessing",
+        choices=list(PREPROCESSINGS),
+        help="default: original for manifest, cbis_ddsm for CBIS-DDSM (see gmic_jax.preprocessing)",
+    )
     parser.add_argument("--window-shape", type=int, nargs=2, default=[2944, 1920], metavar=("H", "W"))
     parser.add_argument("--iterations", type=int, default=100, help="erosion/dilation steps of the cropping")
     parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -397,22 +471,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="cache folder")
     add_source_arguments(parser)
     parser.add_argument("--shard-size", type=int, default=256, help="windows per shard file")
-    parser.add_argument(WINDOW_NOISE_OPTION, action="store_true",
-                        help="also store each image's context for the original's training-time window noise "
-                             "(exam-list source; data.window_noise=True in training)")
-    parser.add_argument("--crop-noise", type=int, nargs=2, metavar=("Y", "X"),
-                        help="window noise: max window shift in pixels (default: the original's 100, 100 "
-                             "scaled to --window-shape)")
-    parser.add_argument("--size-noise", type=int, metavar="S",
-                        help="window noise: max border move in pixels (default: the original's 100, scaled)")
+    parser.add_argument(
+        WINDOW_NOISE_OPTION,
+        action="store_true",
+        help="also store each image's context for the original's training-time window noise "
+        "(exam-list source; data.window_noise=True in training)",
+    )
+    parser.add_argument(
+        "--crop-noise",
+        type=int,
+        nargs=2,
+        metavar=("Y", "X"),
+        help="window noise: max window shift in pixels (default: the original's 100, 100 scaled to --window-shape)",
+    )
+    parser.add_argument(
+        "--size-noise",
+        type=int,
+        metavar="S",
+        help="window noise: max border move in pixels (default: the original's 100, scaled)",
+    )
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args) -> int:
     if args.shard_size < 1 or min(args.window_shape) < 1:
-        print(f"gmic-jax cache: error: --shard-size ({args.shard_size}) and --window-shape "
-              f"({' '.join(map(str, args.window_shape))}) must be >= 1", file=sys.stderr)
+        print(
+            f"gmic-jax cache: error: --shard-size ({args.shard_size}) and --window-shape "
+            f"({' '.join(map(str, args.window_shape))}) must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     try:
         source = make_source(args)
@@ -422,12 +510,17 @@ def main(args) -> int:
     window_noise = None
     if getattr(args, "window_noise", False):
         if not supports_window_noise(source):
-            print(f"error: {WINDOW_NOISE_OPTION} needs --source exam-list (images with a best centre); "
-                  f"got --source {args.source}", file=sys.stderr)
+            print(
+                f"error: {WINDOW_NOISE_OPTION} needs --source exam-list (images with a best centre); "
+                f"got --source {args.source}",
+                file=sys.stderr,
+            )
             return 2
         default_crop, default_size = window_noise_amplitudes(tuple(args.window_shape))
-        window_noise = (tuple(args.crop_noise) if args.crop_noise else default_crop,
-                        default_size if args.size_noise is None else args.size_noise)
+        window_noise = (
+            tuple(args.crop_noise) if args.crop_noise else default_crop,
+            default_size if args.size_noise is None else args.size_noise,
+        )
         if min(*window_noise[0], window_noise[1]) < 0:
             print("error: --crop-noise and --size-noise must be >= 0", file=sys.stderr)
             return 2
@@ -438,13 +531,23 @@ def main(args) -> int:
     # without --split and an exam list hold all they list: none recorded). evaluate names its keys by it.
     split = args.split or ("train" if args.source in ("cbis-tcia", "cbis-tfds") else None)
     metadata = {"source": args.source, "split": split, "window_shape": list(args.window_shape)}
-    count, failures = build_cache(source, args.output, shard_size=args.shard_size, num_workers=args.num_workers,
-                                  metadata=metadata, progress=not args.no_progress,
-                                  prior_failures=getattr(source, "load_errors", ()), window_noise=window_noise)
+    count, failures = build_cache(
+        source,
+        args.output,
+        shard_size=args.shard_size,
+        num_workers=args.num_workers,
+        metadata=metadata,
+        progress=not args.no_progress,
+        prior_failures=getattr(source, "load_errors", ()),
+        window_noise=window_noise,
+    )
     if failures:
         print_failures(failures)
-        print(f"{len(failures)} failure(s); {count} window(s) cached but the cache is NOT complete "
-              f"(no {INDEX_NAME}; see {Path(args.output) / FAILURES_NAME})", file=sys.stderr)
+        print(
+            f"{len(failures)} failure(s); {count} window(s) cached but the cache is NOT complete "
+            f"(no {INDEX_NAME}; see {Path(args.output) / FAILURES_NAME})",
+            file=sys.stderr,
+        )
         return 1
     print(f"{count} window(s) cached in {args.output}")
     return 0

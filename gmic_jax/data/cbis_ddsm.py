@@ -21,6 +21,7 @@ official train/test split and a seeded, patient-grouped train/validation split.
 Both apply a named preprocessing (default: the paper's ``"cbis_ddsm"``; see
 :mod:`gmic_jax.data.transforms`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -91,8 +92,12 @@ def _dicom_size(path: str) -> tuple:
         raise DataError(path, f"cannot read DICOM header ({type(e).__name__}: {e})") from None
 
 
-def tcia_records(root, kinds: Iterable[str] = KINDS, val_fraction: float = 0.1, seed: int = 0,
-                 ) -> tuple[list[ImageRecord], list[DataError]]:
+def tcia_records(
+    root,
+    kinds: Iterable[str] = KINDS,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> tuple[list[ImageRecord], list[DataError]]:
     """Image records of a raw TCIA CBIS-DDSM download, and the problems found (missing files...).
 
     Splits: official Training -> 'train' (a seeded ``val_fraction`` of its patients -> 'val'),
@@ -138,13 +143,26 @@ def tcia_records(root, kinds: Iterable[str] = KINDS, val_fraction: float = 0.1, 
                     continue
                 image_files = finder.candidates(image_rel)
                 if len(image_files) != 1:
-                    errors.append(DataError(where, f"full image {image_rel!r}: "
-                                                   f"{'not found' if not image_files else 'several DICOMs'}"))
+                    errors.append(
+                        DataError(
+                            where, f"full image {image_rel!r}: {'not found' if not image_files else 'several DICOMs'}"
+                        )
+                    )
                     continue
                 key = image_files[0]
-                entry = images.setdefault(key, dict(
-                    patient=patient, side=side[0], view=view, split=split, benign=0.0, malignant=0.0,
-                    masks=([], []), image_id=image_rel.split("/")[0]))
+                entry = images.setdefault(
+                    key,
+                    dict(
+                        patient=patient,
+                        side=side[0],
+                        view=view,
+                        split=split,
+                        benign=0.0,
+                        malignant=0.0,
+                        masks=([], []),
+                        image_id=image_rel.split("/")[0],
+                    ),
+                )
                 cls = 1 if pathology == PATHOLOGY_MALIGNANT else 0
                 entry["malignant" if cls else "benign"] = 1.0
                 roi_files = tuple(finder.candidates(roi_rel))
@@ -153,13 +171,22 @@ def tcia_records(root, kinds: Iterable[str] = KINDS, val_fraction: float = 0.1, 
                 else:
                     errors.append(DataError(where, f"ROI mask {roi_rel!r} not found"))
     if not found_csv:
-        errors.append(DataError(root, "no CBIS-DDSM description CSV found (expected e.g. "
-                                      f"{_csv_name('calc', 'train')})"))
-    records = [ImageRecord(
-        image_id=e["image_id"], breast_id=f"{e['patient']}/{e['side']}", view=f"{e['side']}-{e['view']}",
-        label=(e["benign"], e["malignant"]), split=e["split"], path=path,
-        mask_paths=(tuple(e["masks"][0]), tuple(e["masks"][1])), patient=e["patient"])
-        for path, e in sorted(images.items())]
+        errors.append(
+            DataError(root, f"no CBIS-DDSM description CSV found (expected e.g. {_csv_name('calc', 'train')})")
+        )
+    records = [
+        ImageRecord(
+            image_id=e["image_id"],
+            breast_id=f"{e['patient']}/{e['side']}",
+            view=f"{e['side']}-{e['view']}",
+            label=(e["benign"], e["malignant"]),
+            split=e["split"],
+            path=path,
+            mask_paths=(tuple(e["masks"][0]), tuple(e["masks"][1])),
+            patient=e["patient"],
+        )
+        for path, e in sorted(images.items())
+    ]
     return assign_validation(records, val_fraction, seed), errors
 
 
@@ -192,15 +219,30 @@ class TciaSource(RecordSource):
                     m = read_image(resolve_roi_mask(candidates, pixels.shape)).pixels > 0
                     union = m if union is None or union.shape != m.shape else union | m
                 masks.append(union)
-        window, mask_window = to_window(self.preprocessing, pixels, record.view, masks=masks,
-                                        window_shape=self.window_shape, iterations=self.iterations,
-                                        path=record.path)
-        return batch_lib.make_example(window, record.label, record.image_id, record.breast_id,
-                                      record.view, mask=mask_window)
+        window, mask_window = to_window(
+            self.preprocessing,
+            pixels,
+            record.view,
+            masks=masks,
+            window_shape=self.window_shape,
+            iterations=self.iterations,
+            path=record.path,
+        )
+        return batch_lib.make_example(
+            window, record.label, record.image_id, record.breast_id, record.view, mask=mask_window
+        )
 
 
-def tcia_source(root, split: str, kinds: Iterable[str] = KINDS, val_fraction: float = 0.1, seed: int = 0,
-                strict: bool = False, preprocessing: str = "cbis_ddsm", **source_kwargs) -> TciaSource:
+def tcia_source(
+    root,
+    split: str,
+    kinds: Iterable[str] = KINDS,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+    preprocessing: str = "cbis_ddsm",
+    **source_kwargs,
+) -> TciaSource:
     """The images of one split of a raw TCIA download; ``strict`` raises on the first problem."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -211,6 +253,7 @@ def tcia_source(root, split: str, kinds: Iterable[str] = KINDS, val_fraction: fl
 
 
 # ------------------------------------------------------------------------------------------ TFDS
+
 
 def tfds_example_to_record(example: dict) -> dict:
     """Labels and masks of one ``original-calc`` / ``original-mass`` example (numpy, as read by
@@ -232,6 +275,7 @@ def tfds_example_to_record(example: dict) -> dict:
         m = (m[..., 0] if m.ndim == 3 else m) > 0
         if m.shape != image.shape:  # a few CBIS-DDSM masks are not the size of their image
             from gmic_jax.data.transforms import resize
+
             m = resize(m.astype(np.uint8), image.shape, nearest=True) > 0
         masks[cls] = m if masks[cls] is None else masks[cls] | m
     side = "L" if int(example["breast"]) == 0 else "R"  # ClassLabel LEFT=0, RIGHT=1
@@ -251,9 +295,18 @@ class TfdsSource:
     once to learn its patient), 'test' is TFDS's test split.
     """
 
-    def __init__(self, config: str = "original-calc", split: str = "train", data_dir: Optional[str] = None,
-                 preprocessing: str = "cbis_ddsm", window_shape=WINDOW_SHAPE, with_masks: bool = True,
-                 val_fraction: float = 0.1, seed: int = 0, iterations: int = cropping.NUM_ITERATIONS):
+    def __init__(
+        self,
+        config: str = "original-calc",
+        split: str = "train",
+        data_dir: Optional[str] = None,
+        preprocessing: str = "cbis_ddsm",
+        window_shape=WINDOW_SHAPE,
+        with_masks: bool = True,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        iterations: int = cropping.NUM_ITERATIONS,
+    ):
         import tensorflow_datasets as tfds
 
         if config not in TFDS_CONFIGS:
@@ -261,12 +314,16 @@ class TfdsSource:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         try:
-            self.source = tfds.data_source(f"{TFDS_NAME}/{config}", split="test" if split == "test" else "train",
-                                           data_dir=data_dir, download=False)
+            self.source = tfds.data_source(
+                f"{TFDS_NAME}/{config}", split="test" if split == "test" else "train", data_dir=data_dir, download=False
+            )
         except (KeyError, FileNotFoundError, AssertionError) as e:  # what TFDS raises for a dataset not built
             where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-            raise DataError(where, f"TFDS dataset {TFDS_NAME}/{config} is not prepared here (TFDS needs its manual "
-                                   f"download built first, or use --source cbis-tcia): {e}") from None
+            raise DataError(
+                where,
+                f"TFDS dataset {TFDS_NAME}/{config} is not prepared here (TFDS needs its manual "
+                f"download built first, or use --source cbis-tcia): {e}",
+            ) from None
         self.split = split
         self.preprocessing = preprocessing
         self.window_shape = tuple(window_shape)
@@ -290,12 +347,19 @@ class TfdsSource:
         rec = tfds_example_to_record(self.source[tfds_index])
         full_view = f"{rec['side']}-{rec['view']}"
         masks = rec["masks"] if self.with_masks else None
-        window, mask_window = to_window(self.preprocessing, rec["image"].astype(np.uint16), full_view,
-                                        masks=masks, window_shape=self.window_shape, iterations=self.iterations,
-                                        path=f"{TFDS_NAME}[{tfds_index}] {rec['image_id']}")
+        window, mask_window = to_window(
+            self.preprocessing,
+            rec["image"].astype(np.uint16),
+            full_view,
+            masks=masks,
+            window_shape=self.window_shape,
+            iterations=self.iterations,
+            path=f"{TFDS_NAME}[{tfds_index}] {rec['image_id']}",
+        )
         image_id = rec["image_id"] or f"{TFDS_NAME}/{tfds_index}"
-        return batch_lib.make_example(window, rec["label"], image_id, f"{rec['patient']}/{rec['side']}",
-                                      full_view, mask=mask_window)
+        return batch_lib.make_example(
+            window, rec["label"], image_id, f"{rec['patient']}/{rec['side']}", full_view, mask=mask_window
+        )
 
 
 def tfds_source(config: str = "original-calc", split: str = "train", **kwargs) -> TfdsSource:

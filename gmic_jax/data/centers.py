@@ -13,6 +13,7 @@ All in the flipped crop (breast starting at the left edge, pointing right):
 
 Centres may be negative or past the image: :mod:`gmic_jax.data.window` pads as the original does.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,7 @@ def _window_sums(counts: np.ndarray, centers: np.ndarray, window_shape) -> np.nd
     return counts[y1, x1] - counts[y0, x1] - counts[y1, x0] + counts[y0, x0]
 
 
-def best_center(image: np.ndarray, view: str, rightmost_points, bottommost_points,
-                window_shape=WINDOW_SHAPE) -> tuple:
+def best_center(image: np.ndarray, view: str, rightmost_points, bottommost_points, window_shape=WINDOW_SHAPE) -> tuple:
     """``(y, x)`` as numpy int64s, the original's ``best_center`` of one flipped crop.
 
     ``view`` is 'CC' or 'MLO' (or the full 'L-CC' style name); the points are the crop's

@@ -13,6 +13,7 @@ on the left): the rightmost points of the dilated mask in its lower two thirds
 ``((y_first, y_last), x)``, the bottommost points ``(y, (x_first, x_last))`` and the number of
 empty columns between the image edge on the chest-wall side and the mask.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,12 +86,16 @@ class CropInfo:
     distance_from_starting_side: np.int64
 
     def as_tuple(self):
-        return (self.window_location, self.rightmost_points, self.bottommost_points,
-                self.distance_from_starting_side)
+        return (self.window_location, self.rightmost_points, self.bottommost_points, self.distance_from_starting_side)
 
 
-def crop_info(pixels: np.ndarray, direction: str, iterations: int = NUM_ITERATIONS,
-              buffer_size: int = BUFFER_SIZE, path: str = "<array>") -> CropInfo:
+def crop_info(
+    pixels: np.ndarray,
+    direction: str,
+    iterations: int = NUM_ITERATIONS,
+    buffer_size: int = BUFFER_SIZE,
+    path: str = "<array>",
+) -> CropInfo:
     """The crop window and landmark points of one image (see the module docstring).
 
     ``direction`` is :func:`breast_direction` of the image. Raises :class:`DataError` when no breast
@@ -104,8 +109,11 @@ def crop_info(pixels: np.ndarray, direction: str, iterations: int = NUM_ITERATIO
         raise DataError(path, "blank image: no pixel above 0, no breast found")
     eroded = erode(mask, iterations)
     if not eroded.any():
-        raise DataError(path, f"no breast found: nothing is left of the foreground after {iterations} "
-                              "erosions (image blank or too small)")
+        raise DataError(
+            path,
+            f"no breast found: nothing is left of the foreground after {iterations} "
+            "erosions (image blank or too small)",
+        )
     breast = dilate(largest_component(eroded), iterations)
 
     rows = np.flatnonzero(breast.any(axis=1))

@@ -19,6 +19,7 @@ so either implementation reads the other's files.
   ``<image name>_<c>``; a missing file means no lesion of that class;
 - an image ``name`` is the file ``name.png``, ``name.dcm`` or ``name.dicom`` (:func:`find_image`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,17 +34,27 @@ import numpy as np
 from gmic_jax.data.image import VIEWS, DataError
 from gmic_jax.files import write_atomic
 
-PREPROCESSING_KEYS = ("window_location", "rightmost_points", "bottommost_points",
-                      "distance_from_starting_side", "best_center")
+PREPROCESSING_KEYS = (
+    "window_location",
+    "rightmost_points",
+    "bottommost_points",
+    "distance_from_starting_side",
+    "best_center",
+)
 IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", "")
 
 # What an exam list may contain besides plain Python: numpy scalars and arrays. Anything else
 # (e.g. a pickle that would run code) is refused.
 _ALLOWED_GLOBALS = {
-    ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("collections", "OrderedDict"),
 }
 
 
@@ -89,22 +100,22 @@ class ExamError(DataError):
 class ExamImage:
     """One image of an exam list, as :func:`read_exam_list` reads it."""
 
-    exam: int                  # position of its exam in the list
-    view: str                  # 'L-CC', 'R-CC', 'L-MLO' or 'R-MLO'
-    index: int                 # position in its view's list
-    name: str                  # image name: file <name>.png / .dcm in the images folder
-    horizontal_flip: str       # the exam's 'YES' / 'NO'
-    label: tuple = (math.nan, math.nan)   # (benign, malignant) of its breast; NaN = unknown
+    exam: int  # position of its exam in the list
+    view: str  # 'L-CC', 'R-CC', 'L-MLO' or 'R-MLO'
+    index: int  # position in its view's list
+    name: str  # image name: file <name>.png / .dcm in the images folder
+    horizontal_flip: str  # the exam's 'YES' / 'NO'
+    label: tuple = (math.nan, math.nan)  # (benign, malignant) of its breast; NaN = unknown
     segmentations: tuple = ()  # (benign, malignant) mask names (see the module docstring)
-    best_center: Optional[tuple] = None   # (y, x) of a preprocessed exam list, else None
+    best_center: Optional[tuple] = None  # (y, x) of a preprocessed exam list, else None
 
 
 @dataclasses.dataclass(frozen=True)
 class Exam:
-    index: int                 # position in the list (the exam's id in messages and outputs)
-    images: tuple              # ExamImage, in the original's order (VIEWS, then list order)
-    breast_labels: dict        # 'L' / 'R' -> (benign, malignant), NaN = unknown
-    entry: dict                # the exam's dict as stored
+    index: int  # position in the list (the exam's id in messages and outputs)
+    images: tuple  # ExamImage, in the original's order (VIEWS, then list order)
+    breast_labels: dict  # 'L' / 'R' -> (benign, malignant), NaN = unknown
+    entry: dict  # the exam's dict as stored
 
 
 def _label(cancer_label, key: str) -> float:
@@ -180,9 +191,12 @@ def require_label(image: ExamImage, path) -> tuple:
     (training, evaluation and caches need every label)."""
     if any(math.isnan(v) for v in image.label):
         side = "left" if image.view[0] == "L" else "right"
-        raise DataError(path, f"exam {image.exam}: {image.view} image {image.name!r} has no label "
-                              f"(cancer_label needs {side}_benign and {side}_malignant); training data "
-                              "needs every label")
+        raise DataError(
+            path,
+            f"exam {image.exam}: {image.view} image {image.name!r} has no label "
+            f"(cancer_label needs {side}_benign and {side}_malignant); training data "
+            "needs every label",
+        )
     return image.label
 
 

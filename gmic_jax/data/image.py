@@ -7,6 +7,7 @@ the background at the bottom of the value range.
 
 Every failure is a :class:`DataError` that names the file and what is wrong with it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,7 @@ class Mammogram:
 
     @property
     def max_value(self) -> int:
-        return 2 ** self.bit_depth - 1
+        return 2**self.bit_depth - 1
 
     def to_uint(self) -> np.ndarray:
         """Pixels as the smallest unsigned integer type holding ``bit_depth`` bits (rounded, clipped)."""
@@ -88,8 +89,11 @@ def read_png_array(path) -> np.ndarray:
         with Image.open(path) as im:
             mode = im.mode
             if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
-                raise DataError(path, f"colour PNG (mode {mode}) is not supported: mammograms are "
-                                      "grayscale; convert it to 8- or 16-bit grayscale first")
+                raise DataError(
+                    path,
+                    f"colour PNG (mode {mode}) is not supported: mammograms are "
+                    "grayscale; convert it to 8- or 16-bit grayscale first",
+                )
             im.load()
             arr = np.asarray(im)
     except DataError:
@@ -114,8 +118,13 @@ def read_png_array(path) -> np.ndarray:
 def read_png(path, view: Optional[str] = None, laterality: Optional[str] = None) -> Mammogram:
     """A grayscale PNG (8-bit, or 12/16-bit values in a 16-bit PNG) as a :class:`Mammogram`."""
     arr = read_png_array(path)
-    return Mammogram(arr.astype(np.float32), view=view, laterality=laterality, path=str(path),
-                     bit_depth=8 if arr.dtype == np.uint8 else 16)
+    return Mammogram(
+        arr.astype(np.float32),
+        view=view,
+        laterality=laterality,
+        path=str(path),
+        bit_depth=8 if arr.dtype == np.uint8 else 16,
+    )
 
 
 def write_png(path, array: np.ndarray) -> None:
@@ -162,14 +171,14 @@ def _output_range(ds, used_voi_lut_sequence: bool) -> tuple[float, float, int]:
     """(low, high, bits) of the values after the modality and VOI transforms."""
     if used_voi_lut_sequence:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return 0.0, float(2 ** bits - 1), bits
+        return 0.0, float(2**bits - 1), bits
     if ds.get("ModalityLUTSequence"):
         bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
-        return 0.0, float(2 ** bits - 1), bits
+        return 0.0, float(2**bits - 1), bits
     # Windowing (and no VOI at all) keep the stored range, mapped through the rescale.
     bits = int(ds.BitsStored)
     if int(getattr(ds, "PixelRepresentation", 0)) == 0:
-        low, high = 0.0, float(2 ** bits - 1)
+        low, high = 0.0, float(2**bits - 1)
     else:
         low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
     slope = float(ds.RescaleSlope) if "RescaleSlope" in ds else 1.0
@@ -213,8 +222,10 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     if not photometric:
         raise DataError(path, "DICOM has no Photometric Interpretation (0028,0004)")
     if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise DataError(path, f"unsupported photometric interpretation {photometric!r} "
-                              f"(supported: {', '.join(SUPPORTED_PHOTOMETRIC)})")
+        raise DataError(
+            path,
+            f"unsupported photometric interpretation {photometric!r} (supported: {', '.join(SUPPORTED_PHOTOMETRIC)})",
+        )
     if "PixelData" not in ds:
         raise DataError(path, "DICOM has no pixel data")
     try:
@@ -237,8 +248,9 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     padding = _padding_mask(ds, raw)
     if padding is not None:
         values[padding] = low
-    return Mammogram(values.astype(np.float32), view=_dicom_view(ds), laterality=_dicom_laterality(ds),
-                     path=path, bit_depth=bits)
+    return Mammogram(
+        values.astype(np.float32), view=_dicom_view(ds), laterality=_dicom_laterality(ds), path=path, bit_depth=bits
+    )
 
 
 def is_dicom_path(path) -> bool:

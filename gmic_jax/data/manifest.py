@@ -12,6 +12,7 @@ Example::
     path,patient,laterality,view,benign,malignant,split,mask_benign,mask_malignant
     img/p1_L_CC.png,p1,L,CC,1,0,train,masks/p1_L_CC_b.png,
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,11 +54,17 @@ def read_manifest(csv_path, check_files: bool = True) -> tuple[list[ImageRecord]
         return [], [DataError(csv_path, f"malformed CSV: {e}")]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        return [], [DataError(csv_path, f"malformed manifest: missing column(s) {', '.join(missing)} "
-                                        f"(header: {', '.join(header) or 'empty'})")]
+        return [], [
+            DataError(
+                csv_path,
+                f"malformed manifest: missing column(s) {', '.join(missing)} (header: {', '.join(header) or 'empty'})",
+            )
+        ]
     records, errors, seen = [], [], set()
     for line, raw in enumerate(rows, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None and isinstance(v, (str, type(None)))}
+        row = {
+            k.strip(): (v or "").strip() for k, v in raw.items() if k is not None and isinstance(v, (str, type(None)))
+        }
         try:
             if None in raw:
                 raise ValueError(f"{len(header) + len(raw[None])} fields, the header has {len(header)}")
@@ -98,9 +105,18 @@ def read_manifest(csv_path, check_files: bool = True) -> tuple[list[ImageRecord]
             errors.append(DataError(f"{csv_path}:{line}", str(e)))
             continue
         patient = row["patient"]
-        records.append(ImageRecord(
-            image_id=path, breast_id=f"{patient}/{laterality}", view=f"{laterality}-{view}", label=label,
-            split=split, path=full_path, mask_paths=tuple(masks), patient=patient))
+        records.append(
+            ImageRecord(
+                image_id=path,
+                breast_id=f"{patient}/{laterality}",
+                view=f"{laterality}-{view}",
+                label=label,
+                split=split,
+                path=full_path,
+                mask_paths=tuple(masks),
+                patient=patient,
+            )
+        )
     return records, errors
 
 

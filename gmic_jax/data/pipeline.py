@@ -25,6 +25,7 @@ One way through the data for training, validation during training and ``gmic-jax
 - **No orphans.** A worker process exits as soon as the process that started it is gone, even
   after SIGKILL (Grain's own workers would wait forever on a full queue).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -137,7 +138,7 @@ def _stack(values: list, shared: bool) -> np.ndarray:
         nbytes = int(np.prod(shape)) * first.dtype.itemsize
         raw = np.empty(nbytes + ALIGNMENT, np.uint8)
         offset = -raw.ctypes.data % ALIGNMENT
-        out = raw[offset:offset + nbytes].view(first.dtype).reshape(shape)
+        out = raw[offset : offset + nbytes].view(first.dtype).reshape(shape)
     np.stack([np.asarray(v) for v in values], out=out)
     return out
 
@@ -176,8 +177,16 @@ def _grain():
     return grain
 
 
-def load_batches(plan: Sequence[Sequence], load: Callable, *, workers: int = 0, start: int = 0,
-                 buffer: int = 2, put: Optional[Callable] = None, device_buffer: int = 2):
+def load_batches(
+    plan: Sequence[Sequence],
+    load: Callable,
+    *,
+    workers: int = 0,
+    start: int = 0,
+    buffer: int = 2,
+    put: Optional[Callable] = None,
+    device_buffer: int = 2,
+):
     """Iterator over ``load_batch(load, plan[k])`` for k = start, start + 1, ... in order.
 
     ``workers`` = 0 loads in this process (one prefetch thread), N > 0 in N worker processes,
@@ -193,16 +202,20 @@ def load_batches(plan: Sequence[Sequence], load: Callable, *, workers: int = 0, 
         ds = ds[start:]
     ds = ds.map(_LoadBatch(load, shared=workers > 0))
     # In-process: one thread loads ahead; in worker processes each worker loads in its main thread.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 1,
-                                              prefetch_buffer_size=0 if workers else buffer))
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=0 if workers else 1, prefetch_buffer_size=0 if workers else buffer)
+    )
     if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
-                            worker_init_fn=_exit_with_parent)
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
+            worker_init_fn=_exit_with_parent,
+        )
     if put is not None:
         from grain.experimental import ThreadPrefetchIterDataset
 
-        ds = ThreadPrefetchIterDataset(ds.map(functools.partial(device_put_batch, put=put)),
-                                       prefetch_buffer_size=device_buffer)
+        ds = ThreadPrefetchIterDataset(
+            ds.map(functools.partial(device_put_batch, put=put)), prefetch_buffer_size=device_buffer
+        )
     return Batches(iter(ds))
 
 

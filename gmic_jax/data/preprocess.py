@@ -15,6 +15,7 @@ Bad inputs do not stop the run: every failure is reported at the end, the exit s
 ``OUT/exam_list.pkl`` is then NOT written; the exams that did succeed go to
 ``OUT/exam_list.partial.pkl`` and the failures to ``OUT/failures.txt``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,23 @@ EXAM_LIST_NAME = "exam_list.pkl"
 PARTIAL_NAME = "exam_list.partial.pkl"
 
 
-def preprocess_image(pixels: np.ndarray, full_view: str, horizontal_flip: str, path: str = "<array>",
-                     iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE):
+def preprocess_image(
+    pixels: np.ndarray,
+    full_view: str,
+    horizontal_flip: str,
+    path: str = "<array>",
+    iterations: int = cropping.NUM_ITERATIONS,
+    buffer_size: int = cropping.BUFFER_SIZE,
+):
     """Crop one stored image and find its best centre (:func:`~gmic_jax.data.transforms.crop_flip_center`).
 
     Returns ``(cropped, info)``: the cropped stored image (not flipped) and a dict with the five
     exam-list values of this image.
     """
     direction = cropping.breast_direction(horizontal_flip, full_view[0])
-    crop, _, center = crop_flip_center(pixels, full_view, direction, iterations=iterations,
-                                       buffer_size=buffer_size, path=path)
+    crop, _, center = crop_flip_center(
+        pixels, full_view, direction, iterations=iterations, buffer_size=buffer_size, path=path
+    )
     top, bottom, left, right = (int(v) for v in crop.window_location)
     info = dict(zip(exam_list_lib.PREPROCESSING_KEYS, crop.as_tuple() + (center,)))
     return pixels[top:bottom, left:right], info
@@ -60,8 +68,9 @@ def _process_one(task):
         path = exam_list_lib.find_image(images_dir, name)
         image = read_image(path)
         if image.laterality is not None and image.laterality != full_view[0]:
-            raise DataError(path, f"the exam list says {full_view} but the DICOM header says "
-                                  f"laterality {image.laterality}")
+            raise DataError(
+                path, f"the exam list says {full_view} but the DICOM header says laterality {image.laterality}"
+            )
         pixels = image.to_uint()
         cropped, info = preprocess_image(pixels, full_view, horizontal_flip, path=path)
         write_png(os.path.join(output_dir, CROPPED_DIR, name + ".png"), np.ascontiguousarray(cropped))
@@ -72,8 +81,9 @@ def _process_one(task):
         return name, DataError(os.path.join(images_dir, name), f"{type(e).__name__}: {e}")
 
 
-def preprocess_exam_list(exam_list_path, images_dir, output_dir, num_workers: int = 1,
-                         progress: bool = False) -> tuple[list, list[DataError]]:
+def preprocess_exam_list(
+    exam_list_path, images_dir, output_dir, num_workers: int = 1, progress: bool = False
+) -> tuple[list, list[DataError]]:
     """Run the preprocessing; returns (exams written, failures). See the module docstring."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +133,7 @@ def _run(tasks, num_workers: int, progress: bool):
     if progress:
         try:
             from tqdm import tqdm
+
             iterator = tqdm(iterator, total=len(tasks), desc="preprocess", unit="image")
         except ImportError:
             pass
@@ -137,19 +148,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exam-list", required=True, help="exam list pickle (the original's format)")
     parser.add_argument("--images", required=True, help="folder of <name>.png / <name>.dcm images")
     parser.add_argument("--output", required=True, help="output folder (cropped_images/, exam_list.pkl)")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="worker processes (default: min(4, cores))")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (default: min(4, cores))"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
-    done, failures = preprocess_exam_list(args.exam_list, args.images, args.output,
-                                          num_workers=args.num_workers, progress=not args.no_progress)
+    done, failures = preprocess_exam_list(
+        args.exam_list, args.images, args.output, num_workers=args.num_workers, progress=not args.no_progress
+    )
     if failures:
         print_failures(failures)
-        print(f"{len(failures)} failure(s); {len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: the good exams are in "
-              f"{Path(args.output) / PARTIAL_NAME}, the failures in {Path(args.output) / FAILURES_NAME}",
-              file=sys.stderr)
+        print(
+            f"{len(failures)} failure(s); {len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: "
+            "the good exams are in "
+            f"{Path(args.output) / PARTIAL_NAME}, the failures in {Path(args.output) / FAILURES_NAME}",
+            file=sys.stderr,
+        )
         return 1
     print(f"{len(done)} exam(s) preprocessed -> {Path(args.output) / EXAM_LIST_NAME}")
     return 0

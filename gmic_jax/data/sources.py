@@ -9,6 +9,7 @@ protocol); so does ``gmic-jax cache``.
   ``best_center``), windows placed exactly as the original model runner does; segmentations are
   in the flipped window frame, a missing file meaning "no lesion of that class".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,7 @@ class ImageRecord:
 def validation_fraction_of(patient: str, seed: int) -> float:
     """A patient's position in [0, 1), fixed by (seed, patient): the seeded train/validation split."""
     digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
 def assign_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> list:
@@ -70,9 +71,14 @@ def _read_mask(path: str) -> np.ndarray:
 class RecordSource:
     """Records -> examples. ``iterations`` (erosion/dilation steps) can be lowered for tiny test images."""
 
-    def __init__(self, records: Sequence[ImageRecord], preprocessing: str = "original",
-                 window_shape=WINDOW_SHAPE, with_masks: Optional[bool] = None,
-                 iterations: int = cropping.NUM_ITERATIONS):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        preprocessing: str = "original",
+        window_shape=WINDOW_SHAPE,
+        with_masks: Optional[bool] = None,
+        iterations: int = cropping.NUM_ITERATIONS,
+    ):
         self.records = list(records)
         self.preprocessing = preprocessing
         self.window_shape = tuple(window_shape)
@@ -95,14 +101,22 @@ class RecordSource:
                     m = _read_mask(p)
                     if m.shape != pixels.shape:
                         from gmic_jax.data.transforms import resize
+
                         m = resize(m.astype(np.uint8), pixels.shape, nearest=True) > 0
                     union = m if union is None else union | m
                 masks.append(union)
-        window, mask_window = to_window(self.preprocessing, pixels, record.view, masks=masks,
-                                        window_shape=self.window_shape, iterations=self.iterations,
-                                        path=record.path)
-        return batch_lib.make_example(window, record.label, record.image_id, record.breast_id, record.view,
-                                      mask=mask_window)
+        window, mask_window = to_window(
+            self.preprocessing,
+            pixels,
+            record.view,
+            masks=masks,
+            window_shape=self.window_shape,
+            iterations=self.iterations,
+            path=record.path,
+        )
+        return batch_lib.make_example(
+            window, record.label, record.image_id, record.breast_id, record.view, mask=mask_window
+        )
 
     def __repr__(self) -> str:
         return f"RecordSource({len(self)} images, preprocessing={self.preprocessing!r})"
@@ -115,8 +129,14 @@ class ExamListSource:
 
     preprocessing = "original"  # the windows are the original pipeline's (recorded by gmic-jax cache)
 
-    def __init__(self, exam_list_path, images_dir, segmentation_dir: Optional[str] = None,
-                 window_shape=WINDOW_SHAPE, with_masks: Optional[bool] = None):
+    def __init__(
+        self,
+        exam_list_path,
+        images_dir,
+        segmentation_dir: Optional[str] = None,
+        window_shape=WINDOW_SHAPE,
+        with_masks: Optional[bool] = None,
+    ):
         from gmic_jax.data.exam_list import read_exam_list
 
         exams, errors = read_exam_list(exam_list_path)
@@ -125,8 +145,11 @@ class ExamListSource:
         self.items = [image for exam in exams for image in exam.images]
         for item in self.items:
             if item.best_center is None:
-                raise DataError(exam_list_path, f"exam {item.exam} is not preprocessed (no best_center for "
-                                                f"{item.view} image {item.name!r}); run gmic-jax preprocess first")
+                raise DataError(
+                    exam_list_path,
+                    f"exam {item.exam} is not preprocessed (no best_center for "
+                    f"{item.view} image {item.name!r}); run gmic-jax preprocess first",
+                )
         self.images_dir = str(images_dir)
         self.segmentation_dir = segmentation_dir
         self.window_shape = tuple(window_shape)
@@ -140,8 +163,9 @@ class ExamListSource:
         from gmic_jax.data.exam_list import find_image
 
         item = self.items[index]
-        return flip_for_model(read_image(find_image(self.images_dir, item.name)).pixels, item.view,
-                              item.horizontal_flip)
+        return flip_for_model(
+            read_image(find_image(self.images_dir, item.name)).pixels, item.view, item.horizontal_flip
+        )
 
     def __getitem__(self, index: int) -> dict:
         return self.example(index)
@@ -156,9 +180,15 @@ class ExamListSource:
         window = place_window(pixels, item.view, item.best_center, self.window_shape)
         mask = None
         if self.with_masks:
-            mask = np.stack([
-                load_segmentation(None if self.segmentation_dir is None
-                                  else os.path.join(self.segmentation_dir, seg + ".png"), self.window_shape)
-                for seg in item.segmentations], axis=-1)
+            mask = np.stack(
+                [
+                    load_segmentation(
+                        None if self.segmentation_dir is None else os.path.join(self.segmentation_dir, seg + ".png"),
+                        self.window_shape,
+                    )
+                    for seg in item.segmentations
+                ],
+                axis=-1,
+            )
         breast = f"exam{item.exam}/{item.view[0]}"
         return batch_lib.make_example(window, label, item.name, breast, item.view, mask=mask)

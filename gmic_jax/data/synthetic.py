@@ -21,6 +21,7 @@ give): ``image`` (H, W, 1) uint16 raw 12-bit values (0..4095, not normalised: tr
 on device), ``label`` (2,) float32 [benign, malignant], ``mask`` (H, W, 2) uint8, ``image_id``,
 ``breast_id``, ``view`` ('L-CC' / 'L-MLO', or 'R-...' for odd breasts) as numpy strings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,12 +43,12 @@ class SyntheticSpec:
     """How the synthetic images are drawn; every size scales with the image."""
 
     image_shape: tuple[int, int] = (256, 192)
-    p_benign: float = 0.35          # per breast
-    p_malignant: float = 0.35       # per breast, independent of benign
-    p_calcification: float = 0.5    # share of malignant findings that are calcification clusters
+    p_benign: float = 0.35  # per breast
+    p_malignant: float = 0.35  # per breast, independent of benign
+    p_calcification: float = 0.5  # share of malignant findings that are calcification clusters
     lesion_area: tuple[float, float] = (0.002, 0.006)  # mask area of one finding / image area
     lesion_contrast: tuple[float, float] = (0.25, 0.4)  # peak added density, fraction of the range
-    noise_sigma: float = 0.01       # acquisition noise, fraction of the range
+    noise_sigma: float = 0.01  # acquisition noise, fraction of the range
 
 
 def _rng(seed: int, split: str, breast: int, stream: int) -> np.random.Generator:
@@ -80,8 +81,11 @@ def _tissue(rng, shape, view):
     breast = r2 <= 1.0
     thickness = np.sqrt(np.clip(1.0 - r2, 0.0, 1.0))  # compressed-breast thickness fall-off
     scale = min(H, W)
-    dense = (_smooth_noise(rng, shape, scale / 12) + 0.45 * _smooth_noise(rng, shape, scale / 40)
-             + 0.15 * _smooth_noise(rng, shape, scale / 120))
+    dense = (
+        _smooth_noise(rng, shape, scale / 12)
+        + 0.45 * _smooth_noise(rng, shape, scale / 40)
+        + 0.15 * _smooth_noise(rng, shape, scale / 120)
+    )
     # More fibroglandular tissue behind the nipple (towards the middle), less at the skin.
     centrality = np.exp(-(((yy - cy) / (0.7 * ay)) ** 2) - ((xx - 0.35 * ax) / (0.6 * ax)) ** 2)
     density = 1.0 / (1.0 + np.exp(-(dense + rng.uniform(0.5, 1.5) * centrality - rng.uniform(0.6, 1.2)) * 2.0))
@@ -131,8 +135,7 @@ def _spiculated_mass(rng, shape, cy, cx, radius):
     win, dy, dx = _window(shape, cy, cx, 2.6 * radius)
     ang = np.arctan2(dy, dx)
     dist = np.sqrt(dy**2 + dx**2)
-    lobes = 1.0 + sum(rng.uniform(0.05, 0.18) * np.sin(k * ang + rng.uniform(0, 2 * np.pi))
-                      for k in (3, 5, 7))
+    lobes = 1.0 + sum(rng.uniform(0.05, 0.18) * np.sin(k * ang + rng.uniform(0, 2 * np.pi)) for k in (3, 5, 7))
     density = 1.0 / (1.0 + np.exp((dist / (core * lobes) - 1.0) / 0.06))
     n_spic = int(rng.integers(7, 13))
     width = max(0.6, 0.05 * radius)
@@ -202,7 +205,8 @@ def render(seed: int, split: str, index: int, spec: SyntheticSpec = SyntheticSpe
     image = np.clip(image, 0.0, densest)
     side = "LR"[breast % 2]
     return batch_lib.make_example(
-        np.rint(image * MAX_VALUE).astype(np.uint16)[..., None], label,
+        np.rint(image * MAX_VALUE).astype(np.uint16)[..., None],
+        label,
         image_id=f"synthetic-{split}-{seed}-{index:06d}",
         breast_id=f"synthetic-{split}-{seed}-{breast:06d}/{side}",
         view=f"{side}-{view}",
@@ -219,8 +223,16 @@ class SyntheticLesions:
     ``labels`` is known without rendering; ``cache=True`` keeps rendered examples in memory.
     """
 
-    def __init__(self, num_images: int, *, seed: int = 0, split: str = "train",
-                 spec: SyntheticSpec = SyntheticSpec(), cache: bool = True, with_masks: bool = True):
+    def __init__(
+        self,
+        num_images: int,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        spec: SyntheticSpec = SyntheticSpec(),
+        cache: bool = True,
+        with_masks: bool = True,
+    ):
         if num_images <= 0:
             raise ValueError(f"num_images must be positive, got {num_images}")
         if split not in SPLITS:
@@ -229,8 +241,7 @@ class SyntheticLesions:
         self.seed, self.split, self.spec = int(seed), split, spec
         self.with_masks = with_masks
         self._cache: dict[int, dict] | None = {} if cache else None
-        self.labels = np.stack([breast_labels(self.seed, split, i // 2, spec)
-                                for i in range(self.num_images)])
+        self.labels = np.stack([breast_labels(self.seed, split, i // 2, spec) for i in range(self.num_images)])
 
     @property
     def has_masks(self) -> bool:

@@ -1,4 +1,5 @@
 """Helpers that build small DICOM files and fake CBIS-DDSM trees, for tests and benchmarks."""
+
 from __future__ import annotations
 
 import csv
@@ -9,11 +10,21 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def write_dicom(path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int = 16,
-                laterality: Optional[str] = "L", view: Optional[str] = "CC",
-                window: Optional[tuple] = None, voi_lut: Optional[np.ndarray] = None,
-                rescale: Optional[tuple] = None, padding_value: Optional[int] = None,
-                patient_id: str = "P_00001", series_uid: Optional[str] = None) -> Path:
+def write_dicom(
+    path,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 16,
+    laterality: Optional[str] = "L",
+    view: Optional[str] = "CC",
+    window: Optional[tuple] = None,
+    voi_lut: Optional[np.ndarray] = None,
+    rescale: Optional[tuple] = None,
+    padding_value: Optional[int] = None,
+    patient_id: str = "P_00001",
+    series_uid: Optional[str] = None,
+) -> Path:
     """Write a single-frame mammography-like DICOM (explicit VR little endian, uncompressed).
 
     ``window`` = (center, width); ``voi_lut`` = the LUT's output values (first input value 0,
@@ -59,8 +70,9 @@ def write_dicom(path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", b
     return path
 
 
-def breast_image(height: int, width: int, seed: int = 0, points_right: bool = True,
-                 max_value: int = 4095) -> np.ndarray:
+def breast_image(
+    height: int, width: int, seed: int = 0, points_right: bool = True, max_value: int = 4095
+) -> np.ndarray:
     """A uint16 half-ellipse "breast" against the left (or right) edge, with a thin noise line."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:height, :width]
@@ -72,13 +84,25 @@ def breast_image(height: int, width: int, seed: int = 0, points_right: bool = Tr
 
 
 # CBIS-DDSM description CSV columns (as in the TCIA download).
-CBIS_COLUMNS = ["patient_id", "breast density", "left or right breast", "image view", "abnormality id",
-                "abnormality type", "calc type", "calc distribution", "assessment", "pathology",
-                "subtlety", "image file path", "cropped image file path", "ROI mask file path"]
+CBIS_COLUMNS = [
+    "patient_id",
+    "breast density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "calc type",
+    "calc distribution",
+    "assessment",
+    "pathology",
+    "subtlety",
+    "image file path",
+    "cropped image file path",
+    "ROI mask file path",
+]
 
 
-def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed: int = 0,
-                        layout: str = "csv") -> Path:
+def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed: int = 0, layout: str = "csv") -> Path:
     """A tiny TCIA-style CBIS-DDSM download under ``root``.
 
     Each case: dict(split='Training'|'Test', kind='Calc'|'Mass', patient='P_00001', side='LEFT',
@@ -96,6 +120,7 @@ def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed:
             return rel
         case = rel.split("/")[0]
         return f"{case}/07-20-2016-DDSM-NA-{zlib.crc32(case.encode()) % 90000}/1.000000-{series}-{len(case)}/{name}"
+
     root = Path(root)
     rng = np.random.default_rng(seed)
     rows: dict = {}
@@ -110,29 +135,56 @@ def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed:
         crop_rel = f"{roi_folder}/1.3.6.1.4.1.9590.100.1.2.{i}2/1.3.6.1.4.1.9590.100.1.2.{i}3/000000.dcm"
         h, w = image_shape
         if full_rel not in written:
-            image = breast_image(h, w, seed=int(rng.integers(1 << 30)), points_right=case["side"] == "LEFT",
-                                 max_value=65535)
-            write_dicom(root / "CBIS-DDSM" / disk(full_rel, "full mammogram images", "1-1.dcm"), image, bits_stored=16, laterality=None, view=None,
-                        patient_id=prefix)
+            image = breast_image(
+                h, w, seed=int(rng.integers(1 << 30)), points_right=case["side"] == "LEFT", max_value=65535
+            )
+            write_dicom(
+                root / "CBIS-DDSM" / disk(full_rel, "full mammogram images", "1-1.dcm"),
+                image,
+                bits_stored=16,
+                laterality=None,
+                view=None,
+                patient_id=prefix,
+            )
             written.add(full_rel)
         mask = np.zeros((h, w), dtype=np.uint8)
         r0, c0 = int(rng.integers(h // 3, h // 2)), int(rng.integers(2, w // 4))
         if case["side"] != "LEFT":  # the breast lies against the right edge
             c0 = w - c0 - w // 8
-        mask[r0:r0 + h // 8, c0:c0 + w // 8] = 255
-        write_dicom(root / "CBIS-DDSM" / disk(roi_rel, "ROI mask images", "1-2.dcm"), mask, bits_stored=8, laterality=None, view=None,
-                    patient_id=roi_folder)
-        write_dicom(root / "CBIS-DDSM" / disk(crop_rel, "ROI mask images", "1-1.dcm"), mask[:8, :8] + 1, bits_stored=8, laterality=None,
-                    view=None, patient_id=roi_folder)
+        mask[r0 : r0 + h // 8, c0 : c0 + w // 8] = 255
+        write_dicom(
+            root / "CBIS-DDSM" / disk(roi_rel, "ROI mask images", "1-2.dcm"),
+            mask,
+            bits_stored=8,
+            laterality=None,
+            view=None,
+            patient_id=roi_folder,
+        )
+        write_dicom(
+            root / "CBIS-DDSM" / disk(crop_rel, "ROI mask images", "1-1.dcm"),
+            mask[:8, :8] + 1,
+            bits_stored=8,
+            laterality=None,
+            view=None,
+            patient_id=roi_folder,
+        )
         row = {c: "" for c in CBIS_COLUMNS}
-        row.update({
-            "patient_id": case["patient"], "breast density": "2", "left or right breast": case["side"],
-            "image view": case["view"], "abnormality id": str(case.get("abnormality", 1)),
-            "abnormality type": "calcification" if kind == "Calc" else "mass",
-            "assessment": "4", "pathology": case["pathology"], "subtlety": "3",
-            "image file path": full_rel, "cropped image file path": crop_rel,
-            "ROI mask file path": roi_rel,
-        })
+        row.update(
+            {
+                "patient_id": case["patient"],
+                "breast density": "2",
+                "left or right breast": case["side"],
+                "image view": case["view"],
+                "abnormality id": str(case.get("abnormality", 1)),
+                "abnormality type": "calcification" if kind == "Calc" else "mass",
+                "assessment": "4",
+                "pathology": case["pathology"],
+                "subtlety": "3",
+                "image file path": full_rel,
+                "cropped image file path": crop_rel,
+                "ROI mask file path": roi_rel,
+            }
+        )
         rows.setdefault((kind, split), []).append(row)
     for (kind, split), kind_rows in rows.items():
         name = f"{kind.lower()}_case_description_{'train' if split == 'Training' else 'test'}_set.csv"
@@ -160,5 +212,4 @@ def corrupt_copy(src, dst, keep_fraction: float = 0.5) -> Path:
     return dst
 
 
-__all__ = ["write_dicom", "breast_image", "fake_cbis_ddsm_tree", "write_png_file", "corrupt_copy",
-           "CBIS_COLUMNS"]
+__all__ = ["write_dicom", "breast_image", "fake_cbis_ddsm_tree", "write_png_file", "corrupt_copy", "CBIS_COLUMNS"]

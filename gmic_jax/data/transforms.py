@@ -16,6 +16,7 @@ its config.json, and predict applies the same one):
 When the stored orientation is not known (manifest, CBIS-DDSM, DICOM), it is read off the image:
 the breast points away from the side holding more foreground.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -34,7 +35,7 @@ def detect_direction(pixels: np.ndarray) -> str:
     """'right' when the breast lies against the left edge (more foreground in the left half)."""
     columns = (pixels > 0).sum(axis=0)
     half = pixels.shape[1] // 2
-    return "right" if columns[:half].sum() >= columns[pixels.shape[1] - half:].sum() else "left"
+    return "right" if columns[:half].sum() >= columns[pixels.shape[1] - half :].sum() else "left"
 
 
 def _stack_masks(masks, shape, path) -> Optional[np.ndarray]:
@@ -51,9 +52,15 @@ def _stack_masks(masks, shape, path) -> Optional[np.ndarray]:
     return out
 
 
-def crop_flip_center(pixels: np.ndarray, full_view: str, direction: str, window_shape=WINDOW_SHAPE,
-                     iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE,
-                     path: str = "<array>"):
+def crop_flip_center(
+    pixels: np.ndarray,
+    full_view: str,
+    direction: str,
+    window_shape=WINDOW_SHAPE,
+    iterations: int = cropping.NUM_ITERATIONS,
+    buffer_size: int = cropping.BUFFER_SIZE,
+    path: str = "<array>",
+):
     """The original pipeline up to the window, on one stored image whose breast points ``direction``:
     crop to the breast, flip it to point right, find the window's best centre.
 
@@ -70,18 +77,23 @@ def crop_flip_center(pixels: np.ndarray, full_view: str, direction: str, window_
     return crop, flipped, center
 
 
-def gmic_window(pixels: np.ndarray, full_view: str, direction: Optional[str] = None,
-                masks: Optional[Sequence[Optional[np.ndarray]]] = None, window_shape=WINDOW_SHAPE,
-                iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE,
-                path: str = "<array>"):
+def gmic_window(
+    pixels: np.ndarray,
+    full_view: str,
+    direction: Optional[str] = None,
+    masks: Optional[Sequence[Optional[np.ndarray]]] = None,
+    window_shape=WINDOW_SHAPE,
+    iterations: int = cropping.NUM_ITERATIONS,
+    buffer_size: int = cropping.BUFFER_SIZE,
+    path: str = "<array>",
+):
     """The original pipeline on one raw image: ``(window (H, W) of pixels' dtype, masks (H, W, k) | None)``.
 
     ``masks`` (same frame as ``pixels``; None entries = no lesion of that class) follow the same
     crop, flip and placement. ``direction`` defaults to :func:`detect_direction`.
     """
     direction = direction or detect_direction(pixels)
-    crop, flipped, center = crop_flip_center(pixels, full_view, direction, window_shape, iterations,
-                                             buffer_size, path)
+    crop, flipped, center = crop_flip_center(pixels, full_view, direction, window_shape, iterations, buffer_size, path)
     window = place_window(flipped, full_view, center, window_shape)
     stacked = _stack_masks(masks, pixels.shape, path)
     if stacked is not None:
@@ -89,8 +101,9 @@ def gmic_window(pixels: np.ndarray, full_view: str, direction: Optional[str] = N
         stacked = stacked[top:bottom, left:right]
         if direction == "left":
             stacked = stacked[:, ::-1]
-        stacked = np.stack([place_window(stacked[..., i], full_view, center, window_shape)
-                            for i in range(stacked.shape[-1])], axis=-1)
+        stacked = np.stack(
+            [place_window(stacked[..., i], full_view, center, window_shape) for i in range(stacked.shape[-1])], axis=-1
+        )
     return window, stacked
 
 
@@ -113,9 +126,13 @@ def resize(array: np.ndarray, shape, nearest: bool = False) -> np.ndarray:
     return out
 
 
-def cbis_ddsm_window(pixels: np.ndarray, masks: Optional[Sequence[Optional[np.ndarray]]] = None,
-                     window_shape=WINDOW_SHAPE, iterations: int = cropping.NUM_ITERATIONS,
-                     path: str = "<array>"):
+def cbis_ddsm_window(
+    pixels: np.ndarray,
+    masks: Optional[Sequence[Optional[np.ndarray]]] = None,
+    window_shape=WINDOW_SHAPE,
+    iterations: int = cropping.NUM_ITERATIONS,
+    path: str = "<array>",
+):
     """The paper's CBIS-DDSM preprocessing: ``(image (H, W) of pixels' dtype, masks (H, W, k) | None)``."""
     mask = pixels > 0
     if not mask.any():
@@ -136,26 +153,45 @@ def cbis_ddsm_window(pixels: np.ndarray, masks: Optional[Sequence[Optional[np.nd
         stacked = None if stacked is None else stacked[:, ::-1]
     image = resize(image, window_shape)
     if stacked is not None:
-        stacked = np.stack([resize(stacked[..., i], window_shape, nearest=True)
-                            for i in range(stacked.shape[-1])], axis=-1)
+        stacked = np.stack(
+            [resize(stacked[..., i], window_shape, nearest=True) for i in range(stacked.shape[-1])], axis=-1
+        )
     return image, stacked
 
 
-def to_window(preprocessing: str, pixels: np.ndarray, full_view: str, masks=None, window_shape=WINDOW_SHAPE,
-              iterations: int = cropping.NUM_ITERATIONS, buffer_size: int = cropping.BUFFER_SIZE,
-              direction: Optional[str] = None, path: str = "<array>"):
+def to_window(
+    preprocessing: str,
+    pixels: np.ndarray,
+    full_view: str,
+    masks=None,
+    window_shape=WINDOW_SHAPE,
+    iterations: int = cropping.NUM_ITERATIONS,
+    buffer_size: int = cropping.BUFFER_SIZE,
+    direction: Optional[str] = None,
+    path: str = "<array>",
+):
     """Dispatch on the preprocessing name (see the module docstring): ``(window, masks | None)``.
     ``direction`` (original only): how the stored breast points, when the caller knows it."""
     if preprocessing == "original":
-        return gmic_window(pixels, full_view, direction=direction, masks=masks, window_shape=window_shape,
-                           iterations=iterations, buffer_size=buffer_size, path=path)
+        return gmic_window(
+            pixels,
+            full_view,
+            direction=direction,
+            masks=masks,
+            window_shape=window_shape,
+            iterations=iterations,
+            buffer_size=buffer_size,
+            path=path,
+        )
     if preprocessing == "cbis_ddsm":
-        return cbis_ddsm_window(pixels, masks=masks, window_shape=window_shape, iterations=iterations,
-                                path=path)
+        return cbis_ddsm_window(pixels, masks=masks, window_shape=window_shape, iterations=iterations, path=path)
     if preprocessing == "window":
         if pixels.shape != tuple(window_shape):
-            raise DataError(path, f"image is {pixels.shape[0]}x{pixels.shape[1]}; this model takes "
-                                  f"{window_shape[0]}x{window_shape[1]} windows (preprocessing 'window': "
-                                  "no cropping or resizing)")
+            raise DataError(
+                path,
+                f"image is {pixels.shape[0]}x{pixels.shape[1]}; this model takes "
+                f"{window_shape[0]}x{window_shape[1]} windows (preprocessing 'window': "
+                "no cropping or resizing)",
+            )
         return pixels, _stack_masks(masks, pixels.shape, path)
     raise ValueError(f"unknown preprocessing {preprocessing!r}; choose from {PREPROCESSINGS}")

@@ -27,6 +27,7 @@ Window noise (the original's training-time augmentation around the best centre):
   it. ``draw_window(*noise_context(image, ...)[:2], ...)`` equals ``noisy_window(image, ...)`` for
   the same generator state; masks drawn with it move with the image (nearest-neighbour resize).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,13 @@ from gmic_jax.data.image import DataError, read_png_array
 
 def split_view(view: str) -> tuple[str, str]:
     """'L-CC' -> ('L', 'CC'). Raises ValueError for anything else."""
-    if not isinstance(view, str) or len(view) < 4 or view[1] != "-" or view[0] not in "LR" \
-            or view[2:] not in ("CC", "MLO"):
+    if (
+        not isinstance(view, str)
+        or len(view) < 4
+        or view[1] != "-"
+        or view[0] not in "LR"
+        or view[2:] not in ("CC", "MLO")
+    ):
         raise ValueError(f"view must be one of L-CC, R-CC, L-MLO, R-MLO, got {view!r}")
     return view[0], view[2:]
 
@@ -91,12 +97,11 @@ def paste(out: np.ndarray, array: np.ndarray, row: int, col: int) -> np.ndarray:
     r0, r1 = max(row, 0), min(row + array.shape[0], out.shape[0])
     c0, c1 = max(col, 0), min(col + array.shape[1], out.shape[1])
     if r1 > r0 and c1 > c0:
-        out[r0:r1, c0:c1] = array[r0 - row:r1 - row, c0 - col:c1 - col]
+        out[r0:r1, c0:c1] = array[r0 - row : r1 - row, c0 - col : c1 - col]
     return out
 
 
-def place_window(pixels: np.ndarray, view: str, center, window_shape=WINDOW_SHAPE,
-                 dtype=None) -> np.ndarray:
+def place_window(pixels: np.ndarray, view: str, center, window_shape=WINDOW_SHAPE, dtype=None) -> np.ndarray:
     """The (H, W) window of an already flipped image (or (h, w, k) masks), zero-padded as the original does."""
     (pad_top, _, _), (top, left) = window_bounds(pixels.shape[:2], view, center, window_shape)
     # window rows [top, top + wh) of the padded image = image rows [top - pad_top, ...)
@@ -110,8 +115,11 @@ def load_segmentation(path: Optional[str], window_shape=WINDOW_SHAPE) -> np.ndar
         return np.zeros(window_shape, dtype=np.uint8)
     mask = read_png_array(path)
     if mask.shape != tuple(window_shape):
-        raise DataError(path, f"segmentation is {mask.shape[0]}x{mask.shape[1]}, expected "
-                              f"{window_shape[0]}x{window_shape[1]} (the flipped window frame)")
+        raise DataError(
+            path,
+            f"segmentation is {mask.shape[0]}x{mask.shape[1]}, expected "
+            f"{window_shape[0]}x{window_shape[1]} (the flipped window frame)",
+        )
     return (mask > 0).astype(np.uint8)
 
 
@@ -126,8 +134,9 @@ MAX_CROP_SIZE_NOISE = 100
 def window_noise_amplitudes(window_shape) -> tuple[tuple[int, int], int]:
     """(max crop noise (y, x), max crop size noise) for a window: the original's, scaled."""
     sy, sx = window_shape[0] / WINDOW_SHAPE[0], window_shape[1] / WINDOW_SHAPE[1]
-    return (int(round(MAX_CROP_NOISE[0] * sy)), int(round(MAX_CROP_NOISE[1] * sx))), \
-        int(round(MAX_CROP_SIZE_NOISE * sy))
+    return (int(round(MAX_CROP_NOISE[0] * sy)), int(round(MAX_CROP_NOISE[1] * sx))), int(
+        round(MAX_CROP_SIZE_NOISE * sy)
+    )
 
 
 def _amplitudes(window_shape, crop_noise, size_noise) -> tuple[tuple[int, int], int]:
@@ -137,8 +146,9 @@ def _amplitudes(window_shape, crop_noise, size_noise) -> tuple[tuple[int, int], 
     return (int(crop_noise[0]), int(crop_noise[1])), int(size_noise)
 
 
-def noise_context(image: np.ndarray, view: str, center, window_shape=WINDOW_SHAPE, crop_noise=None,
-                  size_noise=None) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+def noise_context(
+    image: np.ndarray, view: str, center, window_shape=WINDOW_SHAPE, crop_noise=None, size_noise=None
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """What any draw of the window noise around ``center`` can see, for a flipped crop ``image``.
 
     The image is zero-padded as the original pads it for noise (:func:`window_bounds` with a margin
@@ -164,8 +174,9 @@ def noise_context(image: np.ndarray, view: str, center, window_shape=WINDOW_SHAP
     return context, (top - r0, left - c0), (r0 - pad_top, c0)
 
 
-def window_to_context(window: np.ndarray, image_shape, view: str, center, context_shape, origin,
-                      window_shape=WINDOW_SHAPE) -> np.ndarray:
+def window_to_context(
+    window: np.ndarray, image_shape, view: str, center, context_shape, origin, window_shape=WINDOW_SHAPE
+) -> np.ndarray:
     """An array in the plain window's frame (:func:`place_window`; e.g. an exam list's lesion mask)
     moved into the frame of :func:`noise_context` (``context_shape``, ``origin``): zero where the
     plain window does not reach."""
@@ -175,8 +186,9 @@ def window_to_context(window: np.ndarray, image_shape, view: str, center, contex
     return paste(out, window, top - pad_top - int(origin[0]), left - int(origin[1]))
 
 
-def noise_borders(context_shape, window_at, window_shape, rng: np.random.Generator, crop_noise,
-                  size_noise) -> np.ndarray:
+def noise_borders(
+    context_shape, window_at, window_shape, rng: np.random.Generator, crop_noise, size_noise
+) -> np.ndarray:
     """One draw of the crop borders ``[top, bottom, left, right]`` in a context (or padded image).
 
     Crop noise: the window moves by up to ``crop_noise`` (uniform in [-1, 1] times the amplitude,
@@ -213,23 +225,39 @@ def crop_resized(array: np.ndarray, borders, window_shape, nearest: bool = False
     from PIL import Image
 
     wh, ww = window_shape
-    crop = array[borders[0]:borders[1], borders[2]:borders[3]]
+    crop = array[borders[0] : borders[1], borders[2] : borders[3]]
     if not nearest:
         crop = np.asarray(crop, np.float32)
     if crop.shape[:2] == (wh, ww):
         return np.ascontiguousarray(crop)
     if nearest:
         channels = crop[..., None] if crop.ndim == 2 else crop
-        out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., k], np.float32), mode="F")
-                                   .resize((ww, wh), Image.Resampling.NEAREST)) for k in range(channels.shape[-1])],
-                       axis=-1).astype(array.dtype)
+        out = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(np.ascontiguousarray(channels[..., k], np.float32), mode="F").resize(
+                        (ww, wh), Image.Resampling.NEAREST
+                    )
+                )
+                for k in range(channels.shape[-1])
+            ],
+            axis=-1,
+        ).astype(array.dtype)
         return out[..., 0] if crop.ndim == 2 else out
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop), mode="F").resize(
-        (ww, wh), Image.Resampling.BICUBIC), np.float32)
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(crop), mode="F").resize((ww, wh), Image.Resampling.BICUBIC), np.float32
+    )
 
 
-def draw_window(context: np.ndarray, window_at, window_shape, rng: np.random.Generator, crop_noise=None,
-                size_noise=None, masks: Optional[np.ndarray] = None):
+def draw_window(
+    context: np.ndarray,
+    window_at,
+    window_shape,
+    rng: np.random.Generator,
+    crop_noise=None,
+    size_noise=None,
+    masks: Optional[np.ndarray] = None,
+):
     """One draw of the window noise from a :func:`noise_context`: float32 (H, W) window, and with
     ``masks`` (context frame, (h, w, k)) the masks cut at the same borders (nearest neighbour).
 
@@ -242,8 +270,9 @@ def draw_window(context: np.ndarray, window_at, window_shape, rng: np.random.Gen
     return window, crop_resized(masks, borders, window_shape, nearest=True)
 
 
-def noisy_window(image: np.ndarray, full_view: str, center, window_shape, rng: np.random.Generator,
-                 crop_noise=None, size_noise=None) -> np.ndarray:
+def noisy_window(
+    image: np.ndarray, full_view: str, center, window_shape, rng: np.random.Generator, crop_noise=None, size_noise=None
+) -> np.ndarray:
     """One draw of the original's window noise around ``center`` on a flipped crop; float32 (H, W).
 
     The image is zero-padded as for the plain window but with room for the noise (CC: above and

@@ -1,4 +1,5 @@
 """MIL pooling of the patch representations h_k into z: gated attention (the paper's) or uniform."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -17,7 +18,10 @@ class GatedAttention(nn.Module):
     @nn.compact
     def __call__(self, h_crops):
         h = h_crops.astype(jnp.float32)
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+        def dense(n, name):
+            return nn.Dense(n, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
         gated = jax.nn.sigmoid(dense(self.hidden, "mil_attn_U")(h)) * jnp.tanh(dense(self.hidden, "mil_attn_V")(h))
         scores = dense(1, "mil_attn_w")(gated)[..., 0]
         alpha = jax.nn.softmax(scores, axis=-1)

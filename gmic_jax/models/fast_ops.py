@@ -19,6 +19,7 @@ CPU variants (checked by tests against the plain ops and by the parity tests):
 Their ops carry the name scope `cpu_kernel` (in the HLO's op_name metadata), so a test can check
 that a program lacks them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,14 +41,16 @@ def stem_conv_s2d(x, kernel, padding: int):
     kb = (k + 1) // 2  # kernel size on the 2x2 blocks
     # Pad so that the blocked image has exactly ho + kb - 1 rows / wo + kb - 1 cols.
     rows, cols = 2 * (ho + kb - 1), 2 * (wo + kb - 1)
-    xp = lax.pad(x[..., 0], jnp.array(0, x.dtype),
-                 ((0, 0, 0), (padding, rows - H - padding, 0), (padding, cols - W - padding, 0)))
+    xp = lax.pad(
+        x[..., 0],
+        jnp.array(0, x.dtype),
+        ((0, 0, 0), (padding, rows - H - padding, 0), (padding, cols - W - padding, 0)),
+    )
     s = xp.reshape(n, rows // 2, 2, cols // 2, 2).transpose(0, 1, 3, 2, 4).reshape(n, rows // 2, cols // 2, 4)
     # kernel (k, k, 1, C) -> zero-pad to (2kb, 2kb) -> (kb, 2, kb, 2, C) -> (kb, kb, 4, C)
     kp = jnp.pad(kernel[:, :, 0, :], ((0, 2 * kb - k), (0, 2 * kb - k), (0, 0)))
     kp = kp.reshape(kb, 2, kb, 2, -1).transpose(0, 2, 1, 3, 4).reshape(kb, kb, 4, -1)
-    return lax.conv_general_dilated(s, kp.astype(s.dtype), (1, 1), "VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(s, kp.astype(s.dtype), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _strided_views(x, window: int, stride: int, axis: int):
@@ -91,7 +94,9 @@ _max_pool_1d.defvjp(_max_pool_1d_fwd, _max_pool_1d_bwd)
 def max_pool_separable(x, window: int, stride: int, padding: int = 0):
     """Max-pool NHWC with -inf padding (PyTorch's MaxPool2d) and first-maximum gradient routing."""
     if padding:
-        x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)))
+        x = lax.pad(
+            x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0))
+        )
     # Separable: a max over window rows of maxima over window columns. The first maximum in
     # row-major order of the 2-D window is the first row holding the maximum and, in it, the first
     # column: exactly what first-maximum routing of the two 1-D pools selects.
@@ -146,13 +151,12 @@ def _strided_conv_input_grad(g, kernel, x_shape, stride: int, padding: int):
             # taps a = p + s*t for t = ta-1 .. 0 (reversed: correlation over g[m - t])
             sub = wt[p::s][::-1][:, q::s][:, ::-1]
             # g[m - t] for m in [0, M): pad g by ta-1 on top and up to M rows at the bottom.
-            gp = lax.pad(g, jnp.array(0, g.dtype),
-                         ((0, 0, 0), (ta - 1, M - ho, 0), (tb - 1, M2 - wo, 0), (0, 0, 0)))
+            gp = lax.pad(g, jnp.array(0, g.dtype), ((0, 0, 0), (ta - 1, M - ho, 0), (tb - 1, M2 - wo, 0), (0, 0, 0)))
             cols.append(_conv(gp, sub, 1, "VALID"))
         rows.append(jnp.stack(cols, axis=3))  # (n, M, M2, s_q, cin)
     phases = jnp.stack(rows, axis=2)  # (n, M, s_p, M2, s_q, cin)
     dxp = phases.reshape(n, M * s, M2 * s, cin)
-    return dxp[:, padding:padding + H, padding:padding + W, :]
+    return dxp[:, padding : padding + H, padding : padding + W, :]
 
 
 # ----------------------------------------------------------------------------- XLA's own ops
@@ -165,8 +169,7 @@ def max_pool_xla(x, window: int, stride: int, padding: int = 0):
     """Max-pool NHWC with -inf padding by `lax.reduce_window` (gradient: XLA's select-and-scatter,
     which also routes to the first maximum of each window)."""
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
-                             (1, stride, stride, 1), pad)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pad)
 
 
 def strided_conv_xla(x, kernel, stride: int, padding: int):
@@ -207,6 +210,7 @@ def _cpu_kernel(fn):
     def scoped(*args):
         with jax.named_scope("cpu_kernel"):
             return fn(*args)
+
     return scoped
 
 
@@ -221,19 +225,23 @@ def _by_platform(cpu_fn, xla_fn, *args):
 
 def stem_conv(x, kernel, padding: int):
     """The 7x7 stride-2 stem conv of a 1-channel image: `stem_conv_s2d` on CPU, XLA's conv elsewhere."""
-    return _by_platform(lambda x, k: stem_conv_s2d(x, k, padding), lambda x, k: stem_conv_xla(x, k, padding),
-                        x, kernel)
+    return _by_platform(lambda x, k: stem_conv_s2d(x, k, padding), lambda x, k: stem_conv_xla(x, k, padding), x, kernel)
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0):
     """Max-pool NHWC (PyTorch's MaxPool2d, first-maximum gradient): `max_pool_separable` on CPU,
     `lax.reduce_window` elsewhere."""
-    return _by_platform(lambda x: max_pool_separable(x, window, stride, padding),
-                        lambda x: max_pool_xla(x, window, stride, padding), x)
+    return _by_platform(
+        lambda x: max_pool_separable(x, window, stride, padding), lambda x: max_pool_xla(x, window, stride, padding), x
+    )
 
 
 def strided_conv(x, kernel, stride: int, padding: int):
     """conv(x, kernel) with `stride` and symmetric `padding`, NHWC / HWIO: input gradient by output
     phases on CPU (`strided_conv_phases`), XLA's transposed convolution elsewhere."""
-    return _by_platform(lambda x, k: strided_conv_phases(x, k, stride, padding),
-                        lambda x, k: strided_conv_xla(x, k, stride, padding), x, kernel)
+    return _by_platform(
+        lambda x, k: strided_conv_phases(x, k, stride, padding),
+        lambda x, k: strided_conv_xla(x, k, stride, padding),
+        x,
+        kernel,
+    )

@@ -5,6 +5,7 @@ pre-activation basic blocks (16/32/64/128/256 channels, strides 1/2/2/2/2) with 
 in block 0 of every stage, then BN + ReLU: h_g. A 1x1 conv + sigmoid maps h_g to the saliency
 maps A (benign, malignant). Submodule names mirror the original checkpoint (`ds_net.*`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -75,7 +76,9 @@ class ResNet22(nn.Module):
             return max_pool(h, 3, 2, 0)
 
         h = (checkpointed(stem, spec) if spec.global_stem else stem)(self, x)
-        block_cls = checkpointed(PreActBlock, spec, static_argnums=(2,)) if spec.global_blocks == "block" else PreActBlock
+        block_cls = (
+            checkpointed(PreActBlock, spec, static_argnums=(2,)) if spec.global_blocks == "block" else PreActBlock
+        )
         stages = zip(self.stage_features, self.stage_strides, self.stage_blocks, self.stage_kernels)
         for s, (features, stride, blocks, kernel) in enumerate(stages):
 
@@ -107,8 +110,9 @@ class SaliencyHead(nn.Module):
         return conv(self.num_classes, 1, dtype=jnp.float32, name="gn_conv_last")(h_g.astype(jnp.float32))
 
 
-def receptive_field(stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2),
-                    stage_kernels=(3, 3, 3, 3, 3)) -> tuple[int, int, int]:
+def receptive_field(
+    stage_strides=(1, 2, 2, 2, 2), stage_blocks=(2, 2, 2, 2, 2), stage_kernels=(3, 3, 3, 3, 3)
+) -> tuple[int, int, int]:
     """(size, jump, start) in input pixels along each axis: saliency cell i sees the pixels
     [start + i * jump, start + i * jump + size) (those inside the image). The paper's ResNet-22:
     (883, 64, -439); global_strides (1, 2, 2, 1, 1): (467, 16, -231); configs/synthetic.py's

@@ -7,6 +7,7 @@
 
 `out` is a plain dict of named outputs (paper's names); see `GMIC.__call__`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,6 @@ from gmic_jax.models.layers import compute_dtype, spatial_max
 from gmic_jax.models.local_net import LOCAL_NETWORKS
 from gmic_jax.models.pooling import aggregate
 from gmic_jax.models.roi import extract_patches, random_patch_locations, retrieve_roi, rotate_patches
-
 
 NUM_CLASSES = 2  # [benign, malignant]
 
@@ -45,9 +45,16 @@ class GMIC(nn.Module):
         x = x.astype(jnp.float32)
 
         # Global network: h_g and the saliency maps A; y_global by the chosen aggregation.
-        global_net = ResNet22(dtype=dtype, stage_strides=cfg.global_strides, stage_blocks=cfg.global_blocks,
-                              stage_features=cfg.global_widths, stage_kernels=cfg.global_kernels, remat=cfg.remat,
-                              bn_axis_name=self.bn_axis_name, name="ds_net")
+        global_net = ResNet22(
+            dtype=dtype,
+            stage_strides=cfg.global_strides,
+            stage_blocks=cfg.global_blocks,
+            stage_features=cfg.global_widths,
+            stage_kernels=cfg.global_kernels,
+            remat=cfg.remat,
+            bn_axis_name=self.bn_axis_name,
+            name="ds_net",
+        )
         if cfg.saliency_symmetry == "rot180":  # both turns in one batch; see GMICConfig.saliency_symmetry
             both = global_net(jnp.concatenate([x, x[:, ::-1, ::-1]]), train)
             h_g = 0.5 * (both[:n] + both[n:, ::-1, ::-1])
@@ -69,14 +76,15 @@ class GMIC(nn.Module):
 
         # Local network on all N*K patches at once, then MIL pooling.
         ch, cw = cfg.crop_shape
-        local_net = LOCAL_NETWORKS[cfg.local_net](dtype=dtype, bn_axis_name=self.bn_axis_name, remat=cfg.remat,
-                                                  name="dn_resnet")
+        local_net = LOCAL_NETWORKS[cfg.local_net](
+            dtype=dtype, bn_axis_name=self.bn_axis_name, remat=cfg.remat, name="dn_resnet"
+        )
         h_crops = local_net(patches.reshape(n * cfg.K, ch, cw, 1), train).reshape(n, cfg.K, -1)
         z, patch_attns = ATTENTIONS[cfg.attention](name="attention")(h_crops)
 
-        dense = lambda name, bias: nn.Dense(
-            NUM_CLASSES, use_bias=bias, dtype=jnp.float32, param_dtype=jnp.float32, name=name
-        )
+        def dense(name, bias):
+            return nn.Dense(NUM_CLASSES, use_bias=bias, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
         y_local = jax.nn.sigmoid(dense("classifier_linear", False)(z))
         global_vec = spatial_max(h_g)
         y_fusion = jax.nn.sigmoid(dense("fusion_dnn", True)(jnp.concatenate([global_vec, z], axis=-1)))

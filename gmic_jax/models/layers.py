@@ -5,6 +5,7 @@ Precision policy in one place: convolutions and dense layers run in the compute 
 (fast_ops.max_pool) keeps its input dtype: a maximum is exact in any dtype, so casting before it
 would only cost memory.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -92,4 +93,3 @@ def spatial_max(x):
 
 def compute_dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-

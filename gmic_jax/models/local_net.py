@@ -5,6 +5,7 @@ ResNet-18 is weight-compatible with the original (`dn_resnet.*`); ResNet-34 and 
 3 channels in the original; here the stem sums its kernel over the three input channels instead,
 which is the same linear map at a third of the cost.
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,9 +98,9 @@ class ResNetV1(nn.Module):
             for b in range(n_blocks):
                 stride = (1 if i == 0 else 2) if b == 0 else 1
                 project = b == 0 and (stride != 1 or in_features != features * self.block_cls.expansion)
-                x = block_cls(
-                    features, stride, project, self.dtype, self.bn_axis_name, name=f"layer{i + 1}_{b}"
-                )(x, train)
+                x = block_cls(features, stride, project, self.dtype, self.bn_axis_name, name=f"layer{i + 1}_{b}")(
+                    x, train
+                )
                 in_features = features * self.block_cls.expansion
         return spatial_mean(x)
 
@@ -133,8 +134,7 @@ ResNet50 = functools.partial(ResNetV1, stage_sizes=(3, 4, 6, 3), block_cls=Bottl
 # network of the CPU-sized synthetic configs, whose crops are a few dozen pixels.
 ResNet18Narrow = functools.partial(ResNet18, width=16)
 
-LOCAL_NETWORKS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50,
-                  "resnet18_narrow": ResNet18Narrow}
+LOCAL_NETWORKS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50, "resnet18_narrow": ResNet18Narrow}
 
 
 def local_feature_width(name: str) -> int:

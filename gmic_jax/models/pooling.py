@@ -1,4 +1,5 @@
 """Aggregation of the saliency maps into y_global: top-t% pooling and its extremes GMP and GAP."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -9,6 +9,7 @@ BatchNorm and ReLU are recomputed, the convolutions are not). The names and thei
 meaning live in `gmic_jax.config.REMAT_POLICIES`; their memory and recompute cost per exam in
 benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,11 +5,12 @@ the greedy selection in a `lax.fori_loop` over K, crops by `vmap` + `lax.dynamic
 (image, grid, window, crop) are static at trace time, so the grid -> pixel table is built on the
 host in float64, reproducing the original's numpy round-half-to-even exactly.
 """
+
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 

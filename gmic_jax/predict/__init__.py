@@ -80,17 +80,51 @@ status is then 1. A checkpoint that cannot be used (unreadable, parameters that 
 configuration, ensemble members that disagree on the input) affects every exam: nothing is
 predicted, failures.txt is the only output (no CSVs, no run.json) and the exit status is 1.
 """
+
 from gmic_jax.files import FAILURES_TXT
 from gmic_jax.predict.cli import add_arguments, main
-from gmic_jax.predict.exams import (Exam, ImageTask, PredictError, exams_from_dicom, exams_from_exam_list,
-                                    exams_from_synthetic)
+from gmic_jax.predict.exams import (
+    Exam,
+    ImageTask,
+    PredictError,
+    exams_from_dicom,
+    exams_from_exam_list,
+    exams_from_synthetic,
+)
 from gmic_jax.predict.images import LoadedImage, load_image
 from gmic_jax.predict.models import check_variables, compiled_forward, load_models
-from gmic_jax.predict.outputs import (BREAST_CSV, LOCALIZATION_CSV, PREDICTIONS_CSV, RUN_JSON, SALIENCY_DIR,
-                                      VISUALIZATION_DIR, PredictResult)
+from gmic_jax.predict.outputs import (
+    BREAST_CSV,
+    LOCALIZATION_CSV,
+    PREDICTIONS_CSV,
+    RUN_JSON,
+    SALIENCY_DIR,
+    VISUALIZATION_DIR,
+    PredictResult,
+)
 from gmic_jax.predict.runner import predict
 
-__all__ = ["BREAST_CSV", "Exam", "FAILURES_TXT", "ImageTask", "LOCALIZATION_CSV", "LoadedImage",
-           "PREDICTIONS_CSV", "PredictError", "PredictResult", "RUN_JSON", "SALIENCY_DIR", "VISUALIZATION_DIR",
-           "add_arguments", "check_variables", "compiled_forward", "exams_from_dicom", "exams_from_exam_list",
-           "exams_from_synthetic", "load_image", "load_models", "main", "predict"]
+__all__ = [
+    "BREAST_CSV",
+    "Exam",
+    "FAILURES_TXT",
+    "ImageTask",
+    "LOCALIZATION_CSV",
+    "LoadedImage",
+    "PREDICTIONS_CSV",
+    "PredictError",
+    "PredictResult",
+    "RUN_JSON",
+    "SALIENCY_DIR",
+    "VISUALIZATION_DIR",
+    "add_arguments",
+    "check_variables",
+    "compiled_forward",
+    "exams_from_dicom",
+    "exams_from_exam_list",
+    "exams_from_synthetic",
+    "load_image",
+    "load_models",
+    "main",
+    "predict",
+]

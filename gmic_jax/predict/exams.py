@@ -3,6 +3,7 @@
 Every reader returns ``(exams, failures)``: a malformed exam becomes one :class:`PredictError`
 naming it and its file, and the other exams go on.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,14 +32,14 @@ class PredictError(Exception):
 class ImageTask:
     """One image to predict: everything :func:`gmic_jax.predict.images.load_image` needs."""
 
-    image_index: str            # its name in the CSVs and output files
-    view: str                   # 'L-CC', 'R-CC', 'L-MLO' or 'R-MLO'
-    path: str                   # the image file (or where it was expected)
+    image_index: str  # its name in the CSVs and output files
+    view: str  # 'L-CC', 'R-CC', 'L-MLO' or 'R-MLO'
+    path: str  # the image file (or where it was expected)
     label: tuple = (math.nan, math.nan)  # (benign, malignant); NaN = unknown
-    horizontal_flip: Optional[str] = None   # exam lists: 'YES'/'NO'; None: read off the image
-    best_center: Optional[tuple] = None     # --preprocessed: the exam list's centre
-    seg_paths: Optional[tuple] = None       # (benign, malignant) mask files in the window frame
-    synthetic: Optional[tuple] = None       # --synthetic: render(seed, split, index, spec) arguments
+    horizontal_flip: Optional[str] = None  # exam lists: 'YES'/'NO'; None: read off the image
+    best_center: Optional[tuple] = None  # --preprocessed: the exam list's centre
+    seg_paths: Optional[tuple] = None  # (benign, malignant) mask files in the window frame
+    synthetic: Optional[tuple] = None  # --synthetic: render(seed, split, index, spec) arguments
 
 
 @dataclasses.dataclass
@@ -56,8 +57,9 @@ def _image_path(images_dir, name: str) -> str:
         return e.path  # <name>.png: loading it reports it missing
 
 
-def exams_from_exam_list(exam_list_path, images_dir, preprocessed: bool = False,
-                         segmentations_dir=None) -> tuple[list, list]:
+def exams_from_exam_list(
+    exam_list_path, images_dir, preprocessed: bool = False, segmentations_dir=None
+) -> tuple[list, list]:
     """(exams, failures) of an exam list (read by :func:`gmic_jax.data.exam_list.read_exam_list`:
     views may be missing, labels unknown)."""
     try:
@@ -69,17 +71,32 @@ def exams_from_exam_list(exam_list_path, images_dir, preprocessed: bool = False,
     for exam in exams:
         missing = [image for image in exam.images if image.best_center is None]
         if preprocessed and missing:
-            failures.append(PredictError(exam.index, exam_list_path, f"not preprocessed: no best_center for "
-                                         f"{missing[0].view} image {missing[0].index} ({missing[0].name}); run "
-                                         "gmic-jax preprocess or leave out --preprocessed"))
+            failures.append(
+                PredictError(
+                    exam.index,
+                    exam_list_path,
+                    f"not preprocessed: no best_center for "
+                    f"{missing[0].view} image {missing[0].index} ({missing[0].name}); run "
+                    "gmic-jax preprocess or leave out --preprocessed",
+                )
+            )
             continue
         tasks = []
         for image in exam.images:
             seg = None
             if segmentations_dir is not None:
                 seg = tuple(os.path.join(str(segmentations_dir), name + ".png") for name in image.segmentations)
-            tasks.append(ImageTask(image.name, image.view, _image_path(images_dir, image.name), image.label,
-                                   image.horizontal_flip, image.best_center if preprocessed else None, seg))
+            tasks.append(
+                ImageTask(
+                    image.name,
+                    image.view,
+                    _image_path(images_dir, image.name),
+                    image.label,
+                    image.horizontal_flip,
+                    image.best_center if preprocessed else None,
+                    seg,
+                )
+            )
         out.append(Exam(str(exam.index), tasks, dict(exam.breast_labels), str(exam_list_path)))
     return out, failures
 
@@ -112,8 +129,9 @@ def exams_from_dicom(path) -> tuple[list, list]:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         except Exception as e:
-            failures.append(PredictError("(unknown study)", f, f"not a readable DICOM header "
-                                         f"({type(e).__name__}: {e})"))
+            failures.append(
+                PredictError("(unknown study)", f, f"not a readable DICOM header ({type(e).__name__}: {e})")
+            )
             continue
         study = str(getattr(ds, "StudyInstanceUID", "") or "").strip()
         if not study:
@@ -123,8 +141,9 @@ def exams_from_dicom(path) -> tuple[list, list]:
         view, laterality = _dicom_view(ds), _dicom_laterality(ds)
         problems = []
         if view is None:
-            problems.append(f"unknown view (ViewPosition {str(getattr(ds, 'ViewPosition', '') or '')!r}; "
-                            "expected CC or MLO)")
+            problems.append(
+                f"unknown view (ViewPosition {str(getattr(ds, 'ViewPosition', '') or '')!r}; expected CC or MLO)"
+            )
         if laterality is None:
             problems.append("unknown laterality (ImageLaterality/Laterality must be L or R)")
         if problems:
@@ -159,8 +178,15 @@ def exams_from_synthetic(num_exams: int, prep) -> tuple[list, list]:
             side = "LR"[breast % 2]
             view = f"{side}-{('CC', 'MLO')[view_index]}"
             labels[side] = tuple(float(v) for v in breast_labels(seed, SYNTHETIC_SPLIT, breast, spec))
-            images.append(ImageTask(f"synthetic{e}_{view}", view, f"<synthetic {SYNTHETIC_SPLIT} seed {seed} "
-                                    f"image {index}>", labels[side], synthetic=(seed, SYNTHETIC_SPLIT, index, spec)))
+            images.append(
+                ImageTask(
+                    f"synthetic{e}_{view}",
+                    view,
+                    f"<synthetic {SYNTHETIC_SPLIT} seed {seed} image {index}>",
+                    labels[side],
+                    synthetic=(seed, SYNTHETIC_SPLIT, index, spec),
+                )
+            )
         images.sort(key=lambda t: VIEWS.index(t.view))
         exams.append(Exam(str(e), images, labels, "synthetic"))
     return exams, []

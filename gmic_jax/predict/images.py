@@ -3,6 +3,7 @@ preprocessing says, load its masks. A pure function of (task, preprocessing), so
 pipeline (:mod:`gmic_jax.data.pipeline`, in worker processes or in this one) runs it for any image
 in any order: :class:`ImageExamples` is its picklable load function.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ from gmic_jax.preprocessing import Preprocessing
 
 @dataclasses.dataclass
 class LoadedImage:
-    window: np.ndarray                    # (H, W) float32 raw window (not normalised)
-    masks: Optional[np.ndarray] = None    # (H, W, 2) uint8 in the window frame
+    window: np.ndarray  # (H, W) float32 raw window (not normalised)
+    masks: Optional[np.ndarray] = None  # (H, W, 2) uint8 in the window frame
 
 
 def load_image(task: ImageTask, prep: Preprocessing) -> LoadedImage:
@@ -42,19 +43,30 @@ def load_image(task: ImageTask, prep: Preprocessing) -> LoadedImage:
     image = read_image(task.path)
     laterality, _ = split_view(task.view)
     if image.laterality is not None and image.laterality != laterality:
-        raise DataError(task.path, f"the exam says {task.view} but the DICOM header says laterality "
-                                   f"{image.laterality}")
+        raise DataError(task.path, f"the exam says {task.view} but the DICOM header says laterality {image.laterality}")
     if task.best_center is not None:  # --preprocessed: a cropped image and its centre
-        window = place_window(flip_for_model(image.pixels, task.view, task.horizontal_flip), task.view,
-                              task.best_center, prep.window_shape, dtype=np.float32)
+        window = place_window(
+            flip_for_model(image.pixels, task.view, task.horizontal_flip),
+            task.view,
+            task.best_center,
+            prep.window_shape,
+            dtype=np.float32,
+        )
     else:
         direction = None
         if prep.name == "original" and task.horizontal_flip is not None:
             direction = cropping.breast_direction(task.horizontal_flip, laterality)
         pixels = image.pixels if prep.name == "window" else image.to_uint()
-        window, _ = to_window(prep.name, pixels, task.view, window_shape=prep.window_shape,
-                              iterations=prep.iterations, buffer_size=prep.buffer_size, direction=direction,
-                              path=task.path)
+        window, _ = to_window(
+            prep.name,
+            pixels,
+            task.view,
+            window_shape=prep.window_shape,
+            iterations=prep.iterations,
+            buffer_size=prep.buffer_size,
+            direction=direction,
+            path=task.path,
+        )
     masks = None
     if task.seg_paths is not None:
         masks = np.stack([load_segmentation(p, prep.window_shape) for p in task.seg_paths], axis=-1)

@@ -3,6 +3,7 @@
 A checkpoint is any directory :func:`gmic_jax.load_checkpoint` reads; several are an ensemble
 whose members must take the same input (window and preprocessing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,8 @@ def check_variables(config: GMICConfig, variables, directory) -> None:
             parts.append(f"{len(shapes)} of another shape (e.g. {k}: {have[k]}, expected {want[k]})")
         raise CheckpointError(
             f"{directory}: the saved parameters are not those of the architecture in its config.json "
-            f"(local_net={config.local_net}, crop_shape={list(config.crop_shape)}, K={config.K}): "
-            + "; ".join(parts))
+            f"(local_net={config.local_net}, crop_shape={list(config.crop_shape)}, K={config.K}): " + "; ".join(parts)
+        )
 
 
 def _input(prep: Preprocessing) -> Preprocessing:
@@ -103,7 +104,8 @@ def load_models(directories: Sequence) -> list:
             raise CheckpointError(
                 f"{m.directory}: takes {list(m.config.image_shape)} windows with preprocessing "
                 f"{_input(m.preprocessing).to_dict()}, but {first.directory} takes {list(first.config.image_shape)} "
-                f"with {_input(first.preprocessing).to_dict()}; an ensemble needs one input for all its models")
+                f"with {_input(first.preprocessing).to_dict()}; an ensemble needs one input for all its models"
+            )
     return models
 
 
@@ -141,6 +143,7 @@ def compiled_forward(configs: tuple, normalization: str, augment, devices: tuple
         result["y_fusion"] = jnp.stack([o["y_fusion"] for o in outs], axis=1)
         return result
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
-                            out_specs=P("data"), check_vma=False)
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()), out_specs=P("data"), check_vma=False
+    )
     return jax.jit(sharded), mesh

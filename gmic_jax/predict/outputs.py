@@ -1,5 +1,6 @@
 """predict's outputs: the result of a run, the rows of its CSVs, the files of a finished exam, the
 run's record (run.json: the checkpoints' steps and why, the settings, the command, the versions)."""
+
 from __future__ import annotations
 
 import csv
@@ -24,19 +25,27 @@ OUTPUT_FILES = (PREDICTIONS_CSV, BREAST_CSV, LOCALIZATION_CSV, FAILURES_TXT, RUN
 
 PREDICTION_COLUMNS = ("image_index", "benign_pred", "malignant_pred", "benign_label", "malignant_label")
 BREAST_COLUMNS = ("exam", "breast", "benign_pred", "malignant_pred", "benign_label", "malignant_label")
-LOCALIZATION_COLUMNS = ("image_index", "dice_benign", "dice_malignant", "pxap_benign", "pxap_malignant",
-                        "pointing_benign", "pointing_malignant", "roi_hit")
+LOCALIZATION_COLUMNS = (
+    "image_index",
+    "dice_benign",
+    "dice_malignant",
+    "pxap_benign",
+    "pxap_malignant",
+    "pointing_benign",
+    "pointing_malignant",
+    "roi_hit",
+)
 
 
 @dataclasses.dataclass
 class PredictResult:
-    predictions: list          # rows of predictions.csv (dicts; floats unrounded)
-    breast_predictions: list   # rows of breast_predictions.csv
-    localization: list         # rows of localization.csv (empty without segmentations)
-    failures: list             # PredictError
+    predictions: list  # rows of predictions.csv (dicts; floats unrounded)
+    breast_predictions: list  # rows of breast_predictions.csv
+    localization: list  # rows of localization.csv (empty without segmentations)
+    failures: list  # PredictError
     num_exams: int = 0
     num_images: int = 0
-    seconds: float = 0.0       # whole run, from the first load to the last output
+    seconds: float = 0.0  # whole run, from the first load to the last output
     first_batch_seconds: float = 0.0  # includes compiling the forward function
     per_model: dict = dataclasses.field(default_factory=dict)  # image_index -> (M, 2) y_fusion of each model
     checkpoints: list = dataclasses.field(default_factory=list)  # per model: gmic_jax.records.checkpoint_record
@@ -71,8 +80,12 @@ def _fmt_hit(v) -> str:
     return "" if v is None else str(int(v))
 
 
-_PRED_FORMATS = {"benign_pred": _fmt_pred, "malignant_pred": _fmt_pred, "benign_label": _fmt_label,
-                 "malignant_label": _fmt_label}
+_PRED_FORMATS = {
+    "benign_pred": _fmt_pred,
+    "malignant_pred": _fmt_pred,
+    "benign_label": _fmt_label,
+    "malignant_label": _fmt_label,
+}
 
 
 def write_csv(path: Path, columns, rows, formats) -> None:
@@ -89,22 +102,33 @@ def write_csvs(result: PredictResult, output_dir: Path, localization: bool) -> N
     write_csv(output_dir / BREAST_CSV, BREAST_COLUMNS, result.breast_predictions, _PRED_FORMATS)
     result.written += [PREDICTIONS_CSV, BREAST_CSV]
     if localization:
-        write_csv(output_dir / LOCALIZATION_CSV, LOCALIZATION_COLUMNS, result.localization,
-                  {c: _fmt_hit if c.startswith("pointing_") else _fmt_metric for c in LOCALIZATION_COLUMNS[1:]})
+        write_csv(
+            output_dir / LOCALIZATION_CSV,
+            LOCALIZATION_COLUMNS,
+            result.localization,
+            {c: _fmt_hit if c.startswith("pointing_") else _fmt_metric for c in LOCALIZATION_COLUMNS[1:]},
+        )
         result.written.append(LOCALIZATION_CSV)
 
 
-def write_run_record(result: PredictResult, output_dir: Path, settings: dict,
-                     command: Optional[Sequence[str]] = None) -> None:
+def write_run_record(
+    result: PredictResult, output_dir: Path, settings: dict, command: Optional[Sequence[str]] = None
+) -> None:
     """OUT/run.json: every checkpoint's step and why it was chosen (an ensemble: each member's, in
     ``--checkpoint`` order), the run's settings, what it predicted and wrote, the command, the
     versions (:mod:`gmic_jax.records`)."""
     from gmic_jax import records
 
     result.written.append(RUN_JSON)
-    doc = {"checkpoints": result.checkpoints, **settings, "num_exams": result.num_exams,
-           "num_images": result.num_images, "num_failures": len(result.failures), "outputs": list(result.written),
-           **records.provenance(command)}
+    doc = {
+        "checkpoints": result.checkpoints,
+        **settings,
+        "num_exams": result.num_exams,
+        "num_images": result.num_images,
+        "num_failures": len(result.failures),
+        "outputs": list(result.written),
+        **records.provenance(command),
+    }
     write_atomic(output_dir / RUN_JSON, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -121,8 +145,16 @@ def breast_rows(exam: Exam, finished: list) -> list:
             continue
         pred = np.mean([np.mean(v, axis=0) for v in per_view.values()], axis=0)
         label = exam.breast_labels.get(side, (math.nan, math.nan))
-        rows.append({"exam": exam.exam_id, "breast": side, "benign_pred": float(pred[0]),
-                     "malignant_pred": float(pred[1]), "benign_label": label[0], "malignant_label": label[1]})
+        rows.append(
+            {
+                "exam": exam.exam_id,
+                "breast": side,
+                "benign_pred": float(pred[0]),
+                "malignant_pred": float(pred[1]),
+                "benign_label": label[0],
+                "malignant_label": label[1],
+            }
+        )
     return rows
 
 
@@ -154,9 +186,15 @@ def finish_exam(exam: Exam, finished: list, output_dir: Path, visualize: bool, c
     preds, locs, per_model, breast_inputs = [], [], {}, []
     for task, loaded, out0, y in finished:
         mean = y.mean(axis=0)
-        preds.append({"image_index": task.image_index, "benign_pred": float(mean[0]),
-                      "malignant_pred": float(mean[1]), "benign_label": task.label[0],
-                      "malignant_label": task.label[1]})
+        preds.append(
+            {
+                "image_index": task.image_index,
+                "benign_pred": float(mean[0]),
+                "malignant_pred": float(mean[1]),
+                "benign_label": task.label[0],
+                "malignant_label": task.label[1],
+            }
+        )
         per_model[task.image_index] = y
         breast_inputs.append((task, mean))
         with atomic_path(output_dir / SALIENCY_DIR / f"{task.image_index}.npy") as tmp:
@@ -167,8 +205,16 @@ def finish_exam(exam: Exam, finished: list, output_dir: Path, visualize: bool, c
                 locs.append(row)
         if visualize:
             from gmic_jax.visualize import save_figure
-            save_figure(output_dir / VISUALIZATION_DIR / f"{task.image_index}.png", loaded.window,
-                        out0["saliency_map"], out0["patch_locations"], out0["patches"], out0["patch_attns"],
-                        crop_shape, masks=loaded.masks,
-                        title=f"{task.view}: benign {mean[0]:.2f}, malignant {mean[1]:.2f}")
+
+            save_figure(
+                output_dir / VISUALIZATION_DIR / f"{task.image_index}.png",
+                loaded.window,
+                out0["saliency_map"],
+                out0["patch_locations"],
+                out0["patches"],
+                out0["patch_attns"],
+                crop_shape,
+                masks=loaded.masks,
+                title=f"{task.view}: benign {mean[0]:.2f}, malignant {mean[1]:.2f}",
+            )
     return preds, breast_rows(exam, breast_inputs), locs, per_model

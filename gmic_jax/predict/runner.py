@@ -1,4 +1,5 @@
 """The predict run: exams in, one compiled function over fixed-size batches, outputs per exam."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,14 @@ from gmic_jax import records
 from gmic_jax.checkpoint import CheckpointError
 from gmic_jax.files import write_failures
 from gmic_jax.predict import outputs as out_lib
-from gmic_jax.predict.exams import (Exam, ImageTask, PredictError, exams_from_dicom, exams_from_exam_list,
-                                    exams_from_synthetic)
+from gmic_jax.predict.exams import (
+    Exam,
+    ImageTask,
+    PredictError,
+    exams_from_dicom,
+    exams_from_exam_list,
+    exams_from_synthetic,
+)
 from gmic_jax.predict.images import ImageExamples, LoadedImage
 from gmic_jax.predict.models import FORWARD_OUTPUTS, compiled_forward, load_models
 from gmic_jax.predict.outputs import PredictResult
@@ -24,10 +31,25 @@ from gmic_jax.predict.outputs import PredictResult
 log = logging.getLogger("gmic_jax.predict")
 
 
-def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=None, dicom=None,
-            synthetic: Optional[int] = None, preprocessed: bool = False, tta: int = 0, seed: int = 0,
-            visualize: bool = False, segmentations_dir=None, batch_size: int = 4, workers: Optional[int] = None,
-            progress: bool = True, devices=None, command: Optional[Sequence[str]] = None) -> PredictResult:
+def predict(
+    checkpoints: Sequence,
+    output_dir,
+    *,
+    exam_list=None,
+    images_dir=None,
+    dicom=None,
+    synthetic: Optional[int] = None,
+    preprocessed: bool = False,
+    tta: int = 0,
+    seed: int = 0,
+    visualize: bool = False,
+    segmentations_dir=None,
+    batch_size: int = 4,
+    workers: Optional[int] = None,
+    progress: bool = True,
+    devices=None,
+    command: Optional[Sequence[str]] = None,
+) -> PredictResult:
     """Predict every exam of an exam list (``exam_list`` + ``images_dir``), of DICOM files
     (``dicom``) or the first ``synthetic`` synthetic exams with the ensemble of ``checkpoints``;
     write the outputs to ``output_dir`` (see :mod:`gmic_jax.predict`; ``command``, the command
@@ -66,11 +88,15 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
     if models:
         prep = models[0].preprocessing
         if preprocessed and prep.name != "original":
-            raise ValueError(f"--preprocessed reads gmic-jax preprocess output, but the checkpoint expects "
-                             f"preprocessing {prep.name!r}")
+            raise ValueError(
+                f"--preprocessed reads gmic-jax preprocess output, but the checkpoint expects "
+                f"preprocessing {prep.name!r}"
+            )
         if synthetic is not None and prep.synthetic is None:
-            raise ValueError(f"--synthetic needs a checkpoint trained on synthetic data (its config.json "
-                             f"records preprocessing {prep.name!r} and no synthetic data)")
+            raise ValueError(
+                f"--synthetic needs a checkpoint trained on synthetic data (its config.json "
+                f"records preprocessing {prep.name!r} and no synthetic data)"
+            )
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_lib.OUTPUT_FILES:
         (output_dir / stale).unlink(missing_ok=True)
@@ -99,8 +125,19 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
     variables = jax.device_put([m.variables for m in models], replicated)
     key_data = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
 
-    run = _Run(forward, variables, key_data, NamedSharding(mesh, P("data")), batch_size, prep, tta,
-               output_dir, visualize, models[0].config.crop_shape, result)
+    run = _Run(
+        forward,
+        variables,
+        key_data,
+        NamedSharding(mesh, P("data")),
+        batch_size,
+        prep,
+        tta,
+        output_dir,
+        visualize,
+        models[0].config.crop_shape,
+        result,
+    )
     if workers is None:
         from gmic_jax.data.pipeline import default_workers
 
@@ -124,11 +161,21 @@ def predict(checkpoints: Sequence, output_dir, *, exam_list=None, images_dir=Non
     if result.failures:
         write_failures(output_dir, result.failures)
         result.written.append(out_lib.FAILURES_TXT)
-    inputs = {"exam_list": exam_list, "images": images_dir, "dicom": dicom, "synthetic": synthetic,
-              "segmentations": segmentations_dir}
-    settings = {"inputs": {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items() if v is not None},
-                "preprocessed": preprocessed, "tta": tta, "seed": seed, "batch_size": batch_size,
-                "devices": len(devices)}
+    inputs = {
+        "exam_list": exam_list,
+        "images": images_dir,
+        "dicom": dicom,
+        "synthetic": synthetic,
+        "segmentations": segmentations_dir,
+    }
+    settings = {
+        "inputs": {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items() if v is not None},
+        "preprocessed": preprocessed,
+        "tta": tta,
+        "seed": seed,
+        "batch_size": batch_size,
+        "devices": len(devices),
+    }
     out_lib.write_run_record(result, output_dir, settings, command)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -139,7 +186,7 @@ class _ImageState:
     task: ImageTask
     exam: "_ExamState"
     loaded: LoadedImage
-    draws: int                 # forward passes needed (1 + tta)
+    draws: int  # forward passes needed (1 + tta)
     done: int = 0
     y_sum: Optional[np.ndarray] = None
     out0: Optional[dict] = None
@@ -159,15 +206,27 @@ class _Run:
     every image's draws, run the compiled function, and write an exam's outputs once all its
     images are done -- or drop the exam when one of them failed."""
 
-    def __init__(self, forward, variables, key_data, batch_sharding, batch_size, prep, tta, output_dir,
-                 visualize, crop_shape, result):
+    def __init__(
+        self,
+        forward,
+        variables,
+        key_data,
+        batch_sharding,
+        batch_size,
+        prep,
+        tta,
+        output_dir,
+        visualize,
+        crop_shape,
+        result,
+    ):
         self.forward, self.variables, self.key_data = forward, variables, key_data
         self.batch_sharding, self.batch_size = batch_sharding, batch_size
         self.prep, self.tta = prep, tta
         self.output_dir, self.visualize, self.crop_shape = output_dir, visualize, crop_shape
         self.result = result
-        self.queue: list = []          # (image state, draw) waiting for the device
-        self.rows_by_exam: dict = {}   # exam position -> its rows (completed exams only)
+        self.queue: list = []  # (image state, draw) waiting for the device
+        self.rows_by_exam: dict = {}  # exam position -> its rows (completed exams only)
         self.first_batch_seconds: Optional[float] = None
         self.bar = None
 
@@ -176,8 +235,8 @@ class _Run:
         if progress:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=sum(len(e.images) for e in exams), desc="predict", unit="image",
-                                file=sys.stderr)
+
+                self.bar = tqdm(total=sum(len(e.images) for e in exams), desc="predict", unit="image", file=sys.stderr)
             except ImportError:
                 self.bar = None
         try:
@@ -230,7 +289,7 @@ class _Run:
     def _run_batch(self):
         import jax
 
-        rows, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
+        rows, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
         H, W = self.prep.window_shape
         images = np.zeros((self.batch_size, H, W), np.float32)  # padding rows stay zero
         ids = np.zeros((self.batch_size, 2), np.int32)
@@ -238,8 +297,12 @@ class _Run:
             images[r] = st.loaded.window
             ids[r] = (zlib.crc32(st.task.image_index.encode()) & 0x7FFFFFFF, draw)
         t0 = time.perf_counter()
-        out = self.forward(self.variables, jax.device_put(images, self.batch_sharding),
-                           jax.device_put(ids, self.batch_sharding), self.key_data)
+        out = self.forward(
+            self.variables,
+            jax.device_put(images, self.batch_sharding),
+            jax.device_put(ids, self.batch_sharding),
+            self.key_data,
+        )
         out = jax.tree.map(np.asarray, out)
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - t0
@@ -261,5 +324,6 @@ class _Run:
         if self.bar is not None:
             self.bar.update(1)
         if state.pending == 0 and not state.failed:
-            self.rows_by_exam[state.position] = out_lib.finish_exam(state.exam, state.finished, self.output_dir,
-                                                                    self.visualize, self.crop_shape)
+            self.rows_by_exam[state.position] = out_lib.finish_exam(
+                state.exam, state.finished, self.output_dir, self.visualize, self.crop_shape
+            )

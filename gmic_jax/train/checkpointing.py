@@ -14,6 +14,7 @@ the best evaluated one (so that the choice stays what it would be with every ste
 ``gmic-jax compare-steps``). A step whose save did not finish (a run killed mid-save) is never
 listed, so a restart resumes from the last complete one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,13 @@ class KeepSelected:
         return [c.step in keep for c in checkpoints]
 
 
-def make_manager(workdir, keep_latest: int = 2, asynchronous: bool = True,
-                 rule: ckpt_lib.SelectionRule | None = None, keep_evaluated: bool = False):
+def make_manager(
+    workdir,
+    keep_latest: int = 2,
+    asynchronous: bool = True,
+    rule: ckpt_lib.SelectionRule | None = None,
+    keep_evaluated: bool = False,
+):
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers as cm
 
@@ -58,8 +64,9 @@ def make_manager(workdir, keep_latest: int = 2, asynchronous: bool = True,
         cleanup_tmp_directories=True,
         save_interval_steps=1,
     )
-    return ocp.CheckpointManager(Path(workdir).absolute(), options=options,
-                                 item_names=(ckpt_lib.VARIABLES_ITEM, TRAIN_STATE_ITEM))
+    return ocp.CheckpointManager(
+        Path(workdir).absolute(), options=options, item_names=(ckpt_lib.VARIABLES_ITEM, TRAIN_STATE_ITEM)
+    )
 
 
 def _train_state_tree(state, data_position: Mapping):
@@ -76,11 +83,15 @@ def save(manager, state, data_position: Mapping, metrics: Mapping | None = None)
     (the defined ones are stored; a step without the selection metric is never chosen)."""
     import orbax.checkpoint as ocp
 
-    step = int(np.asarray(state.step.addressable_shards[0].data)) if isinstance(state.step, jax.Array) else int(state.step)
-    args = ocp.args.Composite(**{
-        ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(state.variables),
-        TRAIN_STATE_ITEM: ocp.args.StandardSave(_train_state_tree(state, data_position)),
-    })
+    step = (
+        int(np.asarray(state.step.addressable_shards[0].data)) if isinstance(state.step, jax.Array) else int(state.step)
+    )
+    args = ocp.args.Composite(
+        **{
+            ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(state.variables),
+            TRAIN_STATE_ITEM: ocp.args.StandardSave(_train_state_tree(state, data_position)),
+        }
+    )
     metrics = {k: float(v) for k, v in metrics.items() if v is not None} if metrics else None
     return manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -93,14 +104,26 @@ def restore(manager, template_state, data_position_template: Mapping, step: int 
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+    def abstract(tree):
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
     ts_template = _train_state_tree(template_state, data_position_template)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        ckpt_lib.VARIABLES_ITEM: ocp.args.StandardRestore(abstract(template_state.variables)),
-        TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract(ts_template)),
-    }))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                ckpt_lib.VARIABLES_ITEM: ocp.args.StandardRestore(abstract(template_state.variables)),
+                TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract(ts_template)),
+            }
+        ),
+    )
     variables, ts = restored[ckpt_lib.VARIABLES_ITEM], restored[TRAIN_STATE_ITEM]
-    state = template_state.replace(step=ts["step"], params=variables["params"],
-                                   batch_stats=variables["batch_stats"], opt_state=ts["opt_state"],
-                                   rng=ts["rng"])
+    state = template_state.replace(
+        step=ts["step"],
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=ts["opt_state"],
+        rng=ts["rng"],
+    )
     return state, {k: np.asarray(v) for k, v in ts["data"].items()}

@@ -11,6 +11,7 @@ held-out AUC, the best held-out AUC among the evaluated steps and the step that 
 the table by which ``best_metric`` / ``best_min_delta`` are chosen; choose them on some seeds and
 report them on others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,15 @@ from pathlib import Path
 HELDOUT_METRIC = "auc_malignant"
 
 
-def compare_steps(workdir, data: str = "synthetic:split=test", *, batch_size: int = 16,
-                  prediction: str | None = None, metric: str = HELDOUT_METRIC, progress: bool = False) -> dict:
+def compare_steps(
+    workdir,
+    data: str = "synthetic:split=test",
+    *,
+    batch_size: int = 16,
+    prediction: str | None = None,
+    metric: str = HELDOUT_METRIC,
+    progress: bool = False,
+) -> dict:
     """Rows and summary as described in the module docstring (``metric``: the held-out metric the
     summary compares, a metrics.jsonl name without its ``val_`` prefix)."""
     from gmic_jax.checkpoint import SelectionRule, evaluated_steps, load_checkpoint, read_config, select_checkpoint
@@ -42,22 +50,47 @@ def compare_steps(workdir, data: str = "synthetic:split=test", *, batch_size: in
     rows = []
     for step in sorted(evaluated):
         _, variables = load_checkpoint(workdir, step=step)
-        heldout, _ = evaluate(config, variables, source, mesh, batch_size=batch_size, normalization=normalization,
-                              prediction=prediction, progress=progress)
-        rows.append({"step": step, rule.metric: rule.value(evaluated[step]), "kept": step == kept.step,
-                     "heldout": {k.removeprefix("val_"): v for k, v in heldout.items()}})
+        heldout, _ = evaluate(
+            config,
+            variables,
+            source,
+            mesh,
+            batch_size=batch_size,
+            normalization=normalization,
+            prediction=prediction,
+            progress=progress,
+        )
+        rows.append(
+            {
+                "step": step,
+                rule.metric: rule.value(evaluated[step]),
+                "kept": step == kept.step,
+                "heldout": {k.removeprefix("val_"): v for k, v in heldout.items()},
+            }
+        )
     scored = [r for r in rows if r["heldout"].get(metric) is not None]
     if not scored:
         raise ValueError(f"held-out {metric} is undefined on {data} (one class only?)")
     best = max(scored, key=lambda r: (r["heldout"][metric], r["step"]))
     kept_row = next((r for r in rows if r["kept"]), None)
-    summary = {"kept_step": kept.step, "kept_reason": kept.reason,
-               f"kept_heldout_{metric}": kept_row["heldout"].get(metric) if kept_row else None,
-               "best_heldout_step": best["step"], f"best_heldout_{metric}": best["heldout"][metric]}
+    summary = {
+        "kept_step": kept.step,
+        "kept_reason": kept.reason,
+        f"kept_heldout_{metric}": kept_row["heldout"].get(metric) if kept_row else None,
+        "best_heldout_step": best["step"],
+        f"best_heldout_{metric}": best["heldout"][metric],
+    }
     if kept_row and kept_row["heldout"].get(metric) is not None:
         summary[f"kept_minus_best_{metric}"] = kept_row["heldout"][metric] - best["heldout"][metric]
-    return {"workdir": str(workdir), "data": data, "prediction": prediction, "selection": rule.to_dict(),
-            "num_images": len(source), "rows": rows, "summary": summary}
+    return {
+        "workdir": str(workdir),
+        "data": data,
+        "prediction": prediction,
+        "selection": rule.to_dict(),
+        "num_images": len(source),
+        "rows": rows,
+        "summary": summary,
+    }
 
 
 def format_table(result: dict, metric: str = HELDOUT_METRIC) -> str:
@@ -66,24 +99,35 @@ def format_table(result: dict, metric: str = HELDOUT_METRIC) -> str:
     lines = [f"| step | {sel} | held-out {metric} | kept |", "|---:|---:|---:|:---:|"]
     for r in result["rows"]:
         v, h = r[sel], r["heldout"].get(metric)
-        lines.append(f"| {r['step']} | {'' if v is None else f'{v:.4f}'} | {'' if h is None else f'{h:.4f}'} "
-                     f"| {'kept' if r['kept'] else ''} |")
+        lines.append(
+            f"| {r['step']} | {'' if v is None else f'{v:.4f}'} | {'' if h is None else f'{h:.4f}'} "
+            f"| {'kept' if r['kept'] else ''} |"
+        )
     s = result["summary"]
     kept_value = s.get(f"kept_heldout_{metric}")
     lines.append("")
-    lines.append(f"kept step {s['kept_step']} ({s['kept_reason']}): held-out {metric} "
-                 f"{'not evaluated' if kept_value is None else f'{kept_value:.4f}'}; best of the evaluated steps: "
-                 f"{s[f'best_heldout_{metric}']:.4f} at step {s['best_heldout_step']}")
+    lines.append(
+        f"kept step {s['kept_step']} ({s['kept_reason']}): held-out {metric} "
+        f"{'not evaluated' if kept_value is None else f'{kept_value:.4f}'}; best of the evaluated steps: "
+        f"{s[f'best_heldout_{metric}']:.4f} at step {s['best_heldout_step']}"
+    )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="a training workdir (best with --config.keep_evaluated=True)")
-    parser.add_argument("--data", default="synthetic:split=test",
-                        help="held-out data: 'synthetic[:split=test,num=...]' or 'cache:PATH' (default: %(default)s)")
+    parser.add_argument(
+        "--data",
+        default="synthetic:split=test",
+        help="held-out data: 'synthetic[:split=test,num=...]' or 'cache:PATH' (default: %(default)s)",
+    )
     parser.add_argument("--output", required=True, help="output directory for steps.json")
-    parser.add_argument("--prediction", default=None, choices=["global", "local", "fusion", "average"],
-                        help="default: the workdir's eval.prediction")
+    parser.add_argument(
+        "--prediction",
+        default=None,
+        choices=["global", "local", "fusion", "average"],
+        help="default: the workdir's eval.prediction",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
 
 
@@ -91,8 +135,9 @@ def main(args) -> int:
     from gmic_jax.checkpoint import CheckpointError
 
     try:
-        result = compare_steps(args.workdir, args.data, batch_size=args.batch_size, prediction=args.prediction,
-                               progress=True)
+        result = compare_steps(
+            args.workdir, args.data, batch_size=args.batch_size, prediction=args.prediction, progress=True
+        )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"gmic-jax compare-steps: error: {e}", file=sys.stderr)
         return 1

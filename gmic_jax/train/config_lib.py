@@ -11,6 +11,7 @@ Every mistake in a config, its path or an override is a :class:`ConfigError` who
 the file or field (the CLI prints it on one line and exits 2); :func:`check_config` finds the
 invalid values before a run touches its workdir.
 """
+
 from __future__ import annotations
 
 import ast
@@ -52,8 +53,9 @@ def load_config(spec: str):
 def _where(error: BaseException, file: Path) -> str:
     if isinstance(error, SyntaxError) and error.lineno:
         return f"line {error.lineno}: "
-    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-             if Path(f.filename).resolve() == file.resolve()]
+    lines = [
+        f.lineno for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == file.resolve()
+    ]
     return f"line {lines[-1]}: " if lines else ""
 
 
@@ -103,8 +105,10 @@ def apply_overrides(config, overrides: Iterable[str]):
         if leaf not in node:
             raise _unknown_field(config, key)
         if hasattr(node[leaf], "items"):
-            raise ConfigError(f"--config.{key} is a section; set one of its fields, e.g. "
-                              f"--config.{next(iter(flat_fields(node[leaf], key + '.')), key)}=...")
+            raise ConfigError(
+                f"--config.{key} is a section; set one of its fields, e.g. "
+                f"--config.{next(iter(flat_fields(node[leaf], key + '.')), key)}=..."
+            )
         value = _parse(text)
         old = node[leaf]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -132,7 +136,7 @@ def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         a = argv[i]
         if a.startswith("--config."):
-            body = a[len("--config."):]
+            body = a[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{a} needs a value ({a}=VALUE)")
@@ -179,13 +183,23 @@ def check_config(config) -> None:
     choice("loss.saliency_reduction", SALIENCY_REDUCTIONS)
     choice("eval.prediction", PREDICTIONS)
     choice("best_metric", [k for k in JSONL_KEYS if k.startswith("val_")])
-    for field, least in (("batch_size", 1), ("num_epochs", 1), ("log_every_steps", 1), ("checkpoint_every_steps", 1),
-                         ("keep_latest", 1), ("eval.batch_size", 1), ("eval.every_epochs", 0), ("data.workers", 0)):
+    for field, least in (
+        ("batch_size", 1),
+        ("num_epochs", 1),
+        ("log_every_steps", 1),
+        ("checkpoint_every_steps", 1),
+        ("keep_latest", 1),
+        ("eval.batch_size", 1),
+        ("eval.every_epochs", 0),
+        ("data.workers", 0),
+    ):
         value = flat_fields(config).get(field, least)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"{field}={value!r}; expected an integer >= {least}"
-                              + (" (0: no evaluation)" if field == "eval.every_epochs" else "")
-                              + (" (0: load in the training process)" if field == "data.workers" else ""))
+            raise ConfigError(
+                f"{field}={value!r}; expected an integer >= {least}"
+                + (" (0: no evaluation)" if field == "eval.every_epochs" else "")
+                + (" (0: load in the training process)" if field == "data.workers" else "")
+            )
     if not config.loss.get("gap_weight", 0.0) >= 0:
         raise ConfigError(f"loss.gap_weight={config.loss.gap_weight!r}; expected a number >= 0")
     if not config.loss.get("gap_margin", 1.0) > 0:
@@ -195,5 +209,7 @@ def check_config(config) -> None:
     if config.data.source == "cache" and not (config.data.train_cache and config.data.val_cache):
         raise ConfigError("data.source='cache' needs data.train_cache and data.val_cache (`gmic-jax cache` outputs)")
     if config.data.get("window_noise", False) and config.data.source != "cache":
-        raise ConfigError("data.window_noise=True needs data.source='cache' (a cache built with "
-                          "`gmic-jax cache --source exam-list ... --window-noise`)")
+        raise ConfigError(
+            "data.window_noise=True needs data.source='cache' (a cache built with "
+            "`gmic-jax cache --source exam-list ... --window-noise`)"
+        )

@@ -14,6 +14,7 @@ Two ways, tried in this order:
 above. On CPU the collectives go through gloo. Every process then runs the same program: the mesh
 spans all devices of all processes, and each process feeds only its own rows of every global batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,9 @@ def detected_cluster():
 
         kinds = list(clusters.ClusterEnv._cluster_types)
     except (ImportError, AttributeError):  # JAX moved its detection: only the variables work
-        log.warning("this JAX has no cluster detection gmic-jax knows; set %s to run on several processes",
-                    ENV_COORDINATOR)
+        log.warning(
+            "this JAX has no cluster detection gmic-jax knows; set %s to run on several processes", ENV_COORDINATOR
+        )
         return None
     for kind in kinds:
         if getattr(kind, "opt_in_only_method", False) or not kind.is_env_present():
@@ -65,10 +67,13 @@ def maybe_initialize_distributed(environ=None) -> bool:
     if address:
         missing = [k for k in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not env.get(k)]
         if missing:
-            raise RuntimeError(f"{ENV_COORDINATOR}={address} is set but {missing} are not: "
-                               f"set all of {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}")
-        kwargs = dict(coordinator_address=address, num_processes=int(env[ENV_NUM_PROCESSES]),
-                      process_id=int(env[ENV_PROCESS_ID]))
+            raise RuntimeError(
+                f"{ENV_COORDINATOR}={address} is set but {missing} are not: "
+                f"set all of {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}"
+            )
+        kwargs = dict(
+            coordinator_address=address, num_processes=int(env[ENV_NUM_PROCESSES]), process_id=int(env[ENV_PROCESS_ID])
+        )
     else:
         cluster = detected_cluster()
         if cluster is None or cluster[1] <= 1:

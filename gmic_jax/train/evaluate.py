@@ -17,6 +17,7 @@ the ``split=`` of ``--data``). A cache holds whatever it was built from: its spl
 metadata records (``gmic-jax cache --split``), and ``--split NAME`` names it when it records none
 (or overrides what it records, which metrics.json then keeps as ``recorded_split``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,20 @@ def prediction_scores(outputs: dict, prediction: str) -> np.ndarray:
     return outputs[HEADS[prediction]]
 
 
-def run_model(model_config, variables, source, mesh, *, batch_size: int, normalization: str = "standardize",
-              augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False, workers: int = 0):
+def run_model(
+    model_config,
+    variables,
+    source,
+    mesh,
+    *,
+    batch_size: int,
+    normalization: str = "standardize",
+    augment=None,
+    tta_draws: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+    workers: int = 0,
+):
     """Model outputs over the source (host numpy, source order), the localisation metrics
     accumulated batch by batch (masks never pile up in memory) and the examples that could not be
     loaded (:class:`~gmic_jax.data.pipeline.Failure`; left out of the outputs and metrics).
@@ -73,6 +86,7 @@ def run_model(model_config, variables, source, mesh, *, batch_size: int, normali
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
+
         bar = tqdm(total=n, desc="eval", leave=False)
     rows = batch_size // n_proc
     p = jax.process_index()
@@ -89,8 +103,9 @@ def run_model(model_config, variables, source, mesh, *, batch_size: int, normali
             if images is None:  # every example of the batch failed: zeros keep the processes in step
                 images = np.zeros((batch_size, *model_config.image_shape, 1), np.uint16)
             index = np.asarray(plan[k], np.int32)  # the augmentation keys of TTA draws (make_eval_step)
-            local = shard_batch({"image": images[p * rows:(p + 1) * rows], "index": index[p * rows:(p + 1) * rows]},
-                                mesh)
+            local = shard_batch(
+                {"image": images[p * rows : (p + 1) * rows], "index": index[p * rows : (p + 1) * rows]}, mesh
+            )
             out = to_host(step(variables, local["image"], local["index"], key))
             if not keep.any():
                 continue
@@ -114,16 +129,39 @@ def run_model(model_config, variables, source, mesh, *, batch_size: int, normali
     return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None), failures
 
 
-def evaluate(model_config, variables, source, mesh, *, batch_size: int = 32, normalization: str = "standardize",
-             prediction: str = "fusion", augment=None, tta_draws: int = 0, seed: int = 0, progress: bool = False,
-             prefix: str = "val_", workers: int = 0):
+def evaluate(
+    model_config,
+    variables,
+    source,
+    mesh,
+    *,
+    batch_size: int = 32,
+    normalization: str = "standardize",
+    prediction: str = "fusion",
+    augment=None,
+    tta_draws: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+    prefix: str = "val_",
+    workers: int = 0,
+):
     """(metrics, details): ``metrics`` has exactly the metrics.jsonl validation keys that are
     defined, with ``prefix`` for their ``val_`` (the name of the split scored); ``details`` adds
     per-head AUCs (``auc_<head>_<class>``, no prefix), the raw scores/labels and ``failures``
     (examples that could not be loaded: left out of everything else)."""
     outputs, labels, breast_ids, loc, failures = run_model(
-        model_config, variables, source, mesh, batch_size=batch_size, normalization=normalization,
-        augment=augment, tta_draws=tta_draws, seed=seed, progress=progress, workers=workers)
+        model_config,
+        variables,
+        source,
+        mesh,
+        batch_size=batch_size,
+        normalization=normalization,
+        augment=augment,
+        tta_draws=tta_draws,
+        seed=seed,
+        progress=progress,
+        workers=workers,
+    )
     scores = prediction_scores(outputs, prediction)
     metrics = M.classification_metrics(scores, labels, breast_ids, prefix=prefix)
     if loc is not None:
@@ -200,14 +238,21 @@ def parse_data_spec(spec: str, image_shape, trained=None, split: str | None = No
             try:
                 return kind(opts[key]) if key in opts else default
             except ValueError:
-                raise ValueError(f"--data {spec}: {key}={opts[key]} is not a{'n integer' * (kind is int)}"
-                                 f"{' number' * (kind is float)}") from None
+                raise ValueError(
+                    f"--data {spec}: {key}={opts[key]} is not a{'n integer' * (kind is int)}"
+                    f"{' number' * (kind is float)}"
+                ) from None
 
         trained = trained or SyntheticData()
         shape = (number("height", image_shape[0]), number("width", image_shape[1]))
         spec_ = trained.spec(shape, **{k: number(k, None, float) for k in ("p_benign", "p_malignant") if k in opts})
-        return SyntheticLesions(number("num", 200), seed=number("seed", trained.seed),
-                                split=opts.get("split", split or DEFAULT_SYNTHETIC_SPLIT), spec=spec_, cache=False)
+        return SyntheticLesions(
+            number("num", 200),
+            seed=number("seed", trained.seed),
+            split=opts.get("split", split or DEFAULT_SYNTHETIC_SPLIT),
+            spec=spec_,
+            cache=False,
+        )
     raise ValueError(f"--data {spec!r}: expected 'synthetic[:opts]' or 'cache:PATH'")
 
 
@@ -224,37 +269,64 @@ def split_name(source, split: str | None) -> tuple[str, str | None]:
     if split is None:
         if not recorded:
             where = getattr(source, "cache_dir", "the data")
-            raise ValueError(f"{where}: the cache records no split; name what it holds with --split NAME "
-                             "(e.g. --split test), the prefix of every metric key")
+            raise ValueError(
+                f"{where}: the cache records no split; name what it holds with --split NAME "
+                "(e.g. --split test), the prefix of every metric key"
+            )
         split = str(recorded)
     if not SPLIT_NAME.fullmatch(split):
-        raise ValueError(f"split {split!r}: a split name is a letter then letters, digits or '_' "
-                         "(it prefixes every metric key)")
+        raise ValueError(
+            f"split {split!r}: a split name is a letter then letters, digits or '_' (it prefixes every metric key)"
+        )
     return split, (str(recorded) if recorded and recorded != split else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (converted model or training workdir)")
-    parser.add_argument("--step", type=int, default=None,
-                        help="step to evaluate (default: the step the workdir's selection rule keeps, else the latest)")
-    parser.add_argument("--data", required=True,
-                        help="'synthetic[:num=200,seed=0,split=test]' or 'cache:PATH' (a gmic-jax cache with labels)")
-    parser.add_argument("--split", default=None, metavar="NAME",
-                        help="the split scored, the prefix of every metric key: synthetic data draws it (train, val, "
-                             "test; default test); for a cache it names what the cache holds (default: the split its "
-                             "metadata records)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (converted model or training workdir)"
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="step to evaluate (default: the step the workdir's selection rule keeps, else the latest)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="'synthetic[:num=200,seed=0,split=test]' or 'cache:PATH' (a gmic-jax cache with labels)",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        metavar="NAME",
+        help="the split scored, the prefix of every metric key: synthetic data draws it (train, val, "
+        "test; default test); for a cache it names what the cache holds (default: the split its "
+        "metadata records)",
+    )
     parser.add_argument("--output", required=True, help="output directory for metrics.json and roc_pr.png")
     parser.add_argument("--prediction", default="fusion", choices=sorted(HEADS) + ["average"])
-    parser.add_argument("--tta", type=int, default=0,
-                        help="test-time augmentation draws (paper: 10); the augmentation the checkpoint was trained "
-                             "with, else the paper's (gmic_jax.augment.tta_augment)")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        default=0,
+        help="test-time augmentation draws (paper: 10); the augmentation the checkpoint was trained "
+        "with, else the paper's (gmic_jax.augment.tta_augment)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--normalization", default=None, choices=["standardize", "unit_range"],
-                        help="default: what the checkpoint's config.json says")
+    parser.add_argument(
+        "--normalization",
+        default=None,
+        choices=["standardize", "unit_range"],
+        help="default: what the checkpoint's config.json says",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="input worker processes (0: load in this process; default: the usable cores less "
-                             "one, 0 below 3 cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="input worker processes (0: load in this process; default: the usable cores less one, 0 below 3 cores)",
+    )
 
 
 def _error(message: str, code: int) -> int:
@@ -278,8 +350,11 @@ def main(args) -> int:
     if args.tta < 0 or args.batch_size < 1:
         return _error(f"--tta must be >= 0 and --batch-size >= 1 (got {args.tta} and {args.batch_size})", 2)
     if args.split is not None and not SPLIT_NAME.fullmatch(args.split):
-        return _error(f"--split {args.split!r}: a split name is a letter then letters, digits or '_' "
-                      "(it prefixes every metric key)", 2)
+        return _error(
+            f"--split {args.split!r}: a split name is a letter then letters, digits or '_' "
+            "(it prefixes every metric key)",
+            2,
+        )
     maybe_initialize_distributed()
     try:
         config, variables, chosen = load_selected(args.checkpoint, step=args.step)
@@ -308,10 +383,21 @@ def main(args) -> int:
     prefix = f"{split}_"
     workers = default_workers() if args.workers is None else args.workers
     try:
-        metrics, details = evaluate(config, variables, source, make_mesh(), batch_size=args.batch_size,
-                                    normalization=args.normalization or prep.normalization,
-                                    prediction=args.prediction, augment=augment, tta_draws=args.tta, seed=args.seed,
-                                    progress=True, prefix=prefix, workers=workers)
+        metrics, details = evaluate(
+            config,
+            variables,
+            source,
+            make_mesh(),
+            batch_size=args.batch_size,
+            normalization=args.normalization or prep.normalization,
+            prediction=args.prediction,
+            augment=augment,
+            tta_draws=args.tta,
+            seed=args.seed,
+            progress=True,
+            prefix=prefix,
+            workers=workers,
+        )
     except RuntimeError as e:  # nothing could be loaded
         return _error(str(e), 1)
     failures = details["failures"]
@@ -321,18 +407,32 @@ def main(args) -> int:
         (out / FAILURES_TXT).unlink(missing_ok=True)
         if failures:  # scored without them; the run says so and fails
             print_failures(failures)
-            print(f"{len(failures)} image(s) could not be loaded and are left out of metrics.json "
-                  f"(see {write_failures(out, failures)})", file=sys.stderr)
+            print(
+                f"{len(failures)} image(s) could not be loaded and are left out of metrics.json "
+                f"(see {write_failures(out, failures)})",
+                file=sys.stderr,
+            )
         heads = {prefix + k: v for k, v in details.items() if k.startswith("auc_")}
-        report = {**metrics, **heads, "split": split, "num_images": int(len(details["labels"])),
-                  "failed_images": len(failures),
-                  "prediction": args.prediction, "tta_draws": args.tta, "data": args.data,
-                  **records.checkpoint_record(args.checkpoint, chosen),
-                  **records.provenance(getattr(args, "command_line", None))}
+        report = {
+            **metrics,
+            **heads,
+            "split": split,
+            "num_images": int(len(details["labels"])),
+            "failed_images": len(failures),
+            "prediction": args.prediction,
+            "tta_draws": args.tta,
+            "data": args.data,
+            **records.checkpoint_record(args.checkpoint, chosen),
+            **records.provenance(getattr(args, "command_line", None)),
+        }
         if recorded_split is not None:
             report["recorded_split"] = recorded_split
         write_atomic(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-        plot_roc_pr(details["scores"], details["labels"], out / "roc_pr.png",
-                    title=f"{args.checkpoint} step {chosen.step}: split {split} of {args.data} ({args.prediction})")
+        plot_roc_pr(
+            details["scores"],
+            details["labels"],
+            out / "roc_pr.png",
+            title=f"{args.checkpoint} step {chosen.step}: split {split} of {args.data} ({args.prediction})",
+        )
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return 1 if failures else 0

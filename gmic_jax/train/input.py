@@ -11,6 +11,7 @@
 - :func:`eval_plan` -- the validation/evaluation batches in source order, the last one padded by
   repeating its last example (padded rows are dropped from the results).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,18 @@ from gmic_jax.train.sampling import epoch_order
 class TrainPlan:
     """Random access over steps: ``plan[step]`` = this process's ((example, epoch), ...) of ``step``."""
 
-    def __init__(self, labels, *, batch_size: int, steps_per_epoch: int, num_steps: int, seed: int,
-                 balanced: bool, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        labels,
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+        num_steps: int,
+        seed: int,
+        balanced: bool,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         if batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} must be a multiple of the {process_count} processes")
         self.labels = np.asarray(labels, np.float32)
@@ -44,8 +55,8 @@ class TrainPlan:
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} out of range for {self.num_steps} steps")
         epoch, j = divmod(int(step), self.steps_per_epoch)
-        batch = self.order(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
-        return tuple((int(i), epoch) for i in batch[self.first_row:self.first_row + self.rows])
+        batch = self.order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        return tuple((int(i), epoch) for i in batch[self.first_row : self.first_row + self.rows])
 
 
 class TrainExamples:

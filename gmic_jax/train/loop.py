@@ -11,6 +11,7 @@ from the latest checkpoint in WORKDIR (optimizer, data order, RNG): a run killed
 restarted continues the same trajectory. A resumed run must ask for the config the workdir was
 trained with (:mod:`gmic_jax.train.workdir`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,26 @@ from gmic_jax.train.config_lib import ConfigError
 
 log = logging.getLogger("gmic_jax.train")
 
-JSONL_KEYS = ("step", "epoch", "train_loss", "val_auc_malignant", "val_auc_benign", "val_prauc_malignant",
-              "val_prauc_benign", "val_breast_auc_malignant", "val_breast_auc_benign", "val_dice_malignant",
-              "val_dice_benign", "val_pxap_malignant", "val_pxap_benign", "val_roi_hit_rate",
-              "val_pointing_malignant", "val_pointing_benign", "val_pointing_malignant_random",
-              "val_pointing_benign_random")
+JSONL_KEYS = (
+    "step",
+    "epoch",
+    "train_loss",
+    "val_auc_malignant",
+    "val_auc_benign",
+    "val_prauc_malignant",
+    "val_prauc_benign",
+    "val_breast_auc_malignant",
+    "val_breast_auc_benign",
+    "val_dice_malignant",
+    "val_dice_benign",
+    "val_pxap_malignant",
+    "val_pxap_benign",
+    "val_roi_hit_rate",
+    "val_pointing_malignant",
+    "val_pointing_benign",
+    "val_pointing_malignant_random",
+    "val_pointing_benign_random",
+)
 # Test hooks: SIGKILL this process right after starting the (asynchronous) save of this step, or
 # once that save is complete (a kill between two checkpoints, at a step the test chooses).
 KILL_DURING_SAVE_ENV = "GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP"
@@ -53,8 +69,10 @@ class DataFailure(RuntimeError):
 
     def __init__(self, step, failures, latest, workdir, where="training"):
         lines = "\n".join(f"  {f}" for f in failures)
-        super().__init__(f"{len(failures)} {where} example(s) of step {step} could not be loaded:\n{lines}\n"
-                         f"stopped; last good checkpoint: step {latest} in {workdir}")
+        super().__init__(
+            f"{len(failures)} {where} example(s) of step {step} could not be loaded:\n{lines}\n"
+            f"stopped; last good checkpoint: step {latest} in {workdir}"
+        )
 
 
 def _merge_init(fresh, loaded, where):
@@ -66,15 +84,19 @@ def _merge_init(fresh, loaded, where):
     taken = 0
     for col in ("params", "batch_stats"):
         f = flatten_dict(dict(fresh.get(col, {})))
-        l = flatten_dict(dict(loaded.get(col, {})))
-        unknown = sorted("/".join(k) for k in l if k not in f)
+        given = flatten_dict(dict(loaded.get(col, {})))
+        unknown = sorted("/".join(k) for k in given if k not in f)
         if unknown:
-            raise ConfigError(f"--init-from {where}: {col} keys not in this model: {unknown[:5]}"
-                             + (" ..." if len(unknown) > 5 else ""))
-        for k, v in l.items():
+            raise ConfigError(
+                f"--init-from {where}: {col} keys not in this model: {unknown[:5]}"
+                + (" ..." if len(unknown) > 5 else "")
+            )
+        for k, v in given.items():
             if tuple(np.shape(v)) != tuple(np.shape(f[k])):
-                raise ConfigError(f"--init-from {where}: {col}/{'/'.join(k)} has shape {np.shape(v)}, "
-                                 f"this model needs {np.shape(f[k])}")
+                raise ConfigError(
+                    f"--init-from {where}: {col}/{'/'.join(k)} has shape {np.shape(v)}, "
+                    f"this model needs {np.shape(f[k])}"
+                )
             f[k] = np.asarray(v, np.asarray(f[k]).dtype)
             taken += 1
         out[col] = unflatten_dict(f)
@@ -85,8 +107,11 @@ def _merge_init(fresh, loaded, where):
 
 def _jsonl_record(step, epoch, train_loss, val_metrics):
     rec = {"step": int(step), "epoch": int(epoch), "train_loss": float(train_loss), **val_metrics}
-    return {k: rec[k] for k in JSONL_KEYS if k in rec and rec[k] is not None
-            and not (isinstance(rec[k], float) and math.isnan(rec[k]))}
+    return {
+        k: rec[k]
+        for k in JSONL_KEYS
+        if k in rec and rec[k] is not None and not (isinstance(rec[k], float) and math.isnan(rec[k]))
+    }
 
 
 def _read_jsonl(path: Path) -> dict:
@@ -102,16 +127,20 @@ def _describe_devices(mesh) -> str:
 
     devices = list(mesh.devices.flat)
     kinds = sorted({d.platform for d in devices})
-    return (f"{len(devices)} {'/'.join(kinds)} device(s) in {jax.process_count()} process(es) "
-            f"({', '.join(str(d) for d in devices[:8])}{', ...' if len(devices) > 8 else ''})")
+    return (
+        f"{len(devices)} {'/'.join(kinds)} device(s) in {jax.process_count()} process(es) "
+        f"({', '.join(str(d) for d in devices[:8])}{', ...' if len(devices) > 8 else ''})"
+    )
 
 
 def _batch_size_message(batch_size: int, mesh) -> str:
     n = mesh.devices.size
     lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
     sizes = " or ".join(str(b) for b in (lower, upper) if b > 0)
-    return (f"batch_size={batch_size} is not a multiple of the {n} devices in use ({_describe_devices(mesh)}); "
-            f"use a multiple of {n}, e.g. {sizes}, or choose the devices (JAX_PLATFORMS, CUDA_VISIBLE_DEVICES)")
+    return (
+        f"batch_size={batch_size} is not a multiple of the {n} devices in use ({_describe_devices(mesh)}); "
+        f"use a multiple of {n}, e.g. {sizes}, or choose the devices (JAX_PLATFORMS, CUDA_VISIBLE_DEVICES)"
+    )
 
 
 def _truncate_jsonl(path: Path, max_step: int):
@@ -123,8 +152,9 @@ def _truncate_jsonl(path: Path, max_step: int):
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step_fn=None,
-                       step_times: list | None = None) -> dict:
+def train_and_evaluate(
+    config, workdir, *, config_changes_ok: bool = False, step_fn=None, step_times: list | None = None
+) -> dict:
     """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics
     record. A resumed run whose config differs from the workdir's in a field that changes the
     computation raises :class:`~gmic_jax.train.workdir.WorkdirError` unless ``config_changes_ok``.
@@ -141,20 +171,19 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
     import jax
 
     from gmic_jax import checkpoint as ckpt_lib
+    from gmic_jax.augment import tta_augment
     from gmic_jax.config import GMICConfig
+    from gmic_jax.data.pipeline import FAILURES, load_batches
     from gmic_jax.models import init_variables
     from gmic_jax.train import checkpointing
-    from gmic_jax.augment import tta_augment
+    from gmic_jax.train import workdir as workdir_lib
     from gmic_jax.train.defaults import augment_config
     from gmic_jax.train.evaluate import evaluate
-    from gmic_jax.data.pipeline import FAILURES, load_batches
     from gmic_jax.train.input import TrainExamples, TrainPlan
-    from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
-    from gmic_jax.train.state import create_train_state, make_optimizer
     from gmic_jax.train.loss import GAP_MARGIN
+    from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
+    from gmic_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
     from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_array
-    from gmic_jax.train import workdir as workdir_lib
-    from gmic_jax.train.state import learning_rate_schedule
     from gmic_jax.train.writers import MetricWriters
 
     workdir = Path(workdir).absolute()
@@ -180,9 +209,16 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
 
     rule = ckpt_lib.SelectionRule(config.best_metric, config.best_min_delta)
     resume = workdir_lib.check(
-        workdir, {"model": model_cfg.to_dict(), "preprocessing": preprocessing.to_dict(), "train": config.to_dict(),
-                  ckpt_lib.SELECTION_KEY: rule.to_dict()},
-        steps_per_epoch=spe, config_changes_ok=config_changes_ok)
+        workdir,
+        {
+            "model": model_cfg.to_dict(),
+            "preprocessing": preprocessing.to_dict(),
+            "train": config.to_dict(),
+            ckpt_lib.SELECTION_KEY: rule.to_dict(),
+        },
+        steps_per_epoch=spe,
+        config_changes_ok=config_changes_ok,
+    )
     loaded = ckpt_lib.load_checkpoint(config.init_from)[1] if config.init_from else None  # before compiling
     variables = init_variables(model_cfg, jax.random.key(config.seed))
     variables = jax.tree.map(np.asarray, dict(variables))
@@ -192,10 +228,14 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
         workdir_lib.record(workdir, resume)
     state = replicate(create_train_state(variables, tx, config.seed), mesh)
 
-    manager = checkpointing.make_manager(workdir, keep_latest=config.keep_latest, rule=rule,
-                                         keep_evaluated=config.keep_evaluated)
-    data_template = {"epoch": np.zeros((), np.int64), "loss_sum": np.zeros((), np.float64),
-                     "loss_count": np.zeros((), np.int64)}
+    manager = checkpointing.make_manager(
+        workdir, keep_latest=config.keep_latest, rule=rule, keep_evaluated=config.keep_evaluated
+    )
+    data_template = {
+        "epoch": np.zeros((), np.int64),
+        "loss_sum": np.zeros((), np.float64),
+        "loss_count": np.zeros((), np.int64),
+    }
     restored = checkpointing.restore(manager, state, data_template)
     loss_sum, loss_count = 0.0, 0
     if restored is not None:
@@ -210,13 +250,28 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
     lr_at = learning_rate_schedule(config.optimizer, total_steps)
 
     if step_fn is None:
-        step_fn = make_train_step(model_cfg, tx, mesh, beta=config.loss.beta,
-                                  saliency_reduction=config.loss.saliency_reduction, batch_norm=config.batch_norm,
-                                  augment=augment, normalization=config.data.normalization,
-                                  gap_weight=config.loss.get("gap_weight", 0.0),
-                                  gap_margin=config.loss.get("gap_margin", GAP_MARGIN))
-    plan = TrainPlan(labels, batch_size=B, steps_per_epoch=spe, num_steps=total_steps, seed=config.seed,
-                     balanced=config.data.balanced_sampling, process_index=jax.process_index(), process_count=n_proc)
+        step_fn = make_train_step(
+            model_cfg,
+            tx,
+            mesh,
+            beta=config.loss.beta,
+            saliency_reduction=config.loss.saliency_reduction,
+            batch_norm=config.batch_norm,
+            augment=augment,
+            normalization=config.data.normalization,
+            gap_weight=config.loss.get("gap_weight", 0.0),
+            gap_margin=config.loss.get("gap_margin", GAP_MARGIN),
+        )
+    plan = TrainPlan(
+        labels,
+        batch_size=B,
+        steps_per_epoch=spe,
+        num_steps=total_steps,
+        seed=config.seed,
+        balanced=config.data.balanced_sampling,
+        process_index=jax.process_index(),
+        process_count=n_proc,
+    )
     examples = TrainExamples(train_src, seed=config.seed, window_noise=config.data.window_noise)
     workers = int(config.data.workers)
 
@@ -228,6 +283,7 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
     bar = None
     if config.progress_bar and is_main:
         from tqdm import tqdm
+
         bar = tqdm(total=total_steps, initial=start, desc="train", dynamic_ncols=True)
     last_record: dict = {}
     t0 = time.time()
@@ -251,15 +307,17 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
             t_previous, t_step = t_step, time.perf_counter()
             waited += t_batch - t_start
             if step_times is not None and step > start:  # host: from the last step's end to this batch's request
-                step_times.append({"loader_wait_s": t_batch - t_start, "step_s": t_step - t_batch,
-                                   "host_s": t_start - t_previous})
+                step_times.append(
+                    {"loader_wait_s": t_batch - t_start, "step_s": t_step - t_batch, "host_s": t_start - t_previous}
+                )
             if not bool(m["finite"]):
                 manager.wait_until_finished()
                 latest = manager.latest_step()
                 raise TrainingDiverged(
                     f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
                     f"grad_norm={float(m['grad_norm'])}): stopped; parameters not updated; "
-                    f"last good checkpoint: step {latest} in {workdir}")
+                    f"last good checkpoint: step {latest} in {workdir}"
+                )
             loss_sum += float(m["loss"])
             loss_count += 1
             done = step + 1
@@ -269,17 +327,31 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
             if done % config.log_every_steps == 0:
                 writers.train_step(done, {"loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": lr_at(step)})
                 if bar is None and is_main:
-                    log.info("step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)", done, total_steps,
-                             float(m["loss"]), (time.time() - t0) / (done - start),
-                             100 * waited / max(time.perf_counter() - t_log, 1e-9))
+                    log.info(
+                        "step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)",
+                        done,
+                        total_steps,
+                        float(m["loss"]),
+                        (time.time() - t0) / (done - start),
+                        100 * waited / max(time.perf_counter() - t_log, 1e-9),
+                    )
                 waited, t_log = 0.0, time.perf_counter()
             epoch_end = done % spe == 0
             epoch = done // spe
             if epoch_end and every > 0 and (epoch % every == 0 or done == total_steps):
-                val, details = evaluate(model_cfg, local_copy(state.variables), val_src, mesh,
-                                        batch_size=config.eval.batch_size, normalization=config.data.normalization,
-                                        prediction=config.eval.prediction, augment=tta_augment(config.augment),
-                                        tta_draws=config.eval.tta_draws, seed=config.seed, workers=workers)
+                val, details = evaluate(
+                    model_cfg,
+                    local_copy(state.variables),
+                    val_src,
+                    mesh,
+                    batch_size=config.eval.batch_size,
+                    normalization=config.data.normalization,
+                    prediction=config.eval.prediction,
+                    augment=tta_augment(config.augment),
+                    tta_draws=config.eval.tta_draws,
+                    seed=config.seed,
+                    workers=workers,
+                )
                 if details["failures"]:
                     manager.wait_until_finished()
                     raise DataFailure(done, details["failures"], manager.latest_step(), workdir, "validation")
@@ -289,8 +361,11 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
                 writers.evaluation(record, head_aucs)
                 last_record = record
                 heads = " ".join(f"{k}={v:.3f}" for k, v in head_aucs.items() if "malignant" in k)
-                msg = f"epoch {epoch} step {done}: " + " ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()) + f" | {heads}"
+                msg = (
+                    f"epoch {epoch} step {done}: "
+                    + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+                    + f" | {heads}"
+                )
                 evaluated[done] = record
                 kept = rule.select(evaluated) if is_main else None
                 if kept is not None:
@@ -324,17 +399,26 @@ def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, step
 
 # ------------------------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file (configs/<name>.py[:arg])")
     parser.add_argument("--workdir", required=True, help="output directory; a run resumes from what it holds")
-    parser.add_argument("--init-from", default=None,
-                        help="start from this checkpoint directory (converted model or pretrained global network)")
-    parser.add_argument("--config-changes-ok", action="store_true",
-                        help="resume WORKDIR although the config differs from its config.json in fields that change "
-                             "the computation (logged and recorded in config.json's history)")
-    parser.epilog = ("Override any config field with --config.FIELD=VALUE (e.g. --config.optimizer.learning_rate=3e-4). "
-                     "Devices: all that JAX sees (choose with JAX_PLATFORMS=cpu|cuda, CUDA_VISIBLE_DEVICES); "
-                     "batch_size must be a multiple of their number.")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this checkpoint directory (converted model or pretrained global network)",
+    )
+    parser.add_argument(
+        "--config-changes-ok",
+        action="store_true",
+        help="resume WORKDIR although the config differs from its config.json in fields that change "
+        "the computation (logged and recorded in config.json's history)",
+    )
+    parser.epilog = (
+        "Override any config field with --config.FIELD=VALUE (e.g. --config.optimizer.learning_rate=3e-4). "
+        "Devices: all that JAX sees (choose with JAX_PLATFORMS=cpu|cuda, CUDA_VISIBLE_DEVICES); "
+        "batch_size must be a multiple of their number."
+    )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:

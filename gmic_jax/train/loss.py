@@ -20,6 +20,7 @@ features (see configs/synthetic.py). An image past ``gap_margin`` on the right s
 
 Everything is computed in float32, whatever the model's compute dtype.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -77,8 +78,15 @@ def gap_bce(saliency_logits, labels, margin: float = GAP_MARGIN):
     return optax.sigmoid_binary_cross_entropy(z, y).mean()
 
 
-def gmic_loss(outputs: Mapping, labels, beta: float, saliency_reduction: str = "sum",
-              heads: Sequence[str] = HEADS, gap_weight: float = 0.0, gap_margin: float = GAP_MARGIN):
+def gmic_loss(
+    outputs: Mapping,
+    labels,
+    beta: float,
+    saliency_reduction: str = "sum",
+    heads: Sequence[str] = HEADS,
+    gap_weight: float = 0.0,
+    gap_margin: float = GAP_MARGIN,
+):
     """(total loss, dict of its parts) for GMIC's output dict and (N, 2) labels [benign, malignant]."""
     parts = {f"bce_{h}": binary_cross_entropy(outputs[h], labels).mean() for h in heads}
     parts["saliency_reg"] = saliency_regularizer(outputs["saliency_map"], saliency_reduction)

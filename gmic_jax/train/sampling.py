@@ -1,4 +1,5 @@
 """Data sources for training and the per-epoch order of examples (balanced sampling)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,18 +18,28 @@ def make_sources(data_cfg):
     """
     window_noise = bool(data_cfg.get("window_noise", False))
     if window_noise and data_cfg.source != "cache":
-        raise ValueError(f"data.window_noise=True needs data.source='cache' (a cache built with "
-                         f"`gmic-jax cache --source exam-list ... --window-noise`), got data.source="
-                         f"{data_cfg.source!r}; set data.window_noise=False")
+        raise ValueError(
+            f"data.window_noise=True needs data.source='cache' (a cache built with "
+            f"`gmic-jax cache --source exam-list ... --window-noise`), got data.source="
+            f"{data_cfg.source!r}; set data.window_noise=False"
+        )
     if data_cfg.source == "synthetic":
         from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
 
-        spec = SyntheticSpec(image_shape=tuple(data_cfg.image_shape), p_benign=data_cfg.p_benign,
-                             p_malignant=data_cfg.p_malignant, lesion_area=tuple(data_cfg.lesion_area))
+        spec = SyntheticSpec(
+            image_shape=tuple(data_cfg.image_shape),
+            p_benign=data_cfg.p_benign,
+            p_malignant=data_cfg.p_malignant,
+            lesion_area=tuple(data_cfg.lesion_area),
+        )
         train = SyntheticLesions(data_cfg.num_train, seed=data_cfg.seed, split="train", spec=spec, with_masks=False)
         val = SyntheticLesions(data_cfg.num_val, seed=data_cfg.seed, split="val", spec=spec, with_masks=True)
-        prep = Preprocessing("window", spec.image_shape, data_cfg.normalization, synthetic=SyntheticData(
-            data_cfg.seed, spec.p_benign, spec.p_malignant, spec.lesion_area))
+        prep = Preprocessing(
+            "window",
+            spec.image_shape,
+            data_cfg.normalization,
+            synthetic=SyntheticData(data_cfg.seed, spec.p_benign, spec.p_malignant, spec.lesion_area),
+        )
         return train, val, prep
     if data_cfg.source == "cache":
         from gmic_jax.data.cache import CacheSource
@@ -40,9 +51,12 @@ def make_sources(data_cfg):
             from gmic_jax.data.cache import WINDOW_NOISE_OPTION
             from gmic_jax.data.image import DataError
 
-            raise DataError(train.cache_dir, f"data.window_noise=True but this train cache has no window-noise "
-                                             f"contexts; rebuild it with `gmic-jax cache --source exam-list ... "
-                                             f"{WINDOW_NOISE_OPTION}` or set data.window_noise=False")
+            raise DataError(
+                train.cache_dir,
+                f"data.window_noise=True but this train cache has no window-noise "
+                f"contexts; rebuild it with `gmic-jax cache --source exam-list ... "
+                f"{WINDOW_NOISE_OPTION}` or set data.window_noise=False",
+            )
         return train, val, cache_preprocessing(train, data_cfg.normalization)
     raise ValueError(f"data.source={data_cfg.source!r}; expected one of {SOURCES}")
 
@@ -54,9 +68,14 @@ def cache_preprocessing(cache, normalization: str) -> Preprocessing:
 
     meta = cache.metadata
     try:
-        return Preprocessing.read({"name": meta.get("preprocessing", "original"), "window_shape": cache.window_shape,
-                                   "normalization": normalization, **({"iterations": meta["iterations"]}
-                                                                     if "iterations" in meta else {})})
+        return Preprocessing.read(
+            {
+                "name": meta.get("preprocessing", "original"),
+                "window_shape": cache.window_shape,
+                "normalization": normalization,
+                **({"iterations": meta["iterations"]} if "iterations" in meta else {}),
+            }
+        )
     except ValueError as e:
         raise DataError(cache.cache_dir / "index.json", f"metadata: {e}") from None
 

@@ -1,4 +1,5 @@
 """Training state (a small pytree) and the optimizer built from the config."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -35,8 +36,11 @@ def learning_rate_schedule(cfg: Mapping, total_steps: int):
     warmup = int(cfg.get("warmup_steps", 0))
     total = max(int(total_steps), 1)
     if kind == "constant":
-        return optax.constant_schedule(lr) if not warmup else optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+        return (
+            optax.constant_schedule(lr)
+            if not warmup
+            else optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+        )
     if kind == "cosine":
         return optax.cosine_decay_schedule(lr, total)
     if kind == "warmup_cosine":
@@ -52,8 +56,11 @@ def make_optimizer(cfg: Mapping, total_steps: int) -> optax.GradientTransformati
         parts.append(optax.clip_by_global_norm(float(cfg["grad_clip_norm"])))
     if cfg.get("weight_decay"):
         parts.append(optax.add_decayed_weights(float(cfg["weight_decay"])))
-    parts.append(optax.scale_by_adam(b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                                     eps=float(cfg.get("eps", 1e-8))))
+    parts.append(
+        optax.scale_by_adam(
+            b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)), eps=float(cfg.get("eps", 1e-8))
+        )
+    )
     parts.append(optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)))
     return optax.chain(*parts)
 

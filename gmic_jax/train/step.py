@@ -18,6 +18,7 @@ device. Each example's augmentation key is ``fold_in(key, position in the global
 does not depend on the number of devices. A non-finite loss or gradient leaves the state
 unchanged and is reported in the step's metrics (``finite``); the loop stops on it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,10 +32,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmic_jax.augment import AugmentConfig, augment_batch
 from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
 from gmic_jax.preprocessing import normalize_images
-from gmic_jax.augment import AugmentConfig, augment_batch
 from gmic_jax.train.loss import GAP_MARGIN, gmic_loss
 from gmic_jax.train.state import TrainState
 
@@ -75,10 +76,20 @@ def _example_keys(key, n_local):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(position)
 
 
-def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    beta: float, saliency_reduction: str = "sum", batch_norm: str = "local",
-                    augment: AugmentConfig | None = None, normalization: str = "standardize",
-                    gap_weight: float = 0.0, gap_margin: float = GAP_MARGIN, with_patch_locations: bool = False):
+def make_train_step(
+    model_config: GMICConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    beta: float,
+    saliency_reduction: str = "sum",
+    batch_norm: str = "local",
+    augment: AugmentConfig | None = None,
+    normalization: str = "standardize",
+    gap_weight: float = 0.0,
+    gap_margin: float = GAP_MARGIN,
+    with_patch_locations: bool = False,
+):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
     ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
     The old state is donated. ``with_patch_locations`` adds the global batch's ``patch_locations``
@@ -104,8 +115,7 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
                 new_stats = updates["batch_stats"]
             else:
                 out, new_stats = model.apply(variables, x, train=False, rngs={"roi": roi_key}), state.batch_stats
-            loss, parts = gmic_loss(out, labels, beta, saliency_reduction, gap_weight=gap_weight,
-                                    gap_margin=gap_margin)
+            loss, parts = gmic_loss(out, labels, beta, saliency_reduction, gap_weight=gap_weight, gap_margin=gap_margin)
             return loss, (new_stats, parts, out["patch_locations"])
 
         (loss, (new_stats, parts, locations)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -127,14 +137,19 @@ def make_train_step(model_config: GMICConfig, tx: optax.GradientTransformation, 
 
     # check_vma=False: pmap semantics. Each device differentiates its own loss (no implicit psum of
     # the replicated parameters' cotangents); the explicit pmean makes the global-batch mean.
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
-                            check_vma=False)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
     return jax.jit(sharded, donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=8)  # one compilation per setting, reused by every evaluation
-def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str = "standardize",
-                   augment: AugmentConfig | None = None, tta_draws: int = 0):
+def make_eval_step(
+    model_config: GMICConfig,
+    mesh: Mesh,
+    *,
+    normalization: str = "standardize",
+    augment: AugmentConfig | None = None,
+    tta_draws: int = 0,
+):
     """jit-compiled ``(variables, images, index, key) -> outputs`` (inference mode), split over
     ``data``; ``index`` (N,) int32 is each image's position in the data source and ``key`` raw
     uint32 key data (``jax.random.key_data``).
@@ -155,6 +170,7 @@ def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str =
         out = model.apply(variables, x, train=False, rngs={"roi": roi_key})
         out = {k: out[k] for k in EVAL_OUTPUTS}
         if tta_draws and augment is not None:
+
             def draw(i, acc):
                 k = jax.random.fold_in(key, 1 + i)
                 xa = augment_batch(jax.vmap(lambda j: jax.random.fold_in(k, j))(index), x, augment)
@@ -167,15 +183,17 @@ def make_eval_step(model_config: GMICConfig, mesh: Mesh, *, normalization: str =
                 out[h] = s / tta_draws
         return out
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
-                            out_specs=P(DATA_AXIS), check_vma=False)
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P(DATA_AXIS), check_vma=False
+    )
     return jax.jit(sharded)
 
 
 def local_copy(tree):
     """Replicated global arrays -> numpy, from this process's own copy (works across processes)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else np.asarray(x),
-                        tree)
+    return jax.tree.map(
+        lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else np.asarray(x), tree
+    )
 
 
 def to_host(tree):

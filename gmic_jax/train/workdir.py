@@ -28,6 +28,7 @@ produced its weights.
 
 A workdir without a saved step has trained nothing yet: its config.json is simply replaced.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,10 +50,17 @@ CHANGES_OK_OPTION = "--config-changes-ok"
 # checkpoint is written and how many are kept (which steps are *chosen* is not free: best_metric
 # and best_min_delta are guarded), the evaluation batch size (predictions do not depend on it) and
 # the number of input worker processes (batches do not depend on it).
-FREE_FIELDS = frozenset({
-    "progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_latest", "keep_evaluated", "eval.batch_size",
-    "data.workers",
-})
+FREE_FIELDS = frozenset(
+    {
+        "progress_bar",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_latest",
+        "keep_evaluated",
+        "eval.batch_size",
+        "data.workers",
+    }
+)
 EXTENDABLE = "num_epochs"
 # Learning-rate schedules that do not depend on the total number of steps (see
 # gmic_jax.train.state.learning_rate_schedule).
@@ -95,8 +103,7 @@ def _fmt(value) -> str:
 
 def _num_epochs_allowed(old: dict, new: dict, latest: int, steps_per_epoch: int) -> bool:
     schedules = (old.get("optimizer.schedule"), new.get("optimizer.schedule"))
-    return (all(s in STEP_COUNT_FREE_SCHEDULES for s in schedules)
-            and int(new[EXTENDABLE]) * steps_per_epoch >= latest)
+    return all(s in STEP_COUNT_FREE_SCHEDULES for s in schedules) and int(new[EXTENDABLE]) * steps_per_epoch >= latest
 
 
 def _learning_rate_note(old: dict, new: dict, latest: int, steps_per_epoch: int) -> str:
@@ -105,8 +112,10 @@ def _learning_rate_note(old: dict, new: dict, latest: int, steps_per_epoch: int)
     opt = {k.partition(".")[2]: v for k, v in new.items() if k.startswith("optimizer.")}
     before = float(learning_rate_schedule(opt, int(old[EXTENDABLE]) * steps_per_epoch)(latest))
     after = float(learning_rate_schedule(opt, int(new[EXTENDABLE]) * steps_per_epoch)(latest))
-    return (f" (optimizer.schedule={new.get('optimizer.schedule')!r} spans all num_epochs: the learning rate "
-            f"at step {latest} would be {after:.3g} instead of {before:.3g})")
+    return (
+        f" (optimizer.schedule={new.get('optimizer.schedule')!r} spans all num_epochs: the learning rate "
+        f"at step {latest} would be {after:.3g} instead of {before:.3g})"
+    )
 
 
 def check(workdir, requested: Mapping[str, Any], *, steps_per_epoch: int, config_changes_ok: bool = False) -> Resume:
@@ -124,11 +133,14 @@ def check(workdir, requested: Mapping[str, Any], *, steps_per_epoch: int, config
     try:
         _, old_prep, old_doc = ckpt_lib.read_config(workdir)
     except ckpt_lib.CheckpointError as e:
-        raise WorkdirError(f"--workdir {workdir} holds checkpoints but no readable training config ({e}); "
-                           f"use another --workdir") from None
+        raise WorkdirError(
+            f"--workdir {workdir} holds checkpoints but no readable training config ({e}); use another --workdir"
+        ) from None
     if "train" not in old_doc:
-        raise WorkdirError(f"--workdir {workdir} holds a model checkpoint that was not trained here ({path} has "
-                           f"no 'train' section); start from it with --init-from {workdir} and another --workdir")
+        raise WorkdirError(
+            f"--workdir {workdir} holds a model checkpoint that was not trained here ({path} has "
+            f"no 'train' section); start from it with --init-from {workdir} and another --workdir"
+        )
     # The preprocessing as this version spells it (older spellings are migrated, not changes).
     old, new = _fields({**old_doc, "preprocessing": old_prep.to_dict()}), _fields(requested)
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
@@ -141,13 +153,16 @@ def check(workdir, requested: Mapping[str, Any], *, steps_per_epoch: int, config
     if guarded and not config_changes_ok:
         listed = ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in guarded.items())
         if EXTENDABLE in guarded and new.get("optimizer.schedule") not in STEP_COUNT_FREE_SCHEDULES:
-            listed = listed.replace(f"{EXTENDABLE} {_fmt(old[EXTENDABLE])} -> {_fmt(new[EXTENDABLE])}",
-                                    f"{EXTENDABLE} {_fmt(old[EXTENDABLE])} -> {_fmt(new[EXTENDABLE])}"
-                                    + _learning_rate_note(old, new, latest, steps_per_epoch))
+            listed = listed.replace(
+                f"{EXTENDABLE} {_fmt(old[EXTENDABLE])} -> {_fmt(new[EXTENDABLE])}",
+                f"{EXTENDABLE} {_fmt(old[EXTENDABLE])} -> {_fmt(new[EXTENDABLE])}"
+                + _learning_rate_note(old, new, latest, steps_per_epoch),
+            )
         raise WorkdirError(
             f"--workdir {workdir} was trained (to step {latest}) with another config; this run changes "
             f"{listed}. Resume with the workdir's config (see {path}), use a new --workdir, or pass "
-            f"{CHANGES_OK_OPTION} to continue with the changes (recorded in config.json's history)")
+            f"{CHANGES_OK_OPTION} to continue with the changes (recorded in config.json's history)"
+        )
     doc = dict(requested)
     history = list(old_doc.get("history", []))
     entry = None
@@ -156,22 +171,32 @@ def check(workdir, requested: Mapping[str, Any], *, steps_per_epoch: int, config
         if guarded:
             allowed.append(f"{CHANGES_OK_OPTION}: " + ", ".join(guarded))
         if extension is not None:
-            allowed.append(f"{EXTENDABLE} with a step-count-free learning rate (the same steps as a run "
-                           f"asked for {extension[1]} epochs from the start)")
+            allowed.append(
+                f"{EXTENDABLE} with a step-count-free learning rate (the same steps as a run "
+                f"asked for {extension[1]} epochs from the start)"
+            )
         free = [k for k in changes if k in FREE_FIELDS]
         if free:
             allowed.append("fields that change no computed value: " + ", ".join(free))
         if unversioned:
-            allowed.append("fields this version and the workdir's config.json do not share: " + ", ".join(
-                sorted(unversioned)))
-        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "resumed_at_step": latest, "changes": {k: [a, b] for k, (a, b) in changes.items()},
-                 "allowed_by": allowed}
+            allowed.append(
+                "fields this version and the workdir's config.json do not share: " + ", ".join(sorted(unversioned))
+            )
+        entry = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "resumed_at_step": latest,
+            "changes": {k: [a, b] for k, (a, b) in changes.items()},
+            "allowed_by": allowed,
+        }
         history.append(entry)
         text = ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changes.items())
-        (log.warning if guarded else log.info)("resuming %s at step %d with config changes: %s (allowed by %s; "
-                                               "recorded in config.json's history)", workdir, latest, text,
-                                               "; ".join(allowed))
+        (log.warning if guarded else log.info)(
+            "resuming %s at step %d with config changes: %s (allowed by %s; recorded in config.json's history)",
+            workdir,
+            latest,
+            text,
+            "; ".join(allowed),
+        )
     if history:
         doc["history"] = history
     return Resume(doc, latest, entry)

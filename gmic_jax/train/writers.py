@@ -11,6 +11,7 @@ Only process 0 writes. A resumed run tells TensorBoard to drop what a killed run
 the step it resumes from (``purge_step``), as it truncates metrics.jsonl: the curves hold one value
 per step.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,8 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            payload = data[pos + 12:pos + 12 + n]
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            payload = data[pos + 12 : pos + 12 + n]
             pos += 12 + n + 4
             event = event_pb2.Event.FromString(payload)
             if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
