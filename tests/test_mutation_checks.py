@@ -68,8 +68,9 @@ HEADS = ("y_global", "y_local", "y_fusion")
 
 def test_eval_step_tta_is_each_images_mean_over_its_draws():
     """With tta_draws = D the three predictions of an image are the mean of its D augmented draws
-    (draw i with key fold_in(key, 1 + i), example j of it fold_in(that, j)); the saliency maps and
-    patches stay those of the plain image; an image's predictions do not depend on its batch-mates."""
+    (draw i with key fold_in(key, 1 + i), the image at position j of the data fold_in(that, j)); the
+    saliency maps and patches stay those of the plain image; an image's predictions do not depend on
+    its batch-mates."""
     variables = init_variables(TINY, jax.random.key(0))
     mesh = make_mesh(jax.devices()[:1])
     augment = AugmentConfig(
@@ -80,8 +81,8 @@ def test_eval_step_tta_is_each_images_mean_over_its_draws():
     key = jax.random.key_data(jax.random.key(5))
     draws = 2
     tta = make_eval_step(TINY, mesh, augment=augment, tta_draws=draws)
-    first = jax.tree.map(np.asarray, tta(variables, images[:2], key))
-    other_mate = jax.tree.map(np.asarray, tta(variables, images[[0, 2]], key))
+    first = jax.tree.map(np.asarray, tta(variables, images[:2], np.arange(2, dtype=np.int32), key))
+    other_mate = jax.tree.map(np.asarray, tta(variables, images[[0, 2]], np.array([0, 2], np.int32), key))
 
     # Step by step: the plain images and the documented draws through the model, the draws averaged.
     x = normalize_images(jnp.asarray(images[:2]))
