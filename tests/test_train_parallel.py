@@ -1,8 +1,9 @@
 """Data parallelism in subprocesses (the rest of the suite keeps one device):
 
 * the shard_map step on 4 forced CPU devices computes the single-device step on the same global
-  batch (synchronised BatchNorm): from the same state, the two crop the same patches and their
-  updates agree within float32 rounding, while per-device BatchNorm really differs;
+  batch (synchronised BatchNorm): from the same state, the two crop the same patches, their loss,
+  BatchNorm statistics and heads' updates agree within float32 rounding and the whole update
+  within what a ReLU or max at a tie can move it, while per-device BatchNorm really differs;
 * two processes joined by jax.distributed on localhost, each feeding its own half of every
   global batch, train what one process on two devices trains, every parameter bit for bit;
 * `gmic-jax train` started as a 2-task SLURM job would start it (faked SLURM_* variables, no
