@@ -12,17 +12,19 @@
 #   throughput    throughput.py: the project's training step with Adam, bfloat16, 1 and 4 exams/device
 #   kernels       memory_fwd_bwd.py, bfloat16, remat global_stem: with XLA's ops, then
 #                 with the CPU rewrites forced (gmic_jax.models.fast_ops)
+#   bn_variance   batchnorm_variance.py: the training step (bfloat16, one exam) with BatchNorm's
+#                 two-pass batch variance against the one-pass formula (step time, bytes)
 # OUT_DIR gets env.txt (GPU, driver, versions), tables.md (every step's table), one JSON per step
 # and log.txt (progress and errors). PYTHON picks the interpreter [python3], THREADS the CPU threads
 # of each worker [4]; STEP_LIMIT_S sets every step's time limit [240 s]. Results go to
-# benchmarks/RESULTS.md with the card named (env.txt). All steps write 9 files and take ~9 minutes
+# benchmarks/RESULTS.md with the card named (env.txt). All steps write 10 files and take ~10 minutes
 # on an H200 (compiles included); the workplace's device tool returns 8 files a call: pick STEPS.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]}
 REF=${2:-}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-4}
-STEPS=${STEPS:-side_by_side highest throughput kernels}
+STEPS=${STEPS:-side_by_side highest throughput kernels bn_variance}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 [ -z "$REF" ] || REF=$(cd "$REF" && pwd) || exit 1
@@ -77,4 +79,6 @@ if wanted kernels; then
     step kernels_xla "${MFB[@]}" --dtype bfloat16 --remat global_stem --json "$OUT/kernels_xla.json"
     step kernels_cpu "${MFB[@]}" --dtype bfloat16 --remat global_stem --kernels cpu --json "$OUT/kernels_cpu.json"
 fi
+wanted bn_variance && step bn_variance "$PY" benchmarks/batchnorm_variance.py --image-shape 2944 1920 --batch 4 \
+    --dtype bfloat16 --steps 20 --json "$OUT/bn_variance.json"
 echo "=== done" >>"$LOG"
