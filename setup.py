@@ -28,6 +28,7 @@ setup(
         "grain>=0.2.18",  # the version the input pipeline is tested with
         "absl-py>=1.0",  # gmic_jax.data.pipeline sets Grain's absl flags
         "filelock>=3.0",  # JAX's compilation cache needs it to bound its size (gmic_jax.xla_flags)
+        "ml_dtypes>=0.4",  # bfloat16 tensors of torch checkpoints (gmic_jax.torch_format)
     ],
     extras_require={
         "test": [
