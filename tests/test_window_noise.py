@@ -1,5 +1,6 @@
 """The original's window noise: the draw rule (gmic_jax.data.window), caches that keep each image's
-noise context (`gmic-jax cache --window-noise`) and training on fresh draws (data.window_noise)."""
+noise context (`gmic-jax cache --window-noise`), the crop + resize on the device against the host's
+PIL (gmic_jax.resample) and training on fresh draws (data.window_noise)."""
 
 from __future__ import annotations
 
@@ -392,6 +393,113 @@ def test_cache_of_the_sample_exam(sample_exam_dir, tmp_path):
             assert not drawn["mask"].any()
 
 
+# ------------------------------------------------------------------------ crop + resize on the device
+
+# The tolerance between the device's float32 resize and PIL's (float64 sums, a float32 store
+# between the passes), in units of the largest value resampled: each pass sums at most 7 taps
+# (8 roundings of a sum whose terms add up in magnitude to at most 1.25 x the largest value, the
+# cubic's negative lobes included) with weights each a few roundings off (normalised float32
+# kernel values of an exactly rounded argument): <= 20 u per pass, u = 2^-24, and the second
+# pass carries the first one's error. 40 u: 0.16 of a count at 65535 (measured: 0.078 at
+# 2944 x 1920 on 16-bit noise, the worst case). At the crop's borders the same bound holds: there
+# both cut the kernel at the crop and renormalise what is left (clamping or zero-padding the crop
+# instead would be off by the size of the image's edges, hundreds of counts).
+RESAMPLE_ULPS = 40
+
+
+def _assert_resize_matches_pil(region, borders, window, device, rounded):
+    """``device`` (the device's window of ``region`` cut at ``borders``) against PIL's: within the
+    bound above; rounded, equal but where PIL's value lies within that bound of a half-integer, and
+    there off by one count. Checked apart on the two-pixel ring along the borders."""
+    host = W.crop_resized(region, borders, window).astype(np.float64)
+    bound = RESAMPLE_ULPS * 2.0**-24 * float(np.abs(region).max())
+    ring = np.zeros(window, bool)
+    ring[:2], ring[-2:], ring[:, :2], ring[:, -2:] = True, True, True, True
+    if not rounded:
+        for part in (ring, ~ring):
+            assert np.abs(device - host)[part].max() <= bound
+        return
+    np.testing.assert_array_equal(device, np.rint(device))
+    expected = np.clip(np.rint(host), 0, 65535)
+    off = device != expected
+    assert np.abs(device - expected).max(initial=0) <= 1
+    assert (np.abs(np.abs(host - np.floor(host)) - 0.5)[off] <= bound).all()  # only half-integer ties
+    assert off.mean() < 0.01
+
+
+@pytest.mark.parametrize("window, size_noise", [((128, 64), 8), ((2944, 1920), 100)], ids=["small", "full_size"])
+def test_device_crop_resize_matches_pil(window, size_noise):
+    """Crops smaller, larger and as large as the window, touching the region's edges or not, on
+    12-bit smooth images and on 16-bit noise (whose sums round worst)."""
+    from gmic_jax.resample import crop_resize
+
+    rng = np.random.default_rng(0)
+    region_shape = W.noise_region_shape(window, size_noise)
+    wh, ww = window
+    s = size_noise
+    borders = [
+        (s, s + wh, s, s + ww),  # the window's size: no resize
+        (0, region_shape[0], 0, region_shape[1]),  # the largest crop, from edge to edge
+        (2 * s, wh, 2 * s, ww),  # the smallest
+        (3, 3 + wh + s // 2, s, s + ww - s // 3),  # taller and narrower
+    ]
+    yy, xx = np.mgrid[: region_shape[0], : region_shape[1]]
+    smooth = (2000 + 1500 * np.sin(yy / 9.0) * np.cos(xx / 13.0)).astype(np.uint16)
+    noise = rng.integers(0, 65536, region_shape).astype(np.uint16)
+    for region in (smooth, noise):
+        regions = np.stack([region] * len(borders))
+        for rounded in (False, True):
+            got = np.asarray(crop_resize(regions, np.array(borders), window, rounded=rounded))
+            for k, b in enumerate(borders):
+                _assert_resize_matches_pil(region, b, window, got[k], rounded)
+    np.testing.assert_array_equal(got[0], region[s : s + wh, s : s + ww])  # no resize: the crop itself
+
+
+def test_device_crop_resize_of_a_batch_is_that_of_each_example():
+    """Bit for bit, so that the windows do not depend on how a batch is split over devices."""
+    from gmic_jax.resample import crop_resize
+
+    rng = np.random.default_rng(1)
+    regions = rng.integers(0, 4096, (4, 144, 80)).astype(np.uint16)
+    borders = np.array([[0, 144, 0, 80], [8, 136, 8, 72], [3, 140, 1, 70], [16, 128, 10, 78]])
+    batch = np.asarray(crop_resize(regions, borders, (128, 64)))
+    for k in range(4):
+        np.testing.assert_array_equal(
+            batch[k], np.asarray(crop_resize(regions[k : k + 1], borders[k : k + 1], (128, 64)))[0]
+        )
+
+
+def test_training_regions_carry_the_draws_of_the_host_path(caches):
+    """noisy_region ships the draw noisy_example makes with PIL: the same crop (its pixels cut from
+    the stored context at the same borders) and, resized on the device, the same window."""
+    from gmic_jax.resample import crop_resize
+
+    _, _, noise = caches
+    assert noise.region_shape == (WINDOW[0] + 2 * NOISE[1], WINDOW[1] + 2 * NOISE[1])
+    regions, borders, hosts = [], [], []
+    for i in range(len(noise)):
+        for epoch in (0, 1):
+            r = noise.noisy_region(i, epoch, seed=3)
+            assert r["region"].shape == noise.region_shape and r["region"].dtype == np.uint16
+            assert r["borders"].dtype == np.int32 and r["borders"].shape == (4,)
+            np.testing.assert_array_equal(r["label"], noise[i]["label"])
+            host = noise.noisy_example(i, epoch, seed=3, with_masks=False)["image"][..., 0]
+            b = r["borders"]
+            crop = r["region"][b[0] : b[1], b[2] : b[3]]
+            np.testing.assert_array_equal(
+                host, _to_uint16(W.crop_resized(crop, (0, crop.shape[0], 0, crop.shape[1]), WINDOW))
+            )
+            regions.append(r["region"])
+            borders.append(b)
+            hosts.append(host)
+    windows = np.asarray(crop_resize(np.stack(regions), np.stack(borders), WINDOW))
+    for region, b, window in zip(regions, borders, windows):
+        _assert_resize_matches_pil(region, b, WINDOW, window, rounded=True)
+    # every draw its own window; the device's agree with the host's but for half-integer ties
+    assert len({h.tobytes() for h in hosts}) == len(hosts)
+    assert np.mean([np.mean(w != h) for w, h in zip(windows, hosts)]) < 0.01
+
+
 # --------------------------------------------------------------------------------------- training
 
 
@@ -403,13 +511,13 @@ def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch, compile_cac
 
     _, _, noise = caches
     calls = []
-    draw = CacheSource.noisy_example
+    draw = CacheSource.noisy_region
 
-    def counting(self, index, epoch, seed, with_masks=True):
+    def counting(self, index, epoch, seed):
         calls.append((index, epoch, seed))
-        return draw(self, index, epoch, seed, with_masks)
+        return draw(self, index, epoch, seed)
 
-    monkeypatch.setattr(CacheSource, "noisy_example", counting)
+    monkeypatch.setattr(CacheSource, "noisy_region", counting)
     c = default_config()
     c.data.source, c.data.window_noise = "cache", True
     c.data.train_cache = c.data.val_cache = str(noise.cache_dir)
@@ -434,14 +542,14 @@ def test_an_unreadable_training_example_stops_training_naming_it(
     from gmic_jax.train.loop import DataFailure, train_and_evaluate
 
     _, _, noise = caches
-    draw = CacheSource.noisy_example
+    draw = CacheSource.noisy_region
 
-    def broken(self, index, epoch, seed, with_masks=True):
+    def broken(self, index, epoch, seed):
         if index == 5:
             raise DataError("contexts-00001.npy", "example 5: short read")
-        return draw(self, index, epoch, seed, with_masks)
+        return draw(self, index, epoch, seed)
 
-    monkeypatch.setattr(CacheSource, "noisy_example", broken)
+    monkeypatch.setattr(CacheSource, "noisy_region", broken)
     c = default_config()
     c.data.source, c.data.window_noise, c.data.workers = "cache", True, 0
     c.data.train_cache = c.data.val_cache = str(noise.cache_dir)
@@ -468,9 +576,7 @@ def test_grain_workers_give_the_same_noisy_batches(caches):
     _, _, noise = caches
     plan = TrainPlan(source_labels(noise), batch_size=4, steps_per_epoch=2, num_steps=6, seed=3, balanced=False)
     examples = TrainExamples(noise, seed=3, window_noise=True)
-    expected = [
-        batch_lib.stack([noise.noisy_example(i, e, 3, with_masks=False) for i, e in plan[k]]) for k in range(len(plan))
-    ]
+    expected = [batch_lib.stack([noise.noisy_region(i, e, 3) for i, e in plan[k]]) for k in range(len(plan))]
     assert [sorted(i for k in (2 * e, 2 * e + 1) for i, _ in plan[k]) for e in range(3)] == [list(range(8))] * 3
     assert [{e for _, e in plan[k]} for k in range(6)] == [{0}, {0}, {1}, {1}, {2}, {2}]  # fresh draws per epoch
     for workers, start in ((0, 0), (2, 0), (2, 3)):
@@ -478,5 +584,6 @@ def test_grain_workers_give_the_same_noisy_batches(caches):
             got = list(batches)
         assert len(got) == len(plan) - start
         for want, batch in zip(expected[start:], got):
-            np.testing.assert_array_equal(batch["image"], want["image"])
-            np.testing.assert_array_equal(batch["label"], want["label"])
+            assert set(batch_lib.device_arrays(batch)) == {"region", "borders", "label"}
+            for key in ("region", "borders", "label"):
+                np.testing.assert_array_equal(batch[key], want[key])

@@ -16,6 +16,17 @@ breast_id   (N,)                str        images of one breast share it ("<pati
 view        (N,)                str        'L-CC', 'R-CC', 'L-MLO' or 'R-MLO'
 ==========  ==================  =========  ==================================================
 
+Training batches with window noise (``data.window_noise``) carry, instead of ``image``, what the
+device needs to make each window (:meth:`gmic_jax.data.cache.CacheSource.noisy_region`):
+
+==========  ==================  =========  ==================================================
+region      (N, h, w)           uint16     the part of the cached noise context holding the
+                                           drawn crop (one fixed shape per cache)
+borders     (N, 4)              int32      the crop [top, bottom, left, right] in ``region``;
+                                           the step resizes it to the window on the device
+                                           (:func:`gmic_jax.resample.crop_resize`)
+==========  ==================  =========  ==================================================
+
 A single example is the same dict without the leading N. Keep this layout stable: training,
 evaluation, the cache and the benchmarks all depend on it. String keys stay on the host; send
 ``device_arrays(batch)`` to the accelerator.
@@ -33,12 +44,15 @@ MASK = "mask"
 IMAGE_ID = "image_id"
 BREAST_ID = "breast_id"
 VIEW = "view"
+REGION = "region"
+BORDERS = "borders"
 
 IMAGE_DTYPE = np.uint16
 LABEL_DTYPE = np.float32
 MASK_DTYPE = np.uint8
 REQUIRED_KEYS = (IMAGE, LABEL, IMAGE_ID, BREAST_ID, VIEW)
-DEVICE_KEYS = (IMAGE, LABEL, MASK)
+DEVICE_KEYS = (IMAGE, LABEL, MASK, REGION, BORDERS)
+TRAIN_KEYS = (IMAGE, REGION, BORDERS, LABEL)  # what the training step takes
 FULL_VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 
 

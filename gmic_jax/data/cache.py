@@ -23,8 +23,10 @@ after, and with masks ``context-masks-NNNNN.npy`` (n, Hc, Wc, 2) uint8 (the exam
 masks moved into the context frame: zero outside the plain window). ``index.json`` then has
 ``window_noise`` = {crop_noise, size_noise, context_shape} and per example ``context`` =
 {shape (valid h, w), window (un-noised window's top, left in it), origin (image coordinates of its
-[0, 0])}. :meth:`CacheSource.draw` makes one noisy example from it; a draw equals
-:func:`gmic_jax.data.window.noisy_window` on the full crop with the same generator. Disk: about
+[0, 0])}. :meth:`CacheSource.draw` makes one noisy example from it on the host (PIL); a draw
+equals :func:`gmic_jax.data.window.noisy_window` on the full crop with the same generator.
+Training takes the same draw as :meth:`CacheSource.noisy_region`: the region of the context that
+holds the drawn crop, which the training step crops and resizes on the device. Disk: about
 (1 + (H + 2m)(W + 2m) / (H W)) times a plain cache (m = crop + size noise; 2.4x at 2944 x 1920).
 """
 
@@ -44,7 +46,15 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data.image import DataError
 from gmic_jax.data.transforms import PREPROCESSINGS
-from gmic_jax.data.window import draw_window, noise_context, window_noise_amplitudes, window_to_context
+from gmic_jax.data.window import (
+    cut_region,
+    draw_window,
+    noise_borders,
+    noise_context,
+    noise_region_shape,
+    window_noise_amplitudes,
+    window_to_context,
+)
 from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
 from gmic_jax.files import print_failures, write_atomic, write_failures
 
@@ -275,6 +285,11 @@ def build_cache(
     return len(examples), failures
 
 
+def _noise_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The window-noise generator of one draw: fixed by (seed, epoch, example) alone."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _NOISE_STREAM, int(epoch), int(index)]))
+
+
 class CacheSource:
     """A cache built by :func:`build_cache`, as a random-access source of examples (batch layout).
 
@@ -354,19 +369,13 @@ class CacheSource:
         The image is :func:`~gmic_jax.data.window.draw_window`'s float32 window rounded and clipped
         to the batch layout's uint16; masks (``with_masks`` and a cache with masks) are cut at the
         same borders, nearest neighbour. Raises :class:`DataError` for a cache without contexts."""
-        if not self.has_contexts:
-            raise DataError(
-                self.cache_dir,
-                f"this cache holds no window-noise contexts; rebuild it with "
-                f"`gmic-jax cache ... {WINDOW_NOISE_OPTION}` (exam-list source)",
-            )
+        noise = self._require_contexts()
         s, j = self._locations[index]
         shard = self.index["shards"][s]
         meta = self.examples[index]
         h, w = meta["context"]["shape"]
         pixels = self._map(shard["contexts"])[j, :h, :w]  # a view: only the drawn crop is read
         masks = self._map(shard["context_masks"])[j, :h, :w] if with_masks and self.has_masks else None
-        noise = self.window_noise
         drawn = draw_window(
             pixels,
             tuple(meta["context"]["window"]),
@@ -384,8 +393,46 @@ class CacheSource:
     def noisy_example(self, index: int, epoch: int, seed: int, with_masks: bool = True) -> dict:
         """:meth:`draw` with a generator fixed by (``seed``, ``epoch``, ``index``) alone: the same
         draw in every process, every run and after a resume; another in the next epoch."""
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), _NOISE_STREAM, int(epoch), int(index)]))
-        return self.draw(index, rng, with_masks)
+        return self.draw(index, _noise_rng(seed, epoch, index), with_masks)
+
+    @property
+    def region_shape(self) -> tuple[int, int]:
+        """The fixed shape of :meth:`noisy_region`'s regions (the largest crop a draw can make)."""
+        return noise_region_shape(self.window_shape, self._require_contexts()["size_noise"])
+
+    def noisy_region(self, index: int, epoch: int, seed: int) -> dict:
+        """The draw of :meth:`noisy_example` (same generator, same borders) as the device path of
+        training takes it: {region (:attr:`region_shape`) uint16 from the stored context, borders
+        (4,) int32 of the crop in it, label}. ``gmic_jax.resample.crop_resize(region, borders)``
+        on the device makes the window that :meth:`noisy_example` makes with PIL on the host."""
+        noise = self._require_contexts()
+        s, j = self._locations[index]
+        meta = self.examples[index]
+        rng = _noise_rng(seed, epoch, index)
+        borders = noise_borders(
+            meta["context"]["shape"],
+            tuple(meta["context"]["window"]),
+            self.window_shape,
+            rng,
+            tuple(noise["crop_noise"]),
+            noise["size_noise"],
+        )
+        stored = self._map(self.index["shards"][s]["contexts"])[j]  # zeros beyond the context
+        region, borders = cut_region(stored, borders, self.region_shape)
+        return {
+            batch_lib.REGION: np.asarray(region),
+            batch_lib.BORDERS: borders,
+            batch_lib.LABEL: np.asarray(meta["label"], dtype=batch_lib.LABEL_DTYPE),
+        }
+
+    def _require_contexts(self) -> dict:
+        if not self.has_contexts:
+            raise DataError(
+                self.cache_dir,
+                f"this cache holds no window-noise contexts; rebuild it with "
+                f"`gmic-jax cache ... {WINDOW_NOISE_OPTION}` (exam-list source)",
+            )
+        return self.window_noise
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -1,4 +1,4 @@
-"""Helpers that build small DICOM files and fake CBIS-DDSM trees, for tests and benchmarks."""
+"""Helpers that build small DICOM files, fake CBIS-DDSM trees and window-noise caches, for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -213,3 +213,57 @@ def corrupt_copy(src, dst, keep_fraction: float = 0.5) -> Path:
 
 
 __all__ = ["write_dicom", "breast_image", "fake_cbis_ddsm_tree", "write_png_file", "corrupt_copy", "CBIS_COLUMNS"]
+
+
+def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, max_value: int = 4095) -> Path:
+    """A small cache with window-noise contexts under ``root``/cache, and what it is built from.
+
+    ``num_exams`` exams of four views: cropped images somewhat smaller and larger than ``window``
+    (so that the contexts are zero-padded on some sides), smooth noise with a bright blob each,
+    best centres near the middle, in a preprocessed exam list; every other exam malignant and every
+    third benign. ``noise``: the cache's window-noise amplitudes (``True``: the original's, scaled
+    to ``window``). Returns the cache directory."""
+    from gmic_jax.data.cache import build_cache
+    from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
+    from gmic_jax.data.image import VIEWS, write_png
+    from gmic_jax.data.sources import ExamListSource
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    wh, ww = window
+    exams = []
+    for e in range(num_exams):
+        malignant, benign = e % 2, int(e % 3 == 0)
+        exam = {
+            "horizontal_flip": "NO",
+            "best_center": {},
+            "cancer_label": {
+                "left_benign": benign,
+                "left_malignant": malignant,
+                "right_benign": 0,
+                "right_malignant": 0,
+                "benign": benign,
+                "malignant": malignant,
+                "unknown": 0,
+            },
+        }
+        for key in PREPROCESSING_KEYS[:-1]:
+            exam[key] = {view: [0] for view in VIEWS}
+        for view in VIEWS:
+            h, w = int(rng.integers(0.9 * wh, 1.1 * wh)), int(rng.integers(0.85 * ww, 1.1 * ww))
+            coarse = rng.random((h // 8 + 2, w // 8 + 2))
+            image = np.kron(coarse, np.ones((8, 8)))[:h, :w] * 0.6 * max_value
+            cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+            yy, xx = np.mgrid[:h, :w]
+            image += 0.4 * max_value * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.01 * h * w))
+            name = f"{e}_{view}"
+            write_png(root / "images" / f"{name}.png", np.clip(image, 0, max_value).astype(np.uint16))
+            exam[view] = [name]
+            exam["best_center"][view] = [(h // 2 + int(rng.integers(-h // 10, h // 10 + 1)), w // 2)]
+        exams.append(exam)
+    save_exam_list(root / "exams.pkl", exams)
+    source = ExamListSource(root / "exams.pkl", root / "images", window_shape=tuple(window))
+    count, failures = build_cache(source, root / "cache", shard_size=max(8, num_exams), window_noise=noise)
+    if failures:
+        raise RuntimeError(f"window_noise_cache: {failures[0]}")
+    return root / "cache"

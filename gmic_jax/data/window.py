@@ -26,6 +26,9 @@ Window noise (the original's training-time augmentation around the best centre):
   image that any draw can touch (what ``gmic-jax cache --window-noise`` stores), then one draw from
   it. ``draw_window(*noise_context(image, ...)[:2], ...)`` equals ``noisy_window(image, ...)`` for
   the same generator state; masks drawn with it move with the image (nearest-neighbour resize).
+- :func:`noise_borders` + :func:`cut_region` -- a draw's crop borders and the fixed-shape region of
+  the context holding them: what training ships, the crop + resize then runs on the device
+  (:func:`gmic_jax.resample.crop_resize`, the same resize as :func:`crop_resized` here).
 """
 
 from __future__ import annotations
@@ -247,6 +250,29 @@ def crop_resized(array: np.ndarray, borders, window_shape, nearest: bool = False
     return np.asarray(
         Image.fromarray(np.ascontiguousarray(crop), mode="F").resize((ww, wh), Image.Resampling.BICUBIC), np.float32
     )
+
+
+def noise_region_shape(window_shape, size_noise) -> tuple[int, int]:
+    """The largest crop a draw with border noise ``size_noise`` can make: the window plus
+    ``2 * size_noise`` in each dimension (each border moves by at most that)."""
+    return int(window_shape[0]) + 2 * int(size_noise), int(window_shape[1]) + 2 * int(size_noise)
+
+
+def cut_region(context: np.ndarray, borders, region_shape) -> tuple[np.ndarray, np.ndarray]:
+    """The ``region_shape`` part of ``context`` (or of a zero-padded array holding it in its upper
+    left corner) that the crop ``borders`` lies in, and the borders in its frame (int32).
+
+    What the device path of the window noise ships per example: a fixed shape, so a batch is one
+    array, only a little larger than the window (:func:`noise_region_shape`); the crop and
+    resize then run on the device (:func:`gmic_jax.resample.crop_resize`)."""
+    sh, sw = region_shape
+    b = np.asarray(borders, np.int64)
+    if b[1] - b[0] > sh or b[3] - b[2] > sw or min(context.shape[0] - sh, context.shape[1] - sw) < 0:
+        raise ValueError(
+            f"crop {b.tolist()} or context {context.shape[:2]} does not fit a region {tuple(region_shape)}"
+        )
+    r0, c0 = min(int(b[0]), context.shape[0] - sh), min(int(b[2]), context.shape[1] - sw)
+    return context[r0 : r0 + sh, c0 : c0 + sw], (b - np.array([r0, r0, c0, c0])).astype(np.int32)
 
 
 def draw_window(

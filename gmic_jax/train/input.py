@@ -7,7 +7,9 @@
   a run resumed at step ``s`` (from its checkpoint) reads from ``plan[s]`` on, so a killed and
   restarted run sees exactly the batches an uninterrupted one sees, whatever the number of workers.
 - :class:`TrainExamples` -- task -> {image, label}: the plain window, or with window noise the
-  draw fixed by ``(seed, epoch, example)`` (:meth:`~gmic_jax.data.cache.CacheSource.noisy_example`).
+  draw fixed by ``(seed, epoch, example)`` as {region, borders, label}: the host ships the part of
+  the cached context that holds the drawn crop, the step crops and resizes it on the device
+  (:meth:`~gmic_jax.data.cache.CacheSource.noisy_region`).
 - :func:`eval_plan` -- the validation/evaluation batches in source order, the last one padded by
   repeating its last example (padded rows are dropped from the results).
 """
@@ -60,7 +62,9 @@ class TrainPlan:
 
 
 class TrainExamples:
-    """Task ``(example, epoch)`` -> {image, label} of the training source (picklable)."""
+    """Task ``(example, epoch)`` -> what the training step takes of it (picklable): {image, label};
+    with window noise {region, borders, label}, the draw of ``(seed, epoch, example)`` that the
+    step crops and resizes on the device (:meth:`~gmic_jax.data.cache.CacheSource.noisy_region`)."""
 
     def __init__(self, source, *, seed: int, window_noise: bool = False):
         self.source, self.seed, self.window_noise = source, int(seed), bool(window_noise)
@@ -68,9 +72,8 @@ class TrainExamples:
     def __call__(self, task) -> dict:
         index, epoch = task
         if self.window_noise:  # a draw per (seed, epoch, example): the same after a resume
-            example = self.source.noisy_example(index, epoch, self.seed, with_masks=False)
-        else:
-            example = self.source[index]
+            return self.source.noisy_region(index, epoch, self.seed)
+        example = self.source[index]
         return {"image": example["image"], "label": example["label"]}
 
 

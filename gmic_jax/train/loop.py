@@ -173,6 +173,7 @@ def train_and_evaluate(
     from gmic_jax import checkpoint as ckpt_lib
     from gmic_jax.augment import tta_augment
     from gmic_jax.config import GMICConfig
+    from gmic_jax.data import batch as batch_lib
     from gmic_jax.data.pipeline import FAILURES, load_batches
     from gmic_jax.models import init_variables
     from gmic_jax.train import checkpointing
@@ -302,7 +303,7 @@ def train_and_evaluate(
             if batch[FAILURES]:
                 manager.wait_until_finished()
                 raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
-            state, m = step_fn(state, {"image": batch["image"], "label": batch["label"]})
+            state, m = step_fn(state, {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch})
             m = local_copy(m)
             t_previous, t_step = t_step, time.perf_counter()
             waited += t_batch - t_start

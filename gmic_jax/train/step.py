@@ -14,8 +14,10 @@ Batch normalisation (``batch_norm``):
   inference mode, which also turns off training-time crop rotation).
 
 Images arrive as the data sources give them (raw values) and are normalised and augmented on
-device. Each example's augmentation key is ``fold_in(key, position in the global batch)``, so it
-does not depend on the number of devices. A non-finite loss or gradient leaves the state
+device; with window noise the host sends each drawn crop's region of the cached context and the
+step crops and resizes it to the window first (:mod:`gmic_jax.resample`). Each example's
+augmentation key is ``fold_in(key, position in the global batch)``, so it does not depend on the
+number of devices. A non-finite loss or gradient leaves the state
 unchanged and is reported in the step's metrics (``finite``); the loop stops on it.
 """
 
@@ -36,6 +38,7 @@ from gmic_jax.augment import AugmentConfig, augment_batch
 from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
 from gmic_jax.preprocessing import normalize_images
+from gmic_jax.resample import crop_resize
 from gmic_jax.train.loss import GAP_MARGIN, gmic_loss
 from gmic_jax.train.state import TrainState
 
@@ -91,7 +94,9 @@ def make_train_step(
     with_patch_locations: bool = False,
 ):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
-    ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`).
+    ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`), or
+    with window noise ``region`` (N, h, w) and ``borders`` (N, 4) instead of ``image``: each
+    example's drawn crop, resized to the window in the step (:func:`gmic_jax.resample.crop_resize`).
     The old state is donated. ``with_patch_locations`` adds the global batch's ``patch_locations``
     (N, K, 2) to the metrics: which crops the local network was trained on at this step."""
     if batch_norm not in BATCH_NORM_MODES:
@@ -102,7 +107,11 @@ def make_train_step(
     def per_device(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_key, roi_key = jax.random.split(key)
-        x = normalize_images(batch["image"], normalization)
+        if "image" in batch:
+            images = batch["image"]
+        else:  # window noise: the host's draws, cropped and resized here (bicubic, as the host path)
+            images = crop_resize(batch["region"], batch["borders"], model_config.image_shape)[..., None]
+        x = normalize_images(images, normalization)
         if augment is not None:
             x = augment_batch(_example_keys(aug_key, x.shape[0]), x, augment)
         roi_key = jax.random.fold_in(roi_key, lax.axis_index(DATA_AXIS))
