@@ -8,7 +8,10 @@ through -- producing 2944 x 1920 uint16 training windows in batches of ``--batch
 
 - ``cache``       -- plain windows memory-mapped from a ``gmic-jax cache`` directory;
 - ``cache_noise`` -- a fresh draw of the original's window noise per (seed, epoch, example) from a
-  cache built with ``--window-noise`` (crop of the stored context + resize);
+  cache built with ``--window-noise``, as training takes it: the part of the stored context that
+  holds the drawn crop, and its borders (the crop + resize runs in the training step, on the device);
+- ``cache_noise_host`` -- (only with ``--paths cache_noise_host``) the same draws cropped and resized
+  on the host with PIL (the reference the device path is tested against);
 - ``png``         -- 16-bit 3328 x 2560 PNGs through the original preprocessing (read, crop by
   erosion / largest component / dilation, best centre, window), as a manifest source does it;
 - ``synthetic``   -- (only with ``--paths synthetic``) windows rendered by the synthetic data set
@@ -52,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WINDOW = (2944, 1920)
 RAW_SHAPE = (3328, 2560)
 PATHS = ("cache", "cache_noise", "png")  # measured by default
-EXTRA_PATHS = ("synthetic",)  # measured when --paths names them
+EXTRA_PATHS = ("synthetic", "cache_noise_host")  # measured when --paths names them
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 BUFFER = 2  # batches each worker keeps ready (load_batches' default)
 # One accelerator at the project's speed goal: 15 ms per exam of 4 images.
@@ -157,6 +160,7 @@ def sources(root: Path, window=WINDOW) -> dict:
     return {
         "cache": CacheSource(root / "cache"),
         "cache_noise": CacheSource(root / "cache_noise"),
+        "cache_noise_host": CacheSource(root / "cache_noise"),
         "png": manifest_source(
             root / "manifest.csv",
             window_shape=window,  # erosion steps scale too
@@ -166,6 +170,18 @@ def sources(root: Path, window=WINDOW) -> dict:
             distinct, seed=0, split="train", spec=SyntheticData().spec(window), cache=False, with_masks=False
         ),
     }
+
+
+class HostNoiseExamples:
+    """Task (example, epoch) -> {image, label}: the window-noise draw made on the host with PIL
+    (the reference the device path is tested against; ``cache_noise_host``)."""
+
+    def __init__(self, source, seed: int):
+        self.source, self.seed = source, seed
+
+    def __call__(self, task) -> dict:
+        example = self.source.noisy_example(task[0], task[1], self.seed, with_masks=False)
+        return {"image": example["image"], "label": example["label"]}
 
 
 def measure(source, path: str, workers: int, images: int, batch: int, repeats: int) -> dict:
@@ -182,7 +198,10 @@ def measure(source, path: str, workers: int, images: int, batch: int, repeats: i
         tuple(((k * batch + r) % n, (k * batch + r) // n) for r in range(batch))
         for k in range(warmup + repeats * timed)
     ]
-    examples = TrainExamples(source, seed=0, window_noise=path == "cache_noise")
+    if path == "cache_noise_host":
+        examples = HostNoiseExamples(source, seed=0)
+    else:
+        examples = TrainExamples(source, seed=0, window_noise=path == "cache_noise")
     rates = []
     t_start = time.perf_counter()
     with load_batches(plan, examples, workers=workers) as batches:
@@ -194,8 +213,9 @@ def measure(source, path: str, workers: int, images: int, batch: int, repeats: i
             for _ in range(timed):
                 b = next(batches)
             rates.append(timed * batch / (time.perf_counter() - t0))
-        if b["failures"] or tuple(first["image"].shape) != (batch, *source[0]["image"].shape):
-            raise RuntimeError(f"{path}: unexpected batch {first.get('image', np.zeros(0)).shape} / {b['failures']}")
+        key, shape = ("region", source.region_shape) if path == "cache_noise" else ("image", source[0]["image"].shape)
+        if b["failures"] or tuple(first[key].shape) != (batch, *shape):
+            raise RuntimeError(f"{path}: unexpected batch {first.get(key, np.zeros(0)).shape} / {b['failures']}")
         del first, b
     return {
         "path": path,
@@ -238,7 +258,7 @@ def simulate(
     config.progress_bar = False
 
     def device_step(state, b):
-        b["image"].block_until_ready()  # a real step waits for its input
+        jax.block_until_ready(b)  # a real step waits for its input
         time.sleep(step_ms / 1000)
         return state, {"loss": np.float32(0), "grad_norm": np.float32(0), "finite": np.bool_(True)}
 
@@ -262,8 +282,9 @@ def simulate(
 
     mesh = make_mesh()
     source = sources(root, window)[path]
-    with load_batches([tuple((i % n, 0) for i in range(batch))], TrainExamples(source, seed=0), workers=workers) as one:
-        images = next(one)["image"]
+    examples = TrainExamples(source, seed=0, window_noise=path == "cache_noise")
+    with load_batches([tuple((i % n, 0) for i in range(batch))], examples, workers=workers) as one:
+        images = next(one)["region" if path == "cache_noise" else "image"]
     puts = []
     for _ in range(5):
         t = time.perf_counter()

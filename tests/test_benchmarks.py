@@ -479,6 +479,8 @@ def test_input_pipeline_json_contract(tmp_path):
             "12",
             "--simulate-batch",
             "4",
+            "--simulate-path",
+            "cache_noise",
         ],
         tmp_path,
         "input",
@@ -496,7 +498,7 @@ def test_input_pipeline_json_contract(tmp_path):
     assert loop["loader_wait_ms"] >= 0 and loop["host_ms"] >= 0 and isinstance(loop["input_bound"], bool)
     # The simulated device step really took its 5 ms in the training loop.
     assert report["details"]["simulation"]["measured_step_ms"] >= 5
-    assert "loop (cache, 2 workers" in stdout
+    assert "loop (cache_noise, 2 workers" in stdout  # the window-noise path through the training loop
 
 
 # ----------------------------------------------------------------------------- side by side (local)

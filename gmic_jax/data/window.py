@@ -214,11 +214,7 @@ def noise_borders(
     b = np.array([top + dy, top + dy + wh, left + dx, left + dx + ww], np.int64)
 
     size_mult = rng.uniform(-1.0, 1.0, size=4)
-    s = min(s, b[0], H - b[1], b[2], W - b[3])
-    if wh >= ww:
-        sv, sh = s, np.round(s * ww / wh)
-    else:
-        sv, sh = np.round(s * wh / ww), s
+    sv, sh = _border_amplitudes(window_shape, min(s, b[0], H - b[1], b[2], W - b[3]))
     return b + np.round(np.array([sv, sv, sh, sh]) * size_mult).astype(np.int64)
 
 
@@ -252,10 +248,19 @@ def crop_resized(array: np.ndarray, borders, window_shape, nearest: bool = False
     )
 
 
+def _border_amplitudes(window_shape, size_noise) -> tuple[int, int]:
+    """How far the (top, bottom) and (left, right) borders may move for border noise ``size_noise``:
+    the window's longer side takes it, the shorter one scaled by the aspect ratio."""
+    wh, ww = int(window_shape[0]), int(window_shape[1])
+    s = int(size_noise)
+    return (s, int(np.round(s * ww / wh))) if wh >= ww else (int(np.round(s * wh / ww)), s)
+
+
 def noise_region_shape(window_shape, size_noise) -> tuple[int, int]:
-    """The largest crop a draw with border noise ``size_noise`` can make: the window plus
-    ``2 * size_noise`` in each dimension (each border moves by at most that)."""
-    return int(window_shape[0]) + 2 * int(size_noise), int(window_shape[1]) + 2 * int(size_noise)
+    """The largest crop a draw with border noise ``size_noise`` can make: each border of the window
+    moved outwards as far as it may (:func:`noise_borders`)."""
+    sv, sh = _border_amplitudes(window_shape, size_noise)
+    return int(window_shape[0]) + 2 * sv, int(window_shape[1]) + 2 * sh
 
 
 def cut_region(context: np.ndarray, borders, region_shape) -> tuple[np.ndarray, np.ndarray]:
