@@ -7,9 +7,10 @@
 * two processes joined by jax.distributed on localhost, each feeding its own half of every
   global batch, train what one process on two devices trains, every parameter bit for bit;
 * `gmic-jax train` started as a 2-task SLURM job would start it (faked SLURM_* variables, no
-  JAX_* ones) joins the two processes by itself, each loading only its rows, and trains what one
-  process on two devices trains, bit for bit (its checkpoint loads in one process); one task, or
-  GMIC_JAX_DISTRIBUTED=off, means no jax.distributed at all.
+  JAX_* ones) joins the two processes by itself, each loading only its rows (window-noise draws,
+  cropped and resized on the device), and trains what one process on two devices trains, bit for
+  bit (its checkpoint loads in one process); one task, or GMIC_JAX_DISTRIBUTED=off, means no
+  jax.distributed at all.
 """
 
 from __future__ import annotations
@@ -301,8 +302,8 @@ TRAIN = [
     "--config.model.image_shape=(128, 96)",
     "--config.model.crop_shape=(32, 32)",
     "--config.model.K=2",
-    "--config.data.num_train=16",
-    "--config.data.num_val=8",
+    "--config.data.source=cache",  # a window-noise cache (train_cache, val_cache: srun_runs)
+    "--config.data.window_noise=True",
     "--config.batch_size=4",
     "--config.num_epochs=1",
     "--config.eval.batch_size=8",
@@ -315,12 +316,12 @@ TRAIN = [
 ]
 
 
-def _train(workdir, env_extra):
+def _train(workdir, env_extra, extra_args=()):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update({"JAX_PLATFORMS": "cpu", **env_extra})
     log = open(f"{workdir}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "gmic_jax.cli", "train", *TRAIN, "--workdir", str(workdir)],
+        [sys.executable, "-m", "gmic_jax.cli", "train", *TRAIN, *extra_args, "--workdir", str(workdir)],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -334,10 +335,16 @@ def srun_runs(tmp_path_factory):
     """The same tiny training as two SLURM-style tasks (jax.distributed found by itself) and as one
     process on two forced CPU devices -- the same per-device program, so the same numbers bit for
     bit: (workdir of two, workdir of one, log of two, log of one)."""
+    from gmic_jax.data.testing import window_noise_cache
+
     tmp_path = tmp_path_factory.mktemp("srun")
+    # Trained on fresh window-noise draws each epoch: each process ships its rows' context regions,
+    # the step crops and resizes them on the device.
+    cache = window_noise_cache(tmp_path / "data", 4, (128, 96))
+    data = [f"--config.data.train_cache={cache}", f"--config.data.val_cache={cache}"]
     port = _free_port()
     two = tmp_path / "two"
-    procs = [_train(two, _slurm_env(i, 2, port)) for i in range(2)]
+    procs = [_train(two, _slurm_env(i, 2, port), data) for i in range(2)]
     try:
         codes = [p.wait(timeout=900) for p in procs]
     finally:
@@ -347,7 +354,7 @@ def srun_runs(tmp_path_factory):
     log = Path(f"{two}.log").read_text()
     assert codes == [0, 0], log[-3000:]
     one = tmp_path / "one"
-    assert _train(one, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}).wait(timeout=900) == 0, Path(
+    assert _train(one, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, data).wait(timeout=900) == 0, Path(
         f"{one}.log"
     ).read_text()[-3000:]
     return two, one, log, Path(f"{one}.log").read_text()

@@ -503,36 +503,6 @@ def test_training_regions_carry_the_draws_of_the_host_path(caches):
 # --------------------------------------------------------------------------------------- training
 
 
-def test_training_draws_noisy_windows(caches, tmp_path, monkeypatch, compile_cache_in_process):
-    import jax
-
-    from gmic_jax.train.defaults import default_config
-    from gmic_jax.train.loop import train_and_evaluate
-
-    _, _, noise = caches
-    calls = []
-    draw = CacheSource.noisy_region
-
-    def counting(self, index, epoch, seed):
-        calls.append((index, epoch, seed))
-        return draw(self, index, epoch, seed)
-
-    monkeypatch.setattr(CacheSource, "noisy_region", counting)
-    c = default_config()
-    c.data.source, c.data.window_noise = "cache", True
-    c.data.train_cache = c.data.val_cache = str(noise.cache_dir)
-    c.data.balanced_sampling = False
-    c.model.image_shape, c.model.crop_shape, c.model.K = WINDOW, (32, 32), 1
-    c.augment.enabled = False
-    c.batch_size, c.num_epochs, c.eval.batch_size = 4 * jax.device_count(), 1, 8
-    c.progress_bar, c.seed = False, 3
-    c.data.workers = 0  # in this process, where the draws are counted
-    record = train_and_evaluate(c, tmp_path / "run")
-    steps = 8 // c.batch_size
-    assert record["step"] == steps and np.isfinite(record["train_loss"])
-    assert len(calls) == steps * c.batch_size and {(e, s) for _, e, s in calls} == {(0, 3)}
-
-
 def test_an_unreadable_training_example_stops_training_naming_it(
     caches, tmp_path, monkeypatch, compile_cache_in_process
 ):
@@ -587,3 +557,51 @@ def test_grain_workers_give_the_same_noisy_batches(caches):
             assert set(batch_lib.device_arrays(batch)) == {"region", "borders", "label"}
             for key in ("region", "borders", "label"):
                 np.testing.assert_array_equal(batch[key], want[key])
+
+
+def test_training_draws_noisy_windows_and_a_resumed_run_with_workers_draws_the_same(
+    caches, tmp_path, monkeypatch, compile_cache_in_process
+):
+    """Two epochs straight, loading in this process (where the draws are counted: one per example
+    and epoch), against one epoch and a resume for the second, loading in two worker processes:
+    the same parameters bit for bit. The resumed run's workers draw epoch 1's windows from (seed,
+    epoch, example) alone, as the straight run did (epoch 0's draws again would train on other
+    windows). That a SIGKILLed run resumes on the data of its step is tests/test_train_resume.py."""
+    import jax
+
+    from gmic_jax.checkpoint import load_checkpoint
+    from gmic_jax.train.defaults import default_config
+    from gmic_jax.train.loop import train_and_evaluate
+
+    _, _, noise = caches
+    calls = []
+    draw = CacheSource.noisy_region
+
+    def counting(self, index, epoch, seed):
+        calls.append((index, epoch, seed))
+        return draw(self, index, epoch, seed)
+
+    def config(epochs, workers, evaluate_every):
+        c = default_config()
+        c.data.source, c.data.window_noise, c.data.workers = "cache", True, workers
+        c.data.train_cache = c.data.val_cache = str(noise.cache_dir)
+        c.data.balanced_sampling = False
+        c.model.image_shape, c.model.crop_shape, c.model.K = WINDOW, (32, 32), 1
+        c.optimizer.schedule = "constant"  # the same steps whether the run is planned for 1 or 2 epochs
+        c.batch_size, c.num_epochs, c.eval.batch_size = 4 * jax.device_count(), epochs, 8
+        c.eval.every_epochs, c.progress_bar, c.seed = evaluate_every, False, 5
+        return c
+
+    with monkeypatch.context() as m:
+        m.setattr(CacheSource, "noisy_region", counting)
+        record = train_and_evaluate(config(2, workers=0, evaluate_every=2), tmp_path / "straight")
+    steps = 2 * 8 // (4 * jax.device_count())
+    assert record["step"] == steps and np.isfinite(record["train_loss"])
+    assert sorted(calls) == [(i, e, 5) for i in range(8) for e in (0, 1)]
+    train_and_evaluate(config(1, workers=2, evaluate_every=0), tmp_path / "resumed")
+    train_and_evaluate(config(2, workers=2, evaluate_every=0), tmp_path / "resumed", config_changes_ok=True)
+    a, b = (load_checkpoint(tmp_path / run, step=steps)[1] for run in ("straight", "resumed"))
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
