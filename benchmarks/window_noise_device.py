@@ -1,0 +1,186 @@
+"""What the window noise costs the training step on the device (the crop + bicubic resize of
+gmic_jax.resample), against the same step fed the finished windows.
+
+    python benchmarks/window_noise_device.py                          # CPU, 1472 x 960, 1 image
+    python benchmarks/window_noise_device.py --image-shape 2944 1920 --batch 4 --steps 3
+    python benchmarks/window_noise_device.py --deviceless h100 --batch 4 --dtype bfloat16
+
+Both programs are the project's training step (`make_train_step` on one device, Adam, beta 0):
+``window`` takes uint16 windows, ``device_noise`` takes each image's region of the noise context
+(the window plus twice the original's border noise, 100 px at 2944 x 1920, scaled) and its crop
+borders, and crops + resizes on the device first. Reported per program: XLA's cost analysis
+(flops, bytes accessed) of the compiled program (CPU) or of the program before optimisation
+(``--deviceless``: compiled for the GPU target without one, see benchmarks/deviceless.py; plus
+its compiled memory), and on a real device with --steps > 0 the median and interquartile range of
+the step time, the two programs' steps alternating so that drift on a shared machine hits both
+alike. ``crop_resize`` alone is costed too. The ratios ``device_noise / window`` are the
+window noise's share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gmic_jax, also where it is not installed
+
+import bench_common as bc  # noqa: E402
+
+PROGRAMS = ("window", "device_noise")
+
+
+def inputs(program: str, args, rng):
+    """Host arrays of one batch for ``program``: uint16 windows, or regions + borders of draws."""
+    import numpy as np
+
+    from gmic_jax.data.window import noise_region_shape, window_noise_amplitudes
+
+    n, (wh, ww) = args.batch, args.image_shape
+    label = bc.targets(n)
+    if program == "window":
+        return {"image": rng.integers(0, 4096, (n, wh, ww, 1)).astype(np.uint16), "label": label}
+    _, size_noise = window_noise_amplitudes((wh, ww))
+    sh, sw = noise_region_shape((wh, ww), size_noise)
+    top, left = rng.integers(0, sh - wh + 1, n), rng.integers(0, sw - ww + 1, n)
+    bottom = np.minimum(top + wh + rng.integers(-(sh - wh) // 2, (sh - wh) // 2 + 1, n), sh)
+    right = np.minimum(left + ww + rng.integers(-(sw - ww) // 2, (sw - ww) // 2 + 1, n), sw)
+    return {
+        "region": rng.integers(0, 4096, (n, sh, sw)).astype(np.uint16),
+        "borders": np.stack([top, bottom, left, right], 1).astype(np.int32),
+        "label": label,
+    }
+
+
+def costs(lowered, compiled, deviceless: bool) -> dict:
+    if deviceless:
+        import deviceless as dl
+        from jax._src.lib import _jax
+
+        module = lowered.compiler_ir("hlo").as_hlo_module()
+        import jax
+
+        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+        mem = compiled.memory_analysis()
+        return {
+            "flops": float(dl.flops_before_optimization(lowered)),
+            "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+            "arg_bytes": int(mem.argument_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+        }
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost.get("flops", float("nan"))), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
+def build(program: str, args, mesh):
+    import jax
+    import numpy as np
+
+    from gmic_jax import GMICConfig, init_variables
+    from gmic_jax.train.state import create_train_state, make_optimizer
+    from gmic_jax.train.step import make_train_step
+
+    cfg = GMICConfig(image_shape=tuple(args.image_shape), crop_shape=tuple(args.crop_shape), dtype=args.dtype)
+    tx = make_optimizer({"learning_rate": 1e-5}, total_steps=1)
+    state = jax.device_get(create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0))
+    step = make_train_step(cfg, tx, mesh, beta=0.0)
+    batch = inputs(program, args, np.random.default_rng(0))
+    if args.deviceless:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), state)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in batch.items()}
+    else:
+        from gmic_jax.train.step import replicate, shard_batch
+
+        state, batch = replicate(state, mesh), shard_batch(batch, mesh)
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
+    return compiled, state, batch, costs(lowered, compiled, bool(args.deviceless))
+
+
+def crop_resize_costs(args, mesh) -> dict:
+    """The crop + resize alone, for the batch."""
+    import jax
+    import numpy as np
+
+    from gmic_jax.resample import crop_resize
+
+    batch = inputs("device_noise", args, np.random.default_rng(0))
+    fn = jax.jit(lambda r, b: crop_resize(r, b, tuple(args.image_shape)))
+    if args.deviceless:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        split = NamedSharding(mesh, PartitionSpec("data"))
+        r, b = (jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype, sharding=split) for k in ("region", "borders"))
+    else:
+        r, b = batch["region"], batch["borders"]
+    lowered = fn.lower(r, b)
+    return costs(lowered, lowered.compile(), bool(args.deviceless))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-shape", type=int, nargs=2, default=(1472, 960))
+    p.add_argument("--crop-shape", type=int, nargs=2, default=(256, 256))
+    p.add_argument("--batch", type=int, default=1, help="images per step")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=7, help="timed steps per program (0: compiled costs only)")
+    p.add_argument("--deviceless", choices=("h100", "h200"), help="compile for this GPU without one (no timing)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from gmic_jax.train.step import make_mesh
+
+    if args.deviceless:
+        import deviceless as dl
+
+        mesh, device = dl.target_mesh(args.deviceless), f"deviceless {args.deviceless} (compiled, not run)"
+    else:
+        mesh = make_mesh(jax.devices()[:1])
+        device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else bc.cpu_name()
+    built = {v: build(v, args, mesh) for v in PROGRAMS}
+    result = {
+        "device": device,
+        "versions": bc.versions(),
+        "image_shape": list(args.image_shape),
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "programs": {v: dict(built[v][3]) for v in PROGRAMS},
+        "crop_resize": crop_resize_costs(args, mesh),
+    }
+    if args.steps and not args.deviceless:
+        states = {v: built[v][1] for v in PROGRAMS}
+        times = {v: [] for v in PROGRAMS}
+        for i in range(args.steps + 1):  # the first round warms up
+            for v in PROGRAMS:
+                compiled, _, batch, _ = built[v]
+                t0 = time.perf_counter()
+                states[v], metrics = compiled(states[v], batch)
+                jax.block_until_ready(metrics)
+                if i:
+                    times[v].append(time.perf_counter() - t0)
+        for v in PROGRAMS:
+            med, spread = bc.median_spread([t * 1e3 for t in times[v]])
+            result["programs"][v].update(median_ms=med, iqr_ms=spread, steps=len(times[v]))
+        result["step_time_ratio"] = (
+            result["programs"]["device_noise"]["median_ms"] / result["programs"]["window"]["median_ms"]
+        )
+    b = result["programs"]
+    for key in ("flops", "bytes_accessed"):
+        result[f"{key}_ratio"] = b["device_noise"][key] / b["window"][key]
+        result[f"crop_resize_{key}_share"] = result["crop_resize"][key] / b["device_noise"][key]
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
