@@ -70,7 +70,9 @@ def _crop_resize_one(region, borders, window_shape, ksize: int, rounded: bool):
     x = region.astype(jnp.float32)
     cols, wx = _axis_taps(borders[2], borders[3], ww, ksize)
     rows, wy = _axis_taps(borders[0], borders[1], wh, ksize)
-    tmp = sum(x[:, cols[:, k]] * wx[:, k] for k in range(ksize))  # (region rows, ww)
+    # Both passes gather whole rows (contiguous slices; gathering columns would leave XLA a
+    # transposed layout to copy back for every tap): the horizontal one on the transposed region.
+    tmp = sum(x.T[cols[:, k], :] * wx[:, k, None] for k in range(ksize)).T  # (region rows, ww)
     out = sum(tmp[rows[:, k], :] * wy[:, k, None] for k in range(ksize))  # (wh, ww)
     return jnp.clip(jnp.round(out), 0.0, IMAGE_MAX) if rounded else out
 
