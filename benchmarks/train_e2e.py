@@ -389,6 +389,7 @@ def markdown(report: dict) -> str:
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in report["results"]:
+        bound = "-" if r.get("input_bound") is None else r["input_bound"]
         peak = r.get("peak_bytes", r.get("peak_rss_bytes"))
         temp = r.get("compiled_temp_bytes")
         lines.append(
@@ -396,7 +397,7 @@ def markdown(report: dict) -> str:
             f"| {_fmt(r.get('exams_per_s'), '.3g')} | {_fmt(r.get('step_ms'), '.1f')} "
             f"({_fmt(r.get('step_ms_iqr'), '.1f')}) "
             f"| {_fmt(r.get('device_step_ms'), '.1f')} | {_fmt(r.get('loader_wait_ms'), '.1f')} "
-            f"| {_fmt(r.get('host_ms'), '.1f')} | {r.get('input_bound', '-')} | {_fmt(r.get('compile_s'), '.1f')} "
+            f"| {_fmt(r.get('host_ms'), '.1f')} | {bound} | {_fmt(r.get('compile_s'), '.1f')} "
             f"| {_fmt(None if peak is None else peak / 2**20, '.0f')} "
             f"| {_fmt(None if temp is None else temp / 2**20, '.0f')} | {r.get('fits')} |"
         )

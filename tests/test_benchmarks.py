@@ -544,6 +544,12 @@ def test_train_e2e_json_contract_and_profile_pass_through(train_env, tmp_path):
     assert "| float32 | 1 | 1 | none | 2 |" in proc.stdout
     oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
     assert train_e2e.out_of_memory(oom) and not train_e2e.out_of_memory(ValueError("shape mismatch"))
+    # A configuration that did not fit: a row of its own, the error and the compiled bytes in the table.
+    no_fit = {k: None for k in train_e2e.RESULT_KEYS} | {"dtype": "bfloat16", "exams_per_device": 4, "devices": 1}
+    no_fit |= {"remat": "none", "steps": 0, "fits": False, "error": f"XlaRuntimeError: {oom}"}
+    table = train_e2e.markdown({**report, "results": [row, no_fit | {"compiled_temp_bytes": 2**30}]})
+    assert "| bfloat16 | 4 | 1 | none | 0 | - | - (-) | - | - | - | - | - | - | 1024 | False |" in table
+    assert "bfloat16_e4_d1_remat-none: XlaRuntimeError: RESOURCE_EXHAUSTED" in table
 
 
 # ----------------------------------------------------------------------------- side by side (local)
