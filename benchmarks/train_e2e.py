@@ -12,9 +12,9 @@ TensorBoard logging; evaluation off (``eval.every_epochs=0``). The grid is ``--d
 ``config.model.remat``); an exam is 4 images, so ``batch_size = 4 x exams x devices``. Further
 ``--config.FIELD=VALUE`` overrides apply last, as on the CLI.
 
-The data: ``--distinct`` breast-like crops (gmic_jax.data.testing.breast_image; 0.6 s to render and
-0.3 s to write one at 2944 x 1920 on the 2-core development CPU) in a preprocessed exam list whose
-exams reuse them (left breast malignant, right benign-free: half the images positive, so balanced
+The data: ``--distinct`` breast-like crops (gmic_jax.data.testing.breast_image; 0.13-0.57 s to render
+and 0.26-0.28 s to write one at 2944 x 1920 on the shared 2-core AMD EPYC) in a preprocessed exam list
+whose exams reuse them (left breast malignant, right without findings: half the images positive, so balanced
 sampling takes every image each epoch), cached with window-noise contexts
 (gmic_jax.data.cache.build_cache, as ``gmic-jax cache --window-noise``). The cache holds as many
 images as the largest batch of the grid; ``--data-dir`` keeps it for the next run.

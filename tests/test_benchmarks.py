@@ -1,8 +1,9 @@
 """The benchmark programs (benchmarks/): analytic FLOPs against XLA's cost analysis, the JSON that
-memory_fwd_bwd.py and throughput.py write, the memory measurement.
+memory_fwd_bwd.py, throughput.py, input_pipeline.py and train_e2e.py write, the memory measurement.
 
 Small runs only (256 x 192 images, 96 x 96 crops: at 64 x 64 the local network's last stage works
-on 2 x 2 maps, which XLA's CPU backend runs on a slow path). The side by side with the original
+on 2 x 2 maps, which XLA's CPU backend runs on a slow path; train_e2e.py on the shared tiny run's
+128 x 96 model, whose compiled step it shares). The side by side with the original
 PyTorch release needs its checkout and torch: set GMIC_TORCH_REF=/path/to/checkout to run it here;
 CI has neither, so RESULTS.md holds that run's table and command.
 """
