@@ -265,7 +265,7 @@ def simulate(
     times: list = []
     with tempfile.TemporaryDirectory(dir=root) as workdir:
         train_and_evaluate(config, workdir, step_fn=device_step, step_times=times)
-    steady = times[simulation_warmup(workers) - 1 :]  # the loop does not time its first step
+    steady = [t for t in times if t["step"] > simulation_warmup(workers)]
 
     def mean(key):
         return 1e3 * statistics.fmean(t[key] for t in steady)

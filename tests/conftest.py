@@ -222,12 +222,14 @@ def train_env(tmp_path_factory):
 
 
 # The tiny run shared by the tests of a training workdir and of what evaluate and predict make of it.
-# best_min_delta 0: the tests of the selection rule state its plain form (the best step wins).
+# best_min_delta 0: the tests of the selection rule state its plain form (the best step wins). Steps 5
+# and 6 (6: a checkpoint and an evaluation) are profiled: tests/test_train_workdir.py reads the trace.
 TINY_RUN_ARGS = [
     *TINY_TRAIN_ARGS,
     "--config.optimizer.schedule=constant",
     "--config.keep_evaluated=True",
     "--config.best_min_delta=0.0",
+    "--config.profile_steps=5:6",
 ]
 
 

@@ -1,8 +1,9 @@
 """The benchmark programs (benchmarks/): analytic FLOPs against XLA's cost analysis, the JSON that
-memory_fwd_bwd.py and throughput.py write, the memory measurement.
+memory_fwd_bwd.py, throughput.py, input_pipeline.py and train_e2e.py write, the memory measurement.
 
 Small runs only (256 x 192 images, 96 x 96 crops: at 64 x 64 the local network's last stage works
-on 2 x 2 maps, which XLA's CPU backend runs on a slow path). The side by side with the original
+on 2 x 2 maps, which XLA's CPU backend runs on a slow path; train_e2e.py on the shared tiny run's
+128 x 96 model, whose compiled step it shares). The side by side with the original
 PyTorch release needs its checkout and torch: set GMIC_TORCH_REF=/path/to/checkout to run it here;
 CI has neither, so RESULTS.md holds that run's table and command.
 """
@@ -33,6 +34,7 @@ import flops  # noqa: E402
 import memory_fwd_bwd as mfb  # noqa: E402
 import profile_summary  # noqa: E402
 import throughput as tp  # noqa: E402
+import train_e2e  # noqa: E402
 
 from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
 
@@ -499,6 +501,58 @@ def test_input_pipeline_json_contract(tmp_path):
     # The simulated device step really took its 5 ms in the training loop.
     assert report["details"]["simulation"]["measured_step_ms"] >= 5
     assert "loop (cache_noise, 2 workers" in stdout  # the window-noise path through the training loop
+
+
+# ----------------------------------------------------------------------------- train_e2e.py
+def test_train_e2e_json_contract_and_profile_pass_through(train_env, tmp_path):
+    """The real loop on a 128 x 96 window cache (window noise), 2 timed steps, the keys other checks
+    read. The model, crops and optimizer are the shared tiny run's (tests/conftest.py TINY_RUN_ARGS)
+    and so is the compilation cache (train_env): whichever of the two compiles the step first, the
+    other loads it."""
+    from conftest import TINY_RUN_ARGS
+
+    tiny_step = [a for a in TINY_RUN_ARGS if a.startswith(("--config.model.", "--config.optimizer."))]
+    tiny_step = [a for a in tiny_step if not a.startswith("--config.model.image_shape")]
+    out = tmp_path / "e2e.json"
+    args = ["--window", "128", "96", "--config", "configs/synthetic_tiny.py", *tiny_step, "--steps", "2"]
+    args += ["--dtype", "float32", "--exams-per-device", "1", "--profile-steps", "2:3"]
+    args += ["--workdir", str(tmp_path / "runs"), "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "train_e2e.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=train_env,
+    )
+    assert proc.returncode == 0, f"train_e2e.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu"] == bc.cpu_identity() and report["machine"]["versions"]["jax"] == jax.__version__
+    [row] = report["results"]
+    assert tuple(row)[: len(train_e2e.RESULT_KEYS)] == train_e2e.RESULT_KEYS
+    assert (row["dtype"], row["exams_per_device"], row["devices"], row["remat"]) == ("float32", 1, 1, "none")
+    assert row["steps"] == 2 and row["fits"] is True and row["batch_size"] == 4
+    for key in ("exams_per_s", "step_ms", "compile_s", "device_step_ms"):
+        assert _finite_number(row[key]) and row[key] > 0, key
+    assert row["loader_wait_ms"] >= 0 and isinstance(row["input_bound"], bool)
+    timed = [t for t in row["step_times"] if t["step"] > 1]
+    assert [t["step"] for t in row["step_times"]] == [1, 2, 3]  # the first (compiling) step, then the timed ones
+    seconds = sum(t["loader_wait_s"] + t["step_s"] + t["host_s"] for t in timed)  # rounded to the microsecond
+    assert row["exams_per_s"] == pytest.approx(2 / seconds, rel=1e-3)
+    assert row["compile_s"] == pytest.approx(row["step_times"][0]["step_s"], abs=1e-5)
+    assert row["compiled_temp_bytes"] > 0  # the persistent cache is on: the step's compiled memory is read
+    assert report["details"]["data"]["cache_images"] == 4 and report["details"]["window"] == [128, 96]
+    [xplane] = (tmp_path / "runs" / "float32_e1_d1_remat-none" / "profile").glob("plugins/profile/*/*.xplane.pb")
+    assert xplane.stat().st_size > 0
+    assert "| float32 | 1 | 1 | none | 2 |" in proc.stdout
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
+    assert train_e2e.out_of_memory(oom) and not train_e2e.out_of_memory(ValueError("shape mismatch"))
+    # A configuration that did not fit: a row of its own, the error and the compiled bytes in the table.
+    no_fit = {k: None for k in train_e2e.RESULT_KEYS} | {"dtype": "bfloat16", "exams_per_device": 4, "devices": 1}
+    no_fit |= {"remat": "none", "steps": 0, "fits": False, "error": f"XlaRuntimeError: {oom}"}
+    table = train_e2e.markdown({**report, "results": [row, no_fit | {"compiled_temp_bytes": 2**30}]})
+    assert "| bfloat16 | 4 | 1 | none | 0 | - | - (-) | - | - | - | - | - | - | 1024 | False |" in table
+    assert "bfloat16_e4_d1_remat-none: XlaRuntimeError: RESOURCE_EXHAUSTED" in table
 
 
 # ----------------------------------------------------------------------------- side by side (local)

@@ -77,6 +77,27 @@ def test_tensorboard_event_files_hold_step_and_evaluation_scalars(run):
     assert {"val/auc_global_malignant", "val/auc_local_malignant", "val/auc_fusion_malignant"} <= set(scalars)
 
 
+def test_profile_steps_write_a_trace_of_those_steps_and_a_bad_value_is_refused(run):
+    """The tiny run's --config.profile_steps=5:6 traced steps 5 and 6 into WORKDIR/profile: an .xplane.pb
+    (TensorBoard's profile plugin) and a Perfetto trace holding the loop's phases."""
+    import gzip
+
+    from gmic_jax.train.config_lib import ConfigError, check_config
+
+    workdir, log = run
+    [xplane] = (workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb")
+    assert xplane.stat().st_size > 0
+    events = json.loads(gzip.decompress((xplane.parent / "perfetto_trace.json.gz").read_bytes()))["traceEvents"]
+    steps = [e["args"]["step_num"] for e in events if e.get("name") == "train_step"]
+    assert sorted(steps) == ["5", "6"]
+    assert {"loader_wait", "step_fn", "checkpoint", "evaluate"} <= {e.get("name") for e in events}
+    assert "profiling steps 5..6" in log and "profile of steps 5..6 written to" in log
+    for bad in ("2:1", "0:3", "5", "a:b", "1:2:3"):
+        with pytest.raises(ConfigError, match=r"^profile_steps=.*expected 'FIRST:LAST'"):
+            check_config(_config(profile_steps=bad))
+    check_config(_config(profile_steps="3:3"))
+
+
 def _snapshot(workdir):
     return {
         str(p.relative_to(workdir)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
@@ -223,11 +244,23 @@ def test_free_fields_pass_and_are_recorded_a_converted_model_is_not_a_workdir(tm
     free = {
         **doc,
         "train": _config(
-            **{"progress_bar": True, "log_every_steps": 3, "eval.batch_size": 2, "data.workers": 2}
+            **{
+                "progress_bar": True,
+                "log_every_steps": 3,
+                "eval.batch_size": 2,
+                "data.workers": 2,
+                "profile_steps": "1:2",
+            }
         ).to_dict(),
     }
     resume = W.check(tmp_path / "run", free, steps_per_epoch=6)
-    assert set(resume.entry["changes"]) == {"progress_bar", "log_every_steps", "eval.batch_size", "data.workers"}
+    assert set(resume.entry["changes"]) == {
+        "progress_bar",
+        "log_every_steps",
+        "eval.batch_size",
+        "data.workers",
+        "profile_steps",
+    }
     assert W.check(tmp_path / "run", doc, steps_per_epoch=6).entry is None
     for field, value in [
         ("seed", 1),

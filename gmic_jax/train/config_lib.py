@@ -149,6 +149,29 @@ def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+PROFILE_STEPS_FORM = (
+    "expected 'FIRST:LAST' (trace steps FIRST to LAST, 1-based as the log counts them, "
+    "1 <= FIRST <= LAST, e.g. '10:12'), or '' (no trace)"
+)
+
+
+def parse_profile_steps(value) -> tuple[int, int] | None:
+    """(first, last) of ``config.profile_steps`` ('FIRST:LAST', 1-based, both included), or None
+    for ''; anything else is a :class:`ConfigError` naming the field and the expected form."""
+    if value is None or value == "":
+        return None
+    first, sep, last = str(value).partition(":")
+    try:
+        if not sep or isinstance(value, bool):
+            raise ValueError
+        first, last = int(first), int(last)
+    except ValueError:
+        raise ConfigError(f"profile_steps={value!r}; {PROFILE_STEPS_FORM}") from None
+    if not 1 <= first <= last:
+        raise ConfigError(f"profile_steps={value!r}; {PROFILE_STEPS_FORM}")
+    return first, last
+
+
 def check_config(config) -> None:
     """Raise :class:`ConfigError` naming the first field of a training config whose value no run
     can use (checked before the run touches its workdir or compiles anything)."""
@@ -206,6 +229,7 @@ def check_config(config) -> None:
         raise ConfigError(f"loss.gap_margin={config.loss.gap_margin!r}; expected a number > 0")
     if config.loss.beta < 0:  # nan passes: the divergence test trains with it on purpose
         raise ConfigError(f"loss.beta={config.loss.beta!r}; expected a number >= 0")
+    parse_profile_steps(config.get("profile_steps", ""))
     if config.data.source == "cache" and not (config.data.train_cache and config.data.val_cache):
         raise ConfigError("data.source='cache' needs data.train_cache and data.val_cache (`gmic-jax cache` outputs)")
     if config.data.get("window_noise", False) and config.data.source != "cache":

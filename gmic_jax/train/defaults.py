@@ -85,6 +85,9 @@ def default_config():
     c.log_every_steps = 10
     c.init_from = ""  # a checkpoint directory gmic_jax.load_checkpoint reads
     c.progress_bar = True
+    # A jax.profiler trace of steps FIRST to LAST ('FIRST:LAST', 1-based as the log counts them,
+    # both included) written to WORKDIR/profile (TensorBoard's profile plugin, Perfetto); '' is off.
+    c.profile_steps = ""
     return c
 
 

@@ -160,10 +160,13 @@ def train_and_evaluate(
     computation raises :class:`~gmic_jax.train.workdir.WorkdirError` unless ``config_changes_ok``.
 
     ``step_fn`` replaces the compiled training step ``(state, batch) -> (state, metrics)`` (the
-    input benchmark's simulated device). ``step_times``, a list, receives per step
-    {loader_wait_s: waiting for the next batch, step_s: the step until its metrics are on the
-    host, host_s: the loop's other work}."""
-    from gmic_jax.train.config_lib import check_config
+    input benchmark's simulated device). ``step_times``, a list, receives per step this run trains
+    {step: its number (1-based), loader_wait_s: waiting for the next batch, step_s: the step until
+    its metrics are on the host (the run's first step includes compiling it), host_s: the loop's
+    other work since the previous step (for the first, since the loop started)}.
+    ``config.profile_steps`` ('FIRST:LAST') writes a profiler trace of those steps to
+    WORKDIR/profile (:mod:`gmic_jax.train.profiling`)."""
+    from gmic_jax.train.config_lib import check_config, parse_profile_steps
     from gmic_jax.train.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed()
@@ -182,6 +185,7 @@ def train_and_evaluate(
     from gmic_jax.train.evaluate import evaluate
     from gmic_jax.train.input import TrainExamples, TrainPlan
     from gmic_jax.train.loss import GAP_MARGIN
+    from gmic_jax.train.profiling import LoopProfile, profile_dir
     from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
     from gmic_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
     from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_array
@@ -294,22 +298,38 @@ def train_and_evaluate(
     batch = None
     every = int(config.eval.every_epochs)  # <= 0: no evaluation
     waited = 0.0  # seconds spent waiting for batches since the last log line (at t_log)
+    # Annotations of the loop's phases, and the trace of config.profile_steps (train/profiling.py).
+    profile = LoopProfile(
+        parse_profile_steps(config.get("profile_steps", "")),
+        profile_dir(workdir, jax.process_index(), n_proc),
+        first_step=start + 1,
+        total_steps=total_steps,
+    )
     t_step = t_log = time.perf_counter()
     try:
         for step in range(start, total_steps):
+            profile.begin(step + 1)
             t_start = time.perf_counter()
-            batch = next(batches)
+            with profile.phase("loader_wait"):
+                batch = next(batches)
             t_batch = time.perf_counter()
             if batch[FAILURES]:
                 manager.wait_until_finished()
                 raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
+            profile.enter_phase("step_fn")  # dispatch, and the device's work until the metrics are here
             state, m = step_fn(state, {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch})
             m = local_copy(m)
+            profile.exit()
             t_previous, t_step = t_step, time.perf_counter()
             waited += t_batch - t_start
-            if step_times is not None and step > start:  # host: from the last step's end to this batch's request
+            if step_times is not None:  # host: from the last step's end (the loop's start) to this batch's request
                 step_times.append(
-                    {"loader_wait_s": t_batch - t_start, "step_s": t_step - t_batch, "host_s": t_start - t_previous}
+                    {
+                        "step": step + 1,
+                        "loader_wait_s": t_batch - t_start,
+                        "step_s": t_step - t_batch,
+                        "host_s": t_start - t_previous,
+                    }
                 )
             if not bool(m["finite"]):
                 manager.wait_until_finished()
@@ -340,19 +360,20 @@ def train_and_evaluate(
             epoch_end = done % spe == 0
             epoch = done // spe
             if epoch_end and every > 0 and (epoch % every == 0 or done == total_steps):
-                val, details = evaluate(
-                    model_cfg,
-                    local_copy(state.variables),
-                    val_src,
-                    mesh,
-                    batch_size=config.eval.batch_size,
-                    normalization=config.data.normalization,
-                    prediction=config.eval.prediction,
-                    augment=tta_augment(config.augment),
-                    tta_draws=config.eval.tta_draws,
-                    seed=config.seed,
-                    workers=workers,
-                )
+                with profile.phase("evaluate"):
+                    val, details = evaluate(
+                        model_cfg,
+                        local_copy(state.variables),
+                        val_src,
+                        mesh,
+                        batch_size=config.eval.batch_size,
+                        normalization=config.data.normalization,
+                        prediction=config.eval.prediction,
+                        augment=tta_augment(config.augment),
+                        tta_draws=config.eval.tta_draws,
+                        seed=config.seed,
+                        workers=workers,
+                    )
                 if details["failures"]:
                     manager.wait_until_finished()
                     raise DataFailure(done, details["failures"], manager.latest_step(), workdir, "validation")
@@ -372,15 +393,19 @@ def train_and_evaluate(
                 if kept is not None:
                     msg += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
                 (bar.write(msg) if bar is not None else log.info(msg))
-                checkpointing.save(manager, state, data_position(done), metrics=val)
+                with profile.phase("checkpoint"):
+                    checkpointing.save(manager, state, data_position(done), metrics=val)
             elif done % config.checkpoint_every_steps == 0 or done == total_steps:
-                checkpointing.save(manager, state, data_position(done))
+                with profile.phase("checkpoint"):
+                    checkpointing.save(manager, state, data_position(done))
             if done == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if done == kill_after_step:
                 manager.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
+            profile.end(done)
     finally:
+        profile.close()  # the trace taken so far is written, also when the loop stops on an error
         batch = None  # released before the pipeline closes (its memory is shared with a worker)
         batches.close()
     manager.wait_until_finished()

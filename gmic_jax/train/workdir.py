@@ -5,7 +5,8 @@ DIR, the requested config is compared with the one DIR's weights were trained wi
 config.json, written by the first run):
 
 * fields that do not change what is computed -- :data:`FREE_FIELDS`: progress bar, logging and
-  checkpoint intervals, how many checkpoints are kept, the evaluation batch size -- may differ;
+  checkpoint intervals, how many checkpoints are kept, the evaluation batch size, the profiled
+  steps -- may differ;
   config.json takes the new values;
 * ``num_epochs`` may change when the learning rate does not depend on the number of steps
   (``optimizer.schedule='constant'``, warm-up or not) and the run has not gone past the new end:
@@ -48,8 +49,9 @@ log = logging.getLogger("gmic_jax.train")
 CHANGES_OK_OPTION = "--config-changes-ok"
 # Training-config fields that change no computed value: what is logged or shown, how often a
 # checkpoint is written and how many are kept (which steps are *chosen* is not free: best_metric
-# and best_min_delta are guarded), the evaluation batch size (predictions do not depend on it) and
-# the number of input worker processes (batches do not depend on it).
+# and best_min_delta are guarded), the evaluation batch size (predictions do not depend on it),
+# the number of input worker processes (batches do not depend on it) and which steps are traced by
+# the profiler (profile_steps).
 FREE_FIELDS = frozenset(
     {
         "progress_bar",
@@ -59,6 +61,7 @@ FREE_FIELDS = frozenset(
         "keep_evaluated",
         "eval.batch_size",
         "data.workers",
+        "profile_steps",
     }
 )
 EXTENDABLE = "num_epochs"
