@@ -14,6 +14,8 @@
 #                 with the CPU rewrites forced (gmic_jax.models.fast_ops)
 #   bn_variance   batchnorm_variance.py: the training step (bfloat16, one exam) with BatchNorm's
 #                 two-pass batch variance against the one-pass formula (step time, bytes)
+#   window_noise  window_noise_device.py: the training step (bfloat16, one exam) fed the window-noise
+#                 regions, cropped and resized on the device, against the step fed finished windows
 #   train_e2e     train_e2e.py: the real `gmic-jax train` loop (Grain, window-noise cache, Orbax
 #                 checkpoints) at 2944 x 1920, bfloat16, remat none, 1, 2 and 4 exams/device, 10 timed
 #                 steps each: exams/s, step time, loader wait, compile, peak memory (own limit
@@ -22,8 +24,8 @@
 # and log.txt (progress and errors). PYTHON picks the interpreter [python3], THREADS the CPU threads
 # of each worker [4]; STEP_LIMIT_S sets every step's time limit [240 s]. Results go to
 # benchmarks/RESULTS.md with the card named (env.txt). The first five steps write 10 files and take
-# ~10 minutes on an H200 (compiles included; train_e2e not yet measured there: 1 file, estimated
-# 4-8 minutes); the workplace's device tool returns 8 files a call: pick STEPS.
+# ~10 minutes on an H200 (compiles included; window_noise and train_e2e not yet measured there: 1 file
+# each, estimated 1-2 and 4-8 minutes); the workplace's device tool returns 8 files a call: pick STEPS.
 # DEVICE [gpu] and E2E_ARGS (words appended to train_e2e.py's arguments) rehearse train_e2e on CPU:
 #     DEVICE=cpu STEPS=train_e2e E2E_ARGS="--window 128 96 --config configs/synthetic_tiny.py \
 #         --config.model.crop_shape=(32,32) --config.model.K=2 --steps 2" bash benchmarks/gpu_checks.sh /tmp/r
@@ -32,7 +34,7 @@ OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]}
 REF=${2:-}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-4}
-STEPS=${STEPS:-side_by_side highest throughput kernels bn_variance train_e2e}
+STEPS=${STEPS:-side_by_side highest throughput kernels bn_variance window_noise train_e2e}
 DEVICE=${DEVICE:-gpu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -90,6 +92,8 @@ if wanted kernels; then
 fi
 wanted bn_variance && step bn_variance "$PY" benchmarks/batchnorm_variance.py --image-shape 2944 1920 --batch 4 \
     --dtype bfloat16 --steps 20 --json "$OUT/bn_variance.json"
+wanted window_noise && step window_noise "$PY" benchmarks/window_noise_device.py --image-shape 2944 1920 --batch 4 \
+    --dtype bfloat16 --steps 20 --json "$OUT/window_noise.json"
 # E2E_ARGS is split into words on purpose (extra options for a rehearsal).
 # shellcheck disable=SC2086
 wanted train_e2e && STEP_LIMIT_S=${E2E_LIMIT_S:-480} step train_e2e "$PY" benchmarks/train_e2e.py --device "$DEVICE" \
