@@ -349,3 +349,11 @@ def test_worker_slots_leave_nothing_behind_after_sigkill(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (3, 2), (8, 7), (64, 16)])
+def test_default_workers_is_the_cores_less_one_when_that_leaves_two(monkeypatch, cores, workers):
+    from gmic_jax.data.pipeline import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers() == workers

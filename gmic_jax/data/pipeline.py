@@ -63,10 +63,14 @@ class Failure:
 
 
 def default_workers() -> int:
-    """Worker processes by default: the cores this process may use less one (for the training loop
-    itself), at most 16, and 0 (load in this process) when that leaves fewer than two: a single
-    worker only adds the transfer of each batch (measured: never faster than loading in process,
-    benchmarks/RESULTS.md)."""
+    """Worker processes by default: the cores this process may use less one (for the process that
+    takes the batches: the training loop, its device puts), at most 16, and 0 (load in this process)
+    when that leaves fewer than two. From the rows of benchmarks/RESULTS.md (2 cores, issue 23),
+    where a worker's cost per batch is one write into a reused shared-memory slot: one worker loads
+    the CPU-bound paths (window noise, PNG: the load is the work, wherever it runs) at the in-process
+    rate, i.e. at half the in-process rate per busy core, and the plain cache 2x faster, where in
+    process already feeds an accelerator at the project's speed goal (267 images/s); so a single
+    worker is not worth a core, and each further one adds about the in-process rate."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
