@@ -24,6 +24,10 @@ One way through the data for training, validation during training and ``gmic-jax
   consumer with per-exam semantics (predict) puts the exam in its tasks and fails that exam only.
 - **No orphans.** A worker process exits as soon as the process that started it is gone, even
   after SIGKILL (Grain's own workers would wait forever on a full queue).
+- **One write per batch.** A worker stacks each batch into shared memory it reuses (a *slot*),
+  written again only once no array of its batch is referenced here (views and device arrays
+  included): holding a batch is safe, but an image kept beyond its batch keeps its slot (copy it).
+  ``close()`` leaves no shared memory behind.
 """
 
 from __future__ import annotations
@@ -165,26 +169,37 @@ def _aligned_arrays(specs: dict) -> dict:
 # weakref finalizer on the :class:`_SlotView` every array of the batch is a view of). The worker
 # writes only into slots whose flag is clear, so a batch the consumer (or a device put of it) still
 # references is never overwritten; when no slot is free it creates one (no waiting, no deadlock:
-# the slots are as many as the batches in flight). Names: the consumer unlinks a segment as soon as
-# it has mapped it (the memory lives on in both mappings), the worker unlinks those never mapped
-# when it exits (normally, or when the parent is gone); the resource tracker that both processes
+# the slots are as many as the batches in flight). Names (SLOT_PREFIX, the consumer's pid, a token
+# of the pipeline, a random part): the consumer unlinks a segment as soon as it has mapped it (the
+# memory lives on in both mappings). A worker that stops (Grain stops it as soon as its part of the
+# plan is read, while its last batches may still wait in the consumer's buffers) unlinks only its
+# free slots; the consumer's close() unlinks what is left of its pipeline (batches never taken);
+# a worker whose parent is gone unlinks all of its slots. The resource tracker that the processes
 # share sees each registration matched by one unregistration.
 
 
 SLOT_MIN_BYTES = 4096  # a page
-SLOT_PREFIX = "gmicjax"  # slot names: SLOT_PREFIX, the pid of the process that takes the batches, "_", hex
+SLOT_PREFIX = "gmicjax"  # slot names: SLOT_PREFIX, the pid of the process that takes the batches, "_", ...
+
+
+def _slot_names(prefix: str) -> list:
+    """The slots (shared-memory names) starting with ``prefix`` (Linux: /dev/shm; else none)."""
+    try:
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return []
 
 
 class _Slot:
     """Worker side: one shared-memory segment (header + a batch)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, prefix: str):
         import secrets
         from multiprocessing import shared_memory
 
-        while True:  # named after the consumer's process (a leak names its culprit; tests look for them)
+        while True:
             try:
-                name = f"{SLOT_PREFIX}{os.getppid()}_{secrets.token_hex(4)}"
+                name = prefix + secrets.token_hex(3)
                 self.shm = shared_memory.SharedMemory(name, create=True, size=size)
                 break
             except FileExistsError:
@@ -195,17 +210,18 @@ class _Slot:
     def arrays(self, specs: dict, offsets: dict) -> dict:
         return {k: np.ndarray(shape, dtype, self.shm.buf, offsets[k]) for k, (shape, dtype) in specs.items()}
 
-    def close(self) -> None:
-        """Unmap, and unlink the name unless the consumer already has."""
+    def close(self, unlink: bool = True) -> None:
+        """Unmap; ``unlink``: also the name, unless the consumer already has."""
         self.flag = None
         try:
             self.shm.close()
         except BufferError:  # a view of it is still referenced (an exception's traceback): unmapped at exit
             pass
-        try:
-            self.shm.unlink()  # also unregisters it from the resource tracker
-        except FileNotFoundError:
-            pass
+        if unlink:
+            try:
+                self.shm.unlink()  # also unregisters it from the resource tracker
+            except FileNotFoundError:
+                pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +240,8 @@ class _SharedBatch:
 class _Ring:
     """Worker side: the slots of this worker process (one ring per process, :func:`_worker_ring`)."""
 
-    def __init__(self):
+    def __init__(self, prefix: str):
+        self.prefix = prefix  # of the names of its slots (the pipeline's)
         self.slots: list = []
         self.retired: list = []
         self.current: Optional[tuple] = None  # (slot, {key: (array, offset)}) of the batch being stacked
@@ -246,7 +263,7 @@ class _Ring:
                 self.slots.remove(old)
                 self.retired.append(old.shm.name)
                 old.close()
-            slot = _Slot(size)
+            slot = _Slot(size, self.prefix)
             self.slots.append(slot)
         slot.flag[0] = 1
         arrays = slot.arrays(specs, offsets)
@@ -273,30 +290,31 @@ class _Ring:
             self.current[0].flag[0] = 0
             self.current = None
 
-    def close(self) -> None:
+    def close(self, everything: bool = False) -> None:
+        """Unmap the slots; unlink the free ones (``everything``: all, the consumer being gone)."""
         for slot in self.slots:
-            slot.close()
+            slot.close(unlink=everything or slot.flag[0] == 0)
         self.slots = []
 
 
 _RING: Optional[_Ring] = None
 
 
-def _worker_ring() -> _Ring:
-    """This worker process's ring; its slots are unlinked when the process exits."""
+def _worker_ring(prefix: str) -> _Ring:
+    """This worker process's ring (slot names starting with ``prefix``), closed as it exits."""
     global _RING
     if _RING is None:
         from multiprocessing import util
 
-        _RING = _Ring()
+        _RING = _Ring(prefix)
         util.Finalize(None, _close_worker_ring, exitpriority=100)  # run as a worker process exits
     return _RING
 
 
-def _close_worker_ring() -> None:
+def _close_worker_ring(everything: bool = False) -> None:
     ring = _RING
     if ring is not None:
-        ring.close()
+        ring.close(everything)
 
 
 class _SlotView(np.ndarray):
@@ -309,6 +327,9 @@ class _OpenBatches:
     are mapped once each (the first time they come) and kept mapped until :meth:`close`."""
 
     def __init__(self):
+        import secrets
+
+        self.prefix = f"{SLOT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"  # of its workers' slots
         self._maps: dict = {}  # slot name -> (mmap, its flag)
 
     def _map(self, name: str):
@@ -341,7 +362,18 @@ class _OpenBatches:
         return {k: batch[k] for k in element.keys}
 
     def close(self) -> None:
-        self._maps.clear()  # each slot is unmapped once no batch of it is left
+        """Once the workers are gone: unlink the slots of batches never taken; unmap the others
+        once no batch of them is left."""
+        import _posixshmem
+        from multiprocessing import resource_tracker
+
+        self._maps.clear()
+        for name in _slot_names(self.prefix):
+            try:
+                _posixshmem.shm_unlink("/" + name)
+            except FileNotFoundError:
+                continue
+            resource_tracker.unregister("/" + name, "shared_memory")
 
 
 def _clear(flag: np.ndarray) -> None:
@@ -349,16 +381,17 @@ def _clear(flag: np.ndarray) -> None:
 
 
 class _LoadBatch:
-    """Picklable ``tasks -> load_batch(load, tasks)`` (what Grain maps over the plan); ``shared``:
-    in a worker process, into a slot of its ring, as a :class:`_SharedBatch`."""
+    """Picklable ``tasks -> load_batch(load, tasks)`` (what Grain maps over the plan); ``shared``
+    (the prefix of the slot names): in a worker process, into a slot of its ring, as a
+    :class:`_SharedBatch`."""
 
-    def __init__(self, load: Callable, shared: bool = False):
-        self.load, self.shared = load, shared
+    def __init__(self, load: Callable, shared: Optional[str] = None):
+        self.load, self.shared = load, shared  # shared: the prefix of the slot names
 
     def __call__(self, tasks):
-        if not self.shared:
+        if not self.shared or multiprocessing.parent_process() is None:  # (free-threaded Grain: threads)
             return load_batch(self.load, tasks)
-        ring = _worker_ring()
+        ring = _worker_ring(self.shared)
         try:
             batch = load_batch(self.load, tasks, ring.alloc)
         except BaseException:
@@ -378,7 +411,7 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
 
         wait([parent.sentinel])
         try:
-            _close_worker_ring()  # unlink the slots the parent never mapped
+            _close_worker_ring(everything=True)  # unlink the slots the parent never mapped
         finally:
             os._exit(1)
 
@@ -417,18 +450,18 @@ def load_batches(
     ds = grain.MapDataset.source(plan)
     if start:
         ds = ds[start:]
-    ds = ds.map(_LoadBatch(load, shared=workers > 0))
+    opener = _OpenBatches() if workers else None
+    ds = ds.map(_LoadBatch(load, shared=opener.prefix if opener else None))
     # In-process: one thread loads ahead; in worker processes each worker loads in its main thread.
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=0 if workers else 1, prefetch_buffer_size=0 if workers else buffer)
     )
-    opener = None
     if workers:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
             worker_init_fn=_exit_with_parent,
         )
-        ds = ds.map(opener := _OpenBatches())  # here, in the thread that takes the batches
+        ds = ds.map(opener)  # here, in the thread that takes the batches
     if put is not None:
         from grain.experimental import ThreadPrefetchIterDataset
 
