@@ -72,9 +72,10 @@ def default_workers() -> int:
     when that leaves fewer than two. From the rows of benchmarks/RESULTS.md (2 cores, issue 23),
     where a worker's cost per batch is one write into a reused shared-memory slot: one worker loads
     the CPU-bound paths (window noise, PNG: the load is the work, wherever it runs) at the in-process
-    rate, i.e. at half the in-process rate per busy core, and the plain cache 2x faster, where in
-    process already feeds an accelerator at the project's speed goal (267 images/s); so a single
-    worker is not worth a core, and each further one adds about the in-process rate."""
+    rate, i.e. at half of it per busy core, and only the plain cache faster (1.4-2.9x); it also
+    costs a process start (2-3 s here) per pipeline, paid again by every validation pass. From two
+    spare cores on, each worker adds about the in-process rate. (A 2-core host feeding an
+    accelerator from a plain cache gains from ``workers=1``: set it.)"""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
