@@ -20,8 +20,10 @@ through -- producing 2944 x 1920 uint16 training windows in batches of ``--batch
 Each path is timed with ``--workers`` (default 0 1 2; 0 = in this process, one prefetch thread)
 in the same run: the first ``2 + workers x buffer`` batches are warm-up (worker start-up, filled
 buffers), then ``--repeats`` consecutive windows of at least ``--images`` images are timed;
-``images_per_s`` is their median, ``images`` all the timed images. The data are ``--distinct`` synthetic
-images (default 16, read over and over: the page cache is warm, as for a cache that fits in RAM).
+``images_per_s`` is their median, ``images`` all the timed images, ``images_per_s_per_core`` the
+median divided by the ``processes`` busy loading (workers + 1: the workers and the process that
+takes the batches). The data are ``--distinct`` synthetic images (default 16, read over and over:
+the page cache is warm, as for a cache that fits in RAM).
 
 ``--simulate-step-ms MS`` runs the real training loop (:func:`gmic_jax.train.loop.train_and_evaluate`
 on the ``--simulate-path`` cache, ``--simulate-batch`` images per step) with the device step
@@ -31,9 +33,9 @@ other host work; the device put runs on the pipeline's prefetch thread, so its c
 ``loader_wait_ms`` when it cannot keep up, and is also timed alone as ``details.device_put_ms``)
 and ``input_bound`` (``loader_wait_ms`` > 5% of the step).
 
-JSON (``--json``): {"machine": {...}, "results": [{"path", "workers", "images", "images_per_s"}],
-"loop": {"step_ms", "loader_wait_ms", "host_ms", "input_bound"} (with --simulate-step-ms),
-"details": {...}}.
+JSON (``--json``): {"machine": {...}, "results": [{"path", "workers", "images", "images_per_s",
+"processes", "images_per_s_per_core"}], "loop": {"step_ms", "loader_wait_ms", "host_ms",
+"input_bound"} (with --simulate-step-ms), "details": {...}}.
 """
 
 from __future__ import annotations
@@ -217,13 +219,17 @@ def measure(source, path: str, workers: int, images: int, batch: int, repeats: i
         if b["failures"] or tuple(first[key].shape) != (batch, *shape):
             raise RuntimeError(f"{path}: unexpected batch {first.get(key, np.zeros(0)).shape} / {b['failures']}")
         del first, b
+    rate = statistics.median(rates)
     return {
         "path": path,
         "workers": workers,
         "images": repeats * timed * batch,
-        "images_per_s": statistics.median(rates),
+        "images_per_s": rate,
+        "processes": workers + 1,
+        "images_per_s_per_core": rate / (workers + 1),
         "_rates": rates,
         "_warmup_s": t_warm - t_start,
+        "_load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
 
@@ -361,9 +367,10 @@ def main(argv=None) -> int:
                 details.setdefault("runs", []).append({k.lstrip("_"): v for k, v in r.items()})
                 report["results"].append({k: v for k, v in r.items() if not k.startswith("_")})
                 print(
-                    f"{path:12s} workers={workers}: {r['images_per_s']:8.2f} images/s (median of "
+                    f"{path:12s} workers={workers}: {r['images_per_s']:8.2f} images/s, "
+                    f"{r['images_per_s_per_core']:8.2f} per core ({r['processes']} busy) (median of "
                     f"{', '.join(f'{v:.2f}' for v in r['_rates'])}; {r['images']} images after a "
-                    f"{r['_warmup_s']:.1f} s warm-up)",
+                    f"{r['_warmup_s']:.1f} s warm-up; load average {r['_load_average'][0]:.2f})",
                     flush=True,
                 )
         if args.simulate_step_ms is not None:

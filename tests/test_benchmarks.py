@@ -493,8 +493,9 @@ def test_input_pipeline_json_contract(tmp_path):
         (p, w) for p in ("cache", "cache_noise", "png") for w in (0, 1)
     ]
     for r in report["results"]:
-        assert set(r) == {"path", "workers", "images", "images_per_s"}
+        assert set(r) == {"path", "workers", "images", "images_per_s", "processes", "images_per_s_per_core"}
         assert r["images"] == 16 and isinstance(r["images_per_s"], float) and r["images_per_s"] > 0
+        assert r["processes"] == r["workers"] + 1 and r["images_per_s_per_core"] == r["images_per_s"] / r["processes"]
     loop = report["loop"]
     assert set(loop) == {"step_ms", "loader_wait_ms", "host_ms", "input_bound"} and loop["step_ms"] == 5
     assert loop["loader_wait_ms"] >= 0 and loop["host_ms"] >= 0 and isinstance(loop["input_bound"], bool)

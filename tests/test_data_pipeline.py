@@ -3,7 +3,13 @@ device prefetch)."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -134,7 +140,7 @@ def test_train_plan_is_the_epoch_order_cut_into_process_rows():
         whole[3]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_grain_batches_equal_in_process_batches(manifest, tmp_path, workers):
     """Worker processes change nothing: every batch equals the examples stacked here, in plan order,
     and starting at a later step (a resumed run) gives the same tail."""
@@ -147,7 +153,7 @@ def test_grain_batches_equal_in_process_batches(manifest, tmp_path, workers):
     plan = TrainPlan(labels, **kw)
     examples = TrainExamples(source, seed=5)
     expected = [batch_lib.stack([examples(t) for t in plan[k]]) for k in range(len(plan))]
-    for start in (0, 1):
+    for start in (0, 1) if workers != 1 else (1,):  # (one worker: one start, to save its start-up time)
         with load_batches(plan, examples, workers=workers, start=start) as batches:
             got = list(batches)
         assert len(got) == len(plan) - start
@@ -198,3 +204,167 @@ def test_batches_go_to_device_ahead_and_errors_reach_the_consumer(manifest):
     with load_batches(plan, SourceExamples(source), put=put) as batches:
         with pytest.raises(RuntimeError, match="device full"):
             next(batches)
+
+
+class _Windows:
+    """A source of ``n`` 128 x 64 windows, window ``i`` filled with ``i``."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": np.full((128, 64), i, np.uint16), "label": np.array([i % 2, 1], np.float32), "id": f"w{i}"}
+
+
+def _slots_of_this_process():
+    from gmic_jax.data.pipeline import SLOT_PREFIX
+
+    prefix = f"{SLOT_PREFIX}{os.getpid()}_"
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix)) if os.path.isdir("/dev/shm") else []
+
+
+def test_a_slot_is_reused_only_once_no_array_of_its_batch_is_left():
+    """A worker's ring, here in one process: a batch's slot is written again only after the consumer
+    has dropped every array of that batch (a view of one image, a device put of it included)."""
+    import jax
+
+    from gmic_jax.data.pipeline import SourceExamples, _OpenBatches, _Ring, load_batch
+
+    load = SourceExamples(_Windows(64))
+    opener = _OpenBatches()
+    ring = _Ring(opener.prefix)
+
+    def batch(k):
+        return opener(ring.share(load_batch(load, (k, k + 1), ring.alloc)))
+
+    try:
+        first = batch(0)
+        assert list(first) == ["image", "label", "id", "ok", "failures"] and first["id"].tolist() == ["w0", "w1"]
+        row = first["image"][1]  # a view of one image outlives its batch
+        label = first["label"]  # small: not in the slot (keeping it does not keep the slot)
+        on_device = jax.device_put(first["image"])  # XLA:CPU may use the host array in place
+        del first
+        second = batch(2)  # slot 0 is still referenced: a second slot
+        assert len(ring.slots) == 2
+        del second
+        for k in range(4, 20, 2):  # slot 1 over and over
+            b = batch(k)
+            assert b["image"][:, 0, 0].tolist() == [k, k + 1] and b["id"].tolist() == [f"w{k}", f"w{k + 1}"]
+            del b
+        assert len(ring.slots) == 2 and (row == 1).all() and label.tolist() == [[0, 1], [1, 1]]
+        np.testing.assert_array_equal(np.asarray(on_device)[:, 0, 0], [0, 1])
+        del row
+        assert (ring.slots[0].flag[0], ring.slots[1].flag[0]) == (1, 0)  # the device array holds slot 0
+        del on_device
+        gc.collect()  # jax lets go of the host array it used in place at the next collection
+        assert ring.slots[0].flag[0] == 0
+        b = batch(20)
+        assert len(ring.slots) == 2 and b["image"][:, 0, 0].tolist() == [20, 21]
+        del b
+        # A failed row in a reused slot is zeros, as in a fresh one.
+        b = opener(ring.share(load_batch(SourceExamples(_Flaky(_Windows(64), bad=9)), (22, 9), ring.alloc)))
+        assert len(ring.slots) == 2 and b["ok"].tolist() == [True, False] and not b["image"][1].any()
+        assert (b["image"][0] == 22).all()
+        del b
+        # A bigger batch replaces a free slot; the consumer unmaps the old one.
+        b = opener(ring.share(load_batch(lambda i: {"image": np.ones((256, 64), np.uint16)}, (0,), ring.alloc)))
+        assert len(ring.slots) == 2 and len(opener._maps) == 2 and b["image"].shape == (1, 256, 64)
+        del b
+    finally:
+        opener.close()
+        ring.close()
+    assert _slots_of_this_process() == []
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_workers_never_overwrite_a_batch_the_consumer_holds(on_device):
+    """Two workers reusing their slots (``on_device``: batches put on device ahead by a thread;
+    XLA:CPU may use their host memory in place): batches the consumer keeps stay intact while many
+    more are produced, after close() too; the last batches, in new slots (the consumer keeps them
+    all), arrive intact although their workers were stopped before they were taken (without the
+    device thread, which takes batches ahead); close() leaves no shared memory behind."""
+    import jax
+
+    from gmic_jax.data.pipeline import SourceExamples, load_batches
+
+    put = jax.device_put if on_device else None
+
+    plan = [(2 * k, 2 * k + 1) for k in range(40)]
+    kept = (0, 7, *range(26, 40))
+    held = []
+    with load_batches(plan, SourceExamples(_Windows(80)), workers=2, put=put) as batches:
+        for k in range(40):
+            b = next(batches)
+            assert isinstance(b["image"], jax.Array) == on_device
+            assert np.asarray(b["image"])[:, 0, 0].tolist() == [2 * k, 2 * k + 1]
+            if k in kept:
+                held.append(b)
+            if k == 26:
+                mapped = len(batches._opener._maps)
+            if k == 37:  # Grain stops the workers once their part of the plan is read: wait for that
+                time.sleep(1.5)
+            del b
+    assert mapped < 24, mapped  # slots reused (a fresh one per batch: 27 by now)
+    assert _slots_of_this_process() == []
+    for k, b in zip(kept, held):
+        want = np.repeat([2 * k, 2 * k + 1], 128 * 64).reshape(2, 128, 64)
+        np.testing.assert_array_equal(np.asarray(b["image"]), want)
+        np.testing.assert_array_equal(np.asarray(b["label"]), [[0, 1], [1, 1]])
+
+
+_CONSUMER_SCRIPT = """
+import multiprocessing, sys
+from gmic_jax.data.pipeline import SourceExamples, load_batches
+sys.path.insert(0, sys.argv[1])
+from test_data_pipeline import _Windows
+
+if __name__ == "__main__":
+    batches = load_batches([(k, k + 1) for k in range(10**6)], SourceExamples(_Windows(40)), workers=1)
+    held = [next(batches) for _ in range(3)]
+    print(*[p.pid for p in multiprocessing.active_children() if p.name.startswith("grain")], flush=True)
+    input()
+"""
+
+
+def test_worker_slots_leave_nothing_behind_after_sigkill(tmp_path):
+    """After SIGKILL of the consumer (a fresh interpreter) its worker exits too, unlinking the slots
+    the consumer never mapped: no slot is left and the resource tracker has no shared memory to
+    clean up (each registration was matched by an unregistration)."""
+    from gmic_jax.data.pipeline import SLOT_PREFIX
+
+    script = tmp_path / "consumer.py"
+    script.write_text(_CONSUMER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, script, os.path.dirname(__file__)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="default"),
+    )
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        os.kill(proc.pid, signal.SIGKILL)
+        assert len(workers) == 1
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if os.path.exists(f"/proc/{w}")], "orphan worker"
+        stderr = proc.stderr.read()  # to its end: the resource tracker (the last holder) has exited
+        assert "shared_memory" not in stderr and "Traceback" not in stderr, stderr[-3000:]  # (Grain's semaphores leak)
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(f"{SLOT_PREFIX}{proc.pid}_")] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (3, 2), (8, 7), (64, 16)])
+def test_default_workers_is_the_cores_less_one_when_that_leaves_two(monkeypatch, cores, workers):
+    from gmic_jax.data.pipeline import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers() == workers
