@@ -6,9 +6,9 @@ gmic_jax.resample), against the same step fed the finished windows.
     python benchmarks/window_noise_device.py --deviceless h100 --batch 4 --dtype bfloat16
 
 Both programs are the project's training step (`make_train_step` on one device, Adam, beta 0):
-``window`` takes uint16 windows, ``device_noise`` takes each image's region of the noise context
-(the window plus twice the original's border noise, 100 px at 2944 x 1920, scaled) and its crop
-borders, and crops + resizes on the device first. Reported per program: XLA's cost analysis
+``window`` takes uint16 windows, ``device_noise`` takes each image's band of noise-context rows
+(the window's height plus twice the original's border noise, the context's width: as training
+ships them) and its crop borders, and crops + resizes on the device first. Reported per program: XLA's cost analysis
 (flops, bytes accessed) of the compiled program (CPU) or of the program before optimisation
 (``--deviceless``: compiled for the GPU target without one, see benchmarks/deviceless.py; plus
 its compiled memory), and on a real device with --steps > 0 the median and interquartile range of
@@ -43,11 +43,13 @@ def inputs(program: str, args, rng):
     label = bc.targets(n)
     if program == "window":
         return {"image": rng.integers(0, 4096, (n, wh, ww, 1)).astype(np.uint16), "label": label}
-    _, size_noise = window_noise_amplitudes((wh, ww))
-    sh, sw = noise_region_shape((wh, ww), size_noise)
-    top, left = rng.integers(0, sh - wh + 1, n), rng.integers(0, sw - ww + 1, n)
+    (_, crop_x), size_noise = window_noise_amplitudes((wh, ww))
+    # as CacheSource.noisy_region ships them: the tallest crop's rows, the contexts' width
+    sh, sw = noise_region_shape((wh, ww), size_noise)[0], ww + 2 * (crop_x + size_noise)
+    # crops up to twice the border noise larger or smaller than the window, anywhere in the region
+    top, left = rng.integers(0, sh - wh + 1, n), rng.integers(0, sw - ww - 2 * size_noise + 1, n)
     bottom = np.minimum(top + wh + rng.integers(-(sh - wh) // 2, (sh - wh) // 2 + 1, n), sh)
-    right = np.minimum(left + ww + rng.integers(-(sw - ww) // 2, (sw - ww) // 2 + 1, n), sw)
+    right = left + ww + rng.integers(-size_noise, size_noise + 1, n)
     return {
         "region": rng.integers(0, 4096, (n, sh, sw)).astype(np.uint16),
         "borders": np.stack([top, bottom, left, right], 1).astype(np.int32),

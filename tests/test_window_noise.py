@@ -475,7 +475,8 @@ def test_training_regions_carry_the_draws_of_the_host_path(caches):
     from gmic_jax.resample import crop_resize
 
     _, _, noise = caches
-    assert noise.region_shape == (WINDOW[0] + 2 * NOISE[1], WINDOW[1] + 2 * round(NOISE[1] * WINDOW[1] / WINDOW[0]))
+    # the rows of the tallest crop, the contexts' whole width (a contiguous block to copy)
+    assert noise.region_shape == (WINDOW[0] + 2 * NOISE[1], noise.window_noise["context_shape"][1])
     regions, borders, hosts = [], [], []
     for i in range(len(noise)):
         for epoch in (0, 1):

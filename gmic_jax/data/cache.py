@@ -25,8 +25,8 @@ masks moved into the context frame: zero outside the plain window). ``index.json
 {shape (valid h, w), window (un-noised window's top, left in it), origin (image coordinates of its
 [0, 0])}. :meth:`CacheSource.draw` makes one noisy example from it on the host (PIL); a draw
 equals :func:`gmic_jax.data.window.noisy_window` on the full crop with the same generator.
-Training takes the same draw as :meth:`CacheSource.noisy_region`: the region of the context that
-holds the drawn crop, which the training step crops and resizes on the device. Disk: about
+Training takes the same draw as :meth:`CacheSource.noisy_region`: the band of the context's rows
+that holds the drawn crop, which the training step crops and resizes on the device. Disk: about
 (1 + (H + 2m)(W + 2m) / (H W)) times a plain cache (m = crop + size noise; 2.4x at 2944 x 1920).
 """
 
@@ -397,12 +397,15 @@ class CacheSource:
 
     @property
     def region_shape(self) -> tuple[int, int]:
-        """The fixed shape of :meth:`noisy_region`'s regions (the largest crop a draw can make)."""
-        return noise_region_shape(self.window_shape, self._require_contexts()["size_noise"])
+        """The fixed shape of :meth:`noisy_region`'s regions: as many rows as the tallest crop a
+        draw can make, the stored contexts' width."""
+        noise = self._require_contexts()
+        return noise_region_shape(self.window_shape, noise["size_noise"])[0], int(noise["context_shape"][1])
 
     def noisy_region(self, index: int, epoch: int, seed: int) -> dict:
         """The draw of :meth:`noisy_example` (same generator, same borders) as the device path of
-        training takes it: {region (:attr:`region_shape`) uint16 from the stored context, borders
+        training takes it: {region (:attr:`region_shape`) uint16, the band of the stored context's
+        rows that holds the drawn crop, borders
         (4,) int32 of the crop in it, label}. ``gmic_jax.resample.crop_resize(region, borders)``
         on the device makes the window that :meth:`noisy_example` makes with PIL on the host."""
         noise = self._require_contexts()
@@ -418,7 +421,7 @@ class CacheSource:
             noise["size_noise"],
         )
         stored = self._map(self.index["shards"][s]["contexts"])[j]  # zeros beyond the context
-        region, borders = cut_region(stored, borders, self.region_shape)
+        region, borders = cut_region(stored, borders, self.region_shape[0])
         return {
             batch_lib.REGION: np.asarray(region),
             batch_lib.BORDERS: borders,
