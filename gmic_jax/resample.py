@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
+from jax import lax
 
 IMAGE_MAX = 65535.0  # the batch layout's uint16 image values
 
@@ -65,15 +65,17 @@ def _axis_taps(start, stop, n_out: int, ksize: int):
     return start + jnp.minimum(r, n_in - 1), w
 
 
-def _crop_resize_one(region, borders, window_shape, ksize: int, rounded: bool):
-    wh, ww = window_shape
-    x = region.astype(jnp.float32)
+def _horizontal(region, borders, ww: int, ksize: int):
+    """The horizontal pass of one example: (region rows, ww) float32."""
     cols, wx = _axis_taps(borders[2], borders[3], ww, ksize)
+    x = region.astype(jnp.float32).T  # whole rows to gather: gathering columns leaves XLA a transposed layout
+    return sum(x[cols[:, k], :] * wx[:, k, None] for k in range(ksize)).T
+
+
+def _vertical(tmp, borders, wh: int, ksize: int, rounded: bool):
+    """The vertical pass of one example: (wh, ww) float32, rounded to the uint16 range or not."""
     rows, wy = _axis_taps(borders[0], borders[1], wh, ksize)
-    # Both passes gather whole rows (contiguous slices; gathering columns would leave XLA a
-    # transposed layout to copy back for every tap): the horizontal one on the transposed region.
-    tmp = sum(x.T[cols[:, k], :] * wx[:, k, None] for k in range(ksize)).T  # (region rows, ww)
-    out = sum(tmp[rows[:, k], :] * wy[:, k, None] for k in range(ksize))  # (wh, ww)
+    out = sum(tmp[rows[:, k], :] * wy[:, k, None] for k in range(ksize))
     return jnp.clip(jnp.round(out), 0.0, IMAGE_MAX) if rounded else out
 
 
@@ -89,5 +91,8 @@ def crop_resize(regions, borders, window_shape, rounded: bool = True):
     wh, ww = window_shape
     ksize = max_taps(max(regions.shape[1] / wh, regions.shape[2] / ww))
     borders = jnp.asarray(borders, jnp.int32)
-    fn = jax.vmap(lambda r, b: _crop_resize_one(r, b, (wh, ww), ksize, rounded))
-    return fn(regions, borders)
+    # One example at a time, each pass a loop of its own: a loop's results are written out, so
+    # XLA cannot fuse a pass's sum of taps into its consumers (the next pass's gathers, the
+    # normalisation, the network), which would recompute it in each of them.
+    tmp = lax.map(lambda a: _horizontal(a[0], a[1], ww, ksize), (regions, borders))
+    return lax.map(lambda a: _vertical(a[0], a[1], wh, ksize, rounded), (tmp, borders))
