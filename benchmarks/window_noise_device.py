@@ -5,16 +5,17 @@ gmic_jax.resample), against the same step fed the finished windows.
     python benchmarks/window_noise_device.py --image-shape 2944 1920 --batch 4 --steps 3
     python benchmarks/window_noise_device.py --deviceless h100 --batch 4 --dtype bfloat16
 
-Both programs are the project's training step (`make_train_step` on one device, Adam, beta 0):
-``window`` takes uint16 windows, ``device_noise`` takes each image's band of noise-context rows
-(the window's height plus twice the original's border noise, the context's width: as training
-ships them) and its crop borders, and crops + resizes on the device first. Reported per program: XLA's cost analysis
-(flops, bytes accessed) of the compiled program (CPU) or of the program before optimisation
+``window`` is the project's training step (`make_train_step` on one device, Adam, beta 0) fed
+uint16 windows; ``device_noise`` is what training runs with window noise: the window program
+(`make_window_fn`: each image's band of noise-context rows -- the window's height plus twice the
+original's border noise, the context's width, as training ships them -- cropped and resized on
+the device) and then the same step fed its windows. Reported per program: XLA's cost analysis
+(flops, bytes accessed) of the compiled programs (CPU) or of the programs before optimisation
 (``--deviceless``: compiled for the GPU target without one, see benchmarks/deviceless.py; plus
-its compiled memory), and on a real device with --steps > 0 the median and interquartile range of
-the step time, the two programs' steps alternating so that drift on a shared machine hits both
-alike. ``crop_resize`` alone is costed too. The ratios ``device_noise / window`` are the
-window noise's share of the step.
+compiled memory), and on a real device with --steps > 0 the median and interquartile range of the
+step time, the two alternating so that drift on a shared machine hits both alike.
+``crop_resize`` is the window program alone. The ratios ``device_noise / window`` are the window
+noise's share of the step.
 """
 
 from __future__ import annotations
@@ -78,52 +79,52 @@ def costs(lowered, compiled, deviceless: bool) -> dict:
     return {"flops": float(cost.get("flops", float("nan"))), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def build(program: str, args, mesh):
+def _abstract(tree, sharding):
     import jax
     import numpy as np
 
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding), tree)
+
+
+def build(args, mesh) -> dict:
+    """The compiled programs: the training step (fed windows) and the window program (regions +
+    borders -> windows), with their inputs and costs."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from gmic_jax import GMICConfig, init_variables
     from gmic_jax.train.state import create_train_state, make_optimizer
-    from gmic_jax.train.step import make_train_step
+    from gmic_jax.train.step import make_train_step, make_window_fn, replicate, shard_batch
 
     cfg = GMICConfig(image_shape=tuple(args.image_shape), crop_shape=tuple(args.crop_shape), dtype=args.dtype)
     tx = make_optimizer({"learning_rate": 1e-5}, total_steps=1)
     state = jax.device_get(create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0))
     step = make_train_step(cfg, tx, mesh, beta=0.0)
-    batch = inputs(program, args, np.random.default_rng(0))
+    crop = make_window_fn(cfg.image_shape, mesh).crop
+    window = inputs("window", args, np.random.default_rng(0))
+    noise = inputs("device_noise", args, np.random.default_rng(0))
     if args.deviceless:
-        from jax.sharding import NamedSharding, PartitionSpec
-
         rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), state)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in batch.items()}
+        state, window, noise = _abstract(state, rep), _abstract(window, split), _abstract(noise, split)
     else:
-        from gmic_jax.train.step import replicate, shard_batch
-
-        state, batch = replicate(state, mesh), shard_batch(batch, mesh)
-    lowered = step.lower(state, batch)
-    compiled = lowered.compile()
-    return compiled, state, batch, costs(lowered, compiled, bool(args.deviceless))
-
-
-def crop_resize_costs(args, mesh) -> dict:
-    """The crop + resize alone, for the batch."""
-    import jax
-    import numpy as np
-
-    from gmic_jax.resample import crop_resize
-
-    batch = inputs("device_noise", args, np.random.default_rng(0))
-    fn = jax.jit(lambda r, b: crop_resize(r, b, tuple(args.image_shape)))
-    if args.deviceless:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        split = NamedSharding(mesh, PartitionSpec("data"))
-        r, b = (jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype, sharding=split) for k in ("region", "borders"))
-    else:
-        r, b = batch["region"], batch["borders"]
-    lowered = fn.lower(r, b)
-    return costs(lowered, lowered.compile(), bool(args.deviceless))
+        window, noise = shard_batch(window, mesh), shard_batch(noise, mesh)
+    out = {"state": state, "window": window, "noise": noise}
+    lowered = crop.lower(noise["region"], noise["borders"])
+    out["crop"] = lowered.compile()
+    out["crop_costs"] = costs(lowered, out["crop"], bool(args.deviceless))
+    placed = replicate(state, mesh) if not args.deviceless else state
+    lowered = step.lower(placed, window)
+    out["step"] = lowered.compile()
+    out["step_costs"] = costs(lowered, out["step"], bool(args.deviceless))
+    # the same step for the window program's float32 windows (a program of its own)
+    images = jax.eval_shape(crop, noise["region"], noise["borders"])
+    images = jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=noise["label"].sharding)
+    lowered = step.lower(placed, {"image": images, "label": noise["label"]})
+    out["noise_step"] = lowered.compile()
+    out["noise_step_costs"] = costs(lowered, out["noise_step"], bool(args.deviceless))
+    out["replicate"] = lambda: replicate(state, mesh)
+    return out
 
 
 def main(argv=None):
@@ -148,30 +149,46 @@ def main(argv=None):
     else:
         mesh = make_mesh(jax.devices()[:1])
         device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else bc.cpu_name()
-    built = {v: build(v, args, mesh) for v in PROGRAMS}
+    built = build(args, mesh)
+    step_costs, crop_costs, noise_costs = built["step_costs"], built["crop_costs"], built["noise_step_costs"]
     result = {
         "device": device,
         "versions": bc.versions(),
         "image_shape": list(args.image_shape),
         "batch": args.batch,
         "dtype": args.dtype,
-        "programs": {v: dict(built[v][3]) for v in PROGRAMS},
-        "crop_resize": crop_resize_costs(args, mesh),
+        "programs": {
+            "window": dict(step_costs),
+            "device_noise": {k: noise_costs[k] + crop_costs[k] for k in noise_costs},
+        },
+        "crop_resize": dict(crop_costs),
     }
     if args.steps and not args.deviceless:
-        states = {v: built[v][1] for v in PROGRAMS}
-        times = {v: [] for v in PROGRAMS}
+        states = {v: built["replicate"]() for v in PROGRAMS}  # the step donates its state
+        window, noise, step, crop = built["window"], built["noise"], built["step"], built["crop"]
+        noise_step = built["noise_step"]
+        times = {v: [] for v in PROGRAMS + ("crop_resize",)}
         for i in range(args.steps + 1):  # the first round warms up
-            for v in PROGRAMS:
-                compiled, _, batch, _ = built[v]
-                t0 = time.perf_counter()
-                states[v], metrics = compiled(states[v], batch)
-                jax.block_until_ready(metrics)
-                if i:
-                    times[v].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            states["window"], metrics = step(states["window"], window)
+            jax.block_until_ready(metrics)
+            t1 = time.perf_counter()
+            images = crop(noise["region"], noise["borders"])
+            jax.block_until_ready(images)
+            t2 = time.perf_counter()
+            batch = {"image": images, "label": noise["label"]}
+            states["device_noise"], metrics = noise_step(states["device_noise"], batch)
+            jax.block_until_ready(metrics)
+            t3 = time.perf_counter()
+            if i:
+                times["window"].append(t1 - t0)
+                times["crop_resize"].append(t2 - t1)
+                times["device_noise"].append(t3 - t1)
         for v in PROGRAMS:
             med, spread = bc.median_spread([t * 1e3 for t in times[v]])
             result["programs"][v].update(median_ms=med, iqr_ms=spread, steps=len(times[v]))
+        med, spread = bc.median_spread([t * 1e3 for t in times["crop_resize"]])
+        result["crop_resize"].update(median_ms=med, iqr_ms=spread)
         result["step_time_ratio"] = (
             result["programs"]["device_noise"]["median_ms"] / result["programs"]["window"]["median_ms"]
         )

@@ -188,7 +188,7 @@ def train_and_evaluate(
     from gmic_jax.train.profiling import LoopProfile, profile_dir
     from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
     from gmic_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
-    from gmic_jax.train.step import local_copy, make_mesh, make_train_step, replicate, shard_array
+    from gmic_jax.train.step import local_copy, make_mesh, make_train_step, make_window_fn, replicate, shard_array
     from gmic_jax.train.writers import MetricWriters
 
     workdir = Path(workdir).absolute()
@@ -278,6 +278,9 @@ def train_and_evaluate(
         process_count=n_proc,
     )
     examples = TrainExamples(train_src, seed=config.seed, window_noise=config.data.window_noise)
+    # Window noise: the batches carry each draw's context band and crop borders; this program makes
+    # the windows from them on the device, ahead of the step.
+    windows = make_window_fn(model_cfg.image_shape, mesh) if config.data.window_noise else None
     workers = int(config.data.workers)
 
     def data_position(step):
@@ -317,7 +320,8 @@ def train_and_evaluate(
                 manager.wait_until_finished()
                 raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
             profile.enter_phase("step_fn")  # dispatch, and the device's work until the metrics are here
-            state, m = step_fn(state, {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch})
+            inputs = {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch}
+            state, m = step_fn(state, inputs if windows is None else windows(inputs))
             m = local_copy(m)
             profile.exit()
             t_previous, t_step = t_step, time.perf_counter()

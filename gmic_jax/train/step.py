@@ -14,8 +14,9 @@ Batch normalisation (``batch_norm``):
   inference mode, which also turns off training-time crop rotation).
 
 Images arrive as the data sources give them (raw values) and are normalised and augmented on
-device; with window noise the host sends each drawn crop's region of the cached context and the
-step crops and resizes it to the window first (:mod:`gmic_jax.resample`). Each example's
+device; with window noise the host sends each draw's band of the cached context and its crop
+borders, and :func:`make_window_fn` crops and resizes them to the windows on the device first
+(:mod:`gmic_jax.resample`). Each example's
 augmentation key is ``fold_in(key, position in the global batch)``, so it does not depend on the
 number of devices. A non-finite loss or gradient leaves the state
 unchanged and is reported in the step's metrics (``finite``); the loop stops on it.
@@ -94,9 +95,8 @@ def make_train_step(
     with_patch_locations: bool = False,
 ):
     """jit-compiled ``(state, batch) -> (state, metrics)``; ``batch`` holds global arrays
-    ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`), or
-    with window noise ``region`` (N, h, w) and ``borders`` (N, 4) instead of ``image``: each
-    example's drawn crop, resized to the window in the step (:func:`gmic_jax.resample.crop_resize`).
+    ``image`` (N, H, W, 1) and ``label`` (N, 2) split over the mesh (see :func:`shard_batch`;
+    with window noise the images :func:`make_window_fn` made on the device).
     The old state is donated. ``with_patch_locations`` adds the global batch's ``patch_locations``
     (N, K, 2) to the metrics: which crops the local network was trained on at this step."""
     if batch_norm not in BATCH_NORM_MODES:
@@ -107,11 +107,7 @@ def make_train_step(
     def per_device(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_key, roi_key = jax.random.split(key)
-        if "image" in batch:
-            images = batch["image"]
-        else:  # window noise: the host's draws, cropped and resized here (bicubic, as the host path)
-            images = crop_resize(batch["region"], batch["borders"], model_config.image_shape)[..., None]
-        x = normalize_images(images, normalization)
+        x = normalize_images(batch["image"], normalization)
         if augment is not None:
             x = augment_batch(_example_keys(aug_key, x.shape[0]), x, augment)
         roi_key = jax.random.fold_in(roi_key, lax.axis_index(DATA_AXIS))
@@ -148,6 +144,32 @@ def make_train_step(
     # the replicated parameters' cotangents); the explicit pmean makes the global-batch mean.
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
     return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_window_fn(window_shape, mesh: Mesh):
+    """jit-compiled ``batch -> batch``: a window-noise batch's ``region`` (N, h, w) and ``borders``
+    (N, 4), split over ``data``, replaced by its ``image`` (N, H, W, 1) float32 windows, each
+    device cropping and resizing its own rows (:func:`gmic_jax.resample.crop_resize`); other keys
+    pass through.
+
+    A program of its own, dispatched before the training step and feeding it on the device (no
+    host in between): inside the step, XLA:CPU compiled the network more slowly for a computed
+    image than for one that arrives as an argument (step 1.15x at 1472 x 960, 1.5x at 2944 x 1920,
+    where the resize itself is ~3%; benchmarks/RESULTS.md)."""
+    window_shape = tuple(int(v) for v in window_shape)
+
+    def per_device(region, borders):
+        return crop_resize(region, borders, window_shape)[..., None]
+
+    crop = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(DATA_AXIS)))
+
+    def windows(batch: Mapping) -> dict:
+        out = {k: v for k, v in batch.items() if k not in ("region", "borders")}
+        out["image"] = crop(batch["region"], batch["borders"])
+        return out
+
+    windows.crop = crop  # the compiled program (benchmarks lower it)
+    return windows
 
 
 @functools.lru_cache(maxsize=8)  # one compilation per setting, reused by every evaluation
