@@ -9,7 +9,7 @@ through -- producing 2944 x 1920 uint16 training windows in batches of ``--batch
 - ``cache``       -- plain windows memory-mapped from a ``gmic-jax cache`` directory;
 - ``cache_noise`` -- a fresh draw of the original's window noise per (seed, epoch, example) from a
   cache built with ``--window-noise``, as training takes it: the band of the stored context's rows
-  that holds the drawn crop, and its borders (the crop + resize runs in the training step, on the device);
+  that holds the drawn crop, and its borders (the crop + resize runs on the device, before the step);
 - ``cache_noise_host`` -- (only with ``--paths cache_noise_host``) the same draws cropped and resized
   on the host with PIL (the reference the device path is tested against);
 - ``png``         -- 16-bit 3328 x 2560 PNGs through the original preprocessing (read, crop by

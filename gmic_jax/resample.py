@@ -1,9 +1,10 @@
-"""Crop + bicubic resize on the device, as PIL resizes: the window noise inside the training step.
+"""Crop + bicubic resize on the device, as PIL resizes: the window noise of training on the device.
 
 With ``data.window_noise`` the host draws each example's crop borders (the original's window
 noise, :func:`gmic_jax.data.window.noise_borders`, seeded by (seed, epoch, example)) and ships the
 cached region they lie in; :func:`crop_resize` cuts the crop and resizes it to the model's window
-here, in the compiled step. The host then only copies bytes, which keeps a GPU fed; the
+on the device, in a program dispatched before the training step
+(:func:`gmic_jax.train.step.make_window_fn`). The host then only copies bytes, which keeps a GPU fed; the
 resampling costs the device a few gathers per pixel (benchmarks/RESULTS.md).
 
 The rule is PIL's ``Image.resize(..., BICUBIC)`` of the cropped float32 image (Resample.c), the

@@ -26,7 +26,7 @@ masks moved into the context frame: zero outside the plain window). ``index.json
 [0, 0])}. :meth:`CacheSource.draw` makes one noisy example from it on the host (PIL); a draw
 equals :func:`gmic_jax.data.window.noisy_window` on the full crop with the same generator.
 Training takes the same draw as :meth:`CacheSource.noisy_region`: the band of the context's rows
-that holds the drawn crop, which the training step crops and resizes on the device. Disk: about
+that holds the drawn crop, which the device crops and resizes before the training step. Disk: about
 (1 + (H + 2m)(W + 2m) / (H W)) times a plain cache (m = crop + size noise; 2.4x at 2944 x 1920).
 """
 

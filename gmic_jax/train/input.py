@@ -8,7 +8,7 @@
   restarted run sees exactly the batches an uninterrupted one sees, whatever the number of workers.
 - :class:`TrainExamples` -- task -> {image, label}: the plain window, or with window noise the
   draw fixed by ``(seed, epoch, example)`` as {region, borders, label}: the host ships the part of
-  the cached context that holds the drawn crop, the step crops and resizes it on the device
+  the cached context that holds the drawn crop, cropped and resized on the device before the step
   (:meth:`~gmic_jax.data.cache.CacheSource.noisy_region`).
 - :func:`eval_plan` -- the validation/evaluation batches in source order, the last one padded by
   repeating its last example (padded rows are dropped from the results).
@@ -64,7 +64,8 @@ class TrainPlan:
 class TrainExamples:
     """Task ``(example, epoch)`` -> what the training step takes of it (picklable): {image, label};
     with window noise {region, borders, label}, the draw of ``(seed, epoch, example)`` that the
-    step crops and resizes on the device (:meth:`~gmic_jax.data.cache.CacheSource.noisy_region`)."""
+    device crops and resizes before the step (:meth:`~gmic_jax.data.cache.CacheSource.noisy_region`,
+    :func:`gmic_jax.train.step.make_window_fn`)."""
 
     def __init__(self, source, *, seed: int, window_noise: bool = False):
         self.source, self.seed, self.window_noise = source, int(seed), bool(window_noise)
