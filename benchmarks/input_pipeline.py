@@ -100,10 +100,10 @@ def write_data(root: Path, distinct: int, window=WINDOW, seed: int = 0):
     """``distinct`` raw PNGs + a manifest, and the same number of cropped PNGs + a preprocessed
     exam list (best centres), cached plain and with window-noise contexts."""
     from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
+    from gmic_jax.data.exam_list import save_exam_list
     from gmic_jax.data.image import write_png
     from gmic_jax.data.sources import ExamListSource
-    from gmic_jax.data.testing import breast_image
+    from gmic_jax.data.testing import breast_image, preprocessed_exam
 
     rng = np.random.default_rng(seed)
     raw_shape = raw_shape_for(window)
@@ -114,29 +114,14 @@ def write_data(root: Path, distinct: int, window=WINDOW, seed: int = 0):
         side, kind = VIEWS[view].split("-")
         write_png(root / f"raw{i}.png", breast_image(*raw_shape, seed=i, points_right=side == "L"))
         rows.append(f"raw{i}.png,p{e},{side},{kind},0,{i % 2},train\n")
-        if view == 0:
-            exams.append(
-                {
-                    "horizontal_flip": "NO",
-                    "best_center": {},
-                    "cancer_label": {
-                        "left_benign": 0,
-                        "left_malignant": 1,
-                        "right_benign": 0,
-                        "right_malignant": 0,
-                        "benign": 0,
-                        "malignant": 1,
-                        "unknown": 0,
-                    },
-                }
-            )
-            for key in PREPROCESSING_KEYS[:-1]:
-                exams[-1][key] = {v: [0] for v in VIEWS}
         h = int(rng.integers(0.92 * window[0], 1.09 * window[0]))  # a breast's crop
         w = int(rng.integers(0.78 * window[1], 1.09 * window[1]))
         write_png(root / f"crop{i}.png", breast_image(h, w, seed=1000 + i))
-        exams[-1][VIEWS[view]] = [f"crop{i}"]
-        exams[-1]["best_center"][VIEWS[view]] = [(h // 2, w // 3)]
+        if view == 0:
+            names, centers = {}, {}
+        names[VIEWS[view]], centers[VIEWS[view]] = f"crop{i}", (h // 2, w // 3)
+        if view == 3:
+            exams.append(preprocessed_exam(names, centers))
     (root / "manifest.csv").write_text("".join(rows))
     save_exam_list(root / "exams.pkl", exams)
     source = ExamListSource(root / "exams.pkl", root, window_shape=window)

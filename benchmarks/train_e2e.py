@@ -97,10 +97,10 @@ def render_data(root: Path, window, distinct: int, images: int) -> dict:
     import numpy as np
 
     from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
+    from gmic_jax.data.exam_list import save_exam_list
     from gmic_jax.data.image import write_png
     from gmic_jax.data.sources import ExamListSource
-    from gmic_jax.data.testing import breast_image
+    from gmic_jax.data.testing import breast_image, preprocessed_exam
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -117,26 +117,9 @@ def render_data(root: Path, window, distinct: int, images: int) -> dict:
         shapes.append((h, w))
     exams = []
     for e in range(images // IMAGES_PER_EXAM):
-        exam = {
-            "horizontal_flip": "NO",
-            "best_center": {},
-            "cancer_label": {
-                "left_benign": 0,
-                "left_malignant": 1,
-                "right_benign": 0,
-                "right_malignant": 0,
-                "benign": 0,
-                "malignant": 1,
-                "unknown": 0,
-            },
-        }
-        for key in PREPROCESSING_KEYS[:-1]:
-            exam[key] = {v: [0] for v in VIEWS}
-        for v, view in enumerate(VIEWS):
-            i = (e * IMAGES_PER_EXAM + v) % distinct
-            exam[view] = [f"crop{i}"]
-            exam["best_center"][view] = [(shapes[i][0] // 2, shapes[i][1] // 3)]
-        exams.append(exam)
+        crops = {view: (e * IMAGES_PER_EXAM + v) % distinct for v, view in enumerate(VIEWS)}
+        centers = {view: (shapes[i][0] // 2, shapes[i][1] // 3) for view, i in crops.items()}
+        exams.append(preprocessed_exam({view: f"crop{i}" for view, i in crops.items()}, centers))
     save_exam_list(root / "exams.pkl", exams)
     t0 = time.perf_counter()
     source = ExamListSource(root / "exams.pkl", root, window_shape=window)

@@ -20,11 +20,11 @@ Training batches with window noise (``data.window_noise``) carry, instead of ``i
 device needs to make each window (:meth:`gmic_jax.data.cache.CacheSource.noisy_region`):
 
 ==========  ==================  =========  ==================================================
-region      (N, h, w)           uint16     the part of the cached noise context holding the
-                                           drawn crop (one fixed shape per cache)
-borders     (N, 4)              int32      the crop [top, bottom, left, right] in ``region``;
-                                           the step resizes it to the window on the device
-                                           (:func:`gmic_jax.resample.crop_resize`)
+region      (N, h, w)           uint16     the band of the cached noise context's rows that
+                                           holds the drawn crop (one fixed shape per cache)
+borders     (N, 4)              int32      the crop [top, bottom, left, right] in ``region``,
+                                           resized to the window on the device before the
+                                           step (:func:`gmic_jax.train.step.make_window_fn`)
 ==========  ==================  =========  ==================================================
 
 A single example is the same dict without the leading N. Keep this layout stable: training,

@@ -215,6 +215,32 @@ def corrupt_copy(src, dst, keep_fraction: float = 0.5) -> Path:
 __all__ = ["write_dicom", "breast_image", "fake_cbis_ddsm_tree", "write_png_file", "corrupt_copy", "CBIS_COLUMNS"]
 
 
+def preprocessed_exam(names: dict, centers: dict, left=(0, 1), right=(0, 0)) -> dict:
+    """One exam of a preprocessed exam list (the original's pickle layout, what ``gmic-jax
+    preprocess`` writes): per view its image name and best centre, the left and right breasts'
+    (benign, malignant) labels, not flipped; the other preprocessing keys zero."""
+    from gmic_jax.data.exam_list import PREPROCESSING_KEYS
+    from gmic_jax.data.image import VIEWS
+
+    exam = {
+        "horizontal_flip": "NO",
+        "best_center": {view: [tuple(int(v) for v in centers[view])] for view in VIEWS},
+        "cancer_label": {
+            "left_benign": int(left[0]),
+            "left_malignant": int(left[1]),
+            "right_benign": int(right[0]),
+            "right_malignant": int(right[1]),
+            "benign": int(left[0] or right[0]),
+            "malignant": int(left[1] or right[1]),
+            "unknown": 0,
+        },
+    }
+    for key in PREPROCESSING_KEYS[:-1]:
+        exam[key] = {view: [0] for view in VIEWS}
+    exam.update({view: [names[view]] for view in VIEWS})
+    return exam
+
+
 def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, max_value: int = 4095) -> Path:
     """A small cache with window-noise contexts under ``root``/cache, and what it is built from.
 
@@ -224,7 +250,7 @@ def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, 
     third benign. ``noise``: the cache's window-noise amplitudes (``True``: the original's, scaled
     to ``window``). Returns the cache directory."""
     from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
+    from gmic_jax.data.exam_list import save_exam_list
     from gmic_jax.data.image import VIEWS, write_png
     from gmic_jax.data.sources import ExamListSource
 
@@ -233,22 +259,7 @@ def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, 
     wh, ww = window
     exams = []
     for e in range(num_exams):
-        malignant, benign = e % 2, int(e % 3 == 0)
-        exam = {
-            "horizontal_flip": "NO",
-            "best_center": {},
-            "cancer_label": {
-                "left_benign": benign,
-                "left_malignant": malignant,
-                "right_benign": 0,
-                "right_malignant": 0,
-                "benign": benign,
-                "malignant": malignant,
-                "unknown": 0,
-            },
-        }
-        for key in PREPROCESSING_KEYS[:-1]:
-            exam[key] = {view: [0] for view in VIEWS}
+        names, centers = {}, {}
         for view in VIEWS:
             h, w = int(rng.integers(0.9 * wh, 1.1 * wh)), int(rng.integers(0.85 * ww, 1.1 * ww))
             coarse = rng.random((h // 8 + 2, w // 8 + 2))
@@ -256,11 +267,10 @@ def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, 
             cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
             yy, xx = np.mgrid[:h, :w]
             image += 0.4 * max_value * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.01 * h * w))
-            name = f"{e}_{view}"
-            write_png(root / "images" / f"{name}.png", np.clip(image, 0, max_value).astype(np.uint16))
-            exam[view] = [name]
-            exam["best_center"][view] = [(h // 2 + int(rng.integers(-h // 10, h // 10 + 1)), w // 2)]
-        exams.append(exam)
+            names[view] = f"{e}_{view}"
+            write_png(root / "images" / f"{names[view]}.png", np.clip(image, 0, max_value).astype(np.uint16))
+            centers[view] = (h // 2 + int(rng.integers(-h // 10, h // 10 + 1)), w // 2)
+        exams.append(preprocessed_exam(names, centers, left=(int(e % 3 == 0), e % 2)))
     save_exam_list(root / "exams.pkl", exams)
     source = ExamListSource(root / "exams.pkl", root / "images", window_shape=tuple(window))
     count, failures = build_cache(source, root / "cache", shard_size=max(8, num_exams), window_noise=noise)
