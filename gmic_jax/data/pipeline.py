@@ -128,19 +128,10 @@ def load_batch(load: Callable, tasks: Sequence, alloc: Optional[Callable] = None
         columns = {k: [np.asarray((blank if r is None else r)[k]) for r in rows] for k in good}
         numeric = {k: ((len(v),) + v[0].shape, v[0].dtype) for k, v in columns.items() if v[0].dtype.kind in "biuf"}
         out = (alloc or _aligned_arrays)(numeric)
-        batch = {k: _stack_into(v, out[k]) if k in out else np.stack(v) for k, v in columns.items()}
+        batch = {k: np.stack(v, out=out[k]) if k in out else np.stack(v) for k, v in columns.items()}
     batch[OK] = np.array([r is not None for r in rows], bool)
     batch[FAILURES] = tuple(failures)
     return batch
-
-
-def _stack_into(values: list, out: np.ndarray) -> np.ndarray:
-    """``np.stack(values, out=out)``, one row at a time: a strided row (a window-noise region, a
-    view into a larger context) copies at memcpy speed this way, 1.7x faster than through
-    ``np.stack``'s concatenation (measured on the 2944 x 1920 regions)."""
-    for row, value in enumerate(values):
-        out[row] = value
-    return out
 
 
 ALIGNMENT = 64  # bytes: what XLA:CPU needs to use a host array in place (no copy on device_put)
