@@ -319,11 +319,10 @@ def train_and_evaluate(
             if batch[FAILURES]:
                 manager.wait_until_finished()
                 raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
-            profile.enter_phase("step_fn")  # dispatch, and the device's work until the metrics are here
-            inputs = {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch}
-            state, m = step_fn(state, inputs if windows is None else windows(inputs))
-            m = local_copy(m)
-            profile.exit()
+            with profile.phase("step_fn"):  # dispatch, and the device's work until the metrics are here
+                inputs = {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch}
+                state, m = step_fn(state, inputs if windows is None else windows(inputs))
+                m = local_copy(m)
             t_previous, t_step = t_step, time.perf_counter()
             waited += t_batch - t_start
             if step_times is not None:  # host: from the last step's end (the loop's start) to this batch's request

@@ -87,9 +87,6 @@ class LoopProfile:
     def exit(self) -> None:
         self._open.pop().__exit__(None, None, None)
 
-    def enter_phase(self, name: str) -> None:
-        self.enter(self._jax.profiler.TraceAnnotation(name))
-
     @contextlib.contextmanager
     def phase(self, name: str):
         with self._jax.profiler.TraceAnnotation(name):
