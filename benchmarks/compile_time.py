@@ -3,10 +3,19 @@ each in a fresh process, split into tracing, lowering and XLA compilation (or ca
 
     python benchmarks/compile_time.py --json compile.json            # 2944 x 1920, 1 exam, CPU
 
-Per round, three fresh worker processes, in this order:
+    python benchmarks/compile_time.py --device gpu --rounds 1 --dtype bfloat16 --json compile.json
+
+Per round, fresh worker processes, in this order:
 * cold, cache off        (GMIC_JAX_COMPILE_CACHE=off): what a first run without the cache costs;
-* cold, cache miss       (an empty cache directory): the same, plus writing the cache entry;
-* warm, cache hit        (the directory the miss just filled): what every later run costs.
+* cold, cache miss       (an empty cache directory): the same, plus writing the cache entry; this
+                         worker also serialises its executable (jax.experimental.serialize_executable);
+* warm, cache hit        (the directory the miss just filled): what every later run costs: tracing
+                         and lowering (the cache key is a hash of the lowered program), then a load;
+* warm, serialised       the executable the miss wrote, loaded without tracing or lowering: what a
+                         cache keyed by the configuration and the code version would cost;
+* GPU only: cold, autotuning cached  (a directory holding only the XLA autotuning results the miss
+                         wrote, `jax_persistent_cache_enable_xla_caches`): a changed program whose
+                         kernels were tuned before, e.g. after an edit of the code.
 Times are medians over --rounds rounds; the JSON has every round. The XLA flags are the CLI's
 (gmic_jax.xla_flags); --xla-flags adds more (to try a flag's effect on compile time).
 
@@ -22,6 +31,7 @@ import argparse
 import collections
 import json
 import os
+import pickle
 import re
 import shutil
 import statistics
@@ -36,7 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_common as bc  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-KINDS = ("cold, cache off", "cold, cache miss", "warm, cache hit")
+KINDS = ("cold, cache off", "cold, cache miss", "warm, cache hit", "warm, serialised")
+AUTOTUNE_KIND = "cold, autotuning cached"  # GPU only
+# The subdirectory of the compilation cache where JAX points XLA's per-fusion autotuning cache.
+AUTOTUNE_DIR = "xla_gpu_per_fusion_autotune_cache_dir"
+EXPECTED_CACHE = {KINDS[0]: "off", KINDS[1]: "miss", KINDS[2]: "hit", KINDS[3]: "serialised", AUTOTUNE_KIND: "miss"}
 PROFILE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "cpu_compiler=1,hlo_pass_pipeline=1"}
 _US = r"time: [^(]*\((\d+) us\)"
 
@@ -76,6 +90,23 @@ def xla_compile_profile(log: str, top: int = 12) -> dict:
     }
 
 
+def probe_loss(compiled, spec: dict) -> float:
+    """The loss of a compiled training step at the model's initial variables, on ones for images
+    and targets (--check-loaded): the loaded executable must compute what the traced one did."""
+    import jax
+    import jax.numpy as jnp
+    from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
+
+    from gmic_jax import init_variables
+
+    cfg = make_config(spec)
+    variables = init_variables(cfg, jax.random.key(0))
+    n = IMAGES_PER_EXAM * spec["batch_exams"]
+    x, y = jnp.ones((n, *cfg.image_shape, 1), jnp.float32), jnp.ones((n, 2), jnp.float32)
+    (loss, _), _ = compiled(variables["params"], variables["batch_stats"], x, y, jax.random.key(0))
+    return float(loss)
+
+
 def run_worker(spec: dict) -> int:
     def ready():
         from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
@@ -83,10 +114,25 @@ def run_worker(spec: dict) -> int:
         apply_cpu_defaults()
         enable_compile_cache()
         import jax
+        from jax.experimental import serialize_executable
         from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
 
         from gmic_jax import GMIC, init_variables
 
+        if spec.get("load_from"):  # no tracing, no lowering: read and load the executable
+            t0 = time.perf_counter()
+            payload = pickle.loads(Path(spec["load_from"]).read_bytes())
+            compiled = serialize_executable.deserialize_and_load(*payload)
+            load_s = time.perf_counter() - t0
+            return {
+                "loss": probe_loss(compiled, spec) if spec.get("check_loaded") else None,
+                "trace_s": 0.0,
+                "lower_s": 0.0,
+                "compile_s": load_s,
+                "total_s": load_s,
+                "compile_cache": "serialised",
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            }
         cfg = make_config(spec)
         variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
         n = IMAGES_PER_EXAM * spec["batch_exams"]
@@ -104,15 +150,19 @@ def run_worker(spec: dict) -> int:
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            lowered.compile()
+            compiled = lowered.compile()
             t3 = time.perf_counter()
+        if spec.get("serialize_to"):
+            Path(spec["serialize_to"]).write_bytes(pickle.dumps(serialize_executable.serialize(compiled)))
         return {
+            "loss": probe_loss(compiled, spec) if spec.get("check_loaded") else None,
             "trace_s": t1 - t0,
             "lower_s": t2 - t1,
             "compile_s": t3 - t2,
             "total_s": t3 - t0,
             "compile_cache": cache.status,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "device_kind": jax.devices()[0].device_kind,
         }
 
     return bc.serve(lambda msg: {}, ready)
@@ -129,9 +179,16 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="none")
     p.add_argument("--batch-exams", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to compile [cpu]")
     p.add_argument("--xla-flags", default="", help="extra XLA flags of the workers")
     p.add_argument(
         "--profile", action="store_true", help="also split one cold compile into XLA's passes and backend [off]"
+    )
+    p.add_argument(
+        "--check-loaded",
+        action="store_true",
+        help="run the compiled and the loaded executables once after timing and compare their losses "
+        "(small images: a full-size CPU step takes seconds) [off]",
     )
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -146,16 +203,30 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "remat": args.remat,
         "batch_exams": args.batch_exams,
+        "check_loaded": args.check_loaded,
     }
     cores = bc.parse_cores(None, args.threads)
+    kinds = (*KINDS, AUTOTUNE_KIND) if args.device == "gpu" else KINDS
     tmp = Path(tempfile.mkdtemp(prefix="gmic_compile_time_"))
-    runs = {k: [] for k in KINDS}
+    runs = {k: [] for k in kinds}
     try:
         for r in range(args.rounds):
-            cache = tmp / f"cache{r}"
-            for kind, cache_env in zip(KINDS, ("off", str(cache), str(cache))):
-                env = bc.worker_env(args.threads, "cpu", args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": cache_env})
-                worker = bc.Worker(SCRIPT, spec, cores, env, tmp / f"{r}.log")
+            cache, exe, autotuned = tmp / f"cache{r}", tmp / f"exe{r}.pkl", tmp / f"autotune{r}"
+            plan = {
+                KINDS[0]: ("off", {}),
+                KINDS[1]: (cache, {"serialize_to": str(exe)}),
+                KINDS[2]: (cache, {}),
+                KINDS[3]: ("off", {"load_from": str(exe)}),
+                AUTOTUNE_KIND: (autotuned, {}),
+            }
+            for kind in kinds:
+                if kind == AUTOTUNE_KIND:  # the miss's autotuning results, none of its executables
+                    shutil.copytree(cache / AUTOTUNE_DIR, autotuned / AUTOTUNE_DIR)
+                cache_env, extra = plan[kind]
+                env = bc.worker_env(
+                    args.threads, args.device, args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": str(cache_env)}
+                )
+                worker = bc.Worker(SCRIPT, {**spec, **extra}, cores, env, tmp / f"{r}.log")
                 try:
                     runs[kind].append(worker.receive())
                 finally:
@@ -167,7 +238,9 @@ def main(argv=None) -> int:
                 )
         profile = None
         if args.profile:
-            env = bc.worker_env(args.threads, "cpu", args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": "off", **PROFILE_ENV})
+            env = bc.worker_env(
+                args.threads, args.device, args.xla_flags, {"GMIC_JAX_COMPILE_CACHE": "off", **PROFILE_ENV}
+            )
             worker = bc.Worker(SCRIPT, spec, cores, env, tmp / "profile.log")
             try:
                 profile = {**worker.receive()}
@@ -180,10 +253,13 @@ def main(argv=None) -> int:
         k: {f: statistics.median(x[f] for x in v) for f in ("trace_s", "lower_s", "compile_s", "total_s")}
         for k, v in runs.items()
     }
+    device = f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})"
+    if args.device == "gpu":
+        device = f"{runs[KINDS[0]][0]['device_kind']} (compiled on {device})"
     report = {
-        "device": f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})",
+        "device": device,
         "cpu": bc.cpu_identity(),
-        "versions": bc.versions(),
+        "versions": bc.versions(extra=bc.GPU_PACKAGES if args.device == "gpu" else ()),
         "spec": spec,
         "rounds": args.rounds,
         "xla_flags": runs[KINDS[0]][0]["xla_flags"],
@@ -199,7 +275,7 @@ def main(argv=None) -> int:
         "| training step | trace (s) | lower (s) | XLA compile / cache load (s) | total (s) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for kind in KINDS:
+    for kind in kinds:
         m = med[kind]
         lines.append(
             f"| {kind} | {m['trace_s']:.2f} | {m['lower_s']:.2f} | {m['compile_s']:.2f} | {m['total_s']:.2f} |"
@@ -219,8 +295,11 @@ def main(argv=None) -> int:
         lines += [f"| {name} | {sec:.3f} | {calls} |" for name, sec, calls in profile["passes"]]
     print("\n".join(lines))
     statuses = {k: sorted({x["compile_cache"] for x in v}) for k, v in runs.items()}
-    if statuses != {KINDS[0]: ["off"], KINDS[1]: ["miss"], KINDS[2]: ["hit"]}:
+    if statuses != {k: [EXPECTED_CACHE[k]] for k in kinds}:
         print(f"compile_time: error: unexpected cache behaviour {statuses}", file=sys.stderr)
+        return 1
+    if args.check_loaded and any(a["loss"] != b["loss"] for a, b in zip(runs[KINDS[1]], runs[KINDS[3]], strict=True)):
+        print("compile_time: error: the loaded executable's loss differs from the compiled one's", file=sys.stderr)
         return 1
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -16,6 +16,13 @@ puts it in DIR, GMIC_JAX_COMPILE_CACHE=off turns it off; by default it lives in
 $XDG_CACHE_HOME/gmic-jax/jax-compile-cache (~/.cache/...), capped at COMPILE_CACHE_MAX_BYTES
 (least recently used entries go first). A cache directory JAX was already given
 (JAX_COMPILATION_CACHE_DIR) is kept when GMIC_JAX_COMPILE_CACHE is not set.
+
+On GPU the same directory also keeps XLA's autotuning results (`XLA_CACHES`, JAX's
+`jax_persistent_cache_enable_xla_caches`; JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES wins): the
+convolution and fusion configurations XLA measured on the card, per fusion, in its subdirectory
+`xla_gpu_per_fusion_autotune_cache_dir`. A program that misses the cache (a new shape, an edited
+model) then compiles without re-measuring the kernels it shares with programs compiled before;
+`benchmarks/compile_time.py --device gpu` measures the difference ("cold, autotuning cached").
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ COMPILE_CACHE_MAX_BYTES = 4 * 2**30
 # Programs that compile faster than this are not written to the cache (JAX's default is 1 s; the
 # forward of a small config compiles in ~0.5 s on a 2-core CPU).
 COMPILE_CACHE_MIN_COMPILE_S = 0.3
+# XLA's own caches kept in the compilation cache's directory: the GPU autotuning results.
+XLA_CACHES = "xla_gpu_per_fusion_autotune_cache_dir"
 _OFF = ("off", "0", "false", "no", "none")
 
 
@@ -94,4 +103,6 @@ def enable_compile_cache() -> Path | None:
         )
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's threshold wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_COMPILE_S)
+    if "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" not in os.environ:  # the user's choice wins
+        jax.config.update("jax_persistent_cache_enable_xla_caches", XLA_CACHES)
     return path

@@ -378,14 +378,18 @@ def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
             *map(str, CROP),
             "--threads",
             str(THREADS),
+            "--check-loaded",
         ],
         tmp_path,
         "ct",
     )
     runs = {kind: r[0] for kind, r in report["runs"].items()}
-    assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit"]
+    assert [r["compile_cache"] for r in runs.values()] == ["off", "miss", "hit", "serialised"]
     for r in runs.values():
         assert r["total_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["compile_s"])
+    # The serialised executable was loaded without tracing and ran: its loss is the traced program's.
+    assert runs["warm, serialised"]["trace_s"] == 0.0
+    assert runs["warm, serialised"]["loss"] == runs["cold, cache miss"]["loss"] > 0
     # The cache statuses above come from JAX's monitoring events (bc.CompileCacheEvents), not from the
     # clock: the warm run's every lookup was a hit. Whether loading beats compiling is a timing, measured
     # on a quiet machine in benchmarks/RESULTS.md, not asserted on a shared one.

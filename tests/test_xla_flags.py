@@ -39,11 +39,15 @@ import bench_common as bc
 from gmic_jax import GMIC, GMICConfig, init_variables
 from gmic_jax.xla_flags import enable_compile_cache
 print(enable_compile_cache())
+from jax._src import compiler  # record the options XLA compiles with: where its GPU autotuning results go
+used, make_options = [], compiler.get_compile_options
+compiler.get_compile_options = lambda *a, **k: used.append(make_options(*a, **k)) or used[-1]
 cfg = GMICConfig(image_shape=(128, 96), crop_shape=(32, 32), K=2, percent_t=0.1, local_net="resnet18_narrow")
 v = init_variables(cfg, jax.random.key(0))
 with bc.CompileCacheEvents() as events:
     jax.jit(lambda v, x: GMIC(cfg).apply(v, x)).lower(v, jnp.zeros((1, 128, 96, 1))).compile()
 print(events.status, jax.config.jax_compilation_cache_max_size)
+print(used[0].executable_build_options.debug_options.xla_gpu_per_fusion_autotune_cache_dir or "-")
 """
 
 
@@ -78,9 +82,18 @@ def test_second_process_hits_the_cache_and_off_writes_nothing(tmp_path):
     from gmic_jax.xla_flags import COMPILE_CACHE_MAX_BYTES
 
     first = run_cache({"GMIC_JAX_COMPILE_CACHE": str(cache)}, repo)
-    assert first == [str(cache), "miss", str(COMPILE_CACHE_MAX_BYTES)]  # with its size limit
+    # With its size limit, and XLA's GPU autotuning results kept beside the programs.
+    assert first == [
+        str(cache),
+        "miss",
+        str(COMPILE_CACHE_MAX_BYTES),
+        str(cache / "xla_gpu_per_fusion_autotune_cache_dir"),
+    ]
     assert any(cache.iterdir())  # the program was written
     assert run_cache({"GMIC_JAX_COMPILE_CACHE": str(cache)}, repo)[:2] == [str(cache), "hit"]
     off = run_cache({"GMIC_JAX_COMPILE_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")}, repo)
-    assert off[:2] == ["None", "off"]
+    assert off[:2] == ["None", "off"] and off[-1] == "-"
+    # The user's choice of XLA caches wins over gmic-jax's.
+    mine = run_cache({"GMIC_JAX_COMPILE_CACHE": str(cache), "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES": "none"}, repo)
+    assert mine[-1] == "-"
     assert not (tmp_path / "xdg").exists()
