@@ -2,63 +2,89 @@
 # The GPU measurements of a session that is lent a GPU, as one prepared script (device time is
 # short: every step has its own time limit, and a failing step does not stop the next).
 #
-#     bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]
+#     bash benchmarks/gpu_prepare.sh ORIGINAL_CHECKOUT      # here, once: wheels + the original's model
+#     bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]     # on the GPU machine (TORCH_REF: .ref/GMIC)
 #
-# Steps (STEPS picks some, in this order; default all):
-#   side_by_side  memory_fwd_bwd.py, JAX float32 and bfloat16 beside the original release (TORCH_REF,
-#                 a checkout of it) at the backend's default precision (TF32 convolutions on GPU):
-#                 latency, FLOPs, runtime peak memory of a training step, agreement of the outputs
-#   highest       the same in full float32 (--precision highest) for JAX float32 and the original
-#   throughput    throughput.py: the project's training step with Adam, bfloat16, 1 and 4 exams/device
-#   kernels       memory_fwd_bwd.py, bfloat16, remat global_stem: with XLA's ops, then
-#                 with the CPU rewrites forced (gmic_jax.models.fast_ops)
-#   bn_variance   batchnorm_variance.py: the training step (bfloat16, one exam) with BatchNorm's
-#                 two-pass batch variance against the one-pass formula (step time, bytes)
-#   window_noise  window_noise_device.py: the training step (bfloat16, one exam) fed the window-noise
-#                 regions, cropped and resized on the device, against the step fed finished windows
-#   train_e2e     train_e2e.py: the real `gmic-jax train` loop (Grain, window-noise cache, Orbax
-#                 checkpoints) at 2944 x 1920, bfloat16, remat none, 1, 2 and 4 exams/device, 10 timed
-#                 steps each: exams/s, step time, loader wait, compile, peak memory (own limit
-#                 E2E_LIMIT_S [480 s]: three fresh processes, each compiling its step)
-# OUT_DIR gets env.txt (GPU, driver, versions), tables.md (every step's table), one JSON per step
-# and log.txt (progress and errors). PYTHON picks the interpreter [python3], THREADS the CPU threads
-# of each worker [4]; STEP_LIMIT_S sets every step's time limit [240 s]. Results go to
-# benchmarks/RESULTS.md with the card named (env.txt). The first five steps write 10 files and take
-# ~10 minutes on an H200 (compiles included; window_noise and train_e2e not yet measured there: 1 file
-# each, estimated 1-2 and 4-8 minutes); the workplace's device tool returns 8 files a call: pick STEPS.
-# DEVICE [gpu] and E2E_ARGS (words appended to train_e2e.py's arguments) rehearse train_e2e on CPU:
-#     DEVICE=cpu STEPS=train_e2e E2E_ARGS="--window 128 96 --config configs/synthetic_tiny.py \
-#         --config.model.crop_shape=(32,32) --config.model.K=2 --steps 2" bash benchmarks/gpu_checks.sh /tmp/r
+# Default steps (STEPS picks others, in this order), sized to fit 8 minutes of GPU time together
+# and to write 7 files (env.txt, log.txt, tables.md and one JSON per step):
+#   peers      memory_fwd_bwd.py: JAX bfloat16 and float32 beside the original (float32, TF32 convolutions,
+#              as PyTorch runs by default) and the PyTorch a user would run (PEERS, bfloat16 autocast,
+#              channels_last, torch.compile): latency, runtime peak memory, agreement    [limit 180 s]
+#   roofline   roofline.py --measure: one traced training step (bfloat16), every kernel's measured
+#              time beside its bound from the card's peaks                                  [60 s]
+#   e2e        train_e2e.py: the real `gmic-jax train` loop at 2944 x 1920, bfloat16, E2E_EXAMS exams per
+#              device [1 4], 10 timed steps each, each in a fresh process (own compile)      [150 s]
+#   compile    compile_time.py: the training step compiled cold into an empty cache, then in fresh
+#              processes warm (cache hit), as a serialised executable, and cold with XLA's
+#              autotuning results cached                                                     [90 s]
+# More steps, each adding files and minutes (STEPS="side_by_side highest ..."):
+#   side_by_side / highest   JAX float32 + bfloat16 against the original, default / full float32
+#   throughput   throughput.py, the training step with Adam, bfloat16, 1 and 4 exams/device
+#   kernels      memory_fwd_bwd.py, bfloat16, remat global_stem, XLA's ops then the CPU rewrites
+#   bn_variance  batchnorm_variance.py, two-pass against one-pass batch variance
+#   window_noise window_noise_device.py, the step fed window-noise regions against finished windows
+#
+# Packages the GPU image lacks (grain, ml_collections, tensorboardX, ...) travel as wheels in .whl/
+# (benchmarks/gpu_prepare.sh); they are installed into /tmp/gmic-site when .whl/ is there. The
+# device tool's call: carry [".whl", ".ref"], command `bash benchmarks/gpu_checks.sh $OUT .ref/GMIC`.
+# PYTHON picks the interpreter [python3], THREADS the CPU threads of each worker [4]; <STEP>_LIMIT_S
+# overrides a step's limit (PEERS_LIMIT_S, ...), STEP_LIMIT_S the limit of the extra steps [240 s].
+#
+# Rehearsal on CPU (every step at a small size, a few minutes; what a session without a GPU runs
+# before a lent GPU's minutes are spent on it): REHEARSE=1 bash benchmarks/gpu_checks.sh /tmp/rehearsal
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [TORCH_REF]}
 REF=${2:-}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-4}
-STEPS=${STEPS:-side_by_side highest throughput kernels bn_variance window_noise train_e2e}
-DEVICE=${DEVICE:-gpu}
+STEPS=${STEPS:-peers roofline e2e compile}
+PEERS=${PEERS:-torch_bf16 torch_channels_last torch_bf16_channels_last torch_compile_bf16_channels_last}
+E2E_EXAMS=${E2E_EXAMS:-1 4}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 [ -z "$REF" ] || REF=$(cd "$REF" && pwd) || exit 1
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 LOG="$OUT/log.txt"
 TABLES="$OUT/tables.md"
-step() {  # step NAME COMMAND...: run under the time limit; its table goes to tables.md
-    local name=$1; shift
+if [ "${REHEARSE:-0}" = 1 ]; then
+    DEVICE=cpu
+    THREADS=${THREADS_REHEARSE:-2}
+    SIZE=(--image-shape 256 192 --crop-shape 96 96 --K 2 --percent-t 0.1)
+    E2E_SIZE=(--window 128 96 --config configs/synthetic_tiny.py "--config.model.crop_shape=(32,32)"
+        --config.model.K=2 --steps 2 --checkpoint-every 2)
+    RUNS=2
+else
+    DEVICE=gpu
+    SIZE=()
+    E2E_SIZE=(--steps 10 --checkpoint-every 5)
+    RUNS=10
+fi
+step() {  # step NAME LIMIT_S COMMAND...: run under its time limit; its table goes to tables.md
+    local name=$1 limit=$2; shift 2
     local t0=$SECONDS
-    echo "=== $name (limit ${STEP_LIMIT_S:-240} s): $*" >>"$LOG"
+    echo "=== $name (limit $limit s): $*" >>"$LOG"
     printf '\n## %s\n\n`%s`\n\n' "$name" "$*" >>"$TABLES"
-    timeout "${STEP_LIMIT_S:-240}" "$@" >>"$TABLES" 2>>"$LOG"
+    timeout "$limit" "$@" >>"$TABLES" 2>>"$LOG"
     echo "=== $name: exit $? after $((SECONDS - t0)) s" >>"$LOG"
 }
 wanted() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gmic-site \
+        .whl/*.whl >>"$LOG" 2>&1 || echo "installing .whl/ failed (log.txt)" >>"$LOG"
+    export PYTHONPATH=/tmp/gmic-site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+fi
 {
     date -u
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
-    lscpu | grep -E '^Model name|^CPU\(s\)'
-    "$PY" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|numpy |torch |torchvision|nvidia-cudnn|grain)'
-    "$PY" -c "import jax; print('jax devices:', jax.devices())"
+    echo "device: $DEVICE; steps: $STEPS"
+    [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+    lscpu | grep -E '^Model name|^CPU\(s\)|^CPU family|^Model:'
+    "$PY" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|numpy |torch |torchvision|nvidia-cudnn|grain|ml.collections)'
+    "$PY" -c "import jax, grain, ml_collections; print('jax devices:', jax.devices())"
 } >"$OUT/env.txt" 2>&1
 
 # gmic_jax.xla_flags adds an XLA:CPU flag to XLA_FLAGS; does this jaxlib still know it? (An
@@ -74,29 +100,39 @@ if [ -n "$REF" ] && ! (cd benchmarks && "$PY" -c "import sys; from torch_referen
     REF=
 fi
 
-MFB=("$PY" benchmarks/memory_fwd_bwd.py --device gpu --threads "$THREADS" --n-runs 20)
-wanted side_by_side && step side_by_side "${MFB[@]}" --dtype float32 bfloat16 ${REF:+--torch-ref "$REF"} \
+MFB=("$PY" benchmarks/memory_fwd_bwd.py --device "$DEVICE" --threads "$THREADS" --n-runs "$RUNS" "${SIZE[@]}")
+# PEERS is split into words on purpose (a list of names).
+# shellcheck disable=SC2086
+wanted peers && step peers "${PEERS_LIMIT_S:-180}" "${MFB[@]}" --dtype bfloat16 float32 \
+    ${REF:+--torch-ref "$REF" --torch-peers $PEERS} --json "$OUT/peers.json"
+wanted roofline && step roofline "${ROOFLINE_LIMIT_S:-60}" "$PY" benchmarks/roofline.py --measure "$DEVICE" \
+    --dtype bfloat16 --threads "$THREADS" "${SIZE[@]}" --json "$OUT/roofline.json"
+# E2E_EXAMS is split into words on purpose (a list of numbers).
+# shellcheck disable=SC2086
+wanted e2e && step e2e "${E2E_LIMIT_S:-150}" "$PY" benchmarks/train_e2e.py --device "$DEVICE" --dtype bfloat16 \
+    --exams-per-device $E2E_EXAMS --remat none --threads "$THREADS" "${E2E_SIZE[@]}" --json "$OUT/e2e.json"
+wanted compile && step compile "${COMPILE_LIMIT_S:-90}" "$PY" benchmarks/compile_time.py --device "$DEVICE" \
+    --rounds 1 --dtype bfloat16 --threads "$THREADS" --kinds miss hit serialised autotuned "${SIZE[@]}" \
+    --json "$OUT/compile.json"
+
+EXTRA=${STEP_LIMIT_S:-240}
+wanted side_by_side && step side_by_side "$EXTRA" "${MFB[@]}" --dtype float32 bfloat16 ${REF:+--torch-ref "$REF"} \
     --json "$OUT/side_by_side.json"
-wanted highest && step highest "${MFB[@]}" --dtype float32 --precision highest ${REF:+--torch-ref "$REF"} \
+wanted highest && step highest "$EXTRA" "${MFB[@]}" --dtype float32 --precision highest ${REF:+--torch-ref "$REF"} \
     --json "$OUT/highest.json"
 if wanted throughput; then
     for exams in 1 4; do  # the input rate once: rendering full-size synthetic exams is slow (--help)
-        step "throughput_b$exams" "$PY" benchmarks/throughput.py --device gpu --devices 1 --per-device-exams "$exams" \
-            --dtype bfloat16 --steps 10 --threads "$THREADS" --input-batches $((exams == 1)) \
-            --json "$OUT/throughput_b$exams.json"
+        step "throughput_b$exams" "$EXTRA" "$PY" benchmarks/throughput.py --device "$DEVICE" --devices 1 \
+            --per-device-exams "$exams" --dtype bfloat16 --steps 10 --threads "$THREADS" "${SIZE[@]:0:6}" \
+            --input-batches $((exams == 1)) --json "$OUT/throughput_b$exams.json"
     done
 fi
 if wanted kernels; then
-    step kernels_xla "${MFB[@]}" --dtype bfloat16 --remat global_stem --json "$OUT/kernels_xla.json"
-    step kernels_cpu "${MFB[@]}" --dtype bfloat16 --remat global_stem --kernels cpu --json "$OUT/kernels_cpu.json"
+    step kernels_xla "$EXTRA" "${MFB[@]}" --dtype bfloat16 --remat global_stem --json "$OUT/kernels_xla.json"
+    step kernels_cpu "$EXTRA" "${MFB[@]}" --dtype bfloat16 --remat global_stem --kernels cpu --json "$OUT/kernels_cpu.json"
 fi
-wanted bn_variance && step bn_variance "$PY" benchmarks/batchnorm_variance.py --image-shape 2944 1920 --batch 4 \
-    --dtype bfloat16 --steps 20 --json "$OUT/bn_variance.json"
-wanted window_noise && step window_noise "$PY" benchmarks/window_noise_device.py --image-shape 2944 1920 --batch 4 \
-    --dtype bfloat16 --steps 20 --json "$OUT/window_noise.json"
-# E2E_ARGS is split into words on purpose (extra options for a rehearsal).
-# shellcheck disable=SC2086
-wanted train_e2e && STEP_LIMIT_S=${E2E_LIMIT_S:-480} step train_e2e "$PY" benchmarks/train_e2e.py --device "$DEVICE" \
-    --dtype bfloat16 --exams-per-device 1 2 4 --remat none --steps 10 --checkpoint-every 5 \
-    --threads "$THREADS" ${E2E_ARGS:-} --json "$OUT/train_e2e.json"
+wanted bn_variance && step bn_variance "$EXTRA" "$PY" benchmarks/batchnorm_variance.py --image-shape 2944 1920 \
+    --batch 4 --dtype bfloat16 --steps 20 --json "$OUT/bn_variance.json"
+wanted window_noise && step window_noise "$EXTRA" "$PY" benchmarks/window_noise_device.py --image-shape 2944 1920 \
+    --batch 4 --dtype bfloat16 --steps 20 --json "$OUT/window_noise.json"
 echo "=== done" >>"$LOG"
