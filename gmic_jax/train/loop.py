@@ -174,6 +174,7 @@ def train_and_evaluate(
     import jax
 
     from gmic_jax import checkpoint as ckpt_lib
+    from gmic_jax import executable_cache
     from gmic_jax.augment import tta_augment
     from gmic_jax.config import GMICConfig
     from gmic_jax.data import batch as batch_lib
@@ -267,6 +268,9 @@ def train_and_evaluate(
             gap_weight=config.loss.get("gap_weight", 0.0),
             gap_margin=config.loss.get("gap_margin", GAP_MARGIN),
         )
+        # Later runs of the same config and code load this executable instead of tracing the step.
+        salt = f"{config.to_json_best_effort(sort_keys=True)}\n{model_cfg!r}\ntotal_steps={total_steps}"
+        step_fn = executable_cache.cached(step_fn, "train_step", salt)
     plan = TrainPlan(
         labels,
         batch_size=B,
