@@ -340,7 +340,9 @@ def test_profile_parts():
     assert profile_summary.part_of("jit(f)/GMIC/while/body/closed_call/reduce_window_sum") == "retrieve_roi"
     assert profile_summary.part_of("jit(f)/GMIC/vmap(vmap())/gather") == "crop extraction"
     assert profile_summary.part_of("jit(f)/GMIC/top_k") == "top-t pooling"
-    assert profile_summary.part_of("jit(loss_fn)/log") == "loss / other"
+    assert profile_summary.part_of("jit(loss_fn)/log") == "loss"
+    assert profile_summary.part_of("jit(per_device)/transpose(jvp())/neg") == "loss"
+    assert profile_summary.part_of("jit(per_device)/jit(_where)/select_n") == "optimizer / update"
     assert profile_summary.part_of("x (from operands)") == "unattributed (no metadata)"
     hlo = """HloModule m
 %fused_computation.1 (p0: f32[2], p1: f32[2]) -> f32[2] {
