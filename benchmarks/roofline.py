@@ -6,8 +6,9 @@
 Compiles for the target (benchmarks/deviceless.py; needs jaxlib's CUDA plugin) the training step
 the training loop runs (`gmic_jax.train.step.make_train_step`: forward, backward, pmean over the
 one-device 'data' mesh, Adam of `gmic_jax.train.state.make_optimizer`, the non-finite guard;
-loss beta = 0 as benchmarks/throughput.py, which measured it) and the forward in inference mode
-(`DevicelessRunner`'s), then reads the optimised HLO (`compiled.as_text()`). Every instruction
+loss beta = 0 as benchmarks/throughput.py, which measured it), the forward in inference mode and,
+with --phases fwd_bwd, forward + backward without the update (`DevicelessRunner`'s programs, the
+ones memory_fwd_bwd.py times), then reads the optimised HLO (`compiled.as_text()`). Every instruction
 that launches work is a kernel: fusions, custom calls (cuDNN convolutions, cuBLAS gemms), copies,
 sorts, scatters, reduces, ...; parameter, tuple, get-tuple-element, bitcast, constant and the
 '-done' halves of asynchronous pairs launch nothing, and a while / call / conditional is replaced
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import math
 import os
@@ -305,8 +307,8 @@ def compile_program(config: dict) -> dict:
     spec = {**config, "deviceless": target, "image_shape": list(config["image_shape"])}
     spec.update(crop_shape=[256, 256], K=6, percent_t=0.02)
     t0 = time.perf_counter()
-    if config["phase"] == "fwd":
-        runner = deviceless.DevicelessRunner(spec)
+    if config["phase"] in ("fwd", "fwd_bwd"):
+        runner = deviceless.DevicelessRunner({**spec, "phase": "fwd" if config["phase"] == "fwd" else "train"})
         compiled = runner.fn.lower(*runner.args).compile()
     else:
         cfg, mesh = make_config(spec), deviceless.target_mesh(target)
@@ -374,15 +376,11 @@ def make_report(target: str, peaks: dict, results: list[dict], kernels_variant: 
 
 
 def configs(args) -> list[dict]:
-    """The forward and the training step per dtype, remat policy (the training step only), batch
-    and image scale."""
+    """Each phase per dtype, batch, image scale and remat policy (the forward: 'none' only)."""
     out = []
-    for dtype in args.dtype:
-        for batch in args.batch_exams:
-            for scale in args.image_scale:
-                base = dict(target=args.deviceless, dtype=dtype, batch_exams=batch, image_shape=scaled_shape(scale))
-                out.append(dict(base, phase="fwd", remat="none"))
-                out += [dict(base, phase="train", remat=r) for r in args.remat]
+    for dtype, batch, scale, phase in itertools.product(args.dtype, args.batch_exams, args.image_scale, args.phases):
+        base = dict(target=args.deviceless, dtype=dtype, batch_exams=batch, image_shape=scaled_shape(scale))
+        out += [dict(base, phase=phase, remat=r) for r in (["none"] if phase == "fwd" else args.remat)]
     return out
 
 
@@ -391,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deviceless", required=True, choices=sorted(deviceless.TARGETS), help="GPU target")
     p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["bfloat16"], help="[bfloat16]")
     p.add_argument("--remat", nargs="+", choices=tuple(REMAT_POLICIES), default=["none"], help="[none]")
+    p.add_argument(
+        "--phases", nargs="+", choices=("fwd", "fwd_bwd", "train"), default=["fwd", "train"], help="[fwd train]"
+    )
     p.add_argument("--batch-exams", type=int, nargs="+", default=[1], help="exams (4 images) per batch [1]")
     p.add_argument("--image-scale", type=float, nargs="+", default=[1.0], help="times the paper's pixels [1]")
     p.add_argument("--kernels", choices=("auto", "cpu", "xla"), default="auto", help="gmic_jax.models.fast_ops [auto]")
