@@ -25,7 +25,7 @@ def cost_against_work(series: dict, path, title: str = "") -> None:
     axes[0][0].set_ylabel("compiled memory (GiB / exam)")
     axes[1][0].set_ylabel("roofline bound (ms / exam)")
     axes[1][0].set_xlabel("exams per batch (image 2944 x 1920)")
-    axes[1][1].set_xlabel("image pixels / paper's 2944 x 1920 (1 exam per batch)")
+    axes[1][1].set_xlabel("image pixels / 2944 x 1920's (1 exam per batch)")
     axes[1][0].set_xscale("log", base=2)
     axes[0][0].set_xscale("log", base=2)
     for ax in axes.flat:
