@@ -396,12 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-scale", type=float, nargs="+", default=[1.0], help="times the paper's pixels [1]")
     p.add_argument("--kernels", choices=("auto", "cpu", "xla"), default="auto", help="gmic_jax.models.fast_ops [auto]")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the report there [off]")
-    p.add_argument(
-        "--plot",
-        default=None,
-        metavar="PNG",
-        help="draw cost against work for this target; its data beside it (.json) [off]",
-    )
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw cost against work (data: PNG.json) [off]")
     p.add_argument("--plot-remat", nargs="+", default=["none", "global_stem", "all"], help="lines of --plot")
     return p
 
