@@ -37,15 +37,15 @@ by the kernels of the computations it runs. Per kernel:
 * bound = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth); memory-bound when the bytes term wins.
 * part: the instruction's op_name (the Flax module path) through `profile_summary.part_group`.
 
-The program's bound is the sum of its kernels' bounds: no kernel overlaps another and none runs
-faster than its roofline, so a measured runtime divided by it says how far the program is from
-this limit (launch gaps, cuDNN algorithms, occupancy). Everything reported - bound_ms, bytes and
+The program's bound is the sum of its kernels' bounds (taking them as run one after another, as
+on one stream; none beats its roofline), so a measured runtime divided by it says how far the
+program is from this limit (launch gaps, cuDNN algorithms, occupancy). Everything reported - bound_ms, bytes and
 FLOPs, per program and per kernel - is per exam (4 images): the batch's value / batch_exams.
 
 --json OUT: {"target", "device", "versions", "peaks", "unit", "results": [{"target", "phase",
 "dtype", "remat", "batch_exams", "image_shape", "bound_ms", "memory_bound_share", "by_part",
 "arg_bytes", "temp_bytes", "kernels": [{"name", "part", "bytes", "flops", "bound_ms", "kind",
-"peak", "memory_bound", "trip_count"}, ...]}]} (kernels largest bound first). --plot PNG draws
+"peak", "memory_bound", "trip_count", "op_name"}, ...]}]} (largest bound first). --plot PNG draws
 compiled memory and bound per exam against exams per batch and image size (benchmarks/plots.py).
 """
 
