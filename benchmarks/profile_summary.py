@@ -116,7 +116,12 @@ def part_of(op_name: str) -> str:
     if "/" not in op_name:
         return "unattributed (no metadata)"
     if "GMIC" not in path:
-        return "loss / other"
+        # Outside the model: the loss is differentiated (under jvp / transpose) or is a function of
+        # its own named loss*; the rest of a training step (gradient norm, Adam, the non-finite
+        # guard's selects) follows the backward pass.
+        if "jvp(" in op_name or "transpose(" in op_name or any(p.startswith("loss") for p in path):
+            return "loss"
+        return "optimizer / update"
     # Functions outside modules: a named scope when the model sets one, else what they lower to.
     if "retrieve_roi" in path or "while" in path:
         return "retrieve_roi"
@@ -125,6 +130,34 @@ def part_of(op_name: str) -> str:
     if "top_k" in path:
         return "top-t pooling"
     return "other model glue"
+
+
+# The coarser parts of a roofline (benchmarks/roofline.py), in the model's order, and which of
+# `part_of`'s parts each holds. The final BN + ReLU of the global network follows stage 4; top-t
+# pooling turns the saliency maps into the global prediction.
+PART_GROUPS = {
+    "global stem": ("global stem conv", "global stem pool / other"),
+    **{f"global stage {s}": (f"global stage {s}",) for s in range(4)},
+    "global stage 4": ("global stage 4", "global final BN"),
+    "saliency": ("saliency head", "top-t pooling"),
+    "ROI and crops": ("retrieve_roi", "crop extraction"),
+    "local network": (
+        "local stem conv",
+        "local stem BN",
+        "local pool / mean",
+        *(f"local layer{i}" for i in range(1, 5)),
+    ),
+    "heads": ("attention / heads",),
+    "loss": ("loss",),
+    "optimizer": ("optimizer / update",),
+    "other": ("other model glue", "unattributed (no metadata)"),
+}
+_GROUP_OF = {part: group for group, parts in PART_GROUPS.items() for part in parts}
+
+
+def part_group(op_name: str) -> str:
+    """The roofline part (a key of PART_GROUPS) of an op, from its op_name."""
+    return _GROUP_OF.get(part_of(op_name), "other")
 
 
 def _trace_events(logdir: Path) -> list[dict]:

@@ -340,7 +340,20 @@ def test_profile_parts():
     assert profile_summary.part_of("jit(f)/GMIC/while/body/closed_call/reduce_window_sum") == "retrieve_roi"
     assert profile_summary.part_of("jit(f)/GMIC/vmap(vmap())/gather") == "crop extraction"
     assert profile_summary.part_of("jit(f)/GMIC/top_k") == "top-t pooling"
-    assert profile_summary.part_of("jit(loss_fn)/log") == "loss / other"
+    assert profile_summary.part_of("jit(loss_fn)/log") == "loss"
+    assert profile_summary.part_of("jit(per_device)/transpose(jvp())/neg") == "loss"
+    assert profile_summary.part_of("jit(per_device)/jit(_where)/select_n") == "optimizer / update"
+    group = profile_summary.part_group  # the roofline's coarser parts
+    assert (
+        group("jit(f)/GMIC/ds_net/first_conv/conv") == group("jit(f)/GMIC/ds_net/cond/reduce_window") == "global stem"
+    )
+    assert group("jit(f)/GMIC/ds_net/final_bn/mul") == "global stage 4"
+    assert group("jit(f)/GMIC/dn_resnet/layer2_0/bn1/sub") == "local network"
+    assert group("jit(f)/GMIC/left_postprocess_net/conv") == group("jit(f)/GMIC/top_k") == "saliency"
+    assert group("jit(f)/GMIC/extract_patches/reduce_min") == "ROI and crops"
+    assert group("jit(per_device)/transpose(jvp())/neg") == "loss"
+    assert group("jit(per_device)/jit(_where)/select_n") == "optimizer"
+    assert group("") == group("jit(f)/GMIC/iota") == "other"
     assert profile_summary.part_of("x (from operands)") == "unattributed (no metadata)"
     hlo = """HloModule m
 %fused_computation.1 (p0: f32[2], p1: f32[2]) -> f32[2] {

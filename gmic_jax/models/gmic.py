@@ -64,15 +64,18 @@ class GMIC(nn.Module):
         saliency_map = jax.nn.sigmoid(saliency_logits)
         y_global = aggregate(saliency_map, cfg.aggregation, cfg.percent_t)
 
-        # Patch selection (discrete: no gradient) and crops cut from the full-resolution input.
-        if cfg.patch_selection == "retrieve_roi":
-            patch_locations, _ = retrieve_roi(saliency_map, (H, W), cfg.crop_shape, cfg.K)
-        else:
-            patch_locations = random_patch_locations(self.make_rng("roi"), n, (H, W), cfg.crop_shape, cfg.K)
-        patch_locations = jax.lax.stop_gradient(patch_locations)
-        patches = extract_patches(x[..., 0], patch_locations, cfg.crop_shape)
-        if train and cfg.rotate_crops:
-            patches = rotate_patches(self.make_rng("roi"), patches)
+        # Patch selection (discrete: no gradient) and crops cut from the full-resolution input. The
+        # named scopes label their ops in the compiled program (benchmarks attribute kernels by them).
+        with jax.named_scope("retrieve_roi"):
+            if cfg.patch_selection == "retrieve_roi":
+                patch_locations, _ = retrieve_roi(saliency_map, (H, W), cfg.crop_shape, cfg.K)
+            else:
+                patch_locations = random_patch_locations(self.make_rng("roi"), n, (H, W), cfg.crop_shape, cfg.K)
+            patch_locations = jax.lax.stop_gradient(patch_locations)
+        with jax.named_scope("extract_patches"):
+            patches = extract_patches(x[..., 0], patch_locations, cfg.crop_shape)
+            if train and cfg.rotate_crops:
+                patches = rotate_patches(self.make_rng("roi"), patches)
 
         # Local network on all N*K patches at once, then MIL pooling.
         ch, cw = cfg.crop_shape
