@@ -10,8 +10,8 @@
 #   peers      memory_fwd_bwd.py: JAX bfloat16 and float32 beside the original (float32, TF32 convolutions,
 #              as PyTorch runs by default) and the PyTorch a user would run (PEERS, bfloat16 autocast,
 #              channels_last, torch.compile): latency, runtime peak memory, agreement    [limit 180 s]
-#   roofline   roofline.py --measure: one traced training step (bfloat16), every kernel's measured
-#              time beside its bound from the card's peaks                                  [60 s]
+#   roofline   kernel_times.py: one traced training step (bfloat16, Adam), every kernel's measured
+#              time beside its roofline bound from the card's peaks (roofline.py)            [60 s]
 #   e2e        train_e2e.py: the real `gmic-jax train` loop at 2944 x 1920, bfloat16, E2E_EXAMS exams per
 #              device [1 4], 10 timed steps each, each in a fresh process (own compile)      [150 s]
 #   compile    compile_time.py: the training step compiled cold into an empty cache, then in fresh
@@ -105,7 +105,7 @@ MFB=("$PY" benchmarks/memory_fwd_bwd.py --device "$DEVICE" --threads "$THREADS" 
 # shellcheck disable=SC2086
 wanted peers && step peers "${PEERS_LIMIT_S:-180}" "${MFB[@]}" --dtype bfloat16 float32 \
     ${REF:+--torch-ref "$REF" --torch-peers $PEERS} --json "$OUT/peers.json"
-wanted roofline && step roofline "${ROOFLINE_LIMIT_S:-60}" "$PY" benchmarks/roofline.py --measure "$DEVICE" \
+wanted roofline && step roofline "${ROOFLINE_LIMIT_S:-60}" "$PY" benchmarks/kernel_times.py --device "$DEVICE" \
     --dtype bfloat16 --threads "$THREADS" "${SIZE[@]}" --json "$OUT/roofline.json"
 # E2E_EXAMS is split into words on purpose (a list of numbers).
 # shellcheck disable=SC2086
