@@ -58,7 +58,10 @@ Output: a markdown table on stdout and, with --json, the JSON file
 {"device", "versions", "threads", "image_shape", "unit": "exam of 4 images", "results": [...],
  "details": {...}} with one entry per implementation/configuration in "results".
 The default run (JAX only, CPU, 1 exam at 2944 x 1920, 5 runs) takes about 3 minutes on a
-2-core CPU; --torch-ref adds about 5.
+2-core CPU; --torch-ref adds about 5 for the original and 2-5 per peer (a torch.compile peer's
+first calls take 0.5-1.5 minutes per phase there). All rows of a phase are alive at once: the
+float32 rows (JAX, the original, channels_last, the two compiled) held 8.9 GiB resident together
+at the end of the training phase on that CPU, each 3.4-3.8 GiB at its peak (RESULTS.md).
 """
 
 from __future__ import annotations
