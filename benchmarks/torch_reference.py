@@ -125,6 +125,17 @@ def peer_unavailable(name: str, device: str) -> str | None:
     return None
 
 
+def raise_recompile_limit(torch, limit: int = 64) -> None:
+    """Dynamo keeps compiled code per code object, and every `torch.compile(bound_method)` runs
+    through one shared wrapper's code, whose entries (one per compiled method and mode) count
+    against a recompile limit of 8, past which the methods run eagerly; several compiled methods
+    need more."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, the older one
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+
+
 class TorchGMIC:
     """The original model with given weights, on CPU or one GPU; batches are NHWC numpy arrays.
     `autocast_bf16`, `channels_last` and `compile` make it one of the `PEERS` (module docstring)."""
@@ -165,6 +176,7 @@ class TorchGMIC:
             self.model.to(memory_format=torch.channels_last)
         self._compiled = {}
         if compile:
+            raise_recompile_limit(torch)
             for name in COMPILED_NETWORKS:
                 net = getattr(self.model, name)
                 net.forward = self._compiled[name] = torch.compile(net.forward)
@@ -308,4 +320,5 @@ __all__ = [
     "original_parameters",
     "peer_dtype",
     "peer_unavailable",
+    "raise_recompile_limit",
 ]

@@ -34,6 +34,7 @@ import flops  # noqa: E402
 import memory_fwd_bwd as mfb  # noqa: E402
 import profile_summary  # noqa: E402
 import throughput as tp  # noqa: E402
+import torch_profile  # noqa: E402
 import torch_reference as tref  # noqa: E402
 import train_e2e  # noqa: E402
 
@@ -405,6 +406,39 @@ def test_each_peer_is_checked_against_the_jax_row_of_its_dtype_and_a_disagreemen
     assert bf16["against"] == "torch_float32_none" and not bf16["same_dtype"]
     assert bf16["forward"]["ok"] and not bf16["forward"]["patch_locations_equal"]
     assert agreement["jax_float32_none"]["forward"]["ok"]
+
+
+def test_torch_profile_attributes_backward_nodes_to_the_part_of_their_forward_op():
+    """Fake torch.profiler events (times in us): a backward node goes to the part whose range held
+    the forward op of its sequence number; what no part holds is 'other'."""
+    from types import SimpleNamespace as NS
+
+    def ev(name, start, end, seq=-1, children=()):
+        return NS(
+            name=name,
+            time_range=NS(start=start, end=end),
+            sequence_nr=seq,
+            cpu_time_total=end - start,
+            cpu_children=list(children),
+        )
+
+    bwd = torch_profile._BACKWARD
+    events = [
+        ev("global stage 0", 0, 4000),
+        ev("aten::convolution", 100, 3000, seq=7),
+        ev("local layer1", 5000, 6000),
+        ev("CompiledFunction", 5100, 5900, seq=9),
+        ev("aten::sigmoid", 6500, 6600, seq=11),  # outside every part
+        ev(bwd + "CompiledFunctionBackward", 7000, 9000, children=[ev("CompiledFunctionBackward", 7000, 9000, seq=9)]),
+        ev(bwd + "ConvolutionBackward0", 9000, 15000, seq=7),
+        ev(bwd + "SigmoidBackward0", 15000, 15500, seq=11),
+    ]
+    parts = torch_profile.by_part(events, wall_ms=20.0)
+    assert parts["global stage 0 forward"] == 4.0 and parts["local layer1 forward"] == 1.0
+    assert parts["local layer1 backward"] == 2.0 and parts["global stage 0 backward"] == 6.0
+    assert parts["other backward"] == 0.5
+    assert parts["other"] == 20.0 - 4.0 - 1.0 - 2.0 - 6.0 - 0.5
+    assert set(torch_profile.PARTS) >= {"global stem", "global stage 4", "local stem", "local layer4"}
 
 
 def test_median_spread():
