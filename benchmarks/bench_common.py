@@ -157,12 +157,18 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_kb(field: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """Resident memory of process `pid` now and its high-water mark (since the process started or
+    last reset it through /proc/PID/clear_refs, as `ResidentRise` does), in bytes."""
+    return {"rss_bytes": _status_kb("VmRSS", pid), "hwm_bytes": _status_kb("VmHWM", pid)}
 
 
 def malloc_trim() -> None:

@@ -23,7 +23,20 @@ Every implementation and phase runs in its own worker process, pinned to the sam
 same thread count; with --torch-ref the runs of both implementations alternate (ABBA order). The
 same weights go into both (the reference recipe's when ../shared is beside the repo, else random
 weights of gmic-jax mapped to the original's layout) and their outputs are checked to agree before
-any number is reported. JAX workers start from the project's XLA:CPU defaults
+any number is reported.
+
+--torch-peers adds, beside the original (eager float32, row "torch"), the PyTorch a performance-
+minded user runs (torch_reference.PEERS): autocast bfloat16, channels_last, torch.compile of the
+global and local networks, and their combinations; same weights, inputs, phases and ABBA runs.
+Each peer's outputs are checked against the JAX row of its dtype (else against the original;
+bfloat16 without requiring the same patches). A torch.compile row's compile_s is the time of its
+first call in that phase (tracing, inductor's C++ compile in a fresh cache directory, one run),
+and its memory is the rise of the step after that one. A peer that cannot run here (no C++
+compiler, an error) stays in "results" with "skipped": the reason. The markdown compares JAX with
+the fastest PyTorch row of the same dtype (`fastest_peer`), naming both. Every worker of a phase
+stays alive through that phase, so the workers' resident memory adds up: the JSON's
+details.workers_memory and the table's last line give it (see benchmarks/RESULTS.md for runs
+split by dtype to fit a small machine). JAX workers start from the project's XLA:CPU defaults
 (`gmic_jax.xla_flags.apply_cpu_defaults`; flags in XLA_FLAGS win); the inference and training
 workers may get different extra flags (--xla-flags-fwd / --xla-flags-train); the table and the
 JSON show the XLA_FLAGS each worker ran with.
@@ -45,7 +58,10 @@ Output: a markdown table on stdout and, with --json, the JSON file
 {"device", "versions", "threads", "image_shape", "unit": "exam of 4 images", "results": [...],
  "details": {...}} with one entry per implementation/configuration in "results".
 The default run (JAX only, CPU, 1 exam at 2944 x 1920, 5 runs) takes about 3 minutes on a
-2-core CPU; --torch-ref adds about 5.
+2-core CPU; --torch-ref adds about 5 for the original and 2-5 per peer (a torch.compile peer's
+first calls take 0.5-1.5 minutes per phase there). All rows of a phase are alive at once: the
+float32 rows (JAX, the original, channels_last, the two compiled) held 8.9 GiB resident together
+at the end of the training phase on that CPU, each 3.4-3.8 GiB at its peak (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -59,6 +75,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the gmic_jax of 
 import bench_common as bc  # noqa: E402
 import deviceless  # noqa: E402
 import flops as analytic  # noqa: E402
+import torch_reference as tref  # noqa: E402
 
 from gmic_jax.config import REMAT_POLICIES  # noqa: E402
 from gmic_jax.models.global_net import saliency_grid_shape  # noqa: E402
@@ -91,6 +109,10 @@ RESULT_KEYS = (
     "peak_mem_bytes",
     "compile_cache",
 )
+# Keys after RESULT_KEYS that a row may have: "skipped" (why the row could not run; its numbers None).
+OPTIONAL_RESULT_KEYS = ("skipped",)
+# --torch-peers: the PyTorch configurations beside the original (torch_reference.PEERS).
+TORCH_PEERS = tuple(name for name in tref.PEERS if name != "torch")
 # One row per configuration and phase of a --deviceless run (bytes and FLOPs per exam).
 DEVICELESS_KEYS = (
     "impl",
@@ -267,12 +289,11 @@ class JaxRunner:
 class TorchRunner:
     def __init__(self, spec: dict):
         import numpy as np
-        from torch_reference import TorchGMIC
 
         self.spec, self.np = spec, np
         with np.load(spec["weights"]) as f:
             state_dict = {k: f[k] for k in f.files}
-        self.ref = TorchGMIC(
+        self.ref = tref.TorchGMIC(
             spec["torch_ref"],
             state_dict,
             image_shape=spec["image_shape"],
@@ -282,6 +303,7 @@ class TorchRunner:
             cam_size=saliency_grid_shape(spec["image_shape"]),
             device=spec["device"],
             threads=spec["threads"],
+            **tref.PEERS[spec["impl"]],
         )
         highest = spec.get("precision") == "highest"
         self.ref.torch.backends.cudnn.allow_tf32 = not highest  # PyTorch's default: True
@@ -302,6 +324,10 @@ class TorchRunner:
             "torch_threads": torch.get_num_threads(),
             "flops_source": "torch.utils.flop_counter",
         }
+        if tref.PEERS[self.spec["impl"]].get("compile"):  # the first call traces and compiles
+            t0 = time.perf_counter()
+            self.handle({"cmd": "run"})
+            info["compile_s"] = time.perf_counter() - t0
         if self.spec["phase"] == "train":
             if self.ref.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -315,6 +341,8 @@ class TorchRunner:
                     mem_method=f"resident rise ({rise.method})",
                     rss_before_bytes=rise.baseline,
                 )
+            if info["compile_s"]:
+                info["mem_method"] += ", the step after the compiling one"
         if self.spec["phase"] == "train":
             info["flops"] = self.ref.train_step_flops(self.x, self.y)
         else:
@@ -363,8 +391,15 @@ def run_worker(spec: dict) -> int:
 
             holder["runner"] = DevicelessRunner(spec)
             return holder["runner"].ready()
-        holder["runner"] = (JaxRunner if spec["impl"] == "jax" else TorchRunner)(spec)
-        return {**holder["runner"].ready(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        try:
+            holder["runner"] = (JaxRunner if spec["impl"] == "jax" else TorchRunner)(spec)
+            info = holder["runner"].ready()
+        except Exception as e:
+            if spec["impl"] in ("jax", "torch"):
+                raise
+            traceback.print_exc()  # a peer that cannot run here becomes a "skipped" row
+            return {"skipped": f"{type(e).__name__}: {e}"[:400]}
+        return {**info, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     return bc.serve(lambda msg: holder["runner"].handle(msg), ready)
 
@@ -510,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkout of the original GMIC release: measure it side by side [off]",
     )
     p.add_argument(
+        "--torch-peers",
+        nargs="+",
+        choices=(*TORCH_PEERS, "all", "none"),
+        default=["all"],
+        help="with --torch-ref, the PyTorch configurations run beside the original (torch_reference.PEERS); "
+        "'none': the original alone [all]",
+    )
+    p.add_argument(
         "--xla-flags-fwd",
         default=INFERENCE_XLA_FLAGS,
         help="extra XLA flags of the JAX inference worker, on top of gmic_jax.xla_flags' "
@@ -565,10 +608,10 @@ def run_benchmark(args) -> int:
     args.batch_exams = batches[0]
     device = detect_device() if args.device == "auto" else args.device
     os.environ["GMIC_JAX_KERNELS"] = args.kernels  # read by the JAX workers when they trace
+    if {"all", "none"} & set(args.torch_peers) and len(args.torch_peers) > 1:
+        raise ValueError("--torch-peers: 'all' and 'none' stand alone")
     if args.torch_ref:
-        from torch_reference import load_original
-
-        load_original(args.torch_ref)  # a clear error now rather than in a worker
+        tref.load_original(args.torch_ref)  # a clear error now rather than in a worker
         h, w = saliency_grid_shape(args.image_shape)
         if int(round(h * w * args.percent_t)) < 1:
             raise ValueError(
@@ -633,26 +676,40 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
     }
     entries = [dict(impl="jax", dtype=d, remat=r) for d, r in configs]
     if args.torch_ref:
-        entries.append(dict(impl="torch", dtype="float32", remat="none"))
+        peers = {"all": TORCH_PEERS, "none": ()}.get(args.torch_peers[0], args.torch_peers)
+        for name in ("torch", *dict.fromkeys(peers)):
+            entries.append(dict(impl=name, dtype=tref.peer_dtype(name), remat="none"))
+            if reason := tref.peer_unavailable(name, device):
+                entries[-1]["skipped"] = reason
     for e in entries:
         e["label"] = entry_label(e)
         e["tag"] = f"{e['impl']}_{e['dtype']}_{e['remat']}"
 
-    phases = {}
+    workers_memory = {}  # phase -> tag -> resident memory of each worker at the end of the phase
     for phase in ("fwd", "train"):
         flags = args.xla_flags_fwd if phase == "fwd" else args.xla_flags_train
-        workers = []
+        pairs = []  # (entry, worker) of the rows that run
         try:
             for e in entries:
+                if e.get("skipped"):
+                    continue
                 spec = {**base, **{k: e[k] for k in ("impl", "dtype", "remat")}, "phase": phase}
                 env = bc.worker_env(args.threads, device, flags if e["impl"] == "jax" else "")
-                env = {**env, **({} if e["impl"] == "jax" else {"JAX_PLATFORMS": "cpu"})}
+                # torch.compile starts from an empty cache, so that compile_s is a cold compile
+                cache = {"TORCHINDUCTOR_CACHE_DIR": str(workdir / f"inductor_{e['tag']}_{phase}")}
+                env = {**env, **({} if e["impl"] == "jax" else {"JAX_PLATFORMS": "cpu", **cache})}
                 print(f"[{phase}] starting {e['label']} ...", file=sys.stderr, flush=True)
                 w = bc.Worker(SCRIPT, spec, cores, env, workdir / f"{e['tag']}_{phase}.log")
-                workers.append(w)
+                pairs.append((e, w))
                 e[phase] = w.receive()  # setup, compile, (first training step: memory)
+                if "skipped" in e[phase]:
+                    e["skipped"] = f"{phase} phase: {e[phase]['skipped']}"
+                    print(f"[{phase}] {e['label']} skipped: {e['skipped']}", file=sys.stderr, flush=True)
+                    pairs.pop()[1].close()
+            workers = [w for _, w in pairs]
             runs = timed_runs(workers, args.n_runs)
-            for e, w, times in zip(entries, workers, runs):
+            workers_memory[phase] = {e["tag"]: bc.process_memory(w.proc.pid) for e, w in pairs}
+            for (e, w), times in zip(pairs, runs):
                 e[phase]["runs_ms"] = times
                 e[phase]["saved"] = w.call("save", path=str(workdir / f"{e['tag']}_{phase}.npz"))["path"]
                 if args.profile and e["impl"] == "jax":
@@ -663,23 +720,12 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
                     flush=True,
                 )
         finally:
-            for w in workers:
+            for _, w in pairs:
                 w.close()
-        phases[phase] = True
 
-    agreement = {}
-    if args.torch_ref:
-        torch_entry = entries[-1]
-        for e in entries[:-1]:
-            rtol = AGREE_RTOL[e["dtype"]]
-            agreement[e["tag"]] = {
-                "forward": compare_forward(
-                    e["fwd"]["saved"], torch_entry["fwd"]["saved"], rtol, exact=e["dtype"] == "float32"
-                ),
-                "training_step": compare_training(e["train"]["saved"], torch_entry["train"]["saved"], rtol),
-            }
-
+    agreement = agreements([e for e in entries if not e.get("skipped")])
     report = assemble(args, device, cores, entries, agreement, weights_source, n_images, user_env)
+    report["details"]["workers_memory"] = workers_memory
     print(markdown(report))
     if args.profile:
         for e in entries:
@@ -689,11 +735,12 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
                     print(e[phase]["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    bad = [tag for tag, a in agreement.items() if not a["forward"]["ok"]]
+    bad = [
+        t for t, a in agreement.items() if not a["forward"]["ok"] or (a["same_dtype"] and not a["training_step"]["ok"])
+    ]
     if bad:
         print(
-            f"memory_fwd_bwd: error: JAX and PyTorch outputs disagree for {bad}: "
-            f"{json.dumps({t: agreement[t]['forward'] for t in bad})}",
+            f"memory_fwd_bwd: error: outputs disagree for {bad}: {json.dumps({t: agreement[t] for t in bad})}",
             file=sys.stderr,
         )
         if device == "gpu" and args.precision == "default":
@@ -704,6 +751,32 @@ def _run(args, device, cores, configs, workdir: Path, user_env) -> int:
             )
         return 2
     return 0
+
+
+def agreements(entries: list[dict]) -> dict:
+    """Each row's outputs against its reference: a JAX row against the original ("torch"); a PyTorch
+    peer against the JAX row of its dtype, else against the original. float32 against float32 must
+    agree exactly (every output, the same patches); a bfloat16 side is held to the bfloat16
+    tolerance on the global network's outputs only (a near-tie may pick another patch)."""
+    original = next((e for e in entries if e["impl"] == "torch"), None)
+    if original is None:
+        return {}
+    out = {}
+    for e in entries:
+        if e is original:
+            continue
+        jax_row = next((j for j in entries if j["impl"] == "jax" and j["dtype"] == e["dtype"]), None)
+        ref = original if e["impl"] == "jax" or jax_row is None else jax_row
+        first, second = (ref, e) if ref["impl"] == "jax" else (e, ref)  # the JAX side first
+        exact = e["dtype"] == ref["dtype"] == "float32"
+        rtol = AGREE_RTOL["float32" if exact else "bfloat16"]
+        out[e["tag"]] = {
+            "against": ref["tag"],
+            "same_dtype": e["dtype"] == ref["dtype"],
+            "forward": compare_forward(first["fwd"]["saved"], second["fwd"]["saved"], rtol, exact=exact),
+            "training_step": compare_training(first["train"]["saved"], second["train"]["saved"], rtol),
+        }
+    return out
 
 
 def timed_runs(workers, n_runs: int) -> list[list[float]]:
@@ -890,6 +963,11 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
     n = args.batch_exams
     results, details = [], []
     for e in entries:
+        if e.get("skipped"):  # every key, its numbers None, and why
+            head = {k: e[k] for k in ("impl", "dtype", "remat")}
+            results.append({**dict.fromkeys(RESULT_KEYS), **head, "skipped": e["skipped"]})
+            details.append({**head, "skipped": e["skipped"]})
+            continue
         fwd, train = e["fwd"], e["train"]
         stem = 1 if e["impl"] == "jax" else 3  # gmic-jax folds the crop's channel repeat into the kernel
         layers = analytic.gmic_layers(
@@ -975,8 +1053,14 @@ def assemble(args, device, cores, entries, agreement, weights_source, n_images, 
             "no optimizer update",
         },
     }
-    assert tuple(report)[:-1] == TOP_KEYS and all(tuple(r) == RESULT_KEYS for r in results)
+    assert tuple(report)[:-1] == TOP_KEYS and all(map(has_result_keys, results))
     return report
+
+
+def has_result_keys(row: dict) -> bool:
+    """RESULT_KEYS in order, then only OPTIONAL_RESULT_KEYS."""
+    n = len(RESULT_KEYS)
+    return tuple(row)[:n] == RESULT_KEYS and set(tuple(row)[n:]) <= set(OPTIONAL_RESULT_KEYS)
 
 
 def entry_label(e: dict) -> str:
@@ -988,7 +1072,8 @@ def _fmt_ratio(a, b) -> str:
 
 
 def markdown(report: dict) -> str:
-    res, det = report["results"], report["details"]["per_result"]
+    ran = [(r, d) for r, d in zip(report["results"], report["details"]["per_result"]) if not r.get("skipped")]
+    res, det = [r for r, _ in ran], [d for _, d in ran]
     torch_i = next((i for i, r in enumerate(res) if r["impl"] == "torch"), None)
     labels = [entry_label(r) for r in res]
     cols = list(labels)
@@ -1052,11 +1137,21 @@ def markdown(report: dict) -> str:
         f"float32 precision: {report['details']['precision']}; "
         f"compile cache: {report['details']['compile_cache_dir']}"
     )
+    for r in report["results"]:
+        if r.get("skipped"):
+            lines.append(f"\nSkipped: {entry_label(r)}: {r['skipped']}")
+    lines += ["", "Times (ratio < 1: JAX faster):", *(f"* {line}" for line in tref.like_with_like(report["results"]))]
+    for phase, mem in report["details"].get("workers_memory", {}).items():
+        lines.append(
+            f"\nWorkers alive together, {phase} phase: {len(mem)}, resident at its end "
+            f"{sum(m['rss_bytes'] for m in mem.values()) / 2**30:.1f} GiB in all; largest high-water mark "
+            f"{max((m['hwm_bytes'] for m in mem.values()), default=0) / 2**30:.1f} GiB"
+        )
     for tag, a in report["details"]["agreement"].items():
         f, t = a["forward"], a["training_step"]
         lines.append("")
         lines.append(
-            f"Agreement {tag} vs torch: forward {'OK' if f['ok'] else 'FAILED'} (max rel. error "
+            f"Agreement {tag} vs {a['against']}: forward {'OK' if f['ok'] else 'FAILED'} (max rel. error "
             f"{max(f['max_rel_err'].values()):.1e}, patch locations "
             f"{'identical' if f['patch_locations_equal'] else 'DIFFER'}); training step: loss rel. "
             f"error {t['loss_rel_err']:.1e}, gradients max rel. error {t['grad_max_rel_err']:.1e} "

@@ -5,10 +5,28 @@ Nothing of the original is copied here: its model is imported from the user's ch
 loop included, since that is what users compare against. It needs torch and torchvision 0.2.2
 (`pip install torch torchvision==0.2.2.post3`); that torchvision imports `PIL.PILLOW_VERSION`,
 which Pillow >= 7 no longer has, so it is set to Pillow's version before the import.
+
+Besides the original as released (eager, float32, NCHW: the row "torch"), `PEERS` names the
+PyTorch configurations a performance-minded user would run, each a set of `TorchGMIC` options:
+* `autocast_bf16`: `torch.autocast(device, torch.bfloat16)` around the forward pass and the loss
+  (the loss's BCE runs in float32 inside that region: autocast's own CPU policy, and on CUDA
+  autocast refuses `binary_cross_entropy`);
+* `channels_last`: model and input in `torch.channels_last` memory format (NHWC strides);
+* `compile`: `torch.compile` (default mode) of the three convolutional networks, the global
+  network's ResNet-22 (`ds_net`) and saliency head (`left_postprocess_net`) and the local
+  network's ResNet-18 (`dn_resnet`), not of the whole model. Between them the original runs
+  Python and numpy (patch selection: `.cpu().numpy()`, rounding, a per-crop copy loop), which
+  `torch.compile(model)` cannot trace: it would break the graph there and guard on the crop
+  positions (Python ints), compiling again whenever the chosen patches change, i.e. on nearly
+  every new exam. Compiling the networks is what keeps one compiled program per input shape.
+  Their `forward` is replaced on the instance, so the module tree, the parameter names and the
+  direct `.forward()` calls of the original's wrappers stay as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -72,8 +90,55 @@ def original_parameters(
     }
 
 
+# impl name (a "results" row of the benchmarks) -> TorchGMIC options; "torch" is the original as released.
+PEERS = {
+    "torch": {},
+    "torch_bf16": {"autocast_bf16": True},
+    "torch_channels_last": {"channels_last": True},
+    "torch_compile": {"compile": True},
+    "torch_compile_channels_last": {"compile": True, "channels_last": True},
+    "torch_bf16_channels_last": {"autocast_bf16": True, "channels_last": True},
+    "torch_compile_bf16_channels_last": {"compile": True, "autocast_bf16": True, "channels_last": True},
+}
+# The original's modules that `compile` compiles (attributes of its GMIC module).
+COMPILED_NETWORKS = ("ds_net", "left_postprocess_net", "dn_resnet")
+
+
+def peer_dtype(name: str) -> str:
+    """The compute dtype of a peer: bfloat16 under autocast, else float32."""
+    return "bfloat16" if PEERS[name].get("autocast_bf16") else "float32"
+
+
+def peer_unavailable(name: str, device: str) -> str | None:
+    """Why peer `name` cannot run on `device` ('cpu' | 'gpu') here, or None. Checked before its worker
+    starts; failures only seen when it runs are reported by the worker in the same way."""
+    import torch
+
+    opts = PEERS[name]
+    if opts.get("compile"):
+        if not hasattr(torch, "compile"):
+            return f"torch {torch.__version__} has no torch.compile"
+        if device == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            return "torch.compile on CPU (inductor) needs a C++ compiler; none on PATH"
+    if opts.get("autocast_bf16") and device == "gpu" and not torch.cuda.is_bf16_supported():
+        return "this GPU does not support bfloat16"
+    return None
+
+
+def raise_recompile_limit(torch, limit: int = 64) -> None:
+    """Dynamo keeps compiled code per code object, and every `torch.compile(bound_method)` runs
+    through one shared wrapper's code, whose entries (one per compiled method and mode) count
+    against a recompile limit of 8, past which the methods run eagerly; several compiled methods
+    need more."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, the older one
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+
+
 class TorchGMIC:
-    """The original model with given weights, on CPU or one GPU; batches are NHWC numpy arrays."""
+    """The original model with given weights, on CPU or one GPU; batches are NHWC numpy arrays.
+    `autocast_bf16`, `channels_last` and `compile` make it one of the `PEERS` (module docstring)."""
 
     def __init__(
         self,
@@ -87,6 +152,9 @@ class TorchGMIC:
         cam_size,
         device: str = "cpu",
         threads: int | None = None,
+        autocast_bf16: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         import torch
 
@@ -103,9 +171,36 @@ class TorchGMIC:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
         self.model.load_state_dict(tensors, strict=True)
         self.model.to(self.device)
+        self.autocast_bf16, self.channels_last = autocast_bf16, channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._compiled = {}
+        if compile:
+            raise_recompile_limit(torch)
+            for name in COMPILED_NETWORKS:
+                net = getattr(self.model, name)
+                net.forward = self._compiled[name] = torch.compile(net.forward)
 
     def to_input(self, x_nhwc: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(np.transpose(x_nhwc, (0, 3, 1, 2)))).to(self.device)
+        x = self.torch.from_numpy(np.ascontiguousarray(np.transpose(x_nhwc, (0, 3, 1, 2)))).to(self.device)
+        return x.contiguous(memory_format=self.torch.channels_last) if self.channels_last else x
+
+    def _autocast(self):
+        if not self.autocast_bf16:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16)
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Within it the compiled networks run their eager `forward` (for the FLOP counter, which
+        counts the operations that eager mode dispatches)."""
+        for name in self._compiled:
+            del getattr(self.model, name).forward  # the class's forward shows through again
+        try:
+            yield
+        finally:
+            for name, fn in self._compiled.items():
+                getattr(self.model, name).forward = fn
 
     def sync(self):
         if self.device.type == "cuda":
@@ -114,19 +209,22 @@ class TorchGMIC:
     def forward(self, x):
         """Inference as the original runs it: eval mode, no gradient."""
         self.model.eval()
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self._autocast():
             return self.model(x)
 
     def loss(self, y_fusion, target):
+        """The three heads' BCE, in float32 (under autocast too: see the module docstring)."""
         bce = self.torch.nn.functional.binary_cross_entropy
         m = self.model
-        return bce(m.y_global, target) + bce(m.y_local, target) + bce(y_fusion, target)
+        with self.torch.autocast(self.device.type, enabled=False):
+            return sum(bce(y.float(), target) for y in (m.y_global, m.y_local, y_fusion))
 
     def train_step(self, x, target):
         """Forward + backward in training mode (BatchNorm on batch statistics); returns the loss."""
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(x), target)
+        with self._autocast():
+            loss = self.loss(self.model(x), target)
         loss.backward()
         return loss
 
@@ -134,8 +232,8 @@ class TorchGMIC:
         """The last forward's outputs, named and laid out as gmic-jax's (NHWC saliency maps)."""
         m = self.model
 
-        def to_np(t):
-            return t.detach().cpu().numpy()
+        def to_np(t):  # float32: numpy has no bfloat16
+            return t.detach().float().cpu().numpy()
 
         return {
             "y_global": to_np(m.y_global),
@@ -158,7 +256,7 @@ class TorchGMIC:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
-        with counter:
+        with self.eager(), counter:
             self.forward(x)
         return int(counter.get_total_flops())
 
@@ -167,10 +265,60 @@ class TorchGMIC:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
-        with counter:
+        with self.eager(), counter:
             self.train_step(x, target)
         self.sync()
         return int(counter.get_total_flops())
 
 
-__all__ = ["TorchGMIC", "TorchReferenceError", "load_original", "original_parameters"]
+# ----------------------------------------------------------------------------- result rows
+def _label(row: dict) -> str:
+    return f"{row['impl']} {row['dtype']}" + ("" if row.get("remat", "none") == "none" else f" remat={row['remat']}")
+
+
+def fastest_peer(results: list[dict], dtype: str, key: str) -> dict | None:
+    """The PyTorch row ("torch", "torch_*") of `dtype` with the smallest `key` (e.g. "fwd_bwd_ms",
+    "fwd_ms") among those that ran, or None."""
+    rows = [
+        r
+        for r in results
+        if r["impl"].startswith("torch") and r["dtype"] == dtype and not r.get("skipped") and r.get(key) is not None
+    ]
+    return min(rows, key=lambda r: r[key], default=None)
+
+
+def like_with_like(results: list[dict]) -> list[str]:
+    """Per JAX row and phase: its time against the fastest PyTorch row of its dtype and against the
+    original ("torch" float32), each naming both rows."""
+
+    def versus(what, r, other, key):
+        return f"{what}, {_label(other)} ({other[key]:.0f} ms): {r[key] / other[key]:.2f}x"
+
+    lines = []
+    original = next((r for r in results if r["impl"] == "torch" and not r.get("skipped")), None)
+    for r in results:
+        if r["impl"] != "jax" or r.get("skipped"):
+            continue
+        for key, phase in (("fwd_bwd_ms", "forward + backward"), ("fwd_ms", "forward")):
+            peer = fastest_peer(results, r["dtype"], key)
+            vs = [versus(f"the fastest PyTorch {r['dtype']}", r, peer, key)] if peer else []
+            if original is not None and original is not peer:
+                vs.append(versus("the original", r, original, key))
+            if vs:
+                lines.append(f"{phase}, {_label(r)} ({r[key]:.0f} ms) against " + "; against ".join(vs))
+    return lines
+
+
+__all__ = [
+    "COMPILED_NETWORKS",
+    "PEERS",
+    "TorchGMIC",
+    "TorchReferenceError",
+    "fastest_peer",
+    "like_with_like",
+    "load_original",
+    "original_parameters",
+    "peer_dtype",
+    "peer_unavailable",
+    "raise_recompile_limit",
+]

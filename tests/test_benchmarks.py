@@ -34,6 +34,8 @@ import flops  # noqa: E402
 import memory_fwd_bwd as mfb  # noqa: E402
 import profile_summary  # noqa: E402
 import throughput as tp  # noqa: E402
+import torch_profile  # noqa: E402
+import torch_reference as tref  # noqa: E402
 import train_e2e  # noqa: E402
 
 from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
@@ -326,6 +328,119 @@ def test_timed_runs_keep_each_workers_times_apart_in_abba_order():
     assert calls == [10, 20, 30] + [10, 20, 30] + [30, 20, 10] + [10, 20, 30]  # warm-up, then ABBA
 
 
+def _row(impl, dtype, fwd_ms, fwd_bwd_ms, skipped=None):
+    row = {**dict.fromkeys(mfb.RESULT_KEYS), "impl": impl, "dtype": dtype, "remat": "none"}
+    row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms)
+    return {**row, "skipped": skipped} if skipped else row
+
+
+PEER_ROWS = [
+    _row("jax", "float32", 4000.0, 9700.0),
+    _row("jax", "bfloat16", 4500.0, 10800.0),
+    _row("torch", "float32", 4200.0, 10600.0),
+    _row("torch_channels_last", "float32", 2500.0, 7000.0),
+    _row("torch_compile_channels_last", "float32", 2900.0, 6200.0),
+    _row("torch_compile", "float32", None, None, skipped="torch.compile on CPU (inductor) needs a C++ compiler"),
+    _row("torch_bf16", "bfloat16", 2000.0, 5300.0),
+    _row("torch_bf16_channels_last", "bfloat16", 1500.0, 3800.0),
+]
+
+
+def test_fastest_peer_is_the_fastest_pytorch_row_of_the_dtype_that_ran():
+    by = lambda dtype, key: (tref.fastest_peer(PEER_ROWS, dtype, key) or {}).get("impl")  # noqa: E731
+    assert by("float32", "fwd_bwd_ms") == "torch_compile_channels_last"
+    assert by("float32", "fwd_ms") == "torch_channels_last"  # each phase has its own fastest row
+    assert by("bfloat16", "fwd_bwd_ms") == "torch_bf16_channels_last"
+    assert by("float16", "fwd_ms") is None
+    # a skipped row never wins, whatever numbers it carries; JAX rows are not peers
+    rows = [*PEER_ROWS, _row("torch_compile_bf16_channels_last", "bfloat16", 1.0, 1.0, skipped="no compiler")]
+    assert tref.fastest_peer(rows, "bfloat16", "fwd_bwd_ms")["impl"] == "torch_bf16_channels_last"
+    assert tref.fastest_peer([_row("jax", "float32", 1.0, 1.0)], "float32", "fwd_ms") is None
+
+
+def test_like_with_like_names_both_rows_and_compares_within_a_dtype():
+    lines = tref.like_with_like(PEER_ROWS)
+    assert lines[0] == (
+        "forward + backward, jax float32 (9700 ms) against the fastest PyTorch float32, "
+        "torch_compile_channels_last float32 (6200 ms): 1.56x; against the original, torch float32 (10600 ms): 0.92x"
+    )
+    bf16_train = next(line for line in lines if line.startswith("forward + backward, jax bfloat16"))
+    assert "torch_bf16_channels_last bfloat16 (3800 ms): 2.84x" in bf16_train
+    assert len(lines) == 4  # two JAX rows x two phases
+
+
+def test_skipped_rows_keep_every_key_and_say_why():
+    assert all(map(mfb.has_result_keys, PEER_ROWS))
+    assert not mfb.has_result_keys({**PEER_ROWS[0], "extra": 1})
+    assert not mfb.has_result_keys(dict(reversed(PEER_ROWS[0].items())))
+    assert set(tref.PEERS) >= {"torch", "torch_bf16", "torch_channels_last", "torch_compile"}
+    assert tref.peer_dtype("torch_bf16_channels_last") == "bfloat16" and tref.peer_dtype("torch_compile") == "float32"
+    assert set(mfb.TORCH_PEERS) == set(tref.PEERS) - {"torch"}
+
+
+def _saved(tmp_path, name, scale=1.0, locations=(0, 0)):
+    fwd, train = tmp_path / f"{name}_fwd.npz", tmp_path / f"{name}_train.npz"
+    out = {k: np.full((4, 2), 0.5 * scale, np.float32) for k in ("y_global", "y_local", "y_fusion", "patch_attns")}
+    np.savez(fwd, **out, saliency_map=np.ones((4, 3, 2, 2), np.float32) * scale, patch_locations=np.array(locations))
+    np.savez(train, loss=np.float32(2.0 * scale), **{"grad/w": np.ones(3, np.float32) * scale})
+    return {"fwd": {"saved": str(fwd)}, "train": {"saved": str(train)}}
+
+
+def test_each_peer_is_checked_against_the_jax_row_of_its_dtype_and_a_disagreement_shows(tmp_path):
+    def entry(impl, dtype, **kw):
+        return {"impl": impl, "dtype": dtype, "tag": f"{impl}_{dtype}_none", **_saved(tmp_path, impl + dtype, **kw)}
+
+    entries = [
+        entry("jax", "float32"),
+        entry("torch", "float32"),
+        entry("torch_channels_last", "float32", scale=1.01),  # 1% off: beyond float32's tolerance
+        entry("torch_bf16", "bfloat16", locations=(1, 1)),  # another patch: allowed for bfloat16
+    ]
+    agreement = mfb.agreements(entries)
+    assert agreement["jax_float32_none"]["against"] == "torch_float32_none"
+    assert agreement["torch_channels_last_float32_none"]["against"] == "jax_float32_none"
+    assert not agreement["torch_channels_last_float32_none"]["forward"]["ok"]
+    assert not agreement["torch_channels_last_float32_none"]["training_step"]["ok"]
+    # no JAX bfloat16 row: against the original, global outputs only, other patches allowed
+    bf16 = agreement["torch_bf16_bfloat16_none"]
+    assert bf16["against"] == "torch_float32_none" and not bf16["same_dtype"]
+    assert bf16["forward"]["ok"] and not bf16["forward"]["patch_locations_equal"]
+    assert agreement["jax_float32_none"]["forward"]["ok"]
+
+
+def test_torch_profile_attributes_backward_nodes_to_the_part_of_their_forward_op():
+    """Fake torch.profiler events (times in us): a backward node goes to the part whose range held
+    the forward op of its sequence number; what no part holds is 'other'."""
+    from types import SimpleNamespace as NS
+
+    def ev(name, start, end, seq=-1, children=()):
+        return NS(
+            name=name,
+            time_range=NS(start=start, end=end),
+            sequence_nr=seq,
+            cpu_time_total=end - start,
+            cpu_children=list(children),
+        )
+
+    bwd = torch_profile._BACKWARD
+    events = [
+        ev("global stage 0", 0, 4000),
+        ev("aten::convolution", 100, 3000, seq=7),
+        ev("local layer1", 5000, 6000),
+        ev("CompiledFunction", 5100, 5900, seq=9),
+        ev("aten::sigmoid", 6500, 6600, seq=11),  # outside every part
+        ev(bwd + "CompiledFunctionBackward", 7000, 9000, children=[ev("CompiledFunctionBackward", 7000, 9000, seq=9)]),
+        ev(bwd + "ConvolutionBackward0", 9000, 15000, seq=7),
+        ev(bwd + "SigmoidBackward0", 15000, 15500, seq=11),
+    ]
+    parts = torch_profile.by_part(events, wall_ms=20.0)
+    assert parts["global stage 0 forward"] == 4.0 and parts["local layer1 forward"] == 1.0
+    assert parts["local layer1 backward"] == 2.0 and parts["global stage 0 backward"] == 6.0
+    assert parts["other backward"] == 0.5
+    assert parts["other"] == 20.0 - 4.0 - 1.0 - 2.0 - 6.0 - 0.5
+    assert set(torch_profile.PARTS) >= {"global stem", "global stage 4", "local stem", "local layer4"}
+
+
 def test_median_spread():
     assert bc.median_spread([3.0, 1.0, 2.0]) == (2.0, 2.0)
     med, iqr = bc.median_spread([1.0, 2.0, 3.0, 4.0, 100.0])
@@ -585,14 +700,29 @@ def test_train_e2e_json_contract_and_profile_pass_through(train_env, tmp_path):
 def test_side_by_side_with_the_original(tmp_path):
     report, stdout = _run_script(
         "memory_fwd_bwd.py",
-        [*SMALL, "--n-runs", "1", "--percent-t", "0.1", "--torch-ref", os.environ["GMIC_TORCH_REF"]],
+        [*SMALL, "--n-runs", "1", "--percent-t", "0.1", "--torch-ref", os.environ["GMIC_TORCH_REF"]]
+        + ["--torch-peers", "torch_bf16", "torch_channels_last"],
         tmp_path,
         "sbs",
     )
-    jax_r, torch_r = report["results"]
-    assert torch_r["impl"] == "torch" and torch_r["params"] == jax_r["params"]
-    assert all(_finite_number(torch_r[k]) for k in mfb.RESULT_KEYS[3:-1])
-    [agreement] = report["details"]["agreement"].values()
-    assert agreement["forward"]["ok"] and agreement["forward"]["patch_locations_equal"]
-    assert agreement["training_step"]["loss_rel_err"] < 1e-4
-    assert "jax float32 / torch" in stdout
+    jax_r, torch_r, bf16_r, cl_r = report["results"]
+    assert [r["impl"] for r in report["results"]] == ["jax", "torch", "torch_bf16", "torch_channels_last"]
+    assert [r["dtype"] for r in (bf16_r, cl_r)] == ["bfloat16", "float32"]
+    for r in (torch_r, bf16_r, cl_r):
+        assert tuple(r) == mfb.RESULT_KEYS and r["params"] == jax_r["params"]
+        assert all(_finite_number(r[k]) for k in mfb.RESULT_KEYS[3:-1]), r
+    agreement = report["details"]["agreement"]
+    assert (
+        agreement["jax_float32_none"]["forward"]["ok"]
+        and agreement["jax_float32_none"]["forward"]["patch_locations_equal"]
+    )
+    assert agreement["jax_float32_none"]["training_step"]["loss_rel_err"] < 1e-4
+    cl = agreement["torch_channels_last_float32_none"]
+    assert cl["against"] == "jax_float32_none" and cl["forward"]["ok"] and cl["training_step"]["ok"]
+    bf16 = agreement["torch_bf16_bfloat16_none"]  # no JAX bfloat16 row: against the original
+    assert bf16["against"] == "torch_float32_none" and bf16["forward"]["ok"]
+    assert "jax float32 / torch" in stdout and "torch_channels_last float32 / torch" in stdout
+    assert "against the fastest PyTorch float32, torch" in stdout
+    assert set(report["details"]["workers_memory"]["train"]) == {
+        r["impl"] + "_" + r["dtype"] + "_none" for r in report["results"]
+    }
