@@ -135,6 +135,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def cached(fn: Callable, name: str, salt: str) -> Callable:
-    """`fn` behind the executable cache when it is on (`cache_dir()`), else `fn` itself."""
+    """`fn` behind the executable cache when it is on (`cache_dir()`) and `fn` is a jitted function
+    (it has `.lower`; a wrapper such as a benchmark's is left as it is), else `fn` itself."""
     directory = cache_dir()
-    return fn if directory is None else CachedExecutable(fn, name, salt, directory)
+    return fn if directory is None or not hasattr(fn, "lower") else CachedExecutable(fn, name, salt, directory)
