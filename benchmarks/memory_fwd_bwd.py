@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the gmic_jax of 
 import bench_common as bc  # noqa: E402
 import deviceless  # noqa: E402
 import flops as analytic  # noqa: E402
+import plots  # noqa: E402
 import torch_reference as tref  # noqa: E402
 
 from gmic_jax.config import REMAT_POLICIES  # noqa: E402
@@ -570,6 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also trace one JAX forward and one training step and print where the time goes [off]",
     )
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results there [off]")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="run once per --image-scale and draw time per exam against image size (reports: PNG.json) [off]",
+    )
+    p.add_argument(
+        "--image-scale",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 1.5],
+        help="with --plot: image pixels relative to --image-shape [0.5 1 1.5]",
+    )
     p.add_argument("--keep-workdir", action="store_true", help="keep the workers' files and logs [off]")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -580,10 +594,35 @@ def main(argv=None) -> int:
     if args.worker is not None:
         return run_worker(json.loads(args.worker))
     try:
+        if args.plot:
+            return run_sizes(args, sys.argv[1:] if argv is None else list(argv))
         return run_benchmark(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"memory_fwd_bwd: error: {e}", file=sys.stderr)
         return 1
+
+
+def run_sizes(args, argv: list[str]) -> int:
+    """--plot: the whole run once per --image-scale (a fresh invocation each, the image's sides
+    times sqrt(scale), multiples of 32), then forward and forward + backward time per exam of every
+    row against the image's pixels, drawn into the PNG; the reports go to PNG.json."""
+    if args.deviceless:
+        raise ValueError("--plot draws measured times: use roofline.py --plot for compiled memory and bounds")
+    base = [a for a in argv if a not in ("--plot", args.plot)]
+    reports = {}
+    for scale in args.image_scale:
+        shape = [max(32, round(s * scale**0.5 / 32) * 32) for s in args.image_shape]
+        with tempfile.TemporaryDirectory(prefix="gmic_sizes_") as tmp:
+            out = Path(tmp) / "report.json"
+            cmd = [sys.executable, str(SCRIPT), *base, "--image-shape", *map(str, shape), "--json", str(out)]
+            print(f"[plot] scale {scale}: {shape[0]} x {shape[1]}", file=sys.stderr, flush=True)
+            if subprocess.run(cmd).returncode not in (0, 2):  # 2: outputs disagree, the times still stand
+                raise RuntimeError(f"the run at scale {scale} failed: {' '.join(cmd)}")
+            reports[scale] = json.loads(out.read_text())
+    Path(args.plot).with_suffix(".json").write_text(json.dumps(reports, indent=1) + "\n")
+    plots.time_against_size(reports, args.plot, title=f"{reports[args.image_scale[0]]['device']}")
+    print(f"wrote {args.plot} and {Path(args.plot).with_suffix('.json')}", file=sys.stderr)
+    return 0
 
 
 def run_benchmark(args) -> int:

@@ -36,3 +36,40 @@ def cost_against_work(series: dict, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def time_against_size(reports: dict, path, title: str = "") -> None:
+    """Forward and forward + backward time per exam against image pixels, one line per row of
+    memory_fwd_bwd.py's reports ({image scale: report}; rows told apart by impl, dtype, remat;
+    skipped rows left out). Returns the lines drawn: {label: [(megapixels, fwd s, fwd+bwd s)]}."""
+    import matplotlib  # optional: only --plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
+    lines: dict[str, list] = {}
+    for report in reports.values():
+        h, w = report["image_shape"]
+        for r in report["results"]:
+            if r.get("skipped"):
+                continue
+            label = f"{r['impl']} {r['dtype']}" + ("" if r.get("remat", "none") == "none" else f" {r['remat']}")
+            lines.setdefault(label, []).append((h * w / 1e6, r["fwd_ms"] / 1e3, r["fwd_bwd_ms"] / 1e3))
+    for label, pts in lines.items():
+        pts.sort()
+        for ax, i in zip(axes, (1, 2)):
+            ax.plot([p[0] for p in pts], [p[i] for p in pts], marker="o", label=label)
+    axes[0].set_title("forward", fontsize=9)
+    axes[1].set_title("forward + backward", fontsize=9)
+    axes[0].set_ylabel("s per exam (4 images)")
+    for ax in axes:
+        ax.set_xlabel("megapixels per image")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return lines

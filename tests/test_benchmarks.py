@@ -726,3 +726,21 @@ def test_side_by_side_with_the_original(tmp_path):
     assert set(report["details"]["workers_memory"]["train"]) == {
         r["impl"] + "_" + r["dtype"] + "_none" for r in report["results"]
     }
+
+
+# ----------------------------------------------------------------------------- plots.py
+def test_time_against_size_draws_each_measured_row(tmp_path):
+    import plots
+
+    def report(h, w, jax_ms, skipped=None):
+        torch_row = {"impl": "torch_compile", "dtype": "float32", "fwd_ms": None, "fwd_bwd_ms": None}
+        torch_row.update(skipped=skipped) if skipped else torch_row.update(fwd_ms=2 * jax_ms, fwd_bwd_ms=6 * jax_ms)
+        jax_row = {"impl": "jax", "dtype": "float32", "remat": "none", "fwd_ms": jax_ms, "fwd_bwd_ms": 3 * jax_ms}
+        return {"image_shape": [h, w], "results": [jax_row, torch_row]}
+
+    reports = {1.0: report(2000, 1000, 1000.0), 0.5: report(1000, 1000, 400.0, skipped="no compiler")}
+    png = tmp_path / "t.png"
+    lines = plots.time_against_size(reports, png)
+    assert lines["jax float32"] == [(1.0, 0.4, 1.2), (2.0, 1.0, 3.0)]  # sorted by megapixels, seconds per exam
+    assert lines["torch_compile float32"] == [(2.0, 2.0, 6.0)]  # the skipped row is not a point
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
