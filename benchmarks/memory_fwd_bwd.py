@@ -23,23 +23,23 @@ Every implementation and phase runs in its own worker process, pinned to the sam
 same thread count; with --torch-ref the runs of both implementations alternate (ABBA order). The
 same weights go into both (the reference recipe's when ../shared is beside the repo, else random
 weights of gmic-jax mapped to the original's layout) and their outputs are checked to agree before
-any number is reported.
-
---torch-peers adds, beside the original (eager float32, row "torch"), the PyTorch a performance-
-minded user runs (torch_reference.PEERS): autocast bfloat16, channels_last, torch.compile of the
-global and local networks, and their combinations; same weights, inputs, phases and ABBA runs.
-Each peer's outputs are checked against the JAX row of its dtype (else against the original;
-bfloat16 without requiring the same patches). A torch.compile row's compile_s is the time of its
-first call in that phase (tracing, inductor's C++ compile in a fresh cache directory, one run),
-and its memory is the rise of the step after that one. A peer that cannot run here (no C++
-compiler, an error) stays in "results" with "skipped": the reason. The markdown compares JAX with
-the fastest PyTorch row of the same dtype (`fastest_peer`), naming both. Every worker of a phase
-stays alive through that phase, so the workers' resident memory adds up: the JSON's
-details.workers_memory and the table's last line give it (see benchmarks/RESULTS.md for runs
-split by dtype to fit a small machine). JAX workers start from the project's XLA:CPU defaults
+any number is reported. JAX workers start from the project's XLA:CPU defaults
 (`gmic_jax.xla_flags.apply_cpu_defaults`; flags in XLA_FLAGS win); the inference and training
 workers may get different extra flags (--xla-flags-fwd / --xla-flags-train); the table and the
 JSON show the XLA_FLAGS each worker ran with.
+
+--torch-peers adds, beside the original (eager float32, row "torch"), the PyTorch a performance-
+minded user runs (torch_reference.PEERS): autocast bfloat16, channels_last, torch.compile of the
+global and local networks (or of the whole model), and their combinations; same weights, inputs,
+phases and ABBA runs. Each peer's outputs are checked against the JAX row of its dtype (else
+against the original; bfloat16 without requiring the same patches). A torch.compile row's compile_s
+is the time of its first call in that phase (tracing, inductor's C++ compile in a fresh cache
+directory, one run), and its memory is the rise of the step after that one. A peer that cannot run
+here (no C++ compiler, an error) stays in "results" with "skipped": the reason. The markdown
+compares JAX with the fastest PyTorch row of the same dtype (`torch_reference.fastest_peer`),
+naming both. Every worker of a phase stays alive through that phase, so the workers' resident
+memory adds up: the JSON's details.workers_memory and the markdown's "Workers alive together" lines
+give it (see benchmarks/RESULTS.md for runs split by dtype to fit a small machine).
 
 --deviceless h100|h200 compiles instead for that GPU without one (benchmarks/deviceless.py; needs
 the [gpu] extra): per configuration (dtype x remat policy x exams per batch; the forward once per

@@ -276,6 +276,16 @@ def test_bad_torch_reference_path_is_a_clear_error(tmp_path):
     assert proc.returncode == 1
     assert str(tmp_path) in proc.stderr and "src/modeling/gmic.py" in proc.stderr
     assert proc.stdout == ""
+    for peers in (["none", "torch_bf16"], ["all", "torch_compile"], ["torch_fp8"]):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "memory_fwd_bwd.py"), *SMALL, "--torch-ref", str(tmp_path)]
+            + ["--torch-peers", *peers],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert proc.returncode != 0 and "--torch-peers" in proc.stderr and proc.stdout == "", peers
 
 
 def test_resident_rise_sees_an_allocation_and_not_its_absence():
