@@ -18,7 +18,7 @@
 #              processes warm (cache hit), as a serialised executable, and cold with XLA's
 #              autotuning results cached                                                     [90 s]
 # More steps, each adding files and minutes (STEPS="side_by_side highest ..."):
-#   side_by_side / highest   JAX float32 + bfloat16 against the original, default / full float32
+#   side_by_side / highest   JAX float32 + bfloat16 against the original alone, default / full float32
 #   throughput   throughput.py, the training step with Adam, bfloat16, 1 and 4 exams/device
 #   kernels      memory_fwd_bwd.py, bfloat16, remat global_stem, XLA's ops then the CPU rewrites
 #   bn_variance  batchnorm_variance.py, two-pass against one-pass batch variance
@@ -120,9 +120,9 @@ wanted compile && step compile "${COMPILE_LIMIT_S:-90}" "$PY" benchmarks/compile
     --json "$OUT/compile.json"
 
 EXTRA=${STEP_LIMIT_S:-240}
-wanted side_by_side && step side_by_side "$EXTRA" "${MFB[@]}" --dtype float32 bfloat16 ${REF:+--torch-ref "$REF"} \
+wanted side_by_side && step side_by_side "$EXTRA" "${MFB[@]}" --dtype float32 bfloat16 ${REF:+--torch-ref "$REF" --torch-peers none} \
     --json "$OUT/side_by_side.json"
-wanted highest && step highest "$EXTRA" "${MFB[@]}" --dtype float32 --precision highest ${REF:+--torch-ref "$REF"} \
+wanted highest && step highest "$EXTRA" "${MFB[@]}" --dtype float32 --precision highest ${REF:+--torch-ref "$REF" --torch-peers none} \
     --json "$OUT/highest.json"
 if wanted throughput; then
     for exams in 1 4; do  # the input rate once: rendering full-size synthetic exams is slow (--help)
