@@ -49,6 +49,20 @@ def parse_cores(text: str | None, threads: int) -> list[int]:
     return cores
 
 
+def model_spec(args) -> dict:
+    """A worker's model and batch from the command line's --image-shape, --crop-shape, --K,
+    --percent-t, --dtype, --remat and --batch-exams (one value each)."""
+    return {
+        "image_shape": list(args.image_shape),
+        "crop_shape": list(args.crop_shape),
+        "K": args.K,
+        "percent_t": args.percent_t,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "batch_exams": args.batch_exams,
+    }
+
+
 def worker_env(threads: int, device: str, xla_flags: str = "", extra: Mapping[str, str] | None = None) -> dict:
     """Environment of a worker: one thread count for every library, the JAX platform, XLA flags."""
     env = dict(os.environ)

@@ -205,16 +205,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker is not None:
         return run_worker(json.loads(args.worker))
-    spec = {
-        "image_shape": list(args.image_shape),
-        "crop_shape": list(args.crop_shape),
-        "K": args.K,
-        "percent_t": args.percent_t,
-        "dtype": args.dtype,
-        "remat": args.remat,
-        "batch_exams": args.batch_exams,
-        "check_loaded": args.check_loaded,
-    }
+    spec = {**bc.model_spec(args), "check_loaded": args.check_loaded}
     cores = bc.parse_cores(None, args.threads)
     kinds = tuple(KIND_NAMES[k] for k in args.kinds) if args.kinds else None
     kinds = kinds or ((*KINDS, AUTOTUNE_KIND) if args.device == "gpu" else KINDS)

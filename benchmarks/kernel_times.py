@@ -84,15 +84,7 @@ def kernel_times(logdir: Path) -> dict[str, tuple[float, int]]:
 
 
 def measure(args) -> dict:
-    spec = {
-        "image_shape": list(args.image_shape),
-        "crop_shape": list(args.crop_shape),
-        "K": args.K,
-        "percent_t": args.percent_t,
-        "dtype": args.dtype,
-        "remat": args.remat,
-        "batch_exams": args.batch_exams,
-    }
+    spec = bc.model_spec(args)
     t0 = time.perf_counter()
     compiled, state, batch = build_step(spec)
     compile_s = time.perf_counter() - t0
