@@ -15,8 +15,14 @@ and loaded from there at the first call of a later process. It lives in the subd
 `executables/` of JAX's cache directory and is on exactly when that cache is (the CLI turns it
 on; GMIC_JAX_COMPILE_CACHE=off turns both off); least recently used files go first beyond
 `MAX_BYTES`. One process only: under `jax.distributed` every process compiles (each must hold the
-same program, and the processes' caches may differ). An entry that cannot be loaded is compiled
-again and rewritten, with a warning.
+same program, and the processes' caches may differ). An entry that cannot be loaded is deleted,
+with a warning, and the program compiled again.
+
+Only a program XLA compiled in this process is kept: one that JAX's cache served is not. On
+XLA:CPU such an executable serialises without the code of its kernels, and loading it fails at the
+first call ("Function ... not found"). A program JAX's cache already holds is therefore kept after
+the first run that compiles it (a new config, code or version), and until then starts through
+JAX's cache as before.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from jax.experimental import serialize_executable
 
 log = logging.getLogger(__name__)
 SUBDIR = "executables"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MAX_BYTES = 2 * 2**30
 
 
@@ -111,10 +118,20 @@ class CachedExecutable:
                 self.events.append("load")
                 log.info("%s: loaded %s", self.name, path)
                 return compiled
-            except Exception as e:  # a truncated or foreign file: compile and rewrite it
+            except Exception as e:  # a truncated or foreign file: drop it and compile
+                path.unlink(missing_ok=True)
                 warnings.warn(f"{path}: cannot load the cached executable ({e!r}); compiling again", stacklevel=3)
-        compiled = self.fn.lower(*args).compile()
+        served = []  # JAX's persistent cache reports a hit through its monitoring events
+        listener = lambda event, **kw: served.append(event) if event == CACHE_HIT_EVENT else None  # noqa: E731
+        jax.monitoring.register_event_listener(listener)
+        try:
+            compiled = self.fn.lower(*args).compile()
+        finally:
+            jax.monitoring.unregister_event_listener(listener)
         self.events.append("compile")
+        if served:  # see the module docstring: such an executable does not serialise whole on CPU
+            log.info("%s: served by JAX's compilation cache; not kept", self.name)
+            return compiled
         _write(path, pickle.dumps(serialize_executable.serialize(compiled)))
         log.info("%s: compiled, kept in %s", self.name, path)
         return compiled

@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_RUN_ARGS
+from conftest import TINY_TRAIN_ARGS
 
 from gmic_jax import executable_cache
 
@@ -19,14 +18,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def cache_on(tmp_path, monkeypatch):
-    """JAX's persistent cache pointed at tmp_path (the executable cache follows it), restored after."""
-    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+def cache_on(tmp_path):
+    """JAX's persistent cache pointed at tmp_path (the executable cache follows it), every program
+    written to it; the settings and JAX's decision to use the cache restored after."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()  # JAX decides once whether the cache is used: decide again now ...
     yield tmp_path / executable_cache.SUBDIR
-    jax.config.update("jax_enable_compilation_cache", before[0])
-    jax.config.update("jax_compilation_cache_dir", before[1])
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # ... and after
 
 
 def _affine():
@@ -58,7 +64,9 @@ def test_second_wrapper_loads_what_the_first_compiled(cache_on):
     other = executable_cache.cached(_affine(), "affine", "other salt")
     other(*_args())
     other(*_args(4))
-    assert other.events == ["compile", "compile"] and len(list(cache_on.glob("affine-*.pkl"))) == 3
+    assert other.events == ["compile", "compile"]
+    # The other salt's program is the first one lowered again: JAX's cache served it, so it is not kept.
+    assert len(list(cache_on.glob("affine-*.pkl"))) == 2
 
 
 def test_a_broken_entry_is_compiled_again_with_a_warning(cache_on):
@@ -69,9 +77,24 @@ def test_a_broken_entry_is_compiled_again_with_a_warning(cache_on):
     with pytest.warns(UserWarning, match="cannot load the cached executable"):
         out = again(*_args())
     assert again.events == ["compile"] and float(out["y"][0]) == 6.0
+    assert (
+        not entry.exists() or entry.read_bytes() != b"not an executable"
+    )  # deleted (JAX's cache served the compile: not kept)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert executable_cache.cached(_affine(), "affine", "s")(*_args())["y"].shape == (3,)
+
+
+def test_a_program_served_by_jax_s_cache_is_not_kept(cache_on):
+    """An executable JAX's persistent cache loaded serialises without its kernels' code on XLA:CPU
+    (loading it in another process fails: "Function ... not found"): it must not be written."""
+    fn = jax.jit(lambda x: jnp.sort(x * jnp.arange(x.shape[0])[:, None]).sum(0))
+    executable_cache.cached(fn, "fresh", "s")(jnp.ones((16, 8)))  # compiled: JAX's cache and ours
+    jax.clear_caches()
+    served = executable_cache.cached(fn, "served", "s")
+    out = served(jnp.ones((16, 8)))
+    assert served.events == ["compile"] and float(out[0]) == 120.0
+    assert [p.name.split("-")[0] for p in cache_on.glob("*.pkl")] == ["fresh"]
 
 
 def test_the_key_follows_the_code(monkeypatch):
@@ -81,22 +104,25 @@ def test_the_key_follows_the_code(monkeypatch):
     assert executable_cache.cache_key("f", "s", sig) != key
 
 
-def test_a_second_training_run_loads_the_step_and_computes_the_same(tmp_path, train_env, tiny_run):
-    """tiny_run trained with train_env's cache: the same command again loads its training step."""
-    workdir, first_log = tiny_run
-    cache = Path(train_env["GMIC_JAX_COMPILE_CACHE"]) / executable_cache.SUBDIR
-    env = {k: v for k, v in train_env.items() if k != "JAX_PLATFORMS"}  # as tiny_run
-    out = subprocess.run(
-        [sys.executable, "-m", "gmic_jax.cli", "train", *TINY_RUN_ARGS, "--workdir", str(tmp_path / "again")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    [entry] = (p for p in cache.glob("train_step-*.pkl") if str(p) in first_log)
-    assert f"train_step: compiled, kept in {entry}" in first_log or f"train_step: loaded {entry}" in first_log
-    assert f"train_step: loaded {entry}" in out.stderr
-    again = (tmp_path / "again" / "metrics.jsonl").read_text()
-    assert again == (workdir / "metrics.jsonl").read_text() and again  # every logged number, digit for digit
+def test_a_second_training_run_loads_the_step_and_computes_the_same(tmp_path, train_env):
+    """Two `gmic-jax train` runs of one config in a fresh cache: the first compiles and keeps its
+    step, the second loads it and logs the same metrics, digit for digit."""
+    cache = tmp_path / "cache"
+    env = {**train_env, "GMIC_JAX_COMPILE_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    args = [*TINY_TRAIN_ARGS, "--config.data.num_train=8"]  # 2 steps, then the evaluation
+    logs = []
+    for name in ("a", "b"):
+        out = subprocess.run(
+            [sys.executable, "-m", "gmic_jax.cli", "train", *args, "--workdir", str(tmp_path / name)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        logs.append(out.stderr)
+    [entry] = (cache / executable_cache.SUBDIR).glob("train_step-*.pkl")  # one program, written once
+    assert f"train_step: compiled, kept in {entry}" in logs[0] and f"train_step: loaded {entry}" in logs[1]
+    a, b = ((tmp_path / n / "metrics.jsonl").read_text() for n in ("a", "b"))
+    assert a == b and a  # every logged number, digit for digit
