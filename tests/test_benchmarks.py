@@ -516,7 +516,6 @@ def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
             *map(str, CROP),
             "--threads",
             str(THREADS),
-            "--check-loaded",
             "--kinds",
             "miss",
             "hit",
@@ -529,9 +528,9 @@ def test_compile_time_cold_then_warm_from_the_cache(tmp_path):
     assert [r["compile_cache"] for r in runs.values()] == ["miss", "hit", "serialised"]
     for r in runs.values():
         assert r["total_s"] == pytest.approx(r["trace_s"] + r["lower_s"] + r["compile_s"])
-    # The serialised executable was loaded without tracing and ran: its loss is the traced program's.
+    # The serialised executable was loaded without tracing (that it computes what the traced one
+    # did: --check-loaded, and the training loop's own test in tests/test_executable_cache.py).
     assert runs["warm, serialised"]["trace_s"] == 0.0
-    assert runs["warm, serialised"]["loss"] == runs["cold, cache miss"]["loss"] > 0
     # The cache statuses above come from JAX's monitoring events (bc.CompileCacheEvents), not from the
     # clock: the warm run's every lookup was a hit. Whether loading beats compiling is a timing, measured
     # on a quiet machine in benchmarks/RESULTS.md, not asserted on a shared one.
