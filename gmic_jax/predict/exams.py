@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from gmic_jax.data import exam_list as exam_list_lib
-from gmic_jax.data.image import VIEWS, DataError, is_dicom_path
+from gmic_jax.data.image import VIEWS, DataError, _dicom_laterality, _dicom_view, is_dicom_path
+from gmic_jax.data.synthetic import breast_labels
 
 CLASSES = ("benign", "malignant")
 SYNTHETIC_SPLIT = "test"  # held out from training and validation
@@ -114,8 +115,6 @@ def exams_from_dicom(path) -> tuple[list, list]:
     """(exams, failures) of DICOM files grouped by StudyInstanceUID; headers give laterality/view."""
     import pydicom
 
-    from gmic_jax.data.image import _dicom_laterality, _dicom_view
-
     root = Path(path)
     try:
         files = _dicom_files(root)
@@ -166,8 +165,6 @@ def exams_from_synthetic(num_exams: int, prep) -> tuple[list, list]:
     """The first ``num_exams`` exams of the synthetic data's held-out split, drawn as the
     checkpoint's training data was (``prep.synthetic``: seed, finding rates, lesion sizes).
     Exam e holds breasts 2e (left) and 2e + 1 (right), CC and MLO each; masks come with them."""
-    from gmic_jax.data.synthetic import breast_labels
-
     spec = prep.synthetic.spec(prep.window_shape)
     seed = prep.synthetic.seed
     exams = []

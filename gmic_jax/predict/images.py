@@ -13,6 +13,7 @@ import numpy as np
 
 from gmic_jax.data import cropping
 from gmic_jax.data.image import DataError, read_image
+from gmic_jax.data.synthetic import render
 from gmic_jax.data.transforms import to_window
 from gmic_jax.data.window import flip_for_model, load_segmentation, place_window, split_view
 from gmic_jax.predict.exams import ImageTask
@@ -36,8 +37,6 @@ def load_image(task: ImageTask, prep: Preprocessing) -> LoadedImage:
 
     Raises :class:`DataError` naming the file."""
     if task.synthetic is not None:  # rendered windows with their masks (preprocessing 'window')
-        from gmic_jax.data.synthetic import render
-
         example = render(*task.synthetic)
         return LoadedImage(example["image"][..., 0].astype(np.float32), example["mask"])
     image = read_image(task.path)
