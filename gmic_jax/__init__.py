@@ -6,6 +6,8 @@ The names below are imported on first use, so that processes which only read dat
 pipeline's worker processes, ``gmic-jax cache``) do not import JAX and Flax.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {"GMICConfig": "gmic_jax.config", "GMIC": "gmic_jax.models", "init_variables": "gmic_jax.models"}
@@ -13,15 +15,13 @@ _LAZY = {"GMICConfig": "gmic_jax.config", "GMIC": "gmic_jax.models", "init_varia
 
 def load_checkpoint(directory, step=None):
     """(GMICConfig, variables) from a converted checkpoint or a training workdir."""
-    from gmic_jax.checkpoint import load_checkpoint as _load
+    from gmic_jax.checkpoint import load_checkpoint as _load  # JAX and Orbax: on first use (see above)
 
     return _load(directory, step=step)
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'gmic_jax' has no attribute {name!r}")
 

@@ -34,9 +34,9 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
-from gmic_jax.data.image import DataError
+from gmic_jax.data.image import DataError, read_image
 from gmic_jax.data.sources import SPLITS, ImageRecord, RecordSource, assign_validation, validation_fraction_of
-from gmic_jax.data.transforms import to_window
+from gmic_jax.data.transforms import resize, to_window
 
 KINDS = ("calc", "mass")
 PATHOLOGY_MALIGNANT = "MALIGNANT"
@@ -205,8 +205,6 @@ class TciaSource(RecordSource):
     """A :class:`RecordSource` whose mask entries are ROI-folder candidates, resolved on load."""
 
     def __getitem__(self, index: int) -> dict:
-        from gmic_jax.data.image import read_image
-
         record = self.records[index]
         image = read_image(record.path)
         pixels = image.to_uint().astype(np.uint16)
@@ -274,8 +272,6 @@ def tfds_example_to_record(example: dict) -> dict:
         m = np.asarray(masks_in[i])
         m = (m[..., 0] if m.ndim == 3 else m) > 0
         if m.shape != image.shape:  # a few CBIS-DDSM masks are not the size of their image
-            from gmic_jax.data.transforms import resize
-
             m = resize(m.astype(np.uint8), image.shape, nearest=True) > 0
         masks[cls] = m if masks[cls] is None else masks[cls] | m
     side = "L" if int(example["breast"]) == 0 else "R"  # ClassLabel LEFT=0, RIGHT=1

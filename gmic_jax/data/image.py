@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from gmic_jax.files import atomic_path
 
@@ -75,8 +76,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def read_png_array(path) -> np.ndarray:
     """A grayscale PNG as its stored integer array (uint8 or uint16), values untouched."""
-    from PIL import Image
-
     path = str(path)
     try:
         with open(path, "rb") as f:
@@ -129,8 +128,6 @@ def read_png(path, view: Optional[str] = None, laterality: Optional[str] = None)
 
 def write_png(path, array: np.ndarray) -> None:
     """Write a uint8/uint16 2-D array as an 8/16-bit grayscale PNG, atomically (temp file + rename)."""
-    from PIL import Image
-
     array = np.asarray(array)
     if array.dtype not in (np.uint8, np.uint16) or array.ndim != 2:
         raise ValueError(f"write_png wants a 2-D uint8 or uint16 array, got {array.dtype} {array.shape}")

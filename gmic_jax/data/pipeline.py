@@ -32,18 +32,25 @@ One way through the data for training, validation during training and ``gmic-jax
 
 from __future__ import annotations
 
+import _posixshmem  # what multiprocessing.shared_memory uses (POSIX)
 import dataclasses
 import functools
 import gc
+import mmap
 import multiprocessing
 import os
+import secrets
 import threading
 import weakref
+from multiprocessing import resource_tracker, shared_memory, util
+from multiprocessing.connection import wait
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
 from gmic_jax.data import batch as batch_lib
+from gmic_jax.data.image import DataError
 
 OK = "ok"
 FAILURES = "failures"
@@ -97,8 +104,6 @@ class SourceExamples:
 
 
 def _failure(row: int, task, error: BaseException) -> Failure:
-    from gmic_jax.data.image import DataError
-
     if isinstance(error, DataError):  # its text is already "<file>: <problem>"
         return Failure(row, task, str(error), error.path, error.problem)
     problem = f"{type(error).__name__}: {error}"
@@ -195,9 +200,6 @@ class _Slot:
     """Worker side: one shared-memory segment (header + a batch)."""
 
     def __init__(self, size: int, prefix: str):
-        import secrets
-        from multiprocessing import shared_memory
-
         while True:
             try:
                 name = prefix + secrets.token_hex(3)
@@ -305,8 +307,6 @@ def _worker_ring(prefix: str) -> _Ring:
     """This worker process's ring (slot names starting with ``prefix``), closed as it exits."""
     global _RING
     if _RING is None:
-        from multiprocessing import util
-
         _RING = _Ring(prefix)
         util.Finalize(None, _close_worker_ring, exitpriority=100)  # run as a worker process exits
     return _RING
@@ -328,16 +328,10 @@ class _OpenBatches:
     are mapped once each (the first time they come) and kept mapped until :meth:`close`."""
 
     def __init__(self):
-        import secrets
-
         self.prefix = f"{SLOT_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"  # of its workers' slots
         self._maps: dict = {}  # slot name -> (mmap, its flag)
 
     def _map(self, name: str):
-        import _posixshmem  # what multiprocessing.shared_memory uses (POSIX)
-        import mmap
-        from multiprocessing import resource_tracker
-
         if name not in self._maps:
             fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
             try:
@@ -365,9 +359,6 @@ class _OpenBatches:
     def close(self) -> None:
         """Once the workers are gone: unlink the slots of batches never taken; unmap the others
         once no batch of them is left."""
-        import _posixshmem
-        from multiprocessing import resource_tracker
-
         self._maps.clear()
         for name in _slot_names(self.prefix):
             try:
@@ -408,8 +399,6 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
         return
 
     def watch():
-        from multiprocessing.connection import wait
-
         wait([parent.sentinel])
         try:
             _close_worker_ring(everything=True)  # unlink the slots the parent never mapped
@@ -420,8 +409,10 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
 
 
 def _grain():
+    # Grain imports JAX (~2 s): imported here, when batches are loaded, so that what else this
+    # module holds (default_workers, Failure; imported by train.defaults, hence by every config)
+    # stays light.
     import grain
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():  # Grain reads absl flags (here and in its workers); take defaults
         flags.FLAGS.mark_as_parsed()
@@ -464,9 +455,7 @@ def load_batches(
         )
         ds = ds.map(opener)  # here, in the thread that takes the batches
     if put is not None:
-        from grain.experimental import ThreadPrefetchIterDataset
-
-        ds = ThreadPrefetchIterDataset(
+        ds = grain.experimental.ThreadPrefetchIterDataset(
             ds.map(functools.partial(device_put_batch, put=put)), prefetch_buffer_size=device_buffer
         )
     return Batches(iter(ds), opener)
@@ -475,7 +464,7 @@ def load_batches(
 def _wait_for_shared_memory_release() -> None:
     """Wait until Grain's background thread has unlinked the shared memory of freed batches (else
     a process that exits right after training leaves them to the resource tracker, which warns)."""
-    try:
+    try:  # a private module of Grain: absent from other versions
         from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
         pool = SharedMemoryArray._del_thread_pool  # one thread, first in first out

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gmic_jax.data import cropping
 from gmic_jax.data import exam_list as exam_list_lib
@@ -132,8 +133,6 @@ def _run(tasks, num_workers: int, progress: bool):
         iterator = pool.map(_process_one, tasks, chunksize=1)
     if progress:
         try:
-            from tqdm import tqdm
-
             iterator = tqdm(iterator, total=len(tasks), desc="preprocess", unit="image")
         except ImportError:
             pass

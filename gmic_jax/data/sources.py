@@ -22,8 +22,9 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
+from gmic_jax.data.exam_list import find_image, read_exam_list, require_label
 from gmic_jax.data.image import DataError, read_image
-from gmic_jax.data.transforms import to_window
+from gmic_jax.data.transforms import resize, to_window
 from gmic_jax.data.window import flip_for_model, load_segmentation, place_window
 
 SPLITS = ("train", "val", "test")
@@ -100,8 +101,6 @@ class RecordSource:
                 for p in paths:
                     m = _read_mask(p)
                     if m.shape != pixels.shape:
-                        from gmic_jax.data.transforms import resize
-
                         m = resize(m.astype(np.uint8), pixels.shape, nearest=True) > 0
                     union = m if union is None else union | m
                 masks.append(union)
@@ -137,8 +136,6 @@ class ExamListSource:
         window_shape=WINDOW_SHAPE,
         with_masks: Optional[bool] = None,
     ):
-        from gmic_jax.data.exam_list import read_exam_list
-
         exams, errors = read_exam_list(exam_list_path)
         if errors:
             raise errors[0]
@@ -160,8 +157,6 @@ class ExamListSource:
 
     def flipped_pixels(self, index: int) -> np.ndarray:
         """The stored (cropped) image ``index``, flipped as the model sees it, raw values."""
-        from gmic_jax.data.exam_list import find_image
-
         item = self.items[index]
         return flip_for_model(
             read_image(find_image(self.images_dir, item.name)).pixels, item.view, item.horizontal_flip
@@ -172,8 +167,6 @@ class ExamListSource:
 
     def example(self, index: int, pixels: Optional[np.ndarray] = None) -> dict:
         """Example ``index``; ``pixels``: its :meth:`flipped_pixels` when the caller has them already."""
-        from gmic_jax.data.exam_list import find_image, require_label
-
         item = self.items[index]
         label = require_label(item, find_image(self.images_dir, item.name))
         pixels = self.flipped_pixels(index) if pixels is None else pixels

@@ -9,6 +9,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gmic_jax.data.cache import build_cache
+from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
+from gmic_jax.data.image import VIEWS, write_png
+from gmic_jax.data.sources import ExamListSource
+
 
 def write_dicom(
     path,
@@ -197,8 +202,6 @@ def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed:
 
 def write_png_file(path, array) -> Path:
     """Write a uint8/uint16 array as PNG (test convenience; not atomic)."""
-    from gmic_jax.data.image import write_png
-
     write_png(path, np.asarray(array))
     return Path(path)
 
@@ -219,9 +222,6 @@ def preprocessed_exam(names: dict, centers: dict, left=(0, 1), right=(0, 0)) -> 
     """One exam of a preprocessed exam list (the original's pickle layout, what ``gmic-jax
     preprocess`` writes): per view its image name and best centre, the left and right breasts'
     (benign, malignant) labels, not flipped; the other preprocessing keys zero."""
-    from gmic_jax.data.exam_list import PREPROCESSING_KEYS
-    from gmic_jax.data.image import VIEWS
-
     exam = {
         "horizontal_flip": "NO",
         "best_center": {view: [tuple(int(v) for v in centers[view])] for view in VIEWS},
@@ -249,11 +249,6 @@ def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, 
     best centres near the middle, in a preprocessed exam list; every other exam malignant and every
     third benign. ``noise``: the cache's window-noise amplitudes (``True``: the original's, scaled
     to ``window``). Returns the cache directory."""
-    from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import save_exam_list
-    from gmic_jax.data.image import VIEWS, write_png
-    from gmic_jax.data.sources import ExamListSource
-
     root = Path(root)
     rng = np.random.default_rng(seed)
     wh, ww = window

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from gmic_jax.data import centers as centers_lib
 from gmic_jax.data import cropping
@@ -109,8 +110,6 @@ def gmic_window(
 
 def resize(array: np.ndarray, shape, nearest: bool = False) -> np.ndarray:
     """Resize a 2-D array to ``shape`` (H, W): bilinear (values rounded back for integer input) or nearest."""
-    from PIL import Image
-
     array = np.asarray(array)
     if tuple(array.shape) == tuple(shape):
         return array.copy()
