@@ -106,7 +106,7 @@ def tcia_records(
     """
     root = Path(root)
     finder = _DicomFinder(root)
-    images: dict = {}
+    images: dict = {}  # full image's DICOM -> what the description CSVs say of it
     errors: list[DataError] = []
     found_csv = False
     for kind in kinds:
@@ -124,52 +124,9 @@ def tcia_records(
                 errors.append(DataError(csv_path, f"cannot read description CSV: {e}"))
                 continue
             for line, row in enumerate(rows, start=2):
-                where = f"{csv_path}:{line}"
-                try:
-                    patient = row["patient_id"].strip()
-                    side = row["left or right breast"].strip().upper()
-                    view = row["image view"].strip().upper()
-                    pathology = row["pathology"].strip().upper()
-                    image_rel = row["image file path"].strip()
-                    roi_rel = row["ROI mask file path"].strip()
-                except (KeyError, AttributeError) as e:
-                    errors.append(DataError(where, f"malformed description CSV: missing column {e}"))
-                    continue
-                if side not in ("LEFT", "RIGHT") or view not in ("CC", "MLO"):
-                    errors.append(DataError(where, f"bad side/view {side!r}/{view!r}"))
-                    continue
-                if pathology != PATHOLOGY_MALIGNANT and pathology not in PATHOLOGY_BENIGN:
-                    errors.append(DataError(where, f"unknown pathology {pathology!r}"))
-                    continue
-                image_files = finder.candidates(image_rel)
-                if len(image_files) != 1:
-                    errors.append(
-                        DataError(
-                            where, f"full image {image_rel!r}: {'not found' if not image_files else 'several DICOMs'}"
-                        )
-                    )
-                    continue
-                key = image_files[0]
-                entry = images.setdefault(
-                    key,
-                    dict(
-                        patient=patient,
-                        side=side[0],
-                        view=view,
-                        split=split,
-                        benign=0.0,
-                        malignant=0.0,
-                        masks=([], []),
-                        image_id=image_rel.split("/")[0],
-                    ),
-                )
-                cls = 1 if pathology == PATHOLOGY_MALIGNANT else 0
-                entry["malignant" if cls else "benign"] = 1.0
-                roi_files = tuple(finder.candidates(roi_rel))
-                if roi_files:
-                    entry["masks"][cls].append(roi_files)
-                else:
-                    errors.append(DataError(where, f"ROI mask {roi_rel!r} not found"))
+                problem = _add_description_row(row, split, finder, images)
+                if problem is not None:
+                    errors.append(DataError(f"{csv_path}:{line}", problem))
     if not found_csv:
         errors.append(
             DataError(root, f"no CBIS-DDSM description CSV found (expected e.g. {_csv_name('calc', 'train')})")
@@ -188,6 +145,47 @@ def tcia_records(
         for path, e in sorted(images.items())
     ]
     return assign_validation(records, val_fraction, seed), errors
+
+
+def _add_description_row(row: dict, split: str, finder: _DicomFinder, images: dict):
+    """Add one row of a description CSV to ``images`` (full image's DICOM -> its entry); returns
+    what is wrong with the row, else None."""
+    try:
+        patient = row["patient_id"].strip()
+        side = row["left or right breast"].strip().upper()
+        view = row["image view"].strip().upper()
+        pathology = row["pathology"].strip().upper()
+        image_rel = row["image file path"].strip()
+        roi_rel = row["ROI mask file path"].strip()
+    except (KeyError, AttributeError) as e:
+        return f"malformed description CSV: missing column {e}"
+    if side not in ("LEFT", "RIGHT") or view not in ("CC", "MLO"):
+        return f"bad side/view {side!r}/{view!r}"
+    if pathology != PATHOLOGY_MALIGNANT and pathology not in PATHOLOGY_BENIGN:
+        return f"unknown pathology {pathology!r}"
+    image_files = finder.candidates(image_rel)
+    if len(image_files) != 1:
+        return f"full image {image_rel!r}: {'not found' if not image_files else 'several DICOMs'}"
+    entry = images.setdefault(
+        image_files[0],
+        dict(
+            patient=patient,
+            side=side[0],
+            view=view,
+            split=split,
+            benign=0.0,
+            malignant=0.0,
+            masks=([], []),
+            image_id=image_rel.split("/")[0],
+        ),
+    )
+    cls = 1 if pathology == PATHOLOGY_MALIGNANT else 0
+    entry["malignant" if cls else "benign"] = 1.0
+    roi_files = tuple(finder.candidates(roi_rel))
+    if not roi_files:
+        return f"ROI mask {roi_rel!r} not found"
+    entry["masks"][cls].append(roi_files)
+    return None
 
 
 def resolve_roi_mask(candidates: tuple, image_shape: tuple) -> str:

@@ -107,6 +107,28 @@ CBIS_COLUMNS = [
 ]
 
 
+def _description_row(case: dict, full_rel: str, crop_rel: str, roi_rel: str) -> dict:
+    """The row of a CBIS-DDSM description CSV for one case of :func:`fake_cbis_ddsm_tree`."""
+    row = {c: "" for c in CBIS_COLUMNS}
+    row.update(
+        {
+            "patient_id": case["patient"],
+            "breast density": "2",
+            "left or right breast": case["side"],
+            "image view": case["view"],
+            "abnormality id": str(case.get("abnormality", 1)),
+            "abnormality type": "calcification" if case["kind"] == "Calc" else "mass",
+            "assessment": "4",
+            "pathology": case["pathology"],
+            "subtlety": "3",
+            "image file path": full_rel,
+            "cropped image file path": crop_rel,
+            "ROI mask file path": roi_rel,
+        }
+    )
+    return row
+
+
 def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed: int = 0, layout: str = "csv") -> Path:
     """A tiny TCIA-style CBIS-DDSM download under ``root``.
 
@@ -173,24 +195,7 @@ def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed:
             view=None,
             patient_id=roi_folder,
         )
-        row = {c: "" for c in CBIS_COLUMNS}
-        row.update(
-            {
-                "patient_id": case["patient"],
-                "breast density": "2",
-                "left or right breast": case["side"],
-                "image view": case["view"],
-                "abnormality id": str(case.get("abnormality", 1)),
-                "abnormality type": "calcification" if kind == "Calc" else "mass",
-                "assessment": "4",
-                "pathology": case["pathology"],
-                "subtlety": "3",
-                "image file path": full_rel,
-                "cropped image file path": crop_rel,
-                "ROI mask file path": roi_rel,
-            }
-        )
-        rows.setdefault((kind, split), []).append(row)
+        rows.setdefault((kind, split), []).append(_description_row(case, full_rel, crop_rel, roi_rel))
     for (kind, split), kind_rows in rows.items():
         name = f"{kind.lower()}_case_description_{'train' if split == 'Training' else 'test'}_set.csv"
         with open(root / name, "w", newline="", encoding="utf-8") as f:
