@@ -83,7 +83,7 @@ class _DicomFinder:
 
 
 def _dicom_size(path: str) -> tuple:
-    import pydicom
+    import pydicom  # optional (extra "data"): only the TCIA download needs it
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -301,7 +301,7 @@ class TfdsSource:
         seed: int = 0,
         iterations: int = cropping.NUM_ITERATIONS,
     ):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # optional (extra "data"): only --source cbis-tfds needs it
 
         if config not in TFDS_CONFIGS:
             raise ValueError(f"config must be one of {TFDS_CONFIGS}, got {config!r}")

@@ -204,14 +204,12 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     (padding pixels become the bottom of the value range, i.e. background). View and laterality
     come from View Position / View Code Sequence and Image Laterality / Laterality.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    import pydicom  # optional (extra "data"): only DICOM input needs it
 
     path = str(path)
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
+    except pydicom.errors.InvalidDicomError as e:
         raise DataError(path, f"not a DICOM file ({e})") from None
     except Exception as e:
         raise DataError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
@@ -232,10 +230,10 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     if raw.ndim != 2:
         raise DataError(path, f"expected one 2-D frame, got pixel array of shape {raw.shape}")
     try:
-        values = apply_modality_lut(raw, ds)
+        values = pydicom.pixels.apply_modality_lut(raw, ds)
         used_lut = bool(apply_voi and ds.get("VOILUTSequence"))
         if apply_voi:
-            values = apply_voi_lut(values, ds, prefer_lut=True)
+            values = pydicom.pixels.apply_voi_lut(values, ds, prefer_lut=True)
     except Exception as e:
         raise DataError(path, f"cannot apply the header's LUT/window ({type(e).__name__}: {e})") from None
     low, high, bits = _output_range(ds, used_lut)

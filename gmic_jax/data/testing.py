@@ -35,21 +35,19 @@ def write_dicom(
     ``window`` = (center, width); ``voi_lut`` = the LUT's output values (first input value 0,
     entries of ``bits_stored`` bits); ``rescale`` = (slope, intercept).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    import pydicom  # optional (extra "data"/"test"): only the DICOM fixtures need it
 
     pixels = np.asarray(pixels)
-    meta = FileMetaDataset()
+    meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography, for presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = series_uid or pydicom.uid.generate_uid()
     ds.Modality = "MG"
     ds.PatientID = patient_id
     if laterality is not None:
@@ -60,11 +58,11 @@ def write_dicom(
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     if voi_lut is not None:
-        item = Dataset()
+        item = pydicom.dataset.Dataset()
         lut = np.asarray(voi_lut, dtype=np.uint16)
         item.LUTDescriptor = [len(lut), 0, bits_stored]
         item.add_new((0x0028, 0x3006), "US", lut.tolist())  # LUT Data
-        ds.VOILUTSequence = DicomSequence([item])
+        ds.VOILUTSequence = pydicom.sequence.Sequence([item])
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
     if padding_value is not None:

@@ -113,7 +113,7 @@ def _dicom_files(path) -> list:
 
 def exams_from_dicom(path) -> tuple[list, list]:
     """(exams, failures) of DICOM files grouped by StudyInstanceUID; headers give laterality/view."""
-    import pydicom
+    import pydicom  # optional (extra "data"): only --dicom needs it
 
     root = Path(path)
     try:
