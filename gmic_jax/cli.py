@@ -20,7 +20,7 @@ from pathlib import Path
 COMMANDS = {
     "convert": ("gmic_jax.convert_cli", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
     "preprocess": (
-        "gmic_jax.data.preprocess",
+        "gmic_jax.data.preprocess_cli",
         "crop images and find window centres (the original's exam-list pipeline)",
     ),
     "cache": ("gmic_jax.data.cache_cli", "preprocess a dataset once into memory-mapped uint16 window shards"),

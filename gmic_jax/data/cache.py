@@ -54,8 +54,7 @@ from gmic_jax.data.window import (
     window_noise_amplitudes,
     window_to_context,
 )
-from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
-from gmic_jax.files import write_atomic, write_failures
+from gmic_jax.files import FAILURES_TXT, write_atomic, write_failures
 
 FORMAT = "gmic-jax-cache/1"
 INDEX_NAME = "index.json"
@@ -151,7 +150,7 @@ def build_cache(
     window_noise = _noise_amplitudes(source, window_noise)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [INDEX_NAME, PARTIAL_INDEX_NAME, FAILURES_NAME] + [p.name for p in output_dir.glob("*-[0-9]*.npy")]:
+    for stale in [INDEX_NAME, PARTIAL_INDEX_NAME, FAILURES_TXT] + [p.name for p in output_dir.glob("*-[0-9]*.npy")]:
         (output_dir / stale).unlink(missing_ok=True)
     failures: list[DataError] = list(prior_failures)
     writer = _ShardWriter(output_dir, shard_size, len(source), window_noise)

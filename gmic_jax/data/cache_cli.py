@@ -14,14 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from gmic_jax.data.cache import FAILURES_NAME, INDEX_NAME, WINDOW_NOISE_OPTION, build_cache, supports_window_noise
+from gmic_jax.data.cache import INDEX_NAME, WINDOW_NOISE_OPTION, build_cache, supports_window_noise
 from gmic_jax.data.cbis_ddsm import tcia_records, tcia_source, tfds_source
 from gmic_jax.data.image import DataError
 from gmic_jax.data.manifest import manifest_source, read_manifest
 from gmic_jax.data.sources import ExamListSource
 from gmic_jax.data.transforms import PREPROCESSINGS
 from gmic_jax.data.window import window_noise_amplitudes
-from gmic_jax.files import print_failures
+from gmic_jax.files import FAILURES_TXT, print_failures
 
 
 def make_source(args):
@@ -161,7 +161,7 @@ def main(args) -> int:
         print_failures(failures)
         print(
             f"{len(failures)} failure(s); {count} window(s) cached but the cache is NOT complete "
-            f"(no {INDEX_NAME}; see {Path(args.output) / FAILURES_NAME})",
+            f"(no {INDEX_NAME}; see {Path(args.output) / FAILURES_TXT})",
             file=sys.stderr,
         )
         return 1

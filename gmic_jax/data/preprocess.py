@@ -1,4 +1,5 @@
-"""`gmic-jax preprocess`: crop every image of an exam list and find its window's best centre.
+"""Crop every image of an exam list and find its window's best centre (`gmic-jax preprocess`, whose
+command line is :mod:`gmic_jax.data.preprocess_cli`).
 
     gmic-jax preprocess --exam-list exams.pkl --images DIR --output OUT [--num-workers N]
 
@@ -18,11 +19,9 @@ Bad inputs do not stop the run: every failure is reported at the end, the exit s
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,7 @@ from gmic_jax.data import cropping
 from gmic_jax.data import exam_list as exam_list_lib
 from gmic_jax.data.image import DataError, read_image, write_png
 from gmic_jax.data.transforms import crop_flip_center
-from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
-from gmic_jax.files import print_failures, write_failures
+from gmic_jax.files import FAILURES_TXT, write_failures
 
 CROPPED_DIR = "cropped_images"
 EXAM_LIST_NAME = "exam_list.pkl"
@@ -88,7 +86,7 @@ def preprocess_exam_list(
     """Run the preprocessing; returns (exams written, failures). See the module docstring."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (EXAM_LIST_NAME, PARTIAL_NAME, FAILURES_NAME):
+    for stale in (EXAM_LIST_NAME, PARTIAL_NAME, FAILURES_TXT):
         (output_dir / stale).unlink(missing_ok=True)
 
     failures: list[DataError] = []
@@ -132,39 +130,9 @@ def _run(tasks, num_workers: int, progress: bool):
         pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
         iterator = pool.map(_process_one, tasks, chunksize=1)
     if progress:
-        try:
-            iterator = tqdm(iterator, total=len(tasks), desc="preprocess", unit="image")
-        except ImportError:
-            pass
+        iterator = tqdm(iterator, total=len(tasks), desc="preprocess", unit="image")
     try:
         yield from iterator
     finally:
         if num_workers > 1 and len(tasks) > 1:
             pool.shutdown()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exam-list", required=True, help="exam list pickle (the original's format)")
-    parser.add_argument("--images", required=True, help="folder of <name>.png / <name>.dcm images")
-    parser.add_argument("--output", required=True, help="output folder (cropped_images/, exam_list.pkl)")
-    parser.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (default: min(4, cores))"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args) -> int:
-    done, failures = preprocess_exam_list(
-        args.exam_list, args.images, args.output, num_workers=args.num_workers, progress=not args.no_progress
-    )
-    if failures:
-        print_failures(failures)
-        print(
-            f"{len(failures)} failure(s); {len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: "
-            "the good exams are in "
-            f"{Path(args.output) / PARTIAL_NAME}, the failures in {Path(args.output) / FAILURES_NAME}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"{len(done)} exam(s) preprocessed -> {Path(args.output) / EXAM_LIST_NAME}")
-    return 0
