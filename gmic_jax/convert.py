@@ -101,14 +101,6 @@ def _template(config: GMICConfig):
     return jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
 
 
-def expected_state_dict_shapes(config: GMICConfig) -> dict[str, tuple[int, ...]]:
-    """{original key: original shape} the model with `config` needs (num_batches_tracked excluded)."""
-    return {
-        _torch_key(c, p): _to_torch_layout(np.empty(leaf.shape, np.uint8)).shape
-        for c, p, leaf in _flat_leaves(_template(config))
-    }
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GMICConfig = GMICConfig()):
     """Original state_dict (numpy arrays or torch tensors) -> {'params', 'batch_stats'} of GMIC(config)."""
     template = _template(config)
