@@ -20,8 +20,6 @@ from PIL import Image
 
 from gmic_jax.files import atomic_path
 
-VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")  # the original's order of the four standard views
-
 
 class DataError(ValueError):
     """A problem with one input file (or one record of an input file)."""
@@ -140,7 +138,7 @@ def write_png(path, array: np.ndarray) -> None:
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 
-def _dicom_view(ds) -> Optional[str]:
+def dicom_view(ds) -> Optional[str]:
     """CC / MLO from View Position, else from the View Code Sequence's meaning."""
     value = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
     if value in ("CC", "MLO"):
@@ -156,7 +154,7 @@ def _dicom_view(ds) -> Optional[str]:
     return None
 
 
-def _dicom_laterality(ds) -> Optional[str]:
+def dicom_laterality(ds) -> Optional[str]:
     for key in ("ImageLaterality", "Laterality"):
         value = str(getattr(ds, key, "") or "").strip().upper()
         if value in ("L", "R"):
@@ -244,7 +242,7 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     if padding is not None:
         values[padding] = low
     return Mammogram(
-        values.astype(np.float32), view=_dicom_view(ds), laterality=_dicom_laterality(ds), path=path, bit_depth=bits
+        values.astype(np.float32), view=dicom_view(ds), laterality=dicom_laterality(ds), path=path, bit_depth=bits
     )
 
 

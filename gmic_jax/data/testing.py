@@ -9,9 +9,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gmic_jax.data.batch import VIEWS
 from gmic_jax.data.cache import build_cache
 from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
-from gmic_jax.data.image import VIEWS, write_png
+from gmic_jax.data.image import write_png
 from gmic_jax.data.sources import ExamListSource
 
 

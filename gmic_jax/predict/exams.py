@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Optional
 
 from gmic_jax.data import exam_list as exam_list_lib
-from gmic_jax.data.image import VIEWS, DataError, _dicom_laterality, _dicom_view, is_dicom_path
+from gmic_jax.data.batch import VIEWS
+from gmic_jax.data.image import DataError, dicom_laterality, dicom_view, is_dicom_path
 from gmic_jax.data.synthetic import breast_labels
 
-CLASSES = ("benign", "malignant")
 SYNTHETIC_SPLIT = "test"  # held out from training and validation
 
 
@@ -137,7 +137,7 @@ def exams_from_dicom(path) -> tuple[list, list]:
             failures.append(PredictError("(unknown study)", f, "DICOM has no StudyInstanceUID (0020,000D)"))
             continue
         studies.setdefault(study, [])
-        view, laterality = _dicom_view(ds), _dicom_laterality(ds)
+        view, laterality = dicom_view(ds), dicom_laterality(ds)
         problems = []
         if view is None:
             problems.append(

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from gmic_jax import metrics, records
+from gmic_jax.data.batch import CLASSES
 from gmic_jax.files import FAILURES_TXT, atomic_path, write_atomic
-from gmic_jax.predict.exams import CLASSES, Exam, ImageTask
+from gmic_jax.predict.exams import Exam, ImageTask
 from gmic_jax.visualize import save_figure
 
 PREDICTIONS_CSV = "predictions.csv"
