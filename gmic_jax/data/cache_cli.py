@@ -19,9 +19,9 @@ from gmic_jax.data.cbis_ddsm import tcia_records, tcia_source, tfds_source
 from gmic_jax.data.image import DataError
 from gmic_jax.data.manifest import manifest_source, read_manifest
 from gmic_jax.data.sources import ExamListSource
-from gmic_jax.data.transforms import PREPROCESSINGS
 from gmic_jax.data.window import window_noise_amplitudes
 from gmic_jax.files import FAILURES_TXT, print_failures
+from gmic_jax.preprocessing import NAMES as PREPROCESSING_NAMES
 
 
 def make_source(args):
@@ -74,7 +74,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="TFDS data_dir (--source cbis-tfds)")
     parser.add_argument(
         "--preprocessing",
-        choices=list(PREPROCESSINGS),
+        choices=list(PREPROCESSING_NAMES),
         help="default: original for manifest, cbis_ddsm for CBIS-DDSM (see gmic_jax.preprocessing)",
     )
     parser.add_argument("--window-shape", type=int, nargs=2, default=[2944, 1920], metavar=("H", "W"))

@@ -215,18 +215,7 @@ class TciaSource(RecordSource):
                     m = read_image(resolve_roi_mask(candidates, pixels.shape)).pixels > 0
                     union = m if union is None or union.shape != m.shape else union | m
                 masks.append(union)
-        window, mask_window = to_window(
-            self.preprocessing,
-            pixels,
-            record.view,
-            masks=masks,
-            window_shape=self.window_shape,
-            iterations=self.iterations,
-            path=record.path,
-        )
-        return batch_lib.make_example(
-            window, record.label, record.image_id, record.breast_id, record.view, mask=mask_window
-        )
+        return self.make_example(record, pixels, masks)
 
 
 def tcia_source(

@@ -104,6 +104,11 @@ class RecordSource:
                         m = resize(m.astype(np.uint8), pixels.shape, nearest=True) > 0
                     union = m if union is None else union | m
                 masks.append(union)
+        return self.make_example(record, pixels, masks)
+
+    def make_example(self, record: ImageRecord, pixels: np.ndarray, masks) -> dict:
+        """The example of ``record`` from its stored ``pixels`` and full-image ``masks`` (or None):
+        the source's preprocessing to its window, in the batch layout."""
         window, mask_window = to_window(
             self.preprocessing,
             pixels,
