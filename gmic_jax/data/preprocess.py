@@ -106,20 +106,20 @@ def preprocess_exam_list(
                 tasks.append((image.name, image.view, image.horizontal_flip, str(images_dir), str(output_dir)))
 
     results = dict(_run(tasks, num_workers, progress))
-    done = []
+    preprocessed = []
     for exam in exams:
         errors = [results[image.name] for image in exam.images if isinstance(results[image.name], DataError)]
         if errors:
             failures.extend(errors)
             continue
-        done.append(exam_list_lib.add_preprocessing(exam.entry, results))
+        preprocessed.append(exam_list_lib.add_preprocessing(exam.entry, results))
 
     if failures:
-        exam_list_lib.save_exam_list(output_dir / PARTIAL_NAME, done)
+        exam_list_lib.save_exam_list(output_dir / PARTIAL_NAME, preprocessed)
         write_failures(output_dir, failures)
     else:
-        exam_list_lib.save_exam_list(output_dir / EXAM_LIST_NAME, done)
-    return done, failures
+        exam_list_lib.save_exam_list(output_dir / EXAM_LIST_NAME, preprocessed)
+    return preprocessed, failures
 
 
 def _run(tasks, num_workers: int, progress: bool):

@@ -25,17 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    done, failures = preprocess_exam_list(
+    preprocessed, failures = preprocess_exam_list(
         args.exam_list, args.images, args.output, num_workers=args.num_workers, progress=not args.no_progress
     )
     if failures:
         print_failures(failures)
         print(
-            f"{len(failures)} failure(s); {len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: "
+            f"{len(failures)} failure(s); {len(preprocessed)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: "
             "the good exams are in "
             f"{Path(args.output) / PARTIAL_NAME}, the failures in {Path(args.output) / FAILURES_TXT}",
             file=sys.stderr,
         )
         return 1
-    print(f"{len(done)} exam(s) preprocessed -> {Path(args.output) / EXAM_LIST_NAME}")
+    print(f"{len(preprocessed)} exam(s) preprocessed -> {Path(args.output) / EXAM_LIST_NAME}")
     return 0

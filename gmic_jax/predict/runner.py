@@ -209,7 +209,7 @@ class _ImageState:
     exam: "_ExamState"
     loaded: LoadedImage
     draws: int  # forward passes needed (1 + tta)
-    done: int = 0
+    draws_run: int = 0
     y_sum: Optional[np.ndarray] = None
     out0: Optional[dict] = None
 
@@ -295,41 +295,42 @@ class _Run:
         finally:
             batches.close()
 
-    def _enqueue(self, st: _ImageState):
+    def _enqueue(self, image: _ImageState):
         # Draw 0 is the plain window; draws 1..tta are augmented on device from the same window.
-        self.queue.extend((st, d) for d in range(st.draws))
+        self.queue.extend((image, draw) for draw in range(image.draws))
         while len(self.queue) >= self.batch_size:
             self._run_batch()
 
     def _run_batch(self):
         rows, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
         height, width = self.prep.window_shape
-        images = np.zeros((self.batch_size, height, width), np.float32)  # padding rows stay zero
+        windows = np.zeros((self.batch_size, height, width), np.float32)  # padding rows stay zero
         ids = np.zeros((self.batch_size, 2), np.int32)
-        for r, (st, draw) in enumerate(rows):
-            images[r] = st.loaded.window
-            ids[r] = (zlib.crc32(st.task.image_index.encode()) & 0x7FFFFFFF, draw)
+        for r, (image, draw) in enumerate(rows):
+            windows[r] = image.loaded.window
+            ids[r] = (zlib.crc32(image.task.image_index.encode()) & 0x7FFFFFFF, draw)
         t0 = time.perf_counter()
         out = self.forward(
             self.variables,
-            jax.device_put(images, self.batch_sharding),
+            jax.device_put(windows, self.batch_sharding),
             jax.device_put(ids, self.batch_sharding),
             self.key_data,
         )
         out = jax.tree.map(np.asarray, out)
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - t0
-        for r, (st, draw) in enumerate(rows):
+        for r, (image, draw) in enumerate(rows):
             if draw == 0:  # the un-augmented window: saliency, patches, figures
-                st.out0 = {k: out[k][r] for k in FORWARD_OUTPUTS}
-            if draw > 0 or st.draws == 1:  # the prediction: mean over the TTA draws, if any
+                image.out0 = {k: out[k][r] for k in FORWARD_OUTPUTS}
+            if draw > 0 or image.draws == 1:  # the prediction: mean over the TTA draws, if any
                 y = out["y_fusion"][r].astype(np.float64)
-                st.y_sum = y if st.y_sum is None else st.y_sum + y
-            st.done += 1
-            if st.done == st.draws:
-                if not st.exam.failed:
-                    st.exam.finished.append((st.task, st.loaded, st.out0, st.y_sum / max(st.draws - 1, 1)))
-                self._resolve(st.exam)
+                image.y_sum = y if image.y_sum is None else image.y_sum + y
+            image.draws_run += 1
+            if image.draws_run == image.draws:
+                if not image.exam.failed:
+                    y_mean = image.y_sum / max(image.draws - 1, 1)
+                    image.exam.finished.append((image.task, image.loaded, image.out0, y_mean))
+                self._resolve(image.exam)
 
     def _resolve(self, state: _ExamState):
         """One image of ``state`` is done (predicted or failed); finish the exam after its last one."""
