@@ -7,7 +7,7 @@
     gmic-jax predict --synthetic N --checkpoint WORKDIR --output OUT --visualize
 
 The package follows the data's way: :mod:`~gmic_jax.predict.exams` (inputs -> image tasks),
-:mod:`~gmic_jax.predict.images` (one task -> its window), :mod:`~gmic_jax.predict.models`
+:mod:`~gmic_jax.predict.images` (one task -> its window), :mod:`~gmic_jax.predict.ensemble`
 (checkpoints, the compiled function), :mod:`~gmic_jax.predict.runner` (batches, the run),
 :mod:`~gmic_jax.predict.outputs` (CSVs, saliency maps, figures), :mod:`~gmic_jax.predict.cli`.
 
@@ -96,9 +96,9 @@ _DEFINED_IN = {
     "exams_from_synthetic": "gmic_jax.predict.exams",
     "LoadedImage": "gmic_jax.predict.images",
     "load_image": "gmic_jax.predict.images",
-    "check_variables": "gmic_jax.predict.models",
-    "compiled_forward": "gmic_jax.predict.models",
-    "load_models": "gmic_jax.predict.models",
+    "check_variables": "gmic_jax.predict.ensemble",
+    "compiled_forward": "gmic_jax.predict.ensemble",
+    "load_models": "gmic_jax.predict.ensemble",
     "BREAST_CSV": "gmic_jax.predict.outputs",
     "LOCALIZATION_CSV": "gmic_jax.predict.outputs",
     "PREDICTIONS_CSV": "gmic_jax.predict.outputs",

@@ -22,6 +22,7 @@ from gmic_jax.checkpoint import CheckpointError
 from gmic_jax.data.pipeline import FAILURES, default_workers, load_batches
 from gmic_jax.files import write_failures
 from gmic_jax.predict import outputs as out_lib
+from gmic_jax.predict.ensemble import FORWARD_OUTPUTS, compiled_forward, load_models
 from gmic_jax.predict.exams import (
     Exam,
     ImageTask,
@@ -31,7 +32,6 @@ from gmic_jax.predict.exams import (
     exams_from_synthetic,
 )
 from gmic_jax.predict.images import ImageExamples, LoadedImage
-from gmic_jax.predict.models import FORWARD_OUTPUTS, compiled_forward, load_models
 from gmic_jax.predict.outputs import PredictResult
 
 log = logging.getLogger("gmic_jax.predict")
