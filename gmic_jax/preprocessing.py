@@ -8,7 +8,7 @@ read it (:meth:`Preprocessing.read`). The canonical spellings, the only ones wri
     name           "original"    the original inference pipeline: crop to the breast (erosion x
                                  ``iterations``, largest component, dilation, ``buffer_size`` px),
                                  flip so the breast points right, best centre, window zero-padded
-                                 as the original (gmic_jax.data.transforms.gmic_window)
+                                 as the original (gmic_jax.data.image_to_window.gmic_window)
                    "cbis_ddsm"   the paper's CBIS-DDSM preprocessing: largest component, cropped,
                                  oriented, resized to the window (cbis_ddsm_window)
                    "window"      the stored images already are the model's windows (breast against

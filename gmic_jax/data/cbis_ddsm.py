@@ -19,7 +19,7 @@ official train/test split and a seeded, patient-grouped train/validation split.
    no TensorFlow, preparing the dataset does). Note that TFDS stores 8-bit PNGs.
 
 Both apply a named preprocessing (default: the paper's ``"cbis_ddsm"``; see
-:mod:`gmic_jax.data.transforms`).
+:mod:`gmic_jax.data.image_to_window`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
 from gmic_jax.data.image import DataError, read_image
+from gmic_jax.data.image_to_window import resize, to_window
 from gmic_jax.data.sources import SPLITS, ImageRecord, RecordSource, assign_validation, validation_fraction_of
-from gmic_jax.data.transforms import resize, to_window
 
 KINDS = ("calc", "mass")
 PATHOLOGY_MALIGNANT = "MALIGNANT"

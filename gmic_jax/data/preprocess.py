@@ -30,7 +30,7 @@ from tqdm import tqdm
 from gmic_jax.data import cropping
 from gmic_jax.data import exam_list as exam_list_lib
 from gmic_jax.data.image import DataError, read_image, write_png
-from gmic_jax.data.transforms import crop_flip_center
+from gmic_jax.data.image_to_window import crop_flip_center
 from gmic_jax.files import FAILURES_TXT, write_failures
 
 CROPPED_DIR = "cropped_images"
@@ -46,7 +46,7 @@ def preprocess_image(
     iterations: int = cropping.NUM_ITERATIONS,
     buffer_size: int = cropping.BUFFER_SIZE,
 ):
-    """Crop one stored image and find its best centre (:func:`~gmic_jax.data.transforms.crop_flip_center`).
+    """Crop one stored image and find its best centre (:func:`~gmic_jax.data.image_to_window.crop_flip_center`).
 
     Returns ``(cropped, info)``: the cropped stored image (not flipped) and a dict with the five
     exam-list values of this image.

@@ -3,7 +3,7 @@
 protocol); so does ``gmic-jax cache``.
 
 - :class:`RecordSource` -- a list of :class:`ImageRecord` (raw image files + labels + optional mask
-  files in the image's frame), through a named preprocessing (:mod:`gmic_jax.data.transforms`).
+  files in the image's frame), through a named preprocessing (:mod:`gmic_jax.data.image_to_window`).
   The manifest CSV and the raw CBIS-DDSM reader produce these records.
 - :class:`ExamListSource` -- an exam list written by ``gmic-jax preprocess`` (cropped images +
   ``best_center``), windows placed exactly as the original model runner does; segmentations are
@@ -24,7 +24,7 @@ from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
 from gmic_jax.data.exam_list import find_image, read_exam_list, require_label
 from gmic_jax.data.image import DataError, read_image
-from gmic_jax.data.transforms import resize, to_window
+from gmic_jax.data.image_to_window import resize, to_window
 from gmic_jax.data.window import flip_for_model, load_segmentation, place_window
 
 SPLITS = ("train", "val", "test")
