@@ -1,4 +1,4 @@
-"""``gmic-jax preprocess``: arguments and exit status (the work is :mod:`gmic_jax.data.preprocess`).
+"""``gmic-jax preprocess``: arguments and exit status (the work is :mod:`gmic_jax.data.crop_exam_list`).
 
 gmic-jax preprocess --exam-list exams.pkl --images DIR --output OUT [--num-workers N]
 """
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from gmic_jax.data.preprocess import EXAM_LIST_NAME, PARTIAL_NAME, preprocess_exam_list
+from gmic_jax.data.crop_exam_list import EXAM_LIST_NAME, PARTIAL_NAME, preprocess_exam_list
 from gmic_jax.files import FAILURES_TXT, print_failures
 
 
