@@ -1,11 +1,5 @@
-"""A data source preprocessed once into memory-mappable shards of uint16 windows (`gmic-jax cache`,
-whose command line is :mod:`gmic_jax.data.cache_cli`).
-
-    gmic-jax cache --output CACHE_DIR --source manifest --manifest data.csv --split train
-    gmic-jax cache --output CACHE_DIR --source exam-list --exam-list OUT/exam_list.pkl \
-        --images OUT/cropped_images [--segmentations SEG_DIR] [--window-noise]
-    gmic-jax cache --output CACHE_DIR --source cbis-tcia --root CBIS_ROOT --split train [--kinds calc mass]
-    gmic-jax cache --output CACHE_DIR --source cbis-tfds --tfds-config original-calc --split train
+"""A data source preprocessed once into memory-mappable shards of uint16 windows: what `gmic-jax
+cache` writes (its command line: :mod:`gmic_jax.data.cache_cli`) and training reads.
 
 Layout of CACHE_DIR: ``images-NNNNN.npy`` (n, H, W) uint16 and, with masks, ``masks-NNNNN.npy``
 (n, H, W, 2) uint8 -- plain .npy files, opened with ``np.load(mmap_mode='r')`` -- and

@@ -25,7 +25,7 @@ from gmic_jax.preprocessing import NAMES as PREPROCESSING_NAMES
 
 
 def make_source(args):
-    """The data source the CLI arguments describe (also used by the benchmark)."""
+    """The data source the command-line arguments describe."""
     window_shape = tuple(args.window_shape)
     common = dict(window_shape=window_shape)
     if args.source == "exam-list":
