@@ -10,14 +10,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"GMICConfig": "gmic_jax.config", "GMIC": "gmic_jax.models", "init_variables": "gmic_jax.models"}
-
-
-def load_checkpoint(directory, step=None):
-    """(GMICConfig, variables) from a converted checkpoint or a training workdir."""
-    from gmic_jax.checkpoint import load_checkpoint as _load  # JAX and Orbax: on first use (see above)
-
-    return _load(directory, step=step)
+_LAZY = {
+    "GMICConfig": "gmic_jax.config",
+    "GMIC": "gmic_jax.models",
+    "init_variables": "gmic_jax.models",
+    "load_checkpoint": "gmic_jax.checkpoint",  # (GMICConfig, variables) of a checkpoint or a training workdir
+}
 
 
 def __getattr__(name):
