@@ -42,8 +42,8 @@ class ConversionError(ValueError):
 
 
 def _module_name_to_torch(name: str) -> str:
-    m = _NUMBERED.match(name)
-    return f"{m.group(1)}.{m.group(2).replace('_', '.')}" if m else name
+    numbered = _NUMBERED.match(name)
+    return f"{numbered.group(1)}.{numbered.group(2).replace('_', '.')}" if numbered else name
 
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:

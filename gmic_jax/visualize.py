@@ -62,10 +62,10 @@ def _overlay_masks(ax, masks, extent):
     if masks is None:
         return
     for c, color in ((0, (0.1, 0.75, 0.2, 0.6)), (1, (0.9, 0.15, 0.1, 0.6))):
-        m = np.asarray(masks[..., c]) > 0
-        if m.any():
+        lesion = np.asarray(masks[..., c]) > 0
+        if lesion.any():
             ax.imshow(
-                np.ma.masked_where(~m, m.astype(np.float32)),
+                np.ma.masked_where(~lesion, lesion.astype(np.float32)),
                 cmap=ListedColormap([color]),
                 vmin=0,
                 vmax=1,

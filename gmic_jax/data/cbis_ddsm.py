@@ -212,8 +212,8 @@ class TciaSource(RecordSource):
             for groups in record.mask_paths:
                 union = None
                 for candidates in groups:
-                    m = read_image(resolve_roi_mask(candidates, pixels.shape)).pixels > 0
-                    union = m if union is None or union.shape != m.shape else union | m
+                    mask = read_image(resolve_roi_mask(candidates, pixels.shape)).pixels > 0
+                    union = mask if union is None or union.shape != mask.shape else union | mask
                 masks.append(union)
         return self.make_example(record, pixels, masks)
 
@@ -256,11 +256,11 @@ def tfds_example_to_record(example: dict) -> dict:
     for i, cls in enumerate(malignant.astype(int)):
         if i >= len(masks_in):
             break
-        m = np.asarray(masks_in[i])
-        m = (m[..., 0] if m.ndim == 3 else m) > 0
-        if m.shape != image.shape:  # a few CBIS-DDSM masks are not the size of their image
-            m = resize(m.astype(np.uint8), image.shape, nearest=True) > 0
-        masks[cls] = m if masks[cls] is None else masks[cls] | m
+        mask = np.asarray(masks_in[i])
+        mask = (mask[..., 0] if mask.ndim == 3 else mask) > 0
+        if mask.shape != image.shape:  # a few CBIS-DDSM masks are not the size of their image
+            mask = resize(mask.astype(np.uint8), image.shape, nearest=True) > 0
+        masks[cls] = mask if masks[cls] is None else masks[cls] | mask
     side = "L" if int(example["breast"]) == 0 else "R"  # ClassLabel LEFT=0, RIGHT=1
     view = "CC" if int(example["view"]) == 0 else "MLO"  # ClassLabel CC=0, MLO=1
     patient = example.get("patient", b"")

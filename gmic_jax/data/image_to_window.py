@@ -43,13 +43,13 @@ def _stack_masks(masks, shape, path) -> Optional[np.ndarray]:
     if masks is None:
         return None
     out = np.zeros(shape + (len(masks),), dtype=np.uint8)
-    for i, m in enumerate(masks):
-        if m is None:
+    for i, mask in enumerate(masks):
+        if mask is None:
             continue
-        m = np.asarray(m)
-        if m.shape != shape:
-            m = resize(m, shape, nearest=True)
-        out[..., i] = m > 0
+        mask = np.asarray(mask)
+        if mask.shape != shape:
+            mask = resize(mask, shape, nearest=True)
+        out[..., i] = mask > 0
     return out
 
 

@@ -99,10 +99,10 @@ class RecordSource:
             for paths in record.mask_paths:
                 union = None
                 for p in paths:
-                    m = _read_mask(p)
-                    if m.shape != pixels.shape:
-                        m = resize(m.astype(np.uint8), pixels.shape, nearest=True) > 0
-                    union = m if union is None else union | m
+                    mask = _read_mask(p)
+                    if mask.shape != pixels.shape:
+                        mask = resize(mask.astype(np.uint8), pixels.shape, nearest=True) > 0
+                    union = mask if union is None else union | mask
                 masks.append(union)
         return self.make_example(record, pixels, masks)
 

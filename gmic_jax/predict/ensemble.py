@@ -96,11 +96,12 @@ def load_models(directories: Sequence) -> list:
             raise CheckpointError(f"{d}/config.json: bad train.augment section: {e}") from None
         models.append(Model(str(d), config, variables, prep, augment, selection))
     first = models[0]
-    for m in models[1:]:
-        if m.config.image_shape != first.config.image_shape or _input(m.preprocessing) != _input(first.preprocessing):
+    for model in models[1:]:
+        shape, prep = model.config.image_shape, _input(model.preprocessing)
+        if shape != first.config.image_shape or prep != _input(first.preprocessing):
             raise CheckpointError(
-                f"{m.directory}: takes {list(m.config.image_shape)} windows with preprocessing "
-                f"{_input(m.preprocessing).to_dict()}, but {first.directory} takes {list(first.config.image_shape)} "
+                f"{model.directory}: takes {list(shape)} windows with preprocessing {prep.to_dict()}, but "
+                f"{first.directory} takes {list(first.config.image_shape)} "
                 f"with {_input(first.preprocessing).to_dict()}; an ensemble needs one input for all its models"
             )
     return models
@@ -126,7 +127,7 @@ def compiled_forward(configs: tuple, normalization: str, augment, devices: tuple
         if augment is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i[0]), i[1]))(ids)
             x = jnp.where((ids[:, 1] > 0)[:, None, None, None], augment_batch(keys, x, augment), x)
-        outs = [m.apply(v, x, train=False, rngs={"roi": base}) for m, v in zip(models, variables_list)]
+        outs = [model.apply(v, x, train=False, rngs={"roi": base}) for model, v in zip(models, variables_list)]
         result = {k: outs[0][k] for k in FORWARD_OUTPUTS}
         result["y_fusion"] = jnp.stack([o["y_fusion"] for o in outs], axis=1)
         return result

@@ -167,10 +167,10 @@ def localization_row(task: ImageTask, out0: dict, masks: np.ndarray, crop_shape)
     row = {"image_index": task.image_index}
     saliency = np.asarray(out0["saliency_map"], np.float64)
     for c, name in enumerate(CLASSES):
-        m = masks[..., c]
-        row[f"dice_{name}"] = metrics.dice(saliency[..., c], m) if m.any() else None
-        row[f"pxap_{name}"] = metrics.pxap(saliency[..., c], m) if m.any() else None
-        row[f"pointing_{name}"] = int(metrics.pointing_hit(saliency[..., c], m)) if m.any() else None
+        lesion = masks[..., c]
+        row[f"dice_{name}"] = metrics.dice(saliency[..., c], lesion) if lesion.any() else None
+        row[f"pxap_{name}"] = metrics.pxap(saliency[..., c], lesion) if lesion.any() else None
+        row[f"pointing_{name}"] = int(metrics.pointing_hit(saliency[..., c], lesion)) if lesion.any() else None
     hits, lesions = metrics.roi_hits(masks, out0["patch_locations"], crop_shape)
     row["roi_hit"] = hits / lesions if lesions else None
     return row
