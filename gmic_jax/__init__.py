@@ -6,22 +6,20 @@ The names below are imported on first use, so that processes which only read dat
 pipeline's worker processes, ``gmic-jax cache``) do not import JAX and Flax.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
-_LAZY = {"GMICConfig": "gmic_jax.config", "GMIC": "gmic_jax.models", "init_variables": "gmic_jax.models"}
-
-
-def load_checkpoint(directory, step=None):
-    """(GMICConfig, variables) from a converted checkpoint or a training workdir."""
-    from gmic_jax.checkpoint import load_checkpoint as _load
-
-    return _load(directory, step=step)
+_LAZY = {
+    "GMICConfig": "gmic_jax.config",
+    "GMIC": "gmic_jax.models",
+    "init_variables": "gmic_jax.models",
+    "load_checkpoint": "gmic_jax.checkpoint",  # (GMICConfig, variables) of a checkpoint or a training workdir
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'gmic_jax' has no attribute {name!r}")
 

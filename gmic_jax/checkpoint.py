@@ -23,10 +23,13 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from gmic_jax.config import GMICConfig
 from gmic_jax.files import write_atomic
+from gmic_jax.logs import quiet_library_noise
 from gmic_jax.preprocessing import Preprocessing
 
 FORMAT = "gmic-jax"
@@ -132,8 +135,6 @@ def manager_options(**overrides):
     """CheckpointManagerOptions used for every gmic-jax directory. ``best_fn`` is set so that Orbax
     stores the metrics given to ``save`` (it writes them only when it tracks a best); gmic-jax
     chooses steps with :class:`SelectionRule`, not with Orbax's ``best_step``."""
-    import orbax.checkpoint as ocp
-
     kw: dict[str, Any] = dict(
         best_fn=lambda metrics: float(metrics.get(BEST_METRIC, float("nan"))),
         best_mode="max",
@@ -203,8 +204,6 @@ def save_checkpoint(
     directory, config: GMICConfig, variables, preprocessing: Preprocessing | None = None, step: int = 0
 ):
     """Write config.json (:func:`write_config`) and `variables` ({'params', 'batch_stats'}) as step `step` of DIR."""
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).absolute()
     write_config(directory, config, preprocessing)
     tree = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
@@ -214,10 +213,6 @@ def save_checkpoint(
 
 
 def _read_only_manager(directory):
-    import orbax.checkpoint as ocp
-
-    from gmic_jax.logs import quiet_library_noise
-
     quiet_library_noise()  # Orbax announces every read-only manager
     # Options a read-only manager would otherwise reset, one warning each; no root metadata (its
     # save ends in a barrier of all processes, and a reader may be one process alone).
@@ -278,9 +273,6 @@ def load_checkpoint(directory, step: int | None = None):
 def load_selected(directory, step: int | None = None) -> tuple[GMICConfig, dict, Selection]:
     """(GMICConfig, variables, the :class:`Selection` that chose the step): :func:`load_checkpoint`
     and what predict and evaluate record of it. Any failure is a :class:`CheckpointError` naming DIR."""
-    import jax
-    import orbax.checkpoint as ocp
-
     given = directory
     directory = Path(directory).absolute()
     config, doc = read_model_config(given)  # the weights need the model alone
@@ -301,6 +293,4 @@ def load_selected(directory, step: int | None = None) -> tuple[GMICConfig, dict,
 
 
 def _to_numpy_tree(tree):
-    import jax
-
     return jax.tree.map(lambda a: np.asarray(a), tree)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported lazily, only for the chosen command.
 COMMANDS = {
-    "convert": ("gmic_jax.convert", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
+    "convert": ("gmic_jax.convert_cli", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
     "preprocess": (
-        "gmic_jax.data.preprocess",
+        "gmic_jax.data.preprocess_cli",
         "crop images and find window centres (the original's exam-list pipeline)",
     ),
-    "cache": ("gmic_jax.data.cache", "preprocess a dataset once into memory-mapped uint16 window shards"),
+    "cache": ("gmic_jax.data.cache_cli", "preprocess a dataset once into memory-mapped uint16 window shards"),
     "predict": ("gmic_jax.predict.cli", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
     "train": ("gmic_jax.train.loop", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
     "evaluate": ("gmic_jax.train.evaluate", "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure"),

@@ -4,7 +4,7 @@
     variables = convert_state_dict(state_dict, GMICConfig(percent_t=0.02))
     state_dict = variables_to_state_dict(variables)
 
-    gmic-jax convert sample_model_1.p --out models/gmic_1 --model-index 1
+    gmic-jax convert sample_model_1.p --out models/gmic_1 --model-index 1   (gmic_jax.convert_cli)
 
 The original is NCHW/OIHW PyTorch; gmic-jax is NHWC/HWIO Flax. Every key of the original
 state_dict must find its place and every parameter of the model must be filled: a missing,
@@ -14,14 +14,17 @@ unexpected or mis-shaped key is an error naming it. `num_batches_tracked` is ign
 from __future__ import annotations
 
 import re
-import sys
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
+import jax
 import numpy as np
 
-from gmic_jax.config import RELEASED_PERCENT_T, GMICConfig
+from gmic_jax.checkpoint import save_checkpoint
+from gmic_jax.config import GMICConfig
+from gmic_jax.models import init_variables
+from gmic_jax.preprocessing import Preprocessing
 from gmic_jax.torch_format import TorchFormatError, read_torch_state_dict
 
 IGNORED_LEAVES = ("num_batches_tracked",)
@@ -39,8 +42,8 @@ class ConversionError(ValueError):
 
 
 def _module_name_to_torch(name: str) -> str:
-    m = _NUMBERED.match(name)
-    return f"{m.group(1)}.{m.group(2).replace('_', '.')}" if m else name
+    numbered = _NUMBERED.match(name)
+    return f"{numbered.group(1)}.{numbered.group(2).replace('_', '.')}" if numbered else name
 
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:
@@ -95,19 +98,7 @@ def _flat_leaves(variables):
 
 def _template(config: GMICConfig):
     """Shapes of the model's variables (no compute: jax.eval_shape)."""
-    import jax
-
-    from gmic_jax.models import init_variables
-
     return jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-
-
-def expected_state_dict_shapes(config: GMICConfig) -> dict[str, tuple[int, ...]]:
-    """{original key: original shape} the model with `config` needs (num_batches_tracked excluded)."""
-    return {
-        _torch_key(c, p): _to_torch_layout(np.empty(leaf.shape, np.uint8)).shape
-        for c, p, leaf in _flat_leaves(_template(config))
-    }
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: GMICConfig = GMICConfig()):
@@ -187,11 +178,13 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         raise ConversionError(str(e)) from None
 
 
+def count_values(variables) -> int:
+    """How many numbers {'params', 'batch_stats'} hold."""
+    return sum(int(np.size(leaf)) for _, _, leaf in _flat_leaves(variables))
+
+
 def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
     """Read SRC, convert strictly, write OUT_DIR in the gmic-jax checkpoint layout; returns variables."""
-    from gmic_jax.checkpoint import save_checkpoint
-    from gmic_jax.preprocessing import Preprocessing
-
     state_dict = read_state_dict(src)
     try:
         variables = convert_state_dict(state_dict, config)
@@ -201,35 +194,3 @@ def convert_checkpoint(src, out_dir, config: GMICConfig) -> dict:
     # the best centre, per-window standardisation.
     save_checkpoint(out_dir, config, variables, preprocessing=Preprocessing.for_name("original", config.image_shape))
     return variables
-
-
-def add_arguments(parser):
-    parser.add_argument(
-        "src", help="original checkpoint: sample_model_N.p (torch.save; torch not needed) or an .npz of its state_dict"
-    )
-    parser.add_argument("--out", required=True, help="output directory (gmic-jax checkpoint layout)")
-    parser.add_argument(
-        "--model-index",
-        type=int,
-        default=1,
-        choices=sorted(RELEASED_PERCENT_T),
-        help="which released model (1..5) the weights are; sets top-t (default: 1)",
-    )
-    parser.add_argument("--percent-t", type=float, default=None, help="override top-t of --model-index")
-
-
-def main(args) -> int:
-    percent_t = args.percent_t if args.percent_t is not None else RELEASED_PERCENT_T[args.model_index]
-    try:
-        config = GMICConfig(percent_t=percent_t)
-    except ValueError as e:
-        print(f"gmic-jax convert: error: --percent-t {percent_t}: {e}", file=sys.stderr)
-        return 2
-    try:
-        variables = convert_checkpoint(args.src, args.out, config)
-    except ConversionError as e:
-        print(f"gmic-jax convert: error: {e}", file=sys.stderr)
-        return 1
-    n = sum(int(np.size(a)) for _, _, a in _flat_leaves(variables))
-    print(f"converted {args.src} -> {args.out} ({n:,} values, percent_t={percent_t})")
-    return 0

@@ -31,7 +31,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-CLASSES = ("benign", "malignant")
+from gmic_jax.data.batch import CLASSES
+
 ROI_MIN_COVERAGE = 0.7
 DICE_THRESHOLD = 0.5
 

@@ -8,7 +8,7 @@ read it (:meth:`Preprocessing.read`). The canonical spellings, the only ones wri
     name           "original"    the original inference pipeline: crop to the breast (erosion x
                                  ``iterations``, largest component, dilation, ``buffer_size`` px),
                                  flip so the breast points right, best centre, window zero-padded
-                                 as the original (gmic_jax.data.transforms.gmic_window)
+                                 as the original (gmic_jax.data.image_to_window.gmic_window)
                    "cbis_ddsm"   the paper's CBIS-DDSM preprocessing: largest component, cropped,
                                  oriented, resized to the window (cbis_ddsm_window)
                    "window"      the stored images already are the model's windows (breast against
@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional
 from gmic_jax.config import check_fields
 from gmic_jax.data.centers import WINDOW_SHAPE as ORIGINAL_WINDOW
 from gmic_jax.data.cropping import BUFFER_SIZE, NUM_ITERATIONS
+from gmic_jax.data.synthetic import SyntheticSpec
 
 NAMES = ("original", "cbis_ddsm", "window")
 NORMALIZATIONS = ("standardize", "unit_range")
@@ -71,8 +72,6 @@ class SyntheticData:
 
     def spec(self, image_shape, **overrides):
         """The :class:`~gmic_jax.data.synthetic.SyntheticSpec` of these settings at ``image_shape``."""
-        from gmic_jax.data.synthetic import SyntheticSpec
-
         kw = dict(
             image_shape=tuple(image_shape),
             p_benign=self.p_benign,
@@ -187,7 +186,7 @@ def normalize_images(images, kind: str = "standardize"):
 
     'standardize': (x - mean) / max(std, 1e-5), the original's per-window normalisation;
     'unit_range': x / max(max(x), 1e-5)."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # JAX here only: the data path and `gmic-jax cache` read this schema without it
 
     x = images.astype(jnp.float32)
     if kind == "standardize":

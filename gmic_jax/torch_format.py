@@ -31,6 +31,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # first pickle of the legacy format
@@ -59,8 +60,6 @@ class TorchFormatError(ValueError):
 
 def _numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 

@@ -17,7 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+import matplotlib
 import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from gmic_jax.files import atomic_path
 
@@ -48,9 +52,6 @@ def _reduce(array: np.ndarray, factor: int, how: str = "mean") -> np.ndarray:
 
 def _alpha_cmap(name: str):
     """The named colormap with opacity rising linearly from 0 to SALIENCY_ALPHA_MAX."""
-    import matplotlib
-    from matplotlib.colors import ListedColormap
-
     colors = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))
     colors[:, -1] = np.linspace(0.0, SALIENCY_ALPHA_MAX, 256)
     return ListedColormap(colors, name=f"{name}_alpha")
@@ -58,15 +59,13 @@ def _alpha_cmap(name: str):
 
 def _overlay_masks(ax, masks, extent):
     """Ground truth: benign in green, malignant in red, each opaque only on the lesion."""
-    from matplotlib.colors import ListedColormap
-
     if masks is None:
         return
     for c, color in ((0, (0.1, 0.75, 0.2, 0.6)), (1, (0.9, 0.15, 0.1, 0.6))):
-        m = np.asarray(masks[..., c]) > 0
-        if m.any():
+        lesion = np.asarray(masks[..., c]) > 0
+        if lesion.any():
             ax.imshow(
-                np.ma.masked_where(~m, m.astype(np.float32)),
+                np.ma.masked_where(~lesion, lesion.astype(np.float32)),
                 cmap=ListedColormap([color]),
                 vmin=0,
                 vmax=1,
@@ -94,93 +93,113 @@ def save_figure(
     patch_attns: (K,); masks: optional (H, W, 2) ground truth in the window frame; title: shown
     above the input panel (e.g. the predictions).
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
     image = np.asarray(image, np.float32)
     saliency_map = np.asarray(saliency_map, np.float32)
     patch_locations = np.asarray(patch_locations)
     patches = np.asarray(patches, np.float32)
     patch_attns = np.asarray(patch_attns, np.float32)
-    H, W = image.shape
-    K = patch_locations.shape[0]
-    ch, cw = crop_shape
+    num_patches = patch_locations.shape[0]
+    crop_h, crop_w = crop_shape
     if saliency_map.ndim != 3 or saliency_map.shape[-1] != 2:
         raise ValueError(f"saliency_map must be (h, w, 2), got {saliency_map.shape}")
-    if patches.shape != (K, ch, cw) or patch_attns.shape != (K,):
+    if patches.shape != (num_patches, crop_h, crop_w) or patch_attns.shape != (num_patches,):
         raise ValueError(
-            f"expected patches ({K}, {ch}, {cw}) and patch_attns ({K},), got {patches.shape} and {patch_attns.shape}"
+            f"expected patches ({num_patches}, {crop_h}, {crop_w}) and patch_attns ({num_patches},), "
+            f"got {patches.shape} and {patch_attns.shape}"
         )
+    panels = _Panels(image, crop_shape, num_patches, panel_px, masks)
 
-    width_px, height_px = figure_size((H, W), crop_shape, K, panel_px)
-    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
-    fig.patch.set_facecolor("white")
-    body_px = height_px - TITLE_PX
+    ax = panels.window(0, title or "input image")
+    panels.overlay_masks(ax)
 
-    def panel(i, aspect_hw):
-        h_px = panel_px * aspect_hw
-        # Panels are top-aligned under the title band.
-        return fig.add_axes(
-            [i * panel_px / width_px, (body_px - h_px) / height_px, panel_px / width_px, h_px / height_px]
-        )
-
-    extent = (-0.5, W - 0.5, H - 0.5, -0.5)
-    lo, hi = float(image.min()), float(image.max())
-    # Shown at about twice the panel's resolution; coordinates stay those of the full window.
-    factor = max(1, W // (2 * panel_px))
-    shown = _reduce(image, factor)
-    shown_extent = (-0.5, shown.shape[1] * factor - 0.5, shown.shape[0] * factor - 0.5, -0.5)
-    if masks is not None:
-        masks = np.stack([_reduce(np.asarray(masks[..., c]) > 0, factor, "max") for c in range(2)], axis=-1)
-
-    def base(i, name):
-        ax = panel(i, H / W)
-        ax.imshow(
-            shown,
-            cmap="gray",
-            vmin=lo,
-            vmax=hi if hi > lo else lo + 1,
-            extent=shown_extent,
-            interpolation="antialiased",
-        )
-        ax.set_xlim(extent[0], extent[1])
-        ax.set_ylim(extent[2], extent[3])
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-        return ax
-
-    ax = base(0, title or "input image")
-    _overlay_masks(ax, masks, shown_extent)
-
-    ax = base(1, "patch map")
-    _overlay_masks(ax, masks, shown_extent)
-    for k, (r, c) in enumerate(patch_locations):
+    ax = panels.window(1, "patch map")
+    panels.overlay_masks(ax)
+    for k, (row, col) in enumerate(patch_locations):
         ax.add_patch(
             Rectangle(
-                (c - 0.5, r - 0.5),
-                cw,
-                ch,
+                (col - 0.5, row - 0.5),
+                crop_w,
+                crop_h,
                 fill=True,
                 facecolor=(0.15, 0.45, 0.85, 0.25),
                 edgecolor=(0.15, 0.45, 0.95, 1.0),
                 linewidth=1.0,
             )
         )
-        ax.text(c + 2, r + 2, str(k + 1), color="yellow", fontsize=7, va="top", ha="left")
+        ax.text(col + 2, row + 2, str(k + 1), color="yellow", fontsize=7, va="top", ha="left")
 
     for i, (c, name, cmap) in enumerate(((0, "SM: benign", "Greens"), (1, "SM: malignant", "Reds"))):
-        ax = base(2 + i, name)
+        ax = panels.window(2 + i, name)
         ax.imshow(
-            saliency_map[..., c], cmap=_alpha_cmap(cmap), vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear"
+            saliency_map[..., c],
+            cmap=_alpha_cmap(cmap),
+            vmin=0.0,
+            vmax=1.0,
+            extent=panels.extent,
+            interpolation="bilinear",
         )
 
-    for k in range(K):
-        ax = panel(4 + k, ch / cw)
+    for k in range(num_patches):
+        ax = panels.add(4 + k, crop_h / crop_w)
         ax.imshow(patches[k], cmap="gray", interpolation="nearest")
         ax.set_title(f"$\\alpha_{{{k + 1}}}$ = {patch_attns[k]:.2f}", fontsize=9)
         ax.set_axis_off()
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+        panels.fig.savefig(tmp, format="png", dpi=DPI)
     return path
+
+
+class _Panels:
+    """The figure of one image and its panels, one row under the title band; the window (and the
+    ground-truth masks) as shown, at about twice a panel's resolution, in the full window's
+    coordinates."""
+
+    def __init__(self, image: np.ndarray, crop_shape, num_patches: int, panel_px: int, masks):
+        height, width = image.shape
+        self.panel_px, self.aspect_hw = panel_px, height / width
+        self.width_px, self.height_px = figure_size((height, width), crop_shape, num_patches, panel_px)
+        self.body_px = self.height_px - TITLE_PX
+        self.fig = Figure(figsize=(self.width_px / DPI, self.height_px / DPI), dpi=DPI)
+        self.fig.patch.set_facecolor("white")
+        self.extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        self.low, self.high = float(image.min()), float(image.max())
+        factor = max(1, width // (2 * panel_px))
+        self.shown = _reduce(image, factor)
+        self.shown_extent = (-0.5, self.shown.shape[1] * factor - 0.5, self.shown.shape[0] * factor - 0.5, -0.5)
+        self.masks = None
+        if masks is not None:
+            self.masks = np.stack([_reduce(np.asarray(masks[..., c]) > 0, factor, "max") for c in range(2)], axis=-1)
+
+    def add(self, i: int, aspect_hw: float):
+        """Axes of panel ``i`` (top-aligned under the title band)."""
+        h_px = self.panel_px * aspect_hw
+        return self.fig.add_axes(
+            [
+                i * self.panel_px / self.width_px,
+                (self.body_px - h_px) / self.height_px,
+                self.panel_px / self.width_px,
+                h_px / self.height_px,
+            ]
+        )
+
+    def window(self, i: int, name: str):
+        """Panel ``i``: the window in gray, titled ``name``."""
+        ax = self.add(i, self.aspect_hw)
+        ax.imshow(
+            self.shown,
+            cmap="gray",
+            vmin=self.low,
+            vmax=self.high if self.high > self.low else self.low + 1,
+            extent=self.shown_extent,
+            interpolation="antialiased",
+        )
+        ax.set_xlim(self.extent[0], self.extent[1])
+        ax.set_ylim(self.extent[2], self.extent[3])
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+        return ax
+
+    def overlay_masks(self, ax) -> None:
+        _overlay_masks(ax, self.masks, self.shown_extent)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 CPU_DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
@@ -50,7 +51,7 @@ def apply_cpu_defaults() -> str:
     if os.environ.get("GMIC_JAX_KEEP_XLA_FLAGS") == "1":
         return flags
     if "jax" in sys.modules:
-        from jax._src import xla_bridge  # noqa: PLC0415
+        from jax._src import xla_bridge  # noqa: PLC0415 (only once JAX is in: XLA_FLAGS must be set before)
 
         if getattr(xla_bridge, "_backends", None):
             return flags  # too late: backends exist already
@@ -78,7 +79,7 @@ def compile_cache_dir() -> Path | None:
 def enable_compile_cache() -> Path | None:
     """Turn JAX's persistent compilation cache on at `compile_cache_dir()` (or leave it off);
     returns the directory. Call before the first compilation of the process."""
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (not at the top: apply_cpu_defaults must run before JAX is imported)
 
     path = compile_cache_dir()
     if path is None:
@@ -90,12 +91,10 @@ def enable_compile_cache() -> Path | None:
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     try:  # JAX's size limit (least recently used entries evicted) needs filelock
-        import filelock  # noqa: F401, PLC0415
+        import filelock  # noqa: F401, PLC0415 (JAX needs it for the size limit; may be missing)
 
         jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     except ImportError:  # without it JAX would fail every cache read: keep the cache, unlimited
-        import warnings  # noqa: PLC0415
-
         warnings.warn(
             f"the compilation cache in {path} has no size limit: `pip install filelock` for "
             f"the {COMPILE_CACHE_MAX_BYTES / 2**30:.0f} GiB cap",

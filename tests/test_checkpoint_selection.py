@@ -66,10 +66,10 @@ def test_preserving_only_the_chosen_and_best_steps_never_changes_the_choice(valu
 def _save_steps(directory, metrics_by_step, rule, keep_evaluated=False, keep_latest=1):
     import orbax.checkpoint as ocp
 
-    from gmic_jax.train import checkpointing
+    from gmic_jax.train import workdir_checkpoints
 
     ckpt_lib.write_config(directory, GMICConfig(), train={}, **{ckpt_lib.SELECTION_KEY: rule.to_dict()})
-    manager = checkpointing.make_manager(
+    manager = workdir_checkpoints.make_manager(
         directory, keep_latest=keep_latest, asynchronous=False, rule=rule, keep_evaluated=keep_evaluated
     )
     for step, metrics in metrics_by_step.items():
@@ -79,7 +79,7 @@ def _save_steps(directory, metrics_by_step, rule, keep_evaluated=False, keep_lat
             args=ocp.args.Composite(
                 **{
                     ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(tree),
-                    checkpointing.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)}),
+                    workdir_checkpoints.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)}),
                 }
             ),
             metrics=metrics,

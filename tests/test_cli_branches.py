@@ -171,7 +171,7 @@ def stepped_workdir(tiny_run, tmp_path_factory):
     import orbax.checkpoint as ocp
 
     from gmic_jax import checkpoint as ckpt_lib
-    from gmic_jax.train import checkpointing
+    from gmic_jax.train import workdir_checkpoints
 
     workdir, _ = tiny_run
     directory = tmp_path_factory.mktemp("stepped") / "run"
@@ -179,7 +179,7 @@ def stepped_workdir(tiny_run, tmp_path_factory):
     shutil.copy(workdir / "config.json", directory / "config.json")
     _, base = load_checkpoint(workdir)
     saved = {s: _step_variables(base, s) for s in STEP_AUCS}
-    manager = checkpointing.make_manager(
+    manager = workdir_checkpoints.make_manager(
         directory,
         keep_latest=1,
         asynchronous=False,
@@ -192,7 +192,7 @@ def stepped_workdir(tiny_run, tmp_path_factory):
             args=ocp.args.Composite(
                 **{
                     ckpt_lib.VARIABLES_ITEM: ocp.args.StandardSave(saved[step]),
-                    checkpointing.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)}),
+                    workdir_checkpoints.TRAIN_STATE_ITEM: ocp.args.StandardSave({"step": np.int64(step)}),
                 }
             ),
             metrics={"val_auc_malignant": auc},

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gmic_jax.data import batch as batch_lib
-from gmic_jax.data import cbis_ddsm, transforms
+from gmic_jax.data import cbis_ddsm, image_to_window
 from gmic_jax.data.image import DataError, write_png
 from gmic_jax.data.manifest import manifest_source, read_manifest
 from gmic_jax.data.sources import assign_validation
@@ -58,7 +58,7 @@ def test_manifest_mask_follows_image(tmp_path):
     img[40:50, 50:60] = 60000  # a bright lesion near the right edge (breast against the right edge)
     mask = np.zeros_like(img, dtype=np.uint8)
     mask[40:50, 50:60] = 1
-    window, masks = transforms.gmic_window(img, "R-CC", masks=[mask, None], window_shape=WINDOW, iterations=3)
+    window, masks = image_to_window.gmic_window(img, "R-CC", masks=[mask, None], window_shape=WINDOW, iterations=3)
     assert masks.shape == WINDOW + (2,)
     np.testing.assert_array_equal(window[masks[..., 0] > 0], 60000)
     assert (window == 60000).sum() == masks[..., 0].sum() == 100

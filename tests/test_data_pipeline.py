@@ -220,7 +220,7 @@ class _Windows:
 
 
 def _slots_of_this_process():
-    from gmic_jax.data.pipeline import SLOT_PREFIX
+    from gmic_jax.data.shared_slots import SLOT_PREFIX
 
     prefix = f"{SLOT_PREFIX}{os.getpid()}_"
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix)) if os.path.isdir("/dev/shm") else []
@@ -231,11 +231,12 @@ def test_a_slot_is_reused_only_once_no_array_of_its_batch_is_left():
     has dropped every array of that batch (a view of one image, a device put of it included)."""
     import jax
 
-    from gmic_jax.data.pipeline import SourceExamples, _OpenBatches, _Ring, load_batch
+    from gmic_jax.data.pipeline import SourceExamples, load_batch
+    from gmic_jax.data.shared_slots import OpenBatches, Ring
 
     load = SourceExamples(_Windows(64))
-    opener = _OpenBatches()
-    ring = _Ring(opener.prefix)
+    opener = OpenBatches()
+    ring = Ring(opener.prefix)
 
     def batch(k):
         return opener(ring.share(load_batch(load, (k, k + 1), ring.alloc)))
@@ -333,7 +334,7 @@ def test_worker_slots_leave_nothing_behind_after_sigkill(tmp_path):
     """After SIGKILL of the consumer (a fresh interpreter) its worker exits too, unlinking the slots
     the consumer never mapped: no slot is left and the resource tracker has no shared memory to
     clean up (each registration was matched by an unregistration)."""
-    from gmic_jax.data.pipeline import SLOT_PREFIX
+    from gmic_jax.data.shared_slots import SLOT_PREFIX
 
     script = tmp_path / "consumer.py"
     script.write_text(_CONSUMER_SCRIPT)

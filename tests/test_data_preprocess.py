@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from gmic_jax.data import centers, cropping, window
+from gmic_jax.data.crop_exam_list import preprocess_exam_list
 from gmic_jax.data.exam_list import PREPROCESSING_KEYS, load_exam_list
 from gmic_jax.data.image import DataError, read_png_array, write_png
-from gmic_jax.data.preprocess import preprocess_exam_list
 from gmic_jax.data.testing import breast_image, corrupt_copy
 
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
@@ -304,7 +304,7 @@ def test_malformed_exam_list_file(tmp_path):
 
 def test_horizontal_flip_yes_flips_left_views():
     """'NO' treats R views as pointing left, 'YES' treats L views so: same results for one image."""
-    from gmic_jax.data.preprocess import preprocess_image
+    from gmic_jax.data.crop_exam_list import preprocess_image
 
     img = breast_image(600, 400, seed=3, points_right=False)
     cropped_r, r_no = preprocess_image(img, "R-CC", "NO")

@@ -27,8 +27,8 @@ from gmic_jax.checkpoint import CheckpointError, save_checkpoint
 from gmic_jax.data import cropping
 from gmic_jax.data.exam_list import save_exam_list
 from gmic_jax.data.image import write_png
+from gmic_jax.data.image_to_window import crop_flip_center, gmic_window
 from gmic_jax.data.testing import breast_image, corrupt_copy
-from gmic_jax.data.transforms import crop_flip_center, gmic_window
 from gmic_jax.data.window import place_window
 from gmic_jax.preprocessing import Preprocessing, SyntheticData, normalize_images
 from gmic_jax.visualize import figure_size

@@ -24,7 +24,7 @@ from PIL import Image
 from gmic_jax import predict as P
 from gmic_jax.data import cropping
 from gmic_jax.data.image import read_image
-from gmic_jax.data.transforms import crop_flip_center
+from gmic_jax.data.image_to_window import crop_flip_center
 from gmic_jax.visualize import figure_size
 
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")

@@ -11,9 +11,10 @@ import pytest
 
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import window as W
+from gmic_jax.data.batch import VIEWS
 from gmic_jax.data.cache import CacheSource, build_cache
 from gmic_jax.data.exam_list import PREPROCESSING_KEYS, load_exam_list, save_exam_list
-from gmic_jax.data.image import VIEWS, DataError, read_image, write_png
+from gmic_jax.data.image import DataError, read_image, write_png
 from gmic_jax.data.sources import ExamListSource
 
 WINDOW = (128, 64)  # the smallest window the model takes (a multiple of its 64-pixel saliency cell)

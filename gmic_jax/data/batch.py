@@ -53,7 +53,8 @@ MASK_DTYPE = np.uint8
 REQUIRED_KEYS = (IMAGE, LABEL, IMAGE_ID, BREAST_ID, VIEW)
 DEVICE_KEYS = (IMAGE, LABEL, MASK, REGION, BORDERS)
 TRAIN_KEYS = (IMAGE, REGION, BORDERS, LABEL)  # what the training step takes
-FULL_VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
+VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")  # the original's order of the four standard views
+CLASSES = ("benign", "malignant")  # the order of a label's (and a mask's, a prediction's) two entries
 
 
 def make_example(
@@ -75,8 +76,8 @@ def make_example(
         if np.issubdtype(image.dtype, np.floating):
             image = np.rint(image)
         image = np.clip(image, 0, np.iinfo(IMAGE_DTYPE).max).astype(IMAGE_DTYPE)
-    if view not in FULL_VIEWS:
-        raise ValueError(f"view must be one of {FULL_VIEWS}, got {view!r}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     example = {
         IMAGE: image,
         LABEL: np.asarray(label, dtype=LABEL_DTYPE).reshape(2),

@@ -1,10 +1,5 @@
-"""`gmic-jax cache`: preprocess a data source once into memory-mappable shards of uint16 windows.
-
-    gmic-jax cache --output CACHE_DIR --source manifest --manifest data.csv --split train
-    gmic-jax cache --output CACHE_DIR --source exam-list --exam-list OUT/exam_list.pkl \
-        --images OUT/cropped_images [--segmentations SEG_DIR] [--window-noise]
-    gmic-jax cache --output CACHE_DIR --source cbis-tcia --root CBIS_ROOT --split train [--kinds calc mass]
-    gmic-jax cache --output CACHE_DIR --source cbis-tfds --tfds-config original-calc --split train
+"""A data source preprocessed once into memory-mappable shards of uint16 windows: what `gmic-jax
+cache` writes (its command line: :mod:`gmic_jax.data.cache_cli`) and training reads.
 
 Layout of CACHE_DIR: ``images-NNNNN.npy`` (n, H, W) uint16 and, with masks, ``masks-NNNNN.npy``
 (n, H, W, 2) uint8 -- plain .npy files, opened with ``np.load(mmap_mode='r')`` -- and
@@ -32,20 +27,18 @@ that holds the drawn crop, which the device crops and resizes before the trainin
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import multiprocessing
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data.image import DataError
-from gmic_jax.data.transforms import PREPROCESSINGS
+from gmic_jax.data.sources import ExamListSource
 from gmic_jax.data.window import (
     cut_region,
     draw_window,
@@ -55,8 +48,7 @@ from gmic_jax.data.window import (
     window_noise_amplitudes,
     window_to_context,
 )
-from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
-from gmic_jax.files import print_failures, write_atomic, write_failures
+from gmic_jax.files import FAILURES_TXT, write_atomic, write_failures
 
 FORMAT = "gmic-jax-cache/1"
 INDEX_NAME = "index.json"
@@ -68,8 +60,6 @@ _NOISE_STREAM = 0x6E6F6973
 
 def supports_window_noise(source) -> bool:
     """Whether contexts can be made for ``source``: images with a best centre (exam lists)."""
-    from gmic_jax.data.sources import ExamListSource
-
     return isinstance(source, ExamListSource)
 
 
@@ -151,123 +141,31 @@ def build_cache(
     noise, amplitudes :func:`~gmic_jax.data.window.window_noise_amplitudes` of the source's window)
     or ``((crop_y, crop_x), size)`` amplitudes in pixels; exam-list sources only.
     """
-    if window_noise is not None and window_noise is not False:
-        if not supports_window_noise(source):
-            raise ValueError(
-                f"window noise needs an exam-list source (images with a best centre); got {type(source).__name__}"
-            )
-        if window_noise is True:
-            window_noise = window_noise_amplitudes(source.window_shape)
-        (ny, nx), s = window_noise
-        window_noise = ((int(ny), int(nx)), int(s))
-    else:
-        window_noise = None
+    window_noise = _noise_amplitudes(source, window_noise)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [INDEX_NAME, PARTIAL_INDEX_NAME, FAILURES_NAME] + [p.name for p in output_dir.glob("*-[0-9]*.npy")]:
+    for stale in [INDEX_NAME, PARTIAL_INDEX_NAME, FAILURES_TXT] + [p.name for p in output_dir.glob("*-[0-9]*.npy")]:
         (output_dir / stale).unlink(missing_ok=True)
-    n = len(source)
     failures: list[DataError] = list(prior_failures)
-    shards: list[dict] = []
-    examples: list[dict] = []
-    images = masks = contexts = context_masks = None
-    window_shape = has_masks = context_shape = None
-    iterator = _examples(source, num_workers, window_noise)
+    writer = _ShardWriter(output_dir, shard_size, len(source), window_noise)
+    loaded = _examples(source, num_workers, window_noise)
     if progress:
-        try:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, total=n, desc="cache", unit="image")
-        except ImportError:
-            pass
-
-    def close_shard():
-        nonlocal images, masks, contexts, context_masks
-        for array in (images, masks, contexts, context_masks):
-            if array is not None:
-                array.flush()
-        images = masks = contexts = context_masks = None
-
-    for i, example, context in iterator:
+        loaded = tqdm(loaded, total=len(source), desc="cache", unit="image")
+    for i, example, context in loaded:
         if isinstance(example, DataError):
             failures.append(example)
             continue
-        image = example[batch_lib.IMAGE][..., 0]
-        if window_shape is None:
-            window_shape, has_masks = image.shape, batch_lib.MASK in example
-            if window_noise is not None:
-                (ny, nx), s = window_noise
-                context_shape = (window_shape[0] + 2 * (ny + s), window_shape[1] + 2 * (nx + s))
-        if image.shape != window_shape:
-            failures.append(
-                DataError(
-                    str(example[batch_lib.IMAGE_ID]), f"window {image.shape} differs from the first one {window_shape}"
-                )
-            )
-            continue
-        if images is None or shards[-1]["count"] == shard_size:
-            close_shard()
-            k = len(shards)
-            capacity = min(shard_size, n - i)
-            shard = {"images": f"images-{k:05d}.npy", "count": 0}
-            images = np.lib.format.open_memmap(
-                output_dir / shard["images"], mode="w+", dtype=batch_lib.IMAGE_DTYPE, shape=(capacity,) + window_shape
-            )
-            if has_masks:
-                shard["masks"] = f"masks-{k:05d}.npy"
-                masks = np.lib.format.open_memmap(
-                    output_dir / shard["masks"],
-                    mode="w+",
-                    dtype=batch_lib.MASK_DTYPE,
-                    shape=(capacity,) + window_shape + (2,),
-                )
-            if context_shape is not None:  # fresh files: zeros beyond each context
-                shard["contexts"] = f"contexts-{k:05d}.npy"
-                contexts = np.lib.format.open_memmap(
-                    output_dir / shard["contexts"],
-                    mode="w+",
-                    dtype=batch_lib.IMAGE_DTYPE,
-                    shape=(capacity,) + context_shape,
-                )
-                if has_masks:
-                    shard["context_masks"] = f"context-masks-{k:05d}.npy"
-                    context_masks = np.lib.format.open_memmap(
-                        output_dir / shard["context_masks"],
-                        mode="w+",
-                        dtype=batch_lib.MASK_DTYPE,
-                        shape=(capacity,) + context_shape + (2,),
-                    )
-            shards.append(shard)
-        slot = shards[-1]["count"]
-        images[slot] = image
-        if has_masks:
-            masks[slot] = example.get(batch_lib.MASK, np.zeros(window_shape + (2,), batch_lib.MASK_DTYPE))
-        record = {
-            "image_id": str(example[batch_lib.IMAGE_ID]),
-            "breast_id": str(example[batch_lib.BREAST_ID]),
-            "view": str(example[batch_lib.VIEW]),
-            "label": [float(v) for v in example[batch_lib.LABEL]],
-        }
-        if context_shape is not None:
-            h, w = context["pixels"].shape
-            contexts[slot, :h, :w] = context["pixels"]
-            if has_masks and context["masks"] is not None:
-                context_masks[slot, :h, :w] = context["masks"]
-            record["context"] = {
-                "shape": [h, w],
-                "window": [int(v) for v in context["window"]],
-                "origin": [int(v) for v in context["origin"]],
-            }
-        shards[-1]["count"] += 1
-        examples.append(record)
-    close_shard()
+        problem = writer.add(i, example, context)
+        if problem is not None:
+            failures.append(problem)
+    writer.close_shard()
     index = {
         "format": FORMAT,
-        "window_shape": list(window_shape or ()),
-        "has_masks": bool(has_masks),
-        "num_examples": len(examples),
-        "shards": shards,
-        "examples": examples,
+        "window_shape": list(writer.window_shape or ()),
+        "has_masks": bool(writer.has_masks),
+        "num_examples": len(writer.examples),
+        "shards": writer.shards,
+        "examples": writer.examples,
         "metadata": {
             **{k: getattr(source, k) for k in ("preprocessing", "iterations") if hasattr(source, k)},
             **(metadata or {}),
@@ -277,12 +175,109 @@ def build_cache(
         index["window_noise"] = {
             "crop_noise": list(window_noise[0]),
             "size_noise": window_noise[1],
-            "context_shape": list(context_shape or ()),
+            "context_shape": list(writer.context_shape or ()),
         }
     if failures:
         write_failures(output_dir, failures)
     write_atomic(output_dir / (PARTIAL_INDEX_NAME if failures else INDEX_NAME), json.dumps(index))
-    return len(examples), failures
+    return len(writer.examples), failures
+
+
+def _noise_amplitudes(source, window_noise):
+    """``build_cache``'s ``window_noise`` as ((crop_y, crop_x), size) ints, or None (no contexts)."""
+    if window_noise is None or window_noise is False:
+        return None
+    if not supports_window_noise(source):
+        raise ValueError(
+            f"window noise needs an exam-list source (images with a best centre); got {type(source).__name__}"
+        )
+    if window_noise is True:
+        window_noise = window_noise_amplitudes(source.window_shape)
+    (crop_y, crop_x), size = window_noise
+    return (int(crop_y), int(crop_x)), int(size)
+
+
+class _ShardWriter:
+    """The shard files of a cache being built: each example's window (masks, context) goes into the
+    open shard, a new one opened (memory-mapped .npy files) when it is full; ``examples`` and
+    ``shards`` are what index.json lists. The first example fixes the window shape and whether
+    there are masks."""
+
+    def __init__(self, output_dir: Path, shard_size: int, num_examples: int, window_noise):
+        self.output_dir, self.shard_size, self.num_examples = output_dir, shard_size, num_examples
+        self.window_noise = window_noise
+        self.shards: list[dict] = []
+        self.examples: list[dict] = []
+        self.window_shape = self.has_masks = self.context_shape = None
+        self.images = self.masks = self.contexts = self.context_masks = None
+
+    def add(self, index: int, example: dict, context: Optional[dict]) -> Optional[DataError]:
+        """Write example ``index`` (with its window-noise ``context``); a DataError when it does not fit."""
+        image = example[batch_lib.IMAGE][..., 0]
+        if self.window_shape is None:
+            self.window_shape, self.has_masks = image.shape, batch_lib.MASK in example
+            if self.window_noise is not None:
+                (crop_y, crop_x), size = self.window_noise
+                self.context_shape = (
+                    self.window_shape[0] + 2 * (crop_y + size),
+                    self.window_shape[1] + 2 * (crop_x + size),
+                )
+        if image.shape != self.window_shape:
+            return DataError(
+                str(example[batch_lib.IMAGE_ID]), f"window {image.shape} differs from the first one {self.window_shape}"
+            )
+        if self.images is None or self.shards[-1]["count"] == self.shard_size:
+            self.close_shard()
+            self._open_shard(capacity=min(self.shard_size, self.num_examples - index))
+        slot = self.shards[-1]["count"]
+        self.images[slot] = image
+        if self.has_masks:
+            self.masks[slot] = example.get(batch_lib.MASK, np.zeros(self.window_shape + (2,), batch_lib.MASK_DTYPE))
+        record = {
+            "image_id": str(example[batch_lib.IMAGE_ID]),
+            "breast_id": str(example[batch_lib.BREAST_ID]),
+            "view": str(example[batch_lib.VIEW]),
+            "label": [float(v) for v in example[batch_lib.LABEL]],
+        }
+        if self.context_shape is not None:
+            height, width = context["pixels"].shape
+            self.contexts[slot, :height, :width] = context["pixels"]
+            if self.has_masks and context["masks"] is not None:
+                self.context_masks[slot, :height, :width] = context["masks"]
+            record["context"] = {
+                "shape": [height, width],
+                "window": [int(v) for v in context["window"]],
+                "origin": [int(v) for v in context["origin"]],
+            }
+        self.shards[-1]["count"] += 1
+        self.examples.append(record)
+        return None
+
+    def _open(self, name: str, dtype, shape: tuple) -> np.ndarray:
+        return np.lib.format.open_memmap(self.output_dir / name, mode="w+", dtype=dtype, shape=shape)
+
+    def _open_shard(self, capacity: int) -> None:
+        number = len(self.shards)
+        shard = {"images": f"images-{number:05d}.npy", "count": 0}
+        self.images = self._open(shard["images"], batch_lib.IMAGE_DTYPE, (capacity,) + self.window_shape)
+        if self.has_masks:
+            shard["masks"] = f"masks-{number:05d}.npy"
+            self.masks = self._open(shard["masks"], batch_lib.MASK_DTYPE, (capacity,) + self.window_shape + (2,))
+        if self.context_shape is not None:  # fresh files: zeros beyond each context
+            shard["contexts"] = f"contexts-{number:05d}.npy"
+            self.contexts = self._open(shard["contexts"], batch_lib.IMAGE_DTYPE, (capacity,) + self.context_shape)
+            if self.has_masks:
+                shard["context_masks"] = f"context-masks-{number:05d}.npy"
+                self.context_masks = self._open(
+                    shard["context_masks"], batch_lib.MASK_DTYPE, (capacity,) + self.context_shape + (2,)
+                )
+        self.shards.append(shard)
+
+    def close_shard(self) -> None:
+        for array in (self.images, self.masks, self.contexts, self.context_masks):
+            if array is not None:
+                array.flush()
+        self.images = self.masks = self.contexts = self.context_masks = None
 
 
 def _noise_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -441,163 +436,3 @@ class CacheSource:
         state = dict(self.__dict__)
         state["_maps"] = {}
         return state
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def make_source(args):
-    """The data source the CLI arguments describe (also used by the benchmark)."""
-    window_shape = tuple(args.window_shape)
-    common = dict(window_shape=window_shape)
-    if args.source == "exam-list":
-        from gmic_jax.data.sources import ExamListSource
-
-        if not args.exam_list or not args.images:
-            raise SystemExit("--source exam-list needs --exam-list and --images")
-        return ExamListSource(args.exam_list, args.images, args.segmentations, **common)
-    common.update(iterations=args.iterations)
-    if args.preprocessing:
-        common.update(preprocessing=args.preprocessing)
-    if args.source == "manifest":
-        from gmic_jax.data.manifest import manifest_source
-
-        if not args.manifest:
-            raise SystemExit("--source manifest needs --manifest")
-        from gmic_jax.data.manifest import read_manifest
-
-        source = manifest_source(args.manifest, split=args.split, strict=False, **common)
-        source.load_errors = read_manifest(args.manifest)[1]
-        return source
-    if args.source == "cbis-tcia":
-        from gmic_jax.data.cbis_ddsm import tcia_source
-
-        if not args.root:
-            raise SystemExit("--source cbis-tcia needs --root")
-        from gmic_jax.data.cbis_ddsm import tcia_records
-
-        source = tcia_source(
-            args.root, args.split or "train", kinds=args.kinds, val_fraction=args.val_fraction, seed=args.seed, **common
-        )
-        source.load_errors = tcia_records(args.root, args.kinds, args.val_fraction, args.seed)[1]
-        return source
-    if args.source == "cbis-tfds":
-        from gmic_jax.data.cbis_ddsm import tfds_source
-
-        return tfds_source(
-            args.tfds_config,
-            args.split or "train",
-            data_dir=args.data_dir,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            **common,
-        )
-    raise SystemExit(f"unknown source {args.source!r}")
-
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, choices=["manifest", "exam-list", "cbis-tcia", "cbis-tfds"])
-    parser.add_argument("--manifest", help="manifest CSV (--source manifest)")
-    parser.add_argument("--split", choices=["train", "val", "test"], help="split to take (all if omitted, manifest)")
-    parser.add_argument("--exam-list", help="preprocessed exam list (--source exam-list)")
-    parser.add_argument("--images", help="cropped images folder (--source exam-list)")
-    parser.add_argument("--segmentations", help="segmentations folder (--source exam-list)")
-    parser.add_argument("--root", help="TCIA CBIS-DDSM download (--source cbis-tcia)")
-    parser.add_argument("--kinds", nargs="+", default=["calc", "mass"], choices=["calc", "mass"])
-    parser.add_argument("--tfds-config", default="original-calc", choices=["original-calc", "original-mass"])
-    parser.add_argument("--data-dir", help="TFDS data_dir (--source cbis-tfds)")
-    parser.add_argument(
-        "--preprocessing",
-        choices=list(PREPROCESSINGS),
-        help="default: original for manifest, cbis_ddsm for CBIS-DDSM (see gmic_jax.preprocessing)",
-    )
-    parser.add_argument("--window-shape", type=int, nargs=2, default=[2944, 1920], metavar=("H", "W"))
-    parser.add_argument("--iterations", type=int, default=100, help="erosion/dilation steps of the cropping")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, help="cache folder")
-    add_source_arguments(parser)
-    parser.add_argument("--shard-size", type=int, default=256, help="windows per shard file")
-    parser.add_argument(
-        WINDOW_NOISE_OPTION,
-        action="store_true",
-        help="also store each image's context for the original's training-time window noise "
-        "(exam-list source; data.window_noise=True in training)",
-    )
-    parser.add_argument(
-        "--crop-noise",
-        type=int,
-        nargs=2,
-        metavar=("Y", "X"),
-        help="window noise: max window shift in pixels (default: the original's 100, 100 scaled to --window-shape)",
-    )
-    parser.add_argument(
-        "--size-noise",
-        type=int,
-        metavar="S",
-        help="window noise: max border move in pixels (default: the original's 100, scaled)",
-    )
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def main(args) -> int:
-    if args.shard_size < 1 or min(args.window_shape) < 1:
-        print(
-            f"gmic-jax cache: error: --shard-size ({args.shard_size}) and --window-shape "
-            f"({' '.join(map(str, args.window_shape))}) must be >= 1",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        source = make_source(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    window_noise = None
-    if getattr(args, "window_noise", False):
-        if not supports_window_noise(source):
-            print(
-                f"error: {WINDOW_NOISE_OPTION} needs --source exam-list (images with a best centre); "
-                f"got --source {args.source}",
-                file=sys.stderr,
-            )
-            return 2
-        default_crop, default_size = window_noise_amplitudes(tuple(args.window_shape))
-        window_noise = (
-            tuple(args.crop_noise) if args.crop_noise else default_crop,
-            default_size if args.size_noise is None else args.size_noise,
-        )
-        if min(*window_noise[0], window_noise[1]) < 0:
-            print("error: --crop-noise and --size-noise must be >= 0", file=sys.stderr)
-            return 2
-    elif getattr(args, "crop_noise", None) or getattr(args, "size_noise", None) is not None:
-        print(f"error: --crop-noise/--size-noise need {WINDOW_NOISE_OPTION}", file=sys.stderr)
-        return 2
-    # The split the cache holds (CBIS-DDSM sources take 'train' when none is named; a manifest
-    # without --split and an exam list hold all they list: none recorded). evaluate names its keys by it.
-    split = args.split or ("train" if args.source in ("cbis-tcia", "cbis-tfds") else None)
-    metadata = {"source": args.source, "split": split, "window_shape": list(args.window_shape)}
-    count, failures = build_cache(
-        source,
-        args.output,
-        shard_size=args.shard_size,
-        num_workers=args.num_workers,
-        metadata=metadata,
-        progress=not args.no_progress,
-        prior_failures=getattr(source, "load_errors", ()),
-        window_noise=window_noise,
-    )
-    if failures:
-        print_failures(failures)
-        print(
-            f"{len(failures)} failure(s); {count} window(s) cached but the cache is NOT complete "
-            f"(no {INDEX_NAME}; see {Path(args.output) / FAILURES_NAME})",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"{count} window(s) cached in {args.output}")
-    return 0

@@ -19,7 +19,7 @@ official train/test split and a seeded, patient-grouped train/validation split.
    no TensorFlow, preparing the dataset does). Note that TFDS stores 8-bit PNGs.
 
 Both apply a named preprocessing (default: the paper's ``"cbis_ddsm"``; see
-:mod:`gmic_jax.data.transforms`).
+:mod:`gmic_jax.data.image_to_window`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
-from gmic_jax.data.image import DataError
+from gmic_jax.data.image import DataError, read_image
+from gmic_jax.data.image_to_window import resize, to_window
 from gmic_jax.data.sources import SPLITS, ImageRecord, RecordSource, assign_validation, validation_fraction_of
-from gmic_jax.data.transforms import to_window
 
 KINDS = ("calc", "mass")
 PATHOLOGY_MALIGNANT = "MALIGNANT"
@@ -83,7 +83,7 @@ class _DicomFinder:
 
 
 def _dicom_size(path: str) -> tuple:
-    import pydicom
+    import pydicom  # optional (extra "data"): only the TCIA download needs it
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -106,7 +106,7 @@ def tcia_records(
     """
     root = Path(root)
     finder = _DicomFinder(root)
-    images: dict = {}
+    images: dict = {}  # full image's DICOM -> what the description CSVs say of it
     errors: list[DataError] = []
     found_csv = False
     for kind in kinds:
@@ -124,52 +124,9 @@ def tcia_records(
                 errors.append(DataError(csv_path, f"cannot read description CSV: {e}"))
                 continue
             for line, row in enumerate(rows, start=2):
-                where = f"{csv_path}:{line}"
-                try:
-                    patient = row["patient_id"].strip()
-                    side = row["left or right breast"].strip().upper()
-                    view = row["image view"].strip().upper()
-                    pathology = row["pathology"].strip().upper()
-                    image_rel = row["image file path"].strip()
-                    roi_rel = row["ROI mask file path"].strip()
-                except (KeyError, AttributeError) as e:
-                    errors.append(DataError(where, f"malformed description CSV: missing column {e}"))
-                    continue
-                if side not in ("LEFT", "RIGHT") or view not in ("CC", "MLO"):
-                    errors.append(DataError(where, f"bad side/view {side!r}/{view!r}"))
-                    continue
-                if pathology != PATHOLOGY_MALIGNANT and pathology not in PATHOLOGY_BENIGN:
-                    errors.append(DataError(where, f"unknown pathology {pathology!r}"))
-                    continue
-                image_files = finder.candidates(image_rel)
-                if len(image_files) != 1:
-                    errors.append(
-                        DataError(
-                            where, f"full image {image_rel!r}: {'not found' if not image_files else 'several DICOMs'}"
-                        )
-                    )
-                    continue
-                key = image_files[0]
-                entry = images.setdefault(
-                    key,
-                    dict(
-                        patient=patient,
-                        side=side[0],
-                        view=view,
-                        split=split,
-                        benign=0.0,
-                        malignant=0.0,
-                        masks=([], []),
-                        image_id=image_rel.split("/")[0],
-                    ),
-                )
-                cls = 1 if pathology == PATHOLOGY_MALIGNANT else 0
-                entry["malignant" if cls else "benign"] = 1.0
-                roi_files = tuple(finder.candidates(roi_rel))
-                if roi_files:
-                    entry["masks"][cls].append(roi_files)
-                else:
-                    errors.append(DataError(where, f"ROI mask {roi_rel!r} not found"))
+                problem = _add_description_row(row, split, finder, images)
+                if problem is not None:
+                    errors.append(DataError(f"{csv_path}:{line}", problem))
     if not found_csv:
         errors.append(
             DataError(root, f"no CBIS-DDSM description CSV found (expected e.g. {_csv_name('calc', 'train')})")
@@ -190,6 +147,47 @@ def tcia_records(
     return assign_validation(records, val_fraction, seed), errors
 
 
+def _add_description_row(row: dict, split: str, finder: _DicomFinder, images: dict):
+    """Add one row of a description CSV to ``images`` (full image's DICOM -> its entry); returns
+    what is wrong with the row, else None."""
+    try:
+        patient = row["patient_id"].strip()
+        side = row["left or right breast"].strip().upper()
+        view = row["image view"].strip().upper()
+        pathology = row["pathology"].strip().upper()
+        image_rel = row["image file path"].strip()
+        roi_rel = row["ROI mask file path"].strip()
+    except (KeyError, AttributeError) as e:
+        return f"malformed description CSV: missing column {e}"
+    if side not in ("LEFT", "RIGHT") or view not in ("CC", "MLO"):
+        return f"bad side/view {side!r}/{view!r}"
+    if pathology != PATHOLOGY_MALIGNANT and pathology not in PATHOLOGY_BENIGN:
+        return f"unknown pathology {pathology!r}"
+    image_files = finder.candidates(image_rel)
+    if len(image_files) != 1:
+        return f"full image {image_rel!r}: {'not found' if not image_files else 'several DICOMs'}"
+    entry = images.setdefault(
+        image_files[0],
+        dict(
+            patient=patient,
+            side=side[0],
+            view=view,
+            split=split,
+            benign=0.0,
+            malignant=0.0,
+            masks=([], []),
+            image_id=image_rel.split("/")[0],
+        ),
+    )
+    cls = 1 if pathology == PATHOLOGY_MALIGNANT else 0
+    entry["malignant" if cls else "benign"] = 1.0
+    roi_files = tuple(finder.candidates(roi_rel))
+    if not roi_files:
+        return f"ROI mask {roi_rel!r} not found"
+    entry["masks"][cls].append(roi_files)
+    return None
+
+
 def resolve_roi_mask(candidates: tuple, image_shape: tuple) -> str:
     """The ROI mask among an ROI folder's DICOMs: the one as large as the full image."""
     if len(candidates) == 1:
@@ -205,8 +203,6 @@ class TciaSource(RecordSource):
     """A :class:`RecordSource` whose mask entries are ROI-folder candidates, resolved on load."""
 
     def __getitem__(self, index: int) -> dict:
-        from gmic_jax.data.image import read_image
-
         record = self.records[index]
         image = read_image(record.path)
         pixels = image.to_uint().astype(np.uint16)
@@ -216,21 +212,10 @@ class TciaSource(RecordSource):
             for groups in record.mask_paths:
                 union = None
                 for candidates in groups:
-                    m = read_image(resolve_roi_mask(candidates, pixels.shape)).pixels > 0
-                    union = m if union is None or union.shape != m.shape else union | m
+                    mask = read_image(resolve_roi_mask(candidates, pixels.shape)).pixels > 0
+                    union = mask if union is None or union.shape != mask.shape else union | mask
                 masks.append(union)
-        window, mask_window = to_window(
-            self.preprocessing,
-            pixels,
-            record.view,
-            masks=masks,
-            window_shape=self.window_shape,
-            iterations=self.iterations,
-            path=record.path,
-        )
-        return batch_lib.make_example(
-            window, record.label, record.image_id, record.breast_id, record.view, mask=mask_window
-        )
+        return self.make_example(record, pixels, masks)
 
 
 def tcia_source(
@@ -271,13 +256,11 @@ def tfds_example_to_record(example: dict) -> dict:
     for i, cls in enumerate(malignant.astype(int)):
         if i >= len(masks_in):
             break
-        m = np.asarray(masks_in[i])
-        m = (m[..., 0] if m.ndim == 3 else m) > 0
-        if m.shape != image.shape:  # a few CBIS-DDSM masks are not the size of their image
-            from gmic_jax.data.transforms import resize
-
-            m = resize(m.astype(np.uint8), image.shape, nearest=True) > 0
-        masks[cls] = m if masks[cls] is None else masks[cls] | m
+        mask = np.asarray(masks_in[i])
+        mask = (mask[..., 0] if mask.ndim == 3 else mask) > 0
+        if mask.shape != image.shape:  # a few CBIS-DDSM masks are not the size of their image
+            mask = resize(mask.astype(np.uint8), image.shape, nearest=True) > 0
+        masks[cls] = mask if masks[cls] is None else masks[cls] | mask
     side = "L" if int(example["breast"]) == 0 else "R"  # ClassLabel LEFT=0, RIGHT=1
     view = "CC" if int(example["view"]) == 0 else "MLO"  # ClassLabel CC=0, MLO=1
     patient = example.get("patient", b"")
@@ -307,7 +290,7 @@ class TfdsSource:
         seed: int = 0,
         iterations: int = cropping.NUM_ITERATIONS,
     ):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # optional (extra "data"): only --source cbis-tfds needs it
 
         if config not in TFDS_CONFIGS:
             raise ValueError(f"config must be one of {TFDS_CONFIGS}, got {config!r}")

@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from gmic_jax.data.image import VIEWS, DataError
+from gmic_jax.data.batch import CLASSES, VIEWS
+from gmic_jax.data.image import DataError
 from gmic_jax.files import write_atomic
 
 PREPROCESSING_KEYS = (
@@ -161,7 +162,7 @@ def _exam(entry, index: int) -> Exam:
     for view in VIEWS:
         for j, name in enumerate(names[view]):
             segs = []
-            for cls in ("benign", "malignant"):
+            for cls in CLASSES:
                 listed = entry.get(f"{view}_{cls}_seg")
                 seg = listed[j] if isinstance(listed, (list, tuple)) and j < len(listed) else None
                 segs.append(seg if isinstance(seg, str) and seg else f"{name}_{cls}")

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from gmic_jax.files import atomic_path
-
-VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")  # the original's order of the four standard views
 
 
 class DataError(ValueError):
@@ -75,8 +74,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def read_png_array(path) -> np.ndarray:
     """A grayscale PNG as its stored integer array (uint8 or uint16), values untouched."""
-    from PIL import Image
-
     path = str(path)
     try:
         with open(path, "rb") as f:
@@ -129,8 +126,6 @@ def read_png(path, view: Optional[str] = None, laterality: Optional[str] = None)
 
 def write_png(path, array: np.ndarray) -> None:
     """Write a uint8/uint16 2-D array as an 8/16-bit grayscale PNG, atomically (temp file + rename)."""
-    from PIL import Image
-
     array = np.asarray(array)
     if array.dtype not in (np.uint8, np.uint16) or array.ndim != 2:
         raise ValueError(f"write_png wants a 2-D uint8 or uint16 array, got {array.dtype} {array.shape}")
@@ -143,7 +138,7 @@ def write_png(path, array: np.ndarray) -> None:
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 
-def _dicom_view(ds) -> Optional[str]:
+def dicom_view(ds) -> Optional[str]:
     """CC / MLO from View Position, else from the View Code Sequence's meaning."""
     value = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
     if value in ("CC", "MLO"):
@@ -159,7 +154,7 @@ def _dicom_view(ds) -> Optional[str]:
     return None
 
 
-def _dicom_laterality(ds) -> Optional[str]:
+def dicom_laterality(ds) -> Optional[str]:
     for key in ("ImageLaterality", "Laterality"):
         value = str(getattr(ds, key, "") or "").strip().upper()
         if value in ("L", "R"):
@@ -207,14 +202,12 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     (padding pixels become the bottom of the value range, i.e. background). View and laterality
     come from View Position / View Code Sequence and Image Laterality / Laterality.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    import pydicom  # optional (extra "data"): only DICOM input needs it
 
     path = str(path)
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
+    except pydicom.errors.InvalidDicomError as e:
         raise DataError(path, f"not a DICOM file ({e})") from None
     except Exception as e:
         raise DataError(path, f"corrupt or truncated DICOM ({type(e).__name__}: {e})") from None
@@ -235,10 +228,10 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     if raw.ndim != 2:
         raise DataError(path, f"expected one 2-D frame, got pixel array of shape {raw.shape}")
     try:
-        values = apply_modality_lut(raw, ds)
+        values = pydicom.pixels.apply_modality_lut(raw, ds)
         used_lut = bool(apply_voi and ds.get("VOILUTSequence"))
         if apply_voi:
-            values = apply_voi_lut(values, ds, prefer_lut=True)
+            values = pydicom.pixels.apply_voi_lut(values, ds, prefer_lut=True)
     except Exception as e:
         raise DataError(path, f"cannot apply the header's LUT/window ({type(e).__name__}: {e})") from None
     low, high, bits = _output_range(ds, used_lut)
@@ -249,7 +242,7 @@ def read_dicom(path, apply_voi: bool = True) -> Mammogram:
     if padding is not None:
         values[padding] = low
     return Mammogram(
-        values.astype(np.float32), view=_dicom_view(ds), laterality=_dicom_laterality(ds), path=path, bit_depth=bits
+        values.astype(np.float32), view=dicom_view(ds), laterality=dicom_laterality(ds), path=path, bit_depth=bits
     )
 
 

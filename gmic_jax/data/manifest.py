@@ -62,62 +62,64 @@ def read_manifest(csv_path, check_files: bool = True) -> tuple[list[ImageRecord]
         ]
     records, errors, seen = [], [], set()
     for line, raw in enumerate(rows, start=2):
-        row = {
-            k.strip(): (v or "").strip() for k, v in raw.items() if k is not None and isinstance(v, (str, type(None)))
-        }
         try:
-            if None in raw:
-                raise ValueError(f"{len(header) + len(raw[None])} fields, the header has {len(header)}")
-            path = row["path"]
-            if not path:
-                raise ValueError("empty path")
-            laterality = row["laterality"].upper()
-            if laterality not in ("L", "R"):
-                raise ValueError(f"laterality must be L or R, got {row['laterality']!r}")
-            view = row["view"].upper()
-            if not view:
-                raise ValueError("missing view")
-            if view not in ("CC", "MLO"):
-                raise ValueError(f"view must be CC or MLO, got {row['view']!r}")
-            split = row["split"].lower()
-            if split not in SPLITS:
-                raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {row['split']!r}")
-            if not row["patient"]:
-                raise ValueError("empty patient")
-            label = (_flag(row["benign"], "benign"), _flag(row["malignant"], "malignant"))
-            full_path = str(base / path)
-            if check_files and not os.path.isfile(full_path):
-                raise ValueError(f"image {full_path} not found")
-            masks = []
-            for column in OPTIONAL_COLUMNS:
-                value = row.get(column, "")
-                if value:
-                    mask_path = str(base / value)
-                    if check_files and not os.path.isfile(mask_path):
-                        raise ValueError(f"{column} {mask_path} not found")
-                    masks.append((mask_path,))
-                else:
-                    masks.append(())
-            if path in seen:
-                raise ValueError(f"image {path} listed twice")
-            seen.add(path)
+            record = _row_record(raw, header, base, check_files)
+            if record.image_id in seen:
+                raise ValueError(f"image {record.image_id} listed twice")
+            seen.add(record.image_id)
         except ValueError as e:
             errors.append(DataError(f"{csv_path}:{line}", str(e)))
             continue
-        patient = row["patient"]
-        records.append(
-            ImageRecord(
-                image_id=path,
-                breast_id=f"{patient}/{laterality}",
-                view=f"{laterality}-{view}",
-                label=label,
-                split=split,
-                path=full_path,
-                mask_paths=tuple(masks),
-                patient=patient,
-            )
-        )
+        records.append(record)
     return records, errors
+
+
+def _row_record(raw: dict, header: list, base: Path, check_files: bool) -> ImageRecord:
+    """The record of one manifest row; ValueError says what is wrong with it."""
+    row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None and isinstance(v, (str, type(None)))}
+    if None in raw:
+        raise ValueError(f"{len(header) + len(raw[None])} fields, the header has {len(header)}")
+    path = row["path"]
+    if not path:
+        raise ValueError("empty path")
+    laterality = row["laterality"].upper()
+    if laterality not in ("L", "R"):
+        raise ValueError(f"laterality must be L or R, got {row['laterality']!r}")
+    view = row["view"].upper()
+    if not view:
+        raise ValueError("missing view")
+    if view not in ("CC", "MLO"):
+        raise ValueError(f"view must be CC or MLO, got {row['view']!r}")
+    split = row["split"].lower()
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {row['split']!r}")
+    if not row["patient"]:
+        raise ValueError("empty patient")
+    label = (_flag(row["benign"], "benign"), _flag(row["malignant"], "malignant"))
+    full_path = str(base / path)
+    if check_files and not os.path.isfile(full_path):
+        raise ValueError(f"image {full_path} not found")
+    masks = []
+    for column in OPTIONAL_COLUMNS:
+        value = row.get(column, "")
+        if value:
+            mask_path = str(base / value)
+            if check_files and not os.path.isfile(mask_path):
+                raise ValueError(f"{column} {mask_path} not found")
+            masks.append((mask_path,))
+        else:
+            masks.append(())
+    patient = row["patient"]
+    return ImageRecord(
+        image_id=path,
+        breast_id=f"{patient}/{laterality}",
+        view=f"{laterality}-{view}",
+        label=label,
+        split=split,
+        path=full_path,
+        mask_paths=tuple(masks),
+        patient=patient,
+    )
 
 
 def manifest_source(csv_path, split: Optional[str] = None, strict: bool = True, **source_kwargs) -> RecordSource:

@@ -3,7 +3,7 @@
 protocol); so does ``gmic-jax cache``.
 
 - :class:`RecordSource` -- a list of :class:`ImageRecord` (raw image files + labels + optional mask
-  files in the image's frame), through a named preprocessing (:mod:`gmic_jax.data.transforms`).
+  files in the image's frame), through a named preprocessing (:mod:`gmic_jax.data.image_to_window`).
   The manifest CSV and the raw CBIS-DDSM reader produce these records.
 - :class:`ExamListSource` -- an exam list written by ``gmic-jax preprocess`` (cropped images +
   ``best_center``), windows placed exactly as the original model runner does; segmentations are
@@ -22,8 +22,9 @@ import numpy as np
 from gmic_jax.data import batch as batch_lib
 from gmic_jax.data import cropping
 from gmic_jax.data.centers import WINDOW_SHAPE
+from gmic_jax.data.exam_list import find_image, read_exam_list, require_label
 from gmic_jax.data.image import DataError, read_image
-from gmic_jax.data.transforms import to_window
+from gmic_jax.data.image_to_window import resize, to_window
 from gmic_jax.data.window import flip_for_model, load_segmentation, place_window
 
 SPLITS = ("train", "val", "test")
@@ -98,13 +99,16 @@ class RecordSource:
             for paths in record.mask_paths:
                 union = None
                 for p in paths:
-                    m = _read_mask(p)
-                    if m.shape != pixels.shape:
-                        from gmic_jax.data.transforms import resize
-
-                        m = resize(m.astype(np.uint8), pixels.shape, nearest=True) > 0
-                    union = m if union is None else union | m
+                    mask = _read_mask(p)
+                    if mask.shape != pixels.shape:
+                        mask = resize(mask.astype(np.uint8), pixels.shape, nearest=True) > 0
+                    union = mask if union is None else union | mask
                 masks.append(union)
+        return self.make_example(record, pixels, masks)
+
+    def make_example(self, record: ImageRecord, pixels: np.ndarray, masks) -> dict:
+        """The example of ``record`` from its stored ``pixels`` and full-image ``masks`` (or None):
+        the source's preprocessing to its window, in the batch layout."""
         window, mask_window = to_window(
             self.preprocessing,
             pixels,
@@ -137,8 +141,6 @@ class ExamListSource:
         window_shape=WINDOW_SHAPE,
         with_masks: Optional[bool] = None,
     ):
-        from gmic_jax.data.exam_list import read_exam_list
-
         exams, errors = read_exam_list(exam_list_path)
         if errors:
             raise errors[0]
@@ -160,8 +162,6 @@ class ExamListSource:
 
     def flipped_pixels(self, index: int) -> np.ndarray:
         """The stored (cropped) image ``index``, flipped as the model sees it, raw values."""
-        from gmic_jax.data.exam_list import find_image
-
         item = self.items[index]
         return flip_for_model(
             read_image(find_image(self.images_dir, item.name)).pixels, item.view, item.horizontal_flip
@@ -172,8 +172,6 @@ class ExamListSource:
 
     def example(self, index: int, pixels: Optional[np.ndarray] = None) -> dict:
         """Example ``index``; ``pixels``: its :meth:`flipped_pixels` when the caller has them already."""
-        from gmic_jax.data.exam_list import find_image, require_label
-
         item = self.items[index]
         label = require_label(item, find_image(self.images_dir, item.name))
         pixels = self.flipped_pixels(index) if pixels is None else pixels

@@ -9,6 +9,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gmic_jax.data.batch import VIEWS
+from gmic_jax.data.cache import build_cache
+from gmic_jax.data.exam_list import PREPROCESSING_KEYS, save_exam_list
+from gmic_jax.data.image import write_png
+from gmic_jax.data.sources import ExamListSource
+
 
 def write_dicom(
     path,
@@ -30,21 +36,19 @@ def write_dicom(
     ``window`` = (center, width); ``voi_lut`` = the LUT's output values (first input value 0,
     entries of ``bits_stored`` bits); ``rescale`` = (slope, intercept).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    import pydicom  # optional (extra "data"/"test"): only the DICOM fixtures need it
 
     pixels = np.asarray(pixels)
-    meta = FileMetaDataset()
+    meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography, for presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = series_uid or pydicom.uid.generate_uid()
     ds.Modality = "MG"
     ds.PatientID = patient_id
     if laterality is not None:
@@ -55,11 +59,11 @@ def write_dicom(
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     if voi_lut is not None:
-        item = Dataset()
+        item = pydicom.dataset.Dataset()
         lut = np.asarray(voi_lut, dtype=np.uint16)
         item.LUTDescriptor = [len(lut), 0, bits_stored]
         item.add_new((0x0028, 0x3006), "US", lut.tolist())  # LUT Data
-        ds.VOILUTSequence = DicomSequence([item])
+        ds.VOILUTSequence = pydicom.sequence.Sequence([item])
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
     if padding_value is not None:
@@ -100,6 +104,28 @@ CBIS_COLUMNS = [
     "cropped image file path",
     "ROI mask file path",
 ]
+
+
+def _description_row(case: dict, full_rel: str, crop_rel: str, roi_rel: str) -> dict:
+    """The row of a CBIS-DDSM description CSV for one case of :func:`fake_cbis_ddsm_tree`."""
+    row = {c: "" for c in CBIS_COLUMNS}
+    row.update(
+        {
+            "patient_id": case["patient"],
+            "breast density": "2",
+            "left or right breast": case["side"],
+            "image view": case["view"],
+            "abnormality id": str(case.get("abnormality", 1)),
+            "abnormality type": "calcification" if case["kind"] == "Calc" else "mass",
+            "assessment": "4",
+            "pathology": case["pathology"],
+            "subtlety": "3",
+            "image file path": full_rel,
+            "cropped image file path": crop_rel,
+            "ROI mask file path": roi_rel,
+        }
+    )
+    return row
 
 
 def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed: int = 0, layout: str = "csv") -> Path:
@@ -168,24 +194,7 @@ def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed:
             view=None,
             patient_id=roi_folder,
         )
-        row = {c: "" for c in CBIS_COLUMNS}
-        row.update(
-            {
-                "patient_id": case["patient"],
-                "breast density": "2",
-                "left or right breast": case["side"],
-                "image view": case["view"],
-                "abnormality id": str(case.get("abnormality", 1)),
-                "abnormality type": "calcification" if kind == "Calc" else "mass",
-                "assessment": "4",
-                "pathology": case["pathology"],
-                "subtlety": "3",
-                "image file path": full_rel,
-                "cropped image file path": crop_rel,
-                "ROI mask file path": roi_rel,
-            }
-        )
-        rows.setdefault((kind, split), []).append(row)
+        rows.setdefault((kind, split), []).append(_description_row(case, full_rel, crop_rel, roi_rel))
     for (kind, split), kind_rows in rows.items():
         name = f"{kind.lower()}_case_description_{'train' if split == 'Training' else 'test'}_set.csv"
         with open(root / name, "w", newline="", encoding="utf-8") as f:
@@ -197,8 +206,6 @@ def fake_cbis_ddsm_tree(root, cases: Sequence[dict], image_shape=(96, 64), seed:
 
 def write_png_file(path, array) -> Path:
     """Write a uint8/uint16 array as PNG (test convenience; not atomic)."""
-    from gmic_jax.data.image import write_png
-
     write_png(path, np.asarray(array))
     return Path(path)
 
@@ -219,9 +226,6 @@ def preprocessed_exam(names: dict, centers: dict, left=(0, 1), right=(0, 0)) -> 
     """One exam of a preprocessed exam list (the original's pickle layout, what ``gmic-jax
     preprocess`` writes): per view its image name and best centre, the left and right breasts'
     (benign, malignant) labels, not flipped; the other preprocessing keys zero."""
-    from gmic_jax.data.exam_list import PREPROCESSING_KEYS
-    from gmic_jax.data.image import VIEWS
-
     exam = {
         "horizontal_flip": "NO",
         "best_center": {view: [tuple(int(v) for v in centers[view])] for view in VIEWS},
@@ -249,11 +253,6 @@ def window_noise_cache(root, num_exams: int, window, noise=True, seed: int = 0, 
     best centres near the middle, in a preprocessed exam list; every other exam malignant and every
     third benign. ``noise``: the cache's window-noise amplitudes (``True``: the original's, scaled
     to ``window``). Returns the cache directory."""
-    from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import save_exam_list
-    from gmic_jax.data.image import VIEWS, write_png
-    from gmic_jax.data.sources import ExamListSource
-
     root = Path(root)
     rng = np.random.default_rng(seed)
     wh, ww = window

@@ -37,6 +37,7 @@ import os
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from gmic_jax.data.centers import WINDOW_SHAPE
 from gmic_jax.data.cropping import needs_flip
@@ -221,8 +222,6 @@ def noise_borders(
 def crop_resized(array: np.ndarray, borders, window_shape, nearest: bool = False) -> np.ndarray:
     """``array[top:bottom, left:right]`` resized to ``window_shape``: float32 bicubic, or (``nearest``)
     nearest neighbour in the array's dtype, per channel of an (h, w, k) array."""
-    from PIL import Image
-
     wh, ww = window_shape
     crop = array[borders[0] : borders[1], borders[2] : borders[3]]
     if not nearest:

@@ -7,7 +7,7 @@
     gmic-jax predict --synthetic N --checkpoint WORKDIR --output OUT --visualize
 
 The package follows the data's way: :mod:`~gmic_jax.predict.exams` (inputs -> image tasks),
-:mod:`~gmic_jax.predict.images` (one task -> its window), :mod:`~gmic_jax.predict.models`
+:mod:`~gmic_jax.predict.images` (one task -> its window), :mod:`~gmic_jax.predict.ensemble`
 (checkpoints, the compiled function), :mod:`~gmic_jax.predict.runner` (batches, the run),
 :mod:`~gmic_jax.predict.outputs` (CSVs, saliency maps, figures), :mod:`~gmic_jax.predict.cli`.
 
@@ -81,50 +81,39 @@ configuration, ensemble members that disagree on the input) affects every exam: 
 predicted, failures.txt is the only output (no CSVs, no run.json) and the exit status is 1.
 """
 
-from gmic_jax.files import FAILURES_TXT
-from gmic_jax.predict.cli import add_arguments, main
-from gmic_jax.predict.exams import (
-    Exam,
-    ImageTask,
-    PredictError,
-    exams_from_dicom,
-    exams_from_exam_list,
-    exams_from_synthetic,
-)
-from gmic_jax.predict.images import LoadedImage, load_image
-from gmic_jax.predict.models import check_variables, compiled_forward, load_models
-from gmic_jax.predict.outputs import (
-    BREAST_CSV,
-    LOCALIZATION_CSV,
-    PREDICTIONS_CSV,
-    RUN_JSON,
-    SALIENCY_DIR,
-    VISUALIZATION_DIR,
-    PredictResult,
-)
-from gmic_jax.predict.runner import predict
+import importlib
 
-__all__ = [
-    "BREAST_CSV",
-    "Exam",
-    "FAILURES_TXT",
-    "ImageTask",
-    "LOCALIZATION_CSV",
-    "LoadedImage",
-    "PREDICTIONS_CSV",
-    "PredictError",
-    "PredictResult",
-    "RUN_JSON",
-    "SALIENCY_DIR",
-    "VISUALIZATION_DIR",
-    "add_arguments",
-    "check_variables",
-    "compiled_forward",
-    "exams_from_dicom",
-    "exams_from_exam_list",
-    "exams_from_synthetic",
-    "load_image",
-    "load_models",
-    "main",
-    "predict",
-]
+# name -> the module that defines it. Imported on first use: `gmic-jax predict --help` (which
+# imports gmic_jax.predict.cli, hence this package) and the input pipeline's worker processes
+# (which unpickle gmic_jax.predict.images.ImageExamples) need none of JAX, Flax or Orbax.
+_DEFINED_IN = {
+    "FAILURES_TXT": "gmic_jax.files",
+    "Exam": "gmic_jax.predict.exams",
+    "ImageTask": "gmic_jax.predict.exams",
+    "PredictError": "gmic_jax.predict.exams",
+    "exams_from_dicom": "gmic_jax.predict.exams",
+    "exams_from_exam_list": "gmic_jax.predict.exams",
+    "exams_from_synthetic": "gmic_jax.predict.exams",
+    "LoadedImage": "gmic_jax.predict.images",
+    "load_image": "gmic_jax.predict.images",
+    "check_variables": "gmic_jax.predict.ensemble",
+    "compiled_forward": "gmic_jax.predict.ensemble",
+    "load_models": "gmic_jax.predict.ensemble",
+    "BREAST_CSV": "gmic_jax.predict.outputs",
+    "LOCALIZATION_CSV": "gmic_jax.predict.outputs",
+    "PREDICTIONS_CSV": "gmic_jax.predict.outputs",
+    "RUN_JSON": "gmic_jax.predict.outputs",
+    "SALIENCY_DIR": "gmic_jax.predict.outputs",
+    "VISUALIZATION_DIR": "gmic_jax.predict.outputs",
+    "PredictResult": "gmic_jax.predict.outputs",
+    "predict": "gmic_jax.predict.runner",
+}
+
+
+def __getattr__(name):
+    if name in _DEFINED_IN:
+        return getattr(importlib.import_module(_DEFINED_IN[name]), name)
+    raise AttributeError(f"module 'gmic_jax.predict' has no attribute {name!r}")
+
+
+__all__ = sorted(_DEFINED_IN)

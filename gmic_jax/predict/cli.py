@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gmic_jax import logs
 from gmic_jax.files import FAILURES_TXT, print_failures
-from gmic_jax.predict.runner import predict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,8 +82,6 @@ def _missing_input(args):
 
 
 def main(args) -> int:
-    from gmic_jax import logs
-
     logs.configure()
     if args.exam_list is not None and args.images is None:
         return _error("--exam-list needs --images (the folder of its images)", 2)
@@ -91,6 +89,8 @@ def main(args) -> int:
     if problem:
         return _error(problem, 1)
     out = Path(args.output)
+    from gmic_jax.predict.runner import predict  # the library (JAX, Flax, Orbax), after parsing: keeps --help fast
+
     try:
         result = predict(
             args.checkpoint,

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Optional
 
 from gmic_jax.data import exam_list as exam_list_lib
-from gmic_jax.data.image import VIEWS, DataError, is_dicom_path
+from gmic_jax.data.batch import VIEWS
+from gmic_jax.data.image import DataError, dicom_laterality, dicom_view, is_dicom_path
+from gmic_jax.data.synthetic import breast_labels
 
-CLASSES = ("benign", "malignant")
 SYNTHETIC_SPLIT = "test"  # held out from training and validation
 
 
@@ -112,9 +113,7 @@ def _dicom_files(path) -> list:
 
 def exams_from_dicom(path) -> tuple[list, list]:
     """(exams, failures) of DICOM files grouped by StudyInstanceUID; headers give laterality/view."""
-    import pydicom
-
-    from gmic_jax.data.image import _dicom_laterality, _dicom_view
+    import pydicom  # optional (extra "data"): only --dicom needs it
 
     root = Path(path)
     try:
@@ -138,7 +137,7 @@ def exams_from_dicom(path) -> tuple[list, list]:
             failures.append(PredictError("(unknown study)", f, "DICOM has no StudyInstanceUID (0020,000D)"))
             continue
         studies.setdefault(study, [])
-        view, laterality = _dicom_view(ds), _dicom_laterality(ds)
+        view, laterality = dicom_view(ds), dicom_laterality(ds)
         problems = []
         if view is None:
             problems.append(
@@ -166,8 +165,6 @@ def exams_from_synthetic(num_exams: int, prep) -> tuple[list, list]:
     """The first ``num_exams`` exams of the synthetic data's held-out split, drawn as the
     checkpoint's training data was (``prep.synthetic``: seed, finding rates, lesion sizes).
     Exam e holds breasts 2e (left) and 2e + 1 (right), CC and MLO each; masks come with them."""
-    from gmic_jax.data.synthetic import breast_labels
-
     spec = prep.synthetic.spec(prep.window_shape)
     seed = prep.synthetic.seed
     exams = []

@@ -13,7 +13,8 @@ import numpy as np
 
 from gmic_jax.data import cropping
 from gmic_jax.data.image import DataError, read_image
-from gmic_jax.data.transforms import to_window
+from gmic_jax.data.image_to_window import to_window
+from gmic_jax.data.synthetic import render
 from gmic_jax.data.window import flip_for_model, load_segmentation, place_window, split_view
 from gmic_jax.predict.exams import ImageTask
 from gmic_jax.preprocessing import Preprocessing
@@ -28,16 +29,14 @@ class LoadedImage:
 def load_image(task: ImageTask, prep: Preprocessing) -> LoadedImage:
     """Read one image and make its window (raw values; normalised on device).
 
-    - preprocessing 'original': the original pipeline (:func:`~gmic_jax.data.transforms.gmic_window`),
+    - preprocessing 'original': the original pipeline (:func:`~gmic_jax.data.image_to_window.gmic_window`),
       flipped by the exam's ``horizontal_flip`` (DICOM: read off the image); with ``best_center``
       (``--preprocessed``) the stored image is a crop and only flipped and placed;
-    - 'cbis_ddsm': :func:`~gmic_jax.data.transforms.cbis_ddsm_window`;
+    - 'cbis_ddsm': :func:`~gmic_jax.data.image_to_window.cbis_ddsm_window`;
     - 'window': the file is the window.
 
     Raises :class:`DataError` naming the file."""
     if task.synthetic is not None:  # rendered windows with their masks (preprocessing 'window')
-        from gmic_jax.data.synthetic import render
-
         example = render(*task.synthetic)
         return LoadedImage(example["image"][..., 0].astype(np.float32), example["mask"])
     image = read_image(task.path)

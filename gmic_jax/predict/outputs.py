@@ -12,8 +12,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gmic_jax import metrics, records
+from gmic_jax.data.batch import CLASSES
 from gmic_jax.files import FAILURES_TXT, atomic_path, write_atomic
-from gmic_jax.predict.exams import CLASSES, Exam, ImageTask
+from gmic_jax.predict.exams import Exam, ImageTask
+from gmic_jax.visualize import save_figure
 
 PREDICTIONS_CSV = "predictions.csv"
 BREAST_CSV = "breast_predictions.csv"
@@ -117,8 +120,6 @@ def write_run_record(
     """OUT/run.json: every checkpoint's step and why it was chosen (an ensemble: each member's, in
     ``--checkpoint`` order), the run's settings, what it predicted and wrote, the command, the
     versions (:mod:`gmic_jax.records`)."""
-    from gmic_jax import records
-
     result.written.append(RUN_JSON)
     doc = {
         "checkpoints": result.checkpoints,
@@ -161,17 +162,15 @@ def breast_rows(exam: Exam, finished: list) -> list:
 def localization_row(task: ImageTask, out0: dict, masks: np.ndarray, crop_shape) -> Optional[dict]:
     """Dice, PxAP, pointing (1 / 0; per class with a lesion) and the ROI hit rate of one image
     (:mod:`gmic_jax.metrics`)."""
-    from gmic_jax import metrics
-
     if not masks.any():
         return None
     row = {"image_index": task.image_index}
     saliency = np.asarray(out0["saliency_map"], np.float64)
     for c, name in enumerate(CLASSES):
-        m = masks[..., c]
-        row[f"dice_{name}"] = metrics.dice(saliency[..., c], m) if m.any() else None
-        row[f"pxap_{name}"] = metrics.pxap(saliency[..., c], m) if m.any() else None
-        row[f"pointing_{name}"] = int(metrics.pointing_hit(saliency[..., c], m)) if m.any() else None
+        lesion = masks[..., c]
+        row[f"dice_{name}"] = metrics.dice(saliency[..., c], lesion) if lesion.any() else None
+        row[f"pxap_{name}"] = metrics.pxap(saliency[..., c], lesion) if lesion.any() else None
+        row[f"pointing_{name}"] = int(metrics.pointing_hit(saliency[..., c], lesion)) if lesion.any() else None
     hits, lesions = metrics.roi_hits(masks, out0["patch_locations"], crop_shape)
     row["roi_hit"] = hits / lesions if lesions else None
     return row
@@ -204,8 +203,6 @@ def finish_exam(exam: Exam, finished: list, output_dir: Path, visualize: bool, c
             if row is not None:
                 locs.append(row)
         if visualize:
-            from gmic_jax.visualize import save_figure
-
             save_figure(
                 output_dir / VISUALIZATION_DIR / f"{task.image_index}.png",
                 loaded.window,

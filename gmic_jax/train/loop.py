@@ -6,7 +6,7 @@ per evaluation to ``WORKDIR/metrics.jsonl`` (keys: step, epoch, train_loss and t
 metrics that are defined) and TensorBoard event files to ``WORKDIR/tensorboard``
 (:mod:`gmic_jax.train.writers`), checkpoints with Orbax (asynchronously, every
 ``checkpoint_every_steps`` and at every evaluation, keeping the step ``config.best_metric`` /
-``config.best_min_delta`` choose, see :mod:`gmic_jax.train.checkpointing`) and resumes by itself
+``config.best_min_delta`` choose, see :mod:`gmic_jax.train.workdir_checkpoints`) and resumes by itself
 from the latest checkpoint in WORKDIR (optimizer, data order, RNG): a run killed at any point and
 restarted continues the same trajectory. A resumed run must ask for the config the workdir was
 trained with (:mod:`gmic_jax.train.workdir`).
@@ -180,8 +180,8 @@ def train_and_evaluate(
     from gmic_jax.data import batch as batch_lib
     from gmic_jax.data.pipeline import FAILURES, load_batches
     from gmic_jax.models import init_variables
-    from gmic_jax.train import checkpointing
     from gmic_jax.train import workdir as workdir_lib
+    from gmic_jax.train import workdir_checkpoints
     from gmic_jax.train.defaults import augment_config
     from gmic_jax.train.evaluate import evaluate
     from gmic_jax.train.input import TrainExamples, TrainPlan
@@ -234,7 +234,7 @@ def train_and_evaluate(
         workdir_lib.record(workdir, resume)
     state = replicate(create_train_state(variables, tx, config.seed), mesh)
 
-    manager = checkpointing.make_manager(
+    manager = workdir_checkpoints.make_manager(
         workdir, keep_latest=config.keep_latest, rule=rule, keep_evaluated=config.keep_evaluated
     )
     data_template = {
@@ -242,7 +242,7 @@ def train_and_evaluate(
         "loss_sum": np.zeros((), np.float64),
         "loss_count": np.zeros((), np.int64),
     }
-    restored = checkpointing.restore(manager, state, data_template)
+    restored = workdir_checkpoints.restore(manager, state, data_template)
     loss_sum, loss_count = 0.0, 0
     if restored is not None:
         state, pos = restored
@@ -401,10 +401,10 @@ def train_and_evaluate(
                     msg += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
                 (bar.write(msg) if bar is not None else log.info(msg))
                 with profile.phase("checkpoint"):
-                    checkpointing.save(manager, state, data_position(done), metrics=val)
+                    workdir_checkpoints.save(manager, state, data_position(done), metrics=val)
             elif done % config.checkpoint_every_steps == 0 or done == total_steps:
                 with profile.phase("checkpoint"):
-                    checkpointing.save(manager, state, data_position(done))
+                    workdir_checkpoints.save(manager, state, data_position(done))
             if done == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if done == kill_after_step:

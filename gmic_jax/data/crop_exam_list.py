@@ -1,4 +1,5 @@
-"""`gmic-jax preprocess`: crop every image of an exam list and find its window's best centre.
+"""Crop every image of an exam list and find its window's best centre (`gmic-jax preprocess`, whose
+command line is :mod:`gmic_jax.data.preprocess_cli`).
 
     gmic-jax preprocess --exam-list exams.pkl --images DIR --output OUT [--num-workers N]
 
@@ -18,21 +19,19 @@ Bad inputs do not stop the run: every failure is reported at the end, the exit s
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gmic_jax.data import cropping
 from gmic_jax.data import exam_list as exam_list_lib
 from gmic_jax.data.image import DataError, read_image, write_png
-from gmic_jax.data.transforms import crop_flip_center
-from gmic_jax.files import FAILURES_TXT as FAILURES_NAME
-from gmic_jax.files import print_failures, write_failures
+from gmic_jax.data.image_to_window import crop_flip_center
+from gmic_jax.files import FAILURES_TXT, write_failures
 
 CROPPED_DIR = "cropped_images"
 EXAM_LIST_NAME = "exam_list.pkl"
@@ -47,7 +46,7 @@ def preprocess_image(
     iterations: int = cropping.NUM_ITERATIONS,
     buffer_size: int = cropping.BUFFER_SIZE,
 ):
-    """Crop one stored image and find its best centre (:func:`~gmic_jax.data.transforms.crop_flip_center`).
+    """Crop one stored image and find its best centre (:func:`~gmic_jax.data.image_to_window.crop_flip_center`).
 
     Returns ``(cropped, info)``: the cropped stored image (not flipped) and a dict with the five
     exam-list values of this image.
@@ -87,7 +86,7 @@ def preprocess_exam_list(
     """Run the preprocessing; returns (exams written, failures). See the module docstring."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (EXAM_LIST_NAME, PARTIAL_NAME, FAILURES_NAME):
+    for stale in (EXAM_LIST_NAME, PARTIAL_NAME, FAILURES_TXT):
         (output_dir / stale).unlink(missing_ok=True)
 
     failures: list[DataError] = []
@@ -107,20 +106,20 @@ def preprocess_exam_list(
                 tasks.append((image.name, image.view, image.horizontal_flip, str(images_dir), str(output_dir)))
 
     results = dict(_run(tasks, num_workers, progress))
-    done = []
+    preprocessed = []
     for exam in exams:
         errors = [results[image.name] for image in exam.images if isinstance(results[image.name], DataError)]
         if errors:
             failures.extend(errors)
             continue
-        done.append(exam_list_lib.add_preprocessing(exam.entry, results))
+        preprocessed.append(exam_list_lib.add_preprocessing(exam.entry, results))
 
     if failures:
-        exam_list_lib.save_exam_list(output_dir / PARTIAL_NAME, done)
+        exam_list_lib.save_exam_list(output_dir / PARTIAL_NAME, preprocessed)
         write_failures(output_dir, failures)
     else:
-        exam_list_lib.save_exam_list(output_dir / EXAM_LIST_NAME, done)
-    return done, failures
+        exam_list_lib.save_exam_list(output_dir / EXAM_LIST_NAME, preprocessed)
+    return preprocessed, failures
 
 
 def _run(tasks, num_workers: int, progress: bool):
@@ -131,41 +130,9 @@ def _run(tasks, num_workers: int, progress: bool):
         pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context)
         iterator = pool.map(_process_one, tasks, chunksize=1)
     if progress:
-        try:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, total=len(tasks), desc="preprocess", unit="image")
-        except ImportError:
-            pass
+        iterator = tqdm(iterator, total=len(tasks), desc="preprocess", unit="image")
     try:
         yield from iterator
     finally:
         if num_workers > 1 and len(tasks) > 1:
             pool.shutdown()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--exam-list", required=True, help="exam list pickle (the original's format)")
-    parser.add_argument("--images", required=True, help="folder of <name>.png / <name>.dcm images")
-    parser.add_argument("--output", required=True, help="output folder (cropped_images/, exam_list.pkl)")
-    parser.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (default: min(4, cores))"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args) -> int:
-    done, failures = preprocess_exam_list(
-        args.exam_list, args.images, args.output, num_workers=args.num_workers, progress=not args.no_progress
-    )
-    if failures:
-        print_failures(failures)
-        print(
-            f"{len(failures)} failure(s); {len(done)} exam(s) preprocessed; NOT writing {EXAM_LIST_NAME}: "
-            "the good exams are in "
-            f"{Path(args.output) / PARTIAL_NAME}, the failures in {Path(args.output) / FAILURES_NAME}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"{len(done)} exam(s) preprocessed -> {Path(args.output) / EXAM_LIST_NAME}")
-    return 0

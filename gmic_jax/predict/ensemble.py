@@ -10,11 +10,17 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from gmic_jax.checkpoint import CheckpointError, Selection
+from gmic_jax.augment import AugmentConfig, augment_batch
+from gmic_jax.checkpoint import CheckpointError, Selection, load_selected, read_config
 from gmic_jax.config import GMICConfig
-from gmic_jax.preprocessing import Preprocessing
+from gmic_jax.models import GMIC, init_variables
+from gmic_jax.preprocessing import Preprocessing, normalize_images
 
 FORWARD_OUTPUTS = ("saliency_map", "patch_locations", "patch_attns", "patches")
 
@@ -30,8 +36,6 @@ class Model:
 
 
 def _flat_shapes(tree) -> dict:
-    import jax
-
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(v)) for path, v in leaves}
 
@@ -39,10 +43,6 @@ def _flat_shapes(tree) -> dict:
 @functools.lru_cache(maxsize=16)
 def _expected_shapes(config: GMICConfig) -> dict:
     """{'params/ds_net/...': shape} of GMIC(config), traced abstractly (no compute)."""
-    import jax
-
-    from gmic_jax.models import init_variables
-
     expected = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
     return _flat_shapes({k: expected[k] for k in ("params", "batch_stats") if k in expected})
 
@@ -76,9 +76,6 @@ def _input(prep: Preprocessing) -> Preprocessing:
 
 def load_models(directories: Sequence) -> list:
     """Load and check every checkpoint of an ensemble; raise :class:`CheckpointError` naming the bad one."""
-    from gmic_jax.augment import AugmentConfig
-    from gmic_jax.checkpoint import load_selected, read_config
-
     if not directories:
         raise CheckpointError("no --checkpoint given")
     models = []
@@ -99,11 +96,12 @@ def load_models(directories: Sequence) -> list:
             raise CheckpointError(f"{d}/config.json: bad train.augment section: {e}") from None
         models.append(Model(str(d), config, variables, prep, augment, selection))
     first = models[0]
-    for m in models[1:]:
-        if m.config.image_shape != first.config.image_shape or _input(m.preprocessing) != _input(first.preprocessing):
+    for model in models[1:]:
+        shape, prep = model.config.image_shape, _input(model.preprocessing)
+        if shape != first.config.image_shape or prep != _input(first.preprocessing):
             raise CheckpointError(
-                f"{m.directory}: takes {list(m.config.image_shape)} windows with preprocessing "
-                f"{_input(m.preprocessing).to_dict()}, but {first.directory} takes {list(first.config.image_shape)} "
+                f"{model.directory}: takes {list(shape)} windows with preprocessing {prep.to_dict()}, but "
+                f"{first.directory} takes {list(first.config.image_shape)} "
                 f"with {_input(first.preprocessing).to_dict()}; an ensemble needs one input for all its models"
             )
     return models
@@ -120,15 +118,6 @@ def compiled_forward(configs: tuple, normalization: str, augment, devices: tuple
     device with ``augment`` when it is given, each from the key
     ``fold_in(fold_in(key, image hash), draw)`` (independent of the batch).
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    from gmic_jax.augment import augment_batch
-    from gmic_jax.models import GMIC
-    from gmic_jax.preprocessing import normalize_images
-
     models = [GMIC(c) for c in configs]
     mesh = Mesh(np.asarray(devices), ("data",))
 
@@ -138,7 +127,7 @@ def compiled_forward(configs: tuple, normalization: str, augment, devices: tuple
         if augment is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i[0]), i[1]))(ids)
             x = jnp.where((ids[:, 1] > 0)[:, None, None, None], augment_batch(keys, x, augment), x)
-        outs = [m.apply(v, x, train=False, rngs={"roi": base}) for m, v in zip(models, variables_list)]
+        outs = [model.apply(v, x, train=False, rngs={"roi": base}) for model, v in zip(models, variables_list)]
         result = {k: outs[0][k] for k in FORWARD_OUTPUTS}
         result["y_fusion"] = jnp.stack([o["y_fusion"] for o in outs], axis=1)
         return result

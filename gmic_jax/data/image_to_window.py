@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from gmic_jax.data import centers as centers_lib
 from gmic_jax.data import cropping
@@ -42,13 +43,13 @@ def _stack_masks(masks, shape, path) -> Optional[np.ndarray]:
     if masks is None:
         return None
     out = np.zeros(shape + (len(masks),), dtype=np.uint8)
-    for i, m in enumerate(masks):
-        if m is None:
+    for i, mask in enumerate(masks):
+        if mask is None:
             continue
-        m = np.asarray(m)
-        if m.shape != shape:
-            m = resize(m, shape, nearest=True)
-        out[..., i] = m > 0
+        mask = np.asarray(mask)
+        if mask.shape != shape:
+            mask = resize(mask, shape, nearest=True)
+        out[..., i] = mask > 0
     return out
 
 
@@ -109,8 +110,6 @@ def gmic_window(
 
 def resize(array: np.ndarray, shape, nearest: bool = False) -> np.ndarray:
     """Resize a 2-D array to ``shape`` (H, W): bilinear (values rounded back for integer input) or nearest."""
-    from PIL import Image
-
     array = np.asarray(array)
     if tuple(array.shape) == tuple(shape):
         return array.copy()
