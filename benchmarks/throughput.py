@@ -36,8 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gmic_jax, also w
 
 import bench_common as bc  # noqa: E402
 
-UNIT = "exam of 4 images"
-IMAGES_PER_EXAM = 4
 SCRIPT = Path(__file__).resolve()
 RESULT_KEYS = (
     "devices",
@@ -76,7 +74,7 @@ def measure_training(spec: dict) -> dict:
     state = create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0)
     state = replicate(jax.device_get(state), mesh)
     step = make_train_step(cfg, tx, mesh, beta=0.0)
-    n_images = IMAGES_PER_EXAM * spec["per_device_exams"] * spec["devices"]
+    n_images = bc.IMAGES_PER_EXAM * spec["per_device_exams"] * spec["devices"]
     rng = np.random.default_rng(0)
     batch = shard_batch(
         {
@@ -116,7 +114,7 @@ def input_pipeline_rate(args) -> dict:
     """Exams/s of the input pipeline alone (host side, no device transfer)."""
     from gmic_jax.data.pipeline import SourceExamples, load_batches
 
-    batch_images = IMAGES_PER_EXAM * args.per_device_exams
+    batch_images = bc.IMAGES_PER_EXAM * args.per_device_exams
     if args.input_cache:
         from gmic_jax.data.cache import CacheSource
 
@@ -291,7 +289,7 @@ def run(args) -> int:
         "versions": bc.versions(extra=bc.GPU_PACKAGES if device == "gpu" else ()),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
-        "unit": UNIT,
+        "unit": bc.UNIT,
         "dtype": args.dtype,
         "train_step": "gmic_jax.train.step.make_train_step (shard_map, pmean over 'data', Adam), beta=0",
         "results": results,

@@ -71,7 +71,6 @@ import bench_common as bc  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 WINDOW = (2944, 1920)
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
-IMAGES_PER_EXAM = 4
 DEFAULT_CONFIG = REPO / "configs" / "nyu_paper.py"
 DEFAULT_PROFILE_WORKDIR = Path("runs") / "train_e2e"
 # The keys other checks read (tests/test_benchmarks.py), first in every row.
@@ -116,8 +115,8 @@ def render_data(root: Path, window, distinct: int, images: int) -> dict:
         write_s.append(time.perf_counter() - t1)
         shapes.append((h, w))
     exams = []
-    for e in range(images // IMAGES_PER_EXAM):
-        crops = {view: (e * IMAGES_PER_EXAM + v) % distinct for v, view in enumerate(VIEWS)}
+    for e in range(images // bc.IMAGES_PER_EXAM):
+        crops = {view: (e * bc.IMAGES_PER_EXAM + v) % distinct for v, view in enumerate(VIEWS)}
         centers = {view: (shapes[i][0] // 2, shapes[i][1] // 3) for view, i in crops.items()}
         exams.append(preprocessed_exam({view: f"crop{i}" for view, i in crops.items()}, centers))
     save_exam_list(root / "exams.pkl", exams)
@@ -196,7 +195,7 @@ def make_config(spec: dict):
     config.model.image_shape = tuple(spec["window"])
     config.model.dtype = spec["dtype"]
     config.model.remat = spec["remat"]
-    config.batch_size = IMAGES_PER_EXAM * spec["exams_per_device"] * spec["devices"]
+    config.batch_size = bc.IMAGES_PER_EXAM * spec["exams_per_device"] * spec["devices"]
     config.eval.every_epochs = 0
     config.checkpoint_every_steps = spec["checkpoint_every"]
     config.progress_bar = False
@@ -448,11 +447,11 @@ def main(argv=None) -> int:
             existing = workdir_root / configuration_name(d, e, args.devices, r)
             if existing.exists() and any(existing.iterdir()):
                 parser.error(f"{existing} is not empty (a run there would resume): remove it or give another --workdir")
-    largest = max(IMAGES_PER_EXAM * e * args.devices for e in args.exams_per_device)
-    images = max(largest, -(-args.distinct // IMAGES_PER_EXAM) * IMAGES_PER_EXAM)
+    largest = max(bc.IMAGES_PER_EXAM * e * args.devices for e in args.exams_per_device)
+    images = max(largest, -(-args.distinct // bc.IMAGES_PER_EXAM) * bc.IMAGES_PER_EXAM)
     images = -(-images // largest) * largest  # whole batches of every size in the grid: each epoch is every image
     for e in args.exams_per_device:
-        if images % (IMAGES_PER_EXAM * e * args.devices):
+        if images % (bc.IMAGES_PER_EXAM * e * args.devices):
             parser.error(f"--exams-per-device {args.exams_per_device}: the batch sizes must divide {images} images")
 
     report: dict = {"machine": machine(args.device), "results": [], "details": {}}
