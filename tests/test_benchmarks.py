@@ -38,6 +38,7 @@ import throughput as tp  # noqa: E402
 import torch_profile  # noqa: E402
 import torch_reference as tref  # noqa: E402
 import train_e2e  # noqa: E402
+import train_e2e_worker  # noqa: E402
 
 from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
 
@@ -679,7 +680,7 @@ def test_train_e2e_json_contract_and_profile_pass_through(train_env, tmp_path):
     assert xplane.stat().st_size > 0
     assert "| float32 | 1 | 1 | none | 2 |" in proc.stdout
     oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
-    assert train_e2e.out_of_memory(oom) and not train_e2e.out_of_memory(ValueError("shape mismatch"))
+    assert train_e2e_worker.out_of_memory(oom) and not train_e2e_worker.out_of_memory(ValueError("shape mismatch"))
     # A configuration that did not fit: a row of its own, the error and the compiled bytes in the table.
     no_fit = {k: None for k in train_e2e.RESULT_KEYS} | {"dtype": "bfloat16", "exams_per_device": 4, "devices": 1}
     no_fit |= {"remat": "none", "steps": 0, "fits": False, "error": f"XlaRuntimeError: {oom}"}
