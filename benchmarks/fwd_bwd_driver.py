@@ -69,7 +69,7 @@ def run_benchmark(args) -> int:
                 f"{0.5 / (h * w):.3g} or larger images"
             )
     configs = [(d, r) for d in args.dtype for r in args.remat]
-    for _, remat in configs:  # --remat needs the model's support: fail before any work
+    for _, remat in configs:  # a config GMICConfig rejects fails here, before any work
         bc.make_config(
             {
                 "image_shape": args.image_shape,

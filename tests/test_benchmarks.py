@@ -244,7 +244,7 @@ def test_script_profile_says_where_the_time_goes(small_runs):
     assert "| global stage 1 | backward |" in stdout and "| local layer1 | forward |" in stdout
 
 
-def test_remat_flag_follows_the_models_config():
+def test_make_config_takes_the_remat_policy():
     spec = {"image_shape": IMAGE, "crop_shape": CROP, "K": 6, "percent_t": 0.02, "dtype": "float32"}
     assert bc.make_config({**spec, "remat": "global"}).remat == "global"
     assert bc.make_config({**spec, "remat": "none"}).remat == "none"
