@@ -571,7 +571,7 @@ def test_throughput_without_the_input_rate():
         "versions": {"jax": "0"},
         "threads": 1,
         "image_shape": [64, 32],
-        "unit": tp.UNIT,
+        "unit": bc.UNIT,
         "dtype": "float32",
         "results": [
             {
