@@ -27,15 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gmic_jax, also where it is not installed
 
 import bench_common as bc  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gmic_jax import GMICConfig, init_variables  # noqa: E402
+from gmic_jax.models import layers  # noqa: E402
+from gmic_jax.train.state import create_train_state, make_optimizer  # noqa: E402
+from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_batch  # noqa: E402
 
 VARIANTS = ("two_pass", "one_pass")
+# The flax namespace gmic_jax.models.layers builds its BatchNorms from (two-pass variance).
+ORIGINAL_NN = layers.nn
 
 
 def _use_one_pass_variance():
     """Make gmic_jax.models.layers build flax BatchNorms with use_fast_variance=True."""
-    import flax.linen as nn
-
-    from gmic_jax.models import layers
 
     def batch_norm(**kwargs):
         return nn.BatchNorm(**{**kwargs, "use_fast_variance": True})
@@ -44,14 +51,6 @@ def _use_one_pass_variance():
 
 
 def build(variant: str, args):
-    import jax
-    import numpy as np
-
-    from gmic_jax import GMICConfig, init_variables
-    from gmic_jax.models import layers
-    from gmic_jax.train.state import create_train_state, make_optimizer
-    from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_batch
-
     layers.nn = ORIGINAL_NN
     if variant == "one_pass":
         _use_one_pass_variance()
@@ -92,13 +91,6 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=7, help="timed steps per variant (0: compiled costs only)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-
-    import jax
-
-    from gmic_jax.models import layers
-
-    global ORIGINAL_NN
-    ORIGINAL_NN = layers.nn
     built = {v: build(v, args) for v in VARIANTS}
     result = {
         "device": jax.devices()[0].device_kind if jax.default_backend() != "cpu" else bc.cpu_name(),
@@ -131,8 +123,6 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
-
-ORIGINAL_NN = None
 
 if __name__ == "__main__":
     main()

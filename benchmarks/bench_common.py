@@ -1,14 +1,17 @@
-"""What the benchmark programs share: worker processes pinned to cores, resident-memory
-measurement, versions and hardware names, timing statistics, and the JAX loss / training step.
+"""What the benchmark programs share: the unit (an exam of 4 images) and the model config of a
+worker spec, worker processes pinned to cores, resident-memory measurement, versions and hardware
+names, timing statistics, and the JAX loss / training step.
 
-Import-light: jax, flax and optax are imported inside the functions that need them, so the parent
-process of a benchmark can spawn workers with their own JAX_PLATFORMS and XLA_FLAGS.
+Importing jax starts no backend: XLA_FLAGS and JAX_PLATFORMS reach the workers through the
+environment the parent spawns them with (`worker_env`), and `gmic_jax.xla_flags.apply_cpu_defaults`
+still takes effect in a worker that imported this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib.metadata
 import json
 import os
@@ -18,12 +21,23 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax._src import monitoring
+
+from gmic_jax import GMICConfig, init_variables
+from gmic_jax.convert import variables_to_state_dict
+from gmic_jax.train.loss import gmic_loss
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+IMAGES_PER_EXAM = 4
+UNIT = "exam of 4 images"
 
 # Where the model's parameters belong in the parameter counts (original state_dict prefixes and
 # the Flax top-level module names alike).
@@ -61,6 +75,18 @@ def model_spec(args) -> dict:
         "remat": args.remat,
         "batch_exams": args.batch_exams,
     }
+
+
+def make_config(spec: dict) -> GMICConfig:
+    """The GMICConfig of a worker spec (image and crop shape, K, percent_t, dtype, remat)."""
+    return GMICConfig(
+        image_shape=tuple(spec["image_shape"]),
+        crop_shape=tuple(spec["crop_shape"]),
+        K=spec["K"],
+        percent_t=spec["percent_t"],
+        dtype=spec["dtype"],
+        remat=spec.get("remat", "none"),
+    )
 
 
 def worker_env(threads: int, device: str, xla_flags: str = "", extra: Mapping[str, str] | None = None) -> dict:
@@ -157,8 +183,6 @@ def serve(handler: Callable[[dict], dict], ready: Callable[[], dict]) -> int:
                 break
             send(handler(msg))
     except Exception as e:  # reported to the parent, which names the worker and shows its log
-        import traceback
-
         traceback.print_exc()
         send({"error": f"{type(e).__name__}: {e}"})
         return 1
@@ -198,8 +222,6 @@ class ResidentRise:
     be reset, from sampling RSS every millisecond."""
 
     def __enter__(self):
-        import gc
-
         gc.collect()
         malloc_trim()
         self.baseline = rss_bytes()
@@ -307,16 +329,12 @@ class CompileCacheEvents:
     `status` is "off" (not used), "hit" (every cache lookup hit) or "miss"."""
 
     def __enter__(self):
-        import jax
-
         self.events: list[str] = []
         self._listener = lambda event, **kw: self.events.append(event)
         jax.monitoring.register_event_listener(self._listener)
         return self
 
     def __exit__(self, *exc):
-        from jax._src import monitoring
-
         monitoring.unregister_event_listener(self._listener)
         return False
 
@@ -345,8 +363,6 @@ def param_counts(flat: Mapping[str, int]) -> dict[str, int]:
 
 
 def jax_param_counts(params) -> dict[str, int]:
-    import jax
-
     flat = {
         ".".join(str(getattr(k, "key", k)) for k in path): leaf.size
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
@@ -358,9 +374,6 @@ def make_grad_fn(model, *, train: bool = True):
     """(params, batch_stats, x, y, rng) -> ((loss, new batch_stats), grads): forward + backward of
     the training loss without the saliency regulariser (beta = 0: the three heads' BCE, as the
     reference gradients), BatchNorm on batch statistics when `train`."""
-    import jax
-
-    from gmic_jax.train.loss import gmic_loss
 
     def loss_fn(params, batch_stats, x, y, rng):
         variables = {"params": params, "batch_stats": batch_stats}
@@ -375,8 +388,6 @@ def make_grad_fn(model, *, train: bool = True):
 
 def targets(n_images: int):
     """Fixed labels for the benchmarks: benign = 1, malignant = 0 (those of the reference gradients)."""
-    import numpy as np
-
     return np.tile(np.array([[1.0, 0.0]], np.float32), (n_images, 1))
 
 
@@ -393,15 +404,5 @@ def benchmark_weights(config, seed: int = 0) -> tuple[dict, str]:
         finally:
             sys.path.remove(str(SHARED_REFERENCE))
         return reference_recipe.reference_weights(seed), f"reference_weights({seed}) of {recipe}"
-    import jax
-
-    from gmic_jax import init_variables
-    from gmic_jax.convert import variables_to_state_dict
-
     variables = jax.device_get(init_variables(config, jax.random.key(seed)))
     return variables_to_state_dict(variables), f"gmic_jax.init_variables(seed={seed})"
-
-
-def read_json(path) -> Any:
-    with open(path) as f:
-        return json.load(f)

@@ -44,6 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_common as bc  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import serialize_executable  # noqa: E402
+
+from gmic_jax import GMIC, init_variables  # noqa: E402
+from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 KINDS = ("cold, cache off", "cold, cache miss", "warm, cache hit", "warm, serialised")
@@ -95,15 +101,9 @@ def xla_compile_profile(log: str, top: int = 12) -> dict:
 def probe_loss(compiled, spec: dict) -> float:
     """The loss of a compiled training step at the model's initial variables, on ones for images
     and targets (--check-loaded): the loaded executable must compute what the traced one did."""
-    import jax
-    import jax.numpy as jnp
-    from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
-
-    from gmic_jax import init_variables
-
-    cfg = make_config(spec)
+    cfg = bc.make_config(spec)
     variables = init_variables(cfg, jax.random.key(0))
-    n = IMAGES_PER_EXAM * spec["batch_exams"]
+    n = bc.IMAGES_PER_EXAM * spec["batch_exams"]
     x, y = jnp.ones((n, *cfg.image_shape, 1), jnp.float32), jnp.ones((n, 2), jnp.float32)
     (loss, _), _ = compiled(variables["params"], variables["batch_stats"], x, y, jax.random.key(0))
     return float(loss)
@@ -111,66 +111,69 @@ def probe_loss(compiled, spec: dict) -> float:
 
 def run_worker(spec: dict) -> int:
     def ready():
-        from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
-
         apply_cpu_defaults()
         enable_compile_cache()
-        import jax
-        from jax.experimental import serialize_executable
-        from memory_fwd_bwd import IMAGES_PER_EXAM, make_config
-
-        from gmic_jax import GMIC, init_variables
-
         if spec.get("load_from"):  # no tracing, no lowering: read and load the executable
-            t0 = time.perf_counter()
-            payload = pickle.loads(Path(spec["load_from"]).read_bytes())
-            compiled = serialize_executable.deserialize_and_load(*payload)
-            load_s = time.perf_counter() - t0
-            return {
-                "loss": probe_loss(compiled, spec) if spec.get("check_loaded") else None,
-                "trace_s": 0.0,
-                "lower_s": 0.0,
-                "compile_s": load_s,
-                "total_s": load_s,
-                "compile_cache": "serialised",
-                "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            }
-        cfg = make_config(spec)
-        variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
-        n = IMAGES_PER_EXAM * spec["batch_exams"]
-        args = (
-            variables["params"],
-            variables["batch_stats"],
-            jax.ShapeDtypeStruct((n, *cfg.image_shape, 1), jax.numpy.float32),
-            jax.ShapeDtypeStruct((n, 2), jax.numpy.float32),
-            jax.eval_shape(lambda: jax.random.key(0)),
-        )
-        fn = jax.jit(bc.make_grad_fn(GMIC(cfg), train=True))
-        with bc.CompileCacheEvents() as cache:
-            t0 = time.perf_counter()
-            traced = fn.trace(*args)
-            t1 = time.perf_counter()
-            lowered = traced.lower()
-            t2 = time.perf_counter()
-            compiled = lowered.compile()
-            t3 = time.perf_counter()
-        if spec.get("serialize_to"):
-            Path(spec["serialize_to"]).write_bytes(pickle.dumps(serialize_executable.serialize(compiled)))
-        return {
-            "loss": probe_loss(compiled, spec) if spec.get("check_loaded") else None,
-            "trace_s": t1 - t0,
-            "lower_s": t2 - t1,
-            "compile_s": t3 - t2,
-            "total_s": t3 - t0,
-            "compile_cache": cache.status,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "device_kind": jax.devices()[0].device_kind,
-        }
+            return load_serialised(spec)
+        return trace_lower_compile(spec)
 
     return bc.serve(lambda msg: {}, ready)
 
 
-def main(argv=None) -> int:
+def load_serialised(spec: dict) -> dict:
+    """Load the executable spec["load_from"] (written by the "miss" worker) and time it."""
+    t0 = time.perf_counter()
+    payload = pickle.loads(Path(spec["load_from"]).read_bytes())
+    compiled = serialize_executable.deserialize_and_load(*payload)
+    load_s = time.perf_counter() - t0
+    return {
+        "loss": probe_loss(compiled, spec) if spec.get("check_loaded") else None,
+        "trace_s": 0.0,
+        "lower_s": 0.0,
+        "compile_s": load_s,
+        "total_s": load_s,
+        "compile_cache": "serialised",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def trace_lower_compile(spec: dict) -> dict:
+    """Trace, lower and compile the training step on abstract inputs, each phase timed; the
+    executable goes to spec["serialize_to"] when given."""
+    cfg = bc.make_config(spec)
+    variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
+    n = bc.IMAGES_PER_EXAM * spec["batch_exams"]
+    args = (
+        variables["params"],
+        variables["batch_stats"],
+        jax.ShapeDtypeStruct((n, *cfg.image_shape, 1), jnp.float32),
+        jax.ShapeDtypeStruct((n, 2), jnp.float32),
+        jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    fn = jax.jit(bc.make_grad_fn(GMIC(cfg), train=True))
+    with bc.CompileCacheEvents() as cache:
+        t0 = time.perf_counter()
+        traced = fn.trace(*args)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        compiled = lowered.compile()
+        t3 = time.perf_counter()
+    if spec.get("serialize_to"):
+        Path(spec["serialize_to"]).write_bytes(pickle.dumps(serialize_executable.serialize(compiled)))
+    return {
+        "loss": probe_loss(compiled, spec) if spec.get("check_loaded") else None,
+        "trace_s": t1 - t0,
+        "lower_s": t2 - t1,
+        "compile_s": t3 - t2,
+        "total_s": t3 - t0,
+        "compile_cache": cache.status,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "device_kind": jax.devices()[0].device_kind,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds [3]")
     p.add_argument("--image-shape", type=int, nargs=2, default=(2944, 1920), metavar=("H", "W"))
@@ -202,6 +205,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.worker is not None:
         return run_worker(json.loads(args.worker))
@@ -212,6 +220,19 @@ def main(argv=None) -> int:
     if len(kinds) > 1 and KINDS[1] not in kinds or AUTOTUNE_KIND in kinds and args.device != "gpu":
         p.error("--kinds: every kind but 'off' needs 'miss'; 'autotuned' needs --device gpu")
     kinds = tuple(k for k in (*KINDS, AUTOTUNE_KIND) if k in kinds)  # the miss runs before what needs it
+    runs, profile = measure(args, spec, cores, kinds)
+    report = assemble(args, spec, cores, kinds, runs, profile)
+    print(markdown(report, kinds))
+    if not checks_pass(args, kinds, runs):
+        return 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def measure(args, spec: dict, cores, kinds) -> tuple[dict, dict | None]:
+    """Every kind once per round, each in a fresh worker, then (--profile) the cold compile with
+    XLA's timers logged: the workers' results by kind, and the profile or None."""
     tmp = Path(tempfile.mkdtemp(prefix="gmic_compile_time_"))
     runs = {k: [] for k in kinds}
     try:
@@ -254,6 +275,11 @@ def main(argv=None) -> int:
             profile.update(xla_compile_profile((tmp / "profile.log").read_text()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return runs, profile
+
+
+def assemble(args, spec: dict, cores, kinds, runs: dict, profile: dict | None) -> dict:
+    """The JSON report: the device, versions, the spec, every round's results and their medians."""
     med = {
         k: {f: statistics.median(x[f] for x in v) for f in ("trace_s", "lower_s", "compile_s", "total_s")}
         for k, v in runs.items()
@@ -261,7 +287,7 @@ def main(argv=None) -> int:
     device = f"{bc.cpu_name()} (CPU; {args.threads} threads pinned to cores {cores})"
     if args.device == "gpu":
         device = f"{runs[kinds[0]][0]['device_kind']} (compiled on {device})"
-    report = {
+    return {
         "device": device,
         "cpu": bc.cpu_identity(),
         "versions": bc.versions(extra=bc.GPU_PACKAGES if args.device == "gpu" else ()),
@@ -273,9 +299,13 @@ def main(argv=None) -> int:
         "profile": profile,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+def markdown(report: dict, kinds) -> str:
+    med, profile = report["median"], report["profile"]
     lines = [
         f"Device: {report['device']}  ",
-        f"XLA_FLAGS: {report['xla_flags']!r}; medians of {args.rounds} rounds, each kind in a fresh process",
+        f"XLA_FLAGS: {report['xla_flags']!r}; medians of {report['rounds']} rounds, each kind in a fresh process",
         "",
         "| training step | trace (s) | lower (s) | XLA compile / cache load (s) | total (s) |",
         "|---|---:|---:|---:|---:|",
@@ -298,21 +328,24 @@ def main(argv=None) -> int:
             "|---|---:|---:|",
         ]
         lines += [f"| {name} | {sec:.3f} | {calls} |" for name, sec, calls in profile["passes"]]
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def checks_pass(args, kinds, runs: dict) -> bool:
+    """Each kind went through the cache as expected; with --check-loaded, the loaded executable
+    computes the compiled one's loss. Says what failed on stderr."""
     statuses = {k: sorted({x["compile_cache"] for x in v}) for k, v in runs.items()}
     if statuses != {k: [EXPECTED_CACHE[k]] for k in kinds}:
         print(f"compile_time: error: unexpected cache behaviour {statuses}", file=sys.stderr)
-        return 1
+        return False
     if (
         args.check_loaded
         and KINDS[3] in kinds
         and any(a["loss"] != b["loss"] for a, b in zip(runs[KINDS[1]], runs[KINDS[3]], strict=True))
     ):
         print("compile_time: error: the loaded executable's loss differs from the compiled one's", file=sys.stderr)
-        return 1
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+        return False
+    return True
 
 
 if __name__ == "__main__":

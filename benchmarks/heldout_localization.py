@@ -45,6 +45,7 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from gmic_jax.data.cache import INDEX_NAME, CacheSource  # noqa: E402
+from gmic_jax.data.image import write_png  # noqa: E402
 
 SHAPE = (256, 192)  # raw image; the window of configs/synthetic.py
 MAX_VALUE = 4095
@@ -198,8 +199,6 @@ def render(rng, label, view, variant):
 
 def make_dataset(out: Path, variant: str, seed: int = 0, breasts=None) -> Path:
     """PNGs, masks and manifest.csv under ``out``; returns the manifest's path."""
-    from gmic_jax.data.image import write_png
-
     breasts = breasts or SPLIT_BREASTS
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
@@ -270,25 +269,12 @@ def check_cache(cache_dir: Path):
     return len(src)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--variant", choices=sorted(VARIANTS), default="standard")
-    ap.add_argument("--config", default="configs/synthetic.py")
-    ap.add_argument("--seed", type=int, default=0, help="training seed (--config.seed)")
-    ap.add_argument("--data-seed", type=int, default=0, help="generator seed")
-    args, overrides = ap.parse_known_args(argv)  # the rest: --config.FIELD=VALUE for training
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = overrides
-    out = args.out.absolute()
-    log = out / "log.txt"
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+def make_caches(out: Path, variant: str, data_seed: int, log: Path) -> dict:
+    """The data set under out/data and one `gmic-jax cache` per split under out/cache (each reused
+    when there); returns the caches' directories by split."""
     data = out / "data"
     if not (data / "manifest.csv").exists():
-        make_dataset(data, args.variant, args.data_seed)
+        make_dataset(data, variant, data_seed)
     caches = {}
     for split in SPLIT_BREASTS:
         caches[split] = out / "cache" / split
@@ -313,6 +299,26 @@ def main(argv=None) -> int:
                 log=log,
             )
         check_cache(caches[split])
+    return caches
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="standard")
+    ap.add_argument("--config", default="configs/synthetic.py")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (--config.seed)")
+    ap.add_argument("--data-seed", type=int, default=0, help="generator seed")
+    args, overrides = ap.parse_known_args(argv)  # the rest: --config.FIELD=VALUE for training
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = overrides
+    out = args.out.absolute()
+    log = out / "log.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    caches = make_caches(out, args.variant, args.data_seed, log)
     t_data = time.time() - t0
     run = out / f"run_seed{args.seed}"
     t1 = time.time()

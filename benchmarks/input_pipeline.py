@@ -50,9 +50,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import grain
+import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gmic_jax, also where it is not installed
+
+from gmic_jax.data.cache import CacheSource, build_cache  # noqa: E402
+from gmic_jax.data.exam_list import save_exam_list  # noqa: E402
+from gmic_jax.data.image import write_png  # noqa: E402
+from gmic_jax.data.manifest import manifest_source  # noqa: E402
+from gmic_jax.data.pipeline import load_batches  # noqa: E402
+from gmic_jax.data.sources import ExamListSource  # noqa: E402
+from gmic_jax.data.synthetic import SyntheticLesions  # noqa: E402
+from gmic_jax.data.testing import breast_image, preprocessed_exam  # noqa: E402
+from gmic_jax.preprocessing import SyntheticData  # noqa: E402
+from gmic_jax.train.config_lib import load_config  # noqa: E402
+from gmic_jax.train.input import TrainExamples  # noqa: E402
+from gmic_jax.train.loop import train_and_evaluate  # noqa: E402
+from gmic_jax.train.step import make_mesh, shard_array  # noqa: E402
 
 WINDOW = (2944, 1920)
 RAW_SHAPE = (3328, 2560)
@@ -80,9 +96,6 @@ def machine() -> dict:
         )
     except (OSError, ValueError):
         pass
-    import grain
-    import jax
-
     info.update(
         logical_cpus=os.cpu_count(),
         usable_cpus=len(os.sched_getaffinity(0)),
@@ -99,12 +112,6 @@ def machine() -> dict:
 def write_data(root: Path, distinct: int, window=WINDOW, seed: int = 0):
     """``distinct`` raw PNGs + a manifest, and the same number of cropped PNGs + a preprocessed
     exam list (best centres), cached plain and with window-noise contexts."""
-    from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import save_exam_list
-    from gmic_jax.data.image import write_png
-    from gmic_jax.data.sources import ExamListSource
-    from gmic_jax.data.testing import breast_image, preprocessed_exam
-
     rng = np.random.default_rng(seed)
     raw_shape = raw_shape_for(window)
     rows = ["path,patient,laterality,view,benign,malignant,split\n"]
@@ -138,11 +145,6 @@ def raw_shape_for(window) -> tuple:
 
 
 def sources(root: Path, window=WINDOW) -> dict:
-    from gmic_jax.data.cache import CacheSource
-    from gmic_jax.data.manifest import manifest_source
-    from gmic_jax.data.synthetic import SyntheticLesions
-    from gmic_jax.preprocessing import SyntheticData
-
     distinct = len(CacheSource(root / "cache"))
     return {
         "cache": CacheSource(root / "cache"),
@@ -174,9 +176,6 @@ class HostNoiseExamples:
 def measure(source, path: str, workers: int, images: int, batch: int, repeats: int) -> dict:
     """Steady-state images/s of the training pipeline over ``source``: the median over ``repeats``
     consecutive windows of at least ``images`` images each, after warm-up (see the module doc)."""
-    from gmic_jax.data.pipeline import load_batches
-    from gmic_jax.train.input import TrainExamples
-
     warmup = 2 + workers * BUFFER
     timed = -(-images // batch)
     n = len(source)
@@ -227,12 +226,6 @@ def simulate(
     root: Path, path: str, workers: int, step_ms: float, batch: int, steps: int, window=WINDOW
 ) -> tuple[dict, dict]:
     """The training loop with a simulated device step: ("loop" entry, details)."""
-    import jax
-
-    from gmic_jax.train.config_lib import load_config
-    from gmic_jax.train.loop import train_and_evaluate
-    from gmic_jax.train.step import make_mesh, shard_array
-
     config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"))
     config.data.source = "cache"
     config.data.train_cache = config.data.val_cache = str(root / path)
@@ -268,9 +261,6 @@ def simulate(
         "input_bound": mean("loader_wait_s") > 0.05 * step_ms,
     }
     # The device put alone, of a batch as the pipeline gives it (its prefetch thread puts each one).
-    from gmic_jax.data.pipeline import load_batches
-    from gmic_jax.train.input import TrainExamples
-
     mesh = make_mesh()
     source = sources(root, window)[path]
     examples = TrainExamples(source, seed=0, window_noise=path == "cache_noise")
@@ -295,7 +285,7 @@ def simulate(
     return loop, details
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS + EXTRA_PATHS)
@@ -323,6 +313,11 @@ def main(argv=None) -> int:
     parser.add_argument("--simulate-workers", type=int, default=2)
     parser.add_argument("--simulate-batch", type=int, default=16)
     parser.add_argument("--simulate-steps", type=int, default=40)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.distinct % 4 or args.distinct < 4:
         parser.error("--distinct must be a positive multiple of 4 (whole exams)")

@@ -45,7 +45,6 @@ from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache  # noqa:
 apply_cpu_defaults()  # before JAX starts its backends (roofline imported jax, started none)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from memory_fwd_bwd import IMAGES_PER_EXAM, UNIT, make_config  # noqa: E402
 
 from gmic_jax import init_variables  # noqa: E402
 from gmic_jax.train.state import TrainState, make_optimizer  # noqa: E402
@@ -54,12 +53,12 @@ from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_arr
 
 def build_step(spec: dict):
     """(compiled step, state, batch) on the first device, as roofline.compile_program builds it."""
-    cfg, mesh = make_config(spec), make_mesh(jax.devices()[:1])
+    cfg, mesh = bc.make_config(spec), make_mesh(jax.devices()[:1])
     tx = make_optimizer({"learning_rate": 1e-5}, total_steps=1)
     v = init_variables(cfg, jax.random.key(0))
     state = TrainState(jnp.int32(0), v["params"], v["batch_stats"], tx.init(v["params"]), jnp.zeros(2, jnp.uint32))
     state = replicate(jax.device_get(state), mesh)
-    n = IMAGES_PER_EXAM * spec["batch_exams"]
+    n = bc.IMAGES_PER_EXAM * spec["batch_exams"]
     images = jax.device_get(jax.random.normal(jax.random.key(1), (n, *cfg.image_shape, 1), jnp.float32))
     batch = {"image": shard_array(images, mesh), "label": shard_array(bc.targets(n), mesh)}
     compiled = make_train_step(cfg, tx, mesh, beta=0.0).lower(state, batch).compile()
@@ -120,7 +119,7 @@ def measure(args) -> dict:
         "versions": bc.versions(extra=() if cpu else bc.GPU_PACKAGES),
         "target": target,
         "peaks": peaks,
-        "unit": UNIT,
+        "unit": bc.UNIT,
         "config": spec,
         "compile_s": compile_s,
         "step_ms": statistics.median(times) / n,

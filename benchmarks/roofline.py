@@ -72,7 +72,6 @@ import jax.numpy as jnp  # noqa: E402
 import plots  # noqa: E402
 import profile_summary  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-from memory_fwd_bwd import IMAGES_PER_EXAM, UNIT, make_config  # noqa: E402
 
 from gmic_jax import init_variables  # noqa: E402
 from gmic_jax.config import REMAT_POLICIES  # noqa: E402
@@ -311,14 +310,14 @@ def compile_program(config: dict) -> dict:
         runner = deviceless.DevicelessRunner({**spec, "phase": "fwd" if config["phase"] == "fwd" else "train"})
         compiled = runner.fn.lower(*runner.args).compile()
     else:
-        cfg, mesh = make_config(spec), deviceless.target_mesh(target)
+        cfg, mesh = bc.make_config(spec), deviceless.target_mesh(target)
         replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         tx = make_optimizer({"learning_rate": 1e-5}, total_steps=1)
         v = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
         step, rng = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32)
         state = TrainState(step, v["params"], v["batch_stats"], jax.eval_shape(tx.init, v["params"]), rng)
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
-        n = IMAGES_PER_EXAM * batch_exams
+        n = bc.IMAGES_PER_EXAM * batch_exams
         batch = {
             "image": jax.ShapeDtypeStruct((n, *cfg.image_shape, 1), jnp.float32, sharding=split),
             "label": jax.ShapeDtypeStruct((n, 2), jnp.float32, sharding=split),
@@ -369,7 +368,7 @@ def make_report(target: str, peaks: dict, results: list[dict], kernels_variant: 
         "versions": bc.versions(extra=bc.GPU_PACKAGES),
         "host_cpu": bc.cpu_name(),
         "peaks": peaks,
-        "unit": UNIT,
+        "unit": bc.UNIT,
         "kernels_variant": kernels_variant,
         "results": results,
     }

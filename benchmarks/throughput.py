@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gmic_jax, also where it is not installed
 
 import bench_common as bc  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-UNIT = "exam of 4 images"
-IMAGES_PER_EXAM = 4
+from gmic_jax import GMICConfig, init_variables  # noqa: E402
+from gmic_jax.data.cache import CacheSource  # noqa: E402
+from gmic_jax.data.pipeline import SourceExamples, load_batches  # noqa: E402
+from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec  # noqa: E402
+from gmic_jax.train.state import create_train_state, make_optimizer  # noqa: E402
+from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_batch  # noqa: E402
+from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache  # noqa: E402
+
 SCRIPT = Path(__file__).resolve()
 RESULT_KEYS = (
     "devices",
@@ -53,20 +62,10 @@ RESULT_KEYS = (
 # =============================================================================== worker side
 def measure_training(spec: dict) -> dict:
     """Compile and time the data-parallel training step on spec['devices'] devices."""
-    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
-
     apply_cpu_defaults()  # before any JAX work
     enable_compile_cache()  # as the CLI: GMIC_JAX_COMPILE_CACHE=DIR or off
-    import jax
-
     if spec["device"] == "cpu":
         jax.config.update("jax_num_cpu_devices", int(spec["devices"]))
-    import numpy as np
-
-    from gmic_jax import GMICConfig, init_variables
-    from gmic_jax.train.state import create_train_state, make_optimizer
-    from gmic_jax.train.step import make_mesh, make_train_step, replicate, shard_batch
-
     devices = jax.devices()
     if len(devices) < spec["devices"]:
         raise ValueError(f"{spec['devices']} devices asked for, {len(devices)} available: {devices}")
@@ -76,7 +75,7 @@ def measure_training(spec: dict) -> dict:
     state = create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0)
     state = replicate(jax.device_get(state), mesh)
     step = make_train_step(cfg, tx, mesh, beta=0.0)
-    n_images = IMAGES_PER_EXAM * spec["per_device_exams"] * spec["devices"]
+    n_images = bc.IMAGES_PER_EXAM * spec["per_device_exams"] * spec["devices"]
     rng = np.random.default_rng(0)
     batch = shard_batch(
         {
@@ -114,18 +113,12 @@ def run_worker(spec: dict) -> int:
 # =============================================================================== parent side
 def input_pipeline_rate(args) -> dict:
     """Exams/s of the input pipeline alone (host side, no device transfer)."""
-    from gmic_jax.data.pipeline import SourceExamples, load_batches
-
-    batch_images = IMAGES_PER_EXAM * args.per_device_exams
+    batch_images = bc.IMAGES_PER_EXAM * args.per_device_exams
     if args.input_cache:
-        from gmic_jax.data.cache import CacheSource
-
         source = CacheSource(args.input_cache)
         workers = args.input_workers
         name = f"gmic-jax cache {args.input_cache} through the Grain pipeline ({workers} workers)"
     else:
-        from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
-
         n = batch_images * args.input_batches
         source = SyntheticLesions(
             n + n % 2, spec=SyntheticSpec(image_shape=tuple(args.image_shape)), cache=False, with_masks=False
@@ -203,8 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def gpu_count() -> int:
-    import subprocess
-
     out = subprocess.run(
         [sys.executable, "-c", "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))"],
         capture_output=True,
@@ -230,7 +221,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    os.environ["JAX_PLATFORMS"] = "cpu"  # the parent never claims an accelerator
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the parent never claims an accelerator, nor its input workers
     if args.steps < 1 or args.per_device_exams < 1 or args.input_batches < 0:
         raise ValueError("--steps and --per-device-exams must be >= 1, --input-batches >= 0")
     cores = bc.parse_cores(args.cores, args.threads)
@@ -291,7 +282,7 @@ def run(args) -> int:
         "versions": bc.versions(extra=bc.GPU_PACKAGES if device == "gpu" else ()),
         "threads": args.threads,
         "image_shape": list(args.image_shape),
-        "unit": UNIT,
+        "unit": bc.UNIT,
         "dtype": args.dtype,
         "train_step": "gmic_jax.train.step.make_train_step (shard_map, pmean over 'data', Adam), beta=0",
         "results": results,

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_common as bc  # noqa: E402
+import numpy as np  # noqa: E402
 import torch_reference as tref  # noqa: E402
 
 from gmic_jax import GMICConfig  # noqa: E402
@@ -180,9 +181,6 @@ def main(argv=None) -> int:
     p.add_argument("--n-runs", type=int, default=3, help="timed runs of each phase before the profiled one [3]")
     p.add_argument("--json", default=None, metavar="OUT.json")
     args = p.parse_args(argv)
-
-    import numpy as np
-
     cfg = GMICConfig(
         image_shape=tuple(args.image_shape),
         crop_shape=tuple(args.crop_shape),

@@ -53,7 +53,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -67,11 +66,19 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))  # gmic_jax of this checkout, also where it is not installed
 
 import bench_common as bc  # noqa: E402
+import numpy as np  # noqa: E402
+import train_e2e_worker  # noqa: E402
+
+from gmic_jax.data.cache import build_cache  # noqa: E402
+from gmic_jax.data.exam_list import save_exam_list  # noqa: E402
+from gmic_jax.data.image import write_png  # noqa: E402
+from gmic_jax.data.sources import ExamListSource  # noqa: E402
+from gmic_jax.data.testing import breast_image, preprocessed_exam  # noqa: E402
+from gmic_jax.train.config_lib import ConfigError, parse_profile_steps, split_config_args  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 WINDOW = (2944, 1920)
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
-IMAGES_PER_EXAM = 4
 DEFAULT_CONFIG = REPO / "configs" / "nyu_paper.py"
 DEFAULT_PROFILE_WORKDIR = Path("runs") / "train_e2e"
 # The keys other checks read (tests/test_benchmarks.py), first in every row.
@@ -87,21 +94,12 @@ RESULT_KEYS = (
     "input_bound",
     "compile_s",
 )
-INPUT_BOUND_SHARE = 0.05
 
 
 # =============================================================================== data
 def render_data(root: Path, window, distinct: int, images: int) -> dict:
     """``distinct`` crops rendered around ``window`` and an exam list of ``images`` images (exams of
     4 views reusing them), cached with window-noise contexts in ``root/cache``; returns details."""
-    import numpy as np
-
-    from gmic_jax.data.cache import build_cache
-    from gmic_jax.data.exam_list import save_exam_list
-    from gmic_jax.data.image import write_png
-    from gmic_jax.data.sources import ExamListSource
-    from gmic_jax.data.testing import breast_image, preprocessed_exam
-
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     shapes, render_s, write_s = [], [], []
@@ -116,8 +114,8 @@ def render_data(root: Path, window, distinct: int, images: int) -> dict:
         write_s.append(time.perf_counter() - t1)
         shapes.append((h, w))
     exams = []
-    for e in range(images // IMAGES_PER_EXAM):
-        crops = {view: (e * IMAGES_PER_EXAM + v) % distinct for v, view in enumerate(VIEWS)}
+    for e in range(images // bc.IMAGES_PER_EXAM):
+        crops = {view: (e * bc.IMAGES_PER_EXAM + v) % distinct for v, view in enumerate(VIEWS)}
         centers = {view: (shapes[i][0] // 2, shapes[i][1] // 3) for view, i in crops.items()}
         exams.append(preprocessed_exam({view: f"crop{i}" for view, i in crops.items()}, centers))
     save_exam_list(root / "exams.pkl", exams)
@@ -149,169 +147,6 @@ def ensure_data(root: Path, window, distinct: int, images: int) -> dict:
     details = render_data(root, window, distinct, images)
     details["data_s"] = time.perf_counter() - t0
     return details
-
-
-# =============================================================================== worker side
-class CapturedStep:
-    """The loop's jitted training step, and the abstract (shape, dtype, sharding) of its first
-    arguments: what compiling it ahead of time for its memory needs."""
-
-    def __init__(self, fn):
-        self.fn, self.args = fn, None
-
-    def __call__(self, state, batch):
-        if self.args is None:
-            import jax
-
-            self.args = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (state, batch)
-            )
-        return self.fn(state, batch)
-
-    def compiled_memory(self) -> dict:
-        t0 = time.perf_counter()
-        mem = self.fn.lower(*self.args).compile().memory_analysis()
-        compile_s = time.perf_counter() - t0
-        return {
-            "compiled_arg_bytes": int(mem.argument_size_in_bytes),
-            "compiled_temp_bytes": int(mem.temp_size_in_bytes),
-            "compiled_out_bytes": int(mem.output_size_in_bytes),
-            "compiled_alias_bytes": int(mem.alias_size_in_bytes),
-            "compiled_memory_compile_s": compile_s,
-        }
-
-
-def out_of_memory(error: BaseException) -> bool:
-    text = f"{type(error).__name__}: {error}"
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def make_config(spec: dict):
-    from gmic_jax.train.config_lib import apply_overrides, load_config
-
-    config = load_config(spec["config"])
-    config.data.source = "cache"
-    config.data.train_cache = config.data.val_cache = spec["cache"]
-    config.data.window_noise = True
-    config.model.image_shape = tuple(spec["window"])
-    config.model.dtype = spec["dtype"]
-    config.model.remat = spec["remat"]
-    config.batch_size = IMAGES_PER_EXAM * spec["exams_per_device"] * spec["devices"]
-    config.eval.every_epochs = 0
-    config.checkpoint_every_steps = spec["checkpoint_every"]
-    config.progress_bar = False
-    config.profile_steps = spec.get("profile_steps") or ""
-    if spec.get("workers") is not None:
-        config.data.workers = spec["workers"]
-    apply_overrides(config, spec.get("overrides", []))
-    # The run: the first step + `steps` timed ones, in whole epochs (each epoch: every cached image).
-    images = spec["cache_images"]
-    steps_per_epoch = images // config.batch_size
-    config.num_epochs = -(-(spec["steps"] + 1) // steps_per_epoch)
-    return config
-
-
-def run_configuration(spec: dict) -> dict:
-    """One configuration in this (fresh) process: train, and read the loop's per-step times."""
-    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
-
-    apply_cpu_defaults()
-    enable_compile_cache()  # as the CLI: GMIC_JAX_COMPILE_CACHE=DIR or off
-    import jax
-
-    if spec["device"] == "cpu":
-        jax.config.update("jax_num_cpu_devices", int(spec["devices"]))
-    import gmic_jax.train.step as step_lib
-    from gmic_jax import logs
-    from gmic_jax.train.loop import train_and_evaluate
-
-    logs.configure()
-    devices = jax.devices()
-    if len(devices) != spec["devices"]:
-        raise ValueError(f"{spec['devices']} devices asked for, {len(devices)} in use: {devices}")
-    captured: list[CapturedStep] = []
-    make_train_step = step_lib.make_train_step
-
-    def capture(*args, **kwargs):  # the loop builds its step through this module attribute
-        captured.append(CapturedStep(make_train_step(*args, **kwargs)))
-        return captured[-1]
-
-    step_lib.make_train_step = capture
-    config = make_config(spec)
-    row: dict = {
-        "batch_size": config.batch_size,
-        "device_kind": devices[0].device_kind,
-        "platform": devices[0].platform,
-    }
-    times: list = []
-    workdir = spec.get("workdir")
-    keep = workdir is not None
-    if not keep:
-        workdir = tempfile.mkdtemp(prefix="gmic-e2e-")
-    t0 = time.perf_counter()
-    try:
-        with bc.CompileCacheEvents() as cache:
-            train_and_evaluate(config, workdir, step_times=times)
-        row.update(fits=True, compile_cache=cache.status)
-    except Exception as e:  # noqa: BLE001 -- reported in the row
-        if not out_of_memory(e):
-            raise
-        row.update(fits=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    row["wall_s"] = time.perf_counter() - t0
-    if times:
-        first = times[0]
-        row.update(compile_s=first["step_s"], first_loader_wait_s=first["loader_wait_s"])
-    timed = [t for t in times if t["step"] > times[0]["step"]][: spec["steps"]] if times else []
-    if timed:
-        iteration = [t["loader_wait_s"] + t["step_s"] + t["host_s"] for t in timed]
-        median, iqr = bc.median_spread(iteration)
-        loader_wait = statistics.fmean(t["loader_wait_s"] for t in timed)
-        exams = spec["exams_per_device"] * spec["devices"]
-        row.update(
-            steps=len(timed),
-            exams_per_s=exams * len(timed) / sum(iteration),
-            step_ms=1e3 * median,
-            step_ms_iqr=1e3 * iqr,
-            device_step_ms=1e3 * statistics.fmean(t["step_s"] for t in timed),
-            loader_wait_ms=1e3 * loader_wait,
-            host_ms=1e3 * statistics.fmean(t["host_s"] for t in timed),
-            input_bound=loader_wait > INPUT_BOUND_SHARE * statistics.fmean(iteration),
-            step_times=[{k: round(v, 6) if isinstance(v, float) else v for k, v in t.items()} for t in times],
-        )
-    stats = [d.memory_stats() or {} for d in devices]
-    if any("peak_bytes_in_use" in s for s in stats):
-        row["peak_bytes"] = max(int(s.get("peak_bytes_in_use", 0)) for s in stats)
-        row["bytes_limit"] = min(int(s.get("bytes_limit", 0)) for s in stats)
-    else:
-        row["peak_rss_bytes"] = bc._status_kb("VmHWM")
-    # Compiled memory of the loop's step: cheap where the persistent cache holds the program (the run
-    # loaded or wrote it), and always asked for a configuration that does not fit (what it needed).
-    cached = row.get("compile_cache") in ("hit", "miss")
-    if captured and captured[-1].args is not None and (not row["fits"] or cached):
-        try:
-            row.update(captured[-1].compiled_memory())
-        except Exception as e:  # noqa: BLE001 -- reported in the row
-            row["compiled_memory_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-    elif captured and captured[-1].args is not None:
-        row["compiled_memory"] = "not read: the persistent compilation cache is off (a second compile)"
-    return row
-
-
-def worker_main(spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    out = Path(spec["out"])
-    try:
-        row = run_configuration(spec)
-    except Exception as e:  # noqa: BLE001 -- the parent reports it
-        import traceback
-
-        traceback.print_exc()
-        row = {"fits": None, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-    out.write_text(json.dumps(row))
-    return 0
 
 
 # =============================================================================== parent side
@@ -399,9 +234,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    from gmic_jax.train.config_lib import ConfigError, parse_profile_steps, split_config_args
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog="Further --config.FIELD=VALUE overrides apply to every run."
     )
@@ -426,10 +259,15 @@ def main(argv=None) -> int:
         f"[temporary; {DEFAULT_PROFILE_WORKDIR} with --profile-steps]",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
     if "--worker" in argv:
-        return worker_main(argv[argv.index("--worker") + 1])
+        return train_e2e_worker.worker_main(argv[argv.index("--worker") + 1])
     try:
         rest, overrides = split_config_args(list(argv))
         parse_profile_steps(getattr(parser.parse_known_args(rest)[0], "profile_steps", ""))
@@ -440,7 +278,6 @@ def main(argv=None) -> int:
         parser.error("--steps must be at least 1")
     if args.distinct < 1:
         parser.error("--distinct must be at least 1")
-    window = tuple(args.window)
     workdir_root = Path(args.workdir) if args.workdir else (DEFAULT_PROFILE_WORKDIR if args.profile_steps else None)
     grid = [(d, e, r) for d in args.dtype for e in args.exams_per_device for r in args.remat]
     if workdir_root is not None:
@@ -448,13 +285,19 @@ def main(argv=None) -> int:
             existing = workdir_root / configuration_name(d, e, args.devices, r)
             if existing.exists() and any(existing.iterdir()):
                 parser.error(f"{existing} is not empty (a run there would resume): remove it or give another --workdir")
-    largest = max(IMAGES_PER_EXAM * e * args.devices for e in args.exams_per_device)
-    images = max(largest, -(-args.distinct // IMAGES_PER_EXAM) * IMAGES_PER_EXAM)
+    largest = max(bc.IMAGES_PER_EXAM * e * args.devices for e in args.exams_per_device)
+    images = max(largest, -(-args.distinct // bc.IMAGES_PER_EXAM) * bc.IMAGES_PER_EXAM)
     images = -(-images // largest) * largest  # whole batches of every size in the grid: each epoch is every image
     for e in args.exams_per_device:
-        if images % (IMAGES_PER_EXAM * e * args.devices):
+        if images % (bc.IMAGES_PER_EXAM * e * args.devices):
             parser.error(f"--exams-per-device {args.exams_per_device}: the batch sizes must divide {images} images")
+    return run_grid(args, overrides, grid, images, workdir_root)
 
+
+def run_grid(args, overrides: list, grid: list, images: int, workdir_root: Path | None) -> int:
+    """Render (or reuse) the data, then each configuration of the grid in a fresh worker; the JSON is
+    rewritten after each. Returns 1 when a configuration failed other than by running out of memory."""
+    window = tuple(args.window)
     report: dict = {"machine": machine(args.device), "results": [], "details": {}}
     details = report["details"]
     details.update(
@@ -505,16 +348,7 @@ def main(argv=None) -> int:
                 "workdir": None if workdir_root is None else str(workdir_root / name),
             }
             print(f"=== {name}: {args.steps} timed steps", file=sys.stderr, flush=True)
-            got = run_worker(spec, env)
-            row = {
-                "dtype": dtype,
-                "exams_per_device": exams,
-                "devices": args.devices,
-                "remat": remat,
-                "steps": got.pop("steps", 0),
-                **{k: got.pop(k, None) for k in RESULT_KEYS[5:]},
-                **got,
-            }
+            row = result_row(spec, run_worker(spec, env))
             if row.get("error") and row.get("fits") is not False:
                 status = 1
             if row.get("device_kind"):
@@ -522,19 +356,29 @@ def main(argv=None) -> int:
             report["results"].append(row)
             report["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
             write()
-            print(
-                f"=== {name}: "
-                + (
-                    f"{row['exams_per_s']:.3g} exams/s, step {row['step_ms']:.0f} ms, compile {row['compile_s']:.1f} s"
-                    if row.get("exams_per_s")
-                    else f"fits={row.get('fits')} {row.get('error', '')[:200]}"
-                ),
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"=== {name}: {_summary(row)}", file=sys.stderr, flush=True)
     print(markdown(report))
     write()
     return status
+
+
+def result_row(spec: dict, got: dict) -> dict:
+    """A configuration's row: RESULT_KEYS first, then what else the worker measured."""
+    return {
+        "dtype": spec["dtype"],
+        "exams_per_device": spec["exams_per_device"],
+        "devices": spec["devices"],
+        "remat": spec["remat"],
+        "steps": got.pop("steps", 0),
+        **{k: got.pop(k, None) for k in RESULT_KEYS[5:]},
+        **got,
+    }
+
+
+def _summary(row: dict) -> str:
+    if row.get("exams_per_s"):
+        return f"{row['exams_per_s']:.3g} exams/s, step {row['step_ms']:.0f} ms, compile {row['compile_s']:.1f} s"
+    return f"fits={row.get('fits')} {row.get('error', '')[:200]}"
 
 
 if __name__ == "__main__":

@@ -30,16 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gmic_jax, also where it is not installed
 
 import bench_common as bc  # noqa: E402
+import deviceless as dl  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax._src.lib import _jax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from gmic_jax import GMICConfig, init_variables  # noqa: E402
+from gmic_jax.data.window import noise_region_shape, window_noise_amplitudes  # noqa: E402
+from gmic_jax.train.state import create_train_state, make_optimizer  # noqa: E402
+from gmic_jax.train.step import make_mesh, make_train_step, make_window_fn, replicate, shard_batch  # noqa: E402
 
 PROGRAMS = ("window", "device_noise")
 
 
 def inputs(program: str, args, rng):
     """Host arrays of one batch for ``program``: uint16 windows, or regions + borders of draws."""
-    import numpy as np
-
-    from gmic_jax.data.window import noise_region_shape, window_noise_amplitudes
-
     n, (wh, ww) = args.batch, args.image_shape
     label = bc.targets(n)
     if program == "window":
@@ -60,12 +66,7 @@ def inputs(program: str, args, rng):
 
 def costs(lowered, compiled, deviceless: bool) -> dict:
     if deviceless:
-        import deviceless as dl
-        from jax._src.lib import _jax
-
         module = lowered.compiler_ir("hlo").as_hlo_module()
-        import jax
-
         cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
         mem = compiled.memory_analysis()
         return {
@@ -80,23 +81,12 @@ def costs(lowered, compiled, deviceless: bool) -> dict:
 
 
 def _abstract(tree, sharding):
-    import jax
-    import numpy as np
-
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding), tree)
 
 
 def build(args, mesh) -> dict:
     """The compiled programs: the training step (fed windows) and the window program (regions +
     borders -> windows), with their inputs and costs."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from gmic_jax import GMICConfig, init_variables
-    from gmic_jax.train.state import create_train_state, make_optimizer
-    from gmic_jax.train.step import make_train_step, make_window_fn, replicate, shard_batch
-
     cfg = GMICConfig(image_shape=tuple(args.image_shape), crop_shape=tuple(args.crop_shape), dtype=args.dtype)
     tx = make_optimizer({"learning_rate": 1e-5}, total_steps=1)
     state = jax.device_get(create_train_state(init_variables(cfg, jax.random.key(0)), tx, seed=0))
@@ -137,14 +127,7 @@ def main(argv=None):
     p.add_argument("--deviceless", choices=("h100", "h200"), help="compile for this GPU without one (no timing)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-
-    import jax
-
-    from gmic_jax.train.step import make_mesh
-
     if args.deviceless:
-        import deviceless as dl
-
         mesh, device = dl.target_mesh(args.deviceless), f"deviceless {args.deviceless} (compiled, not run)"
     else:
         mesh = make_mesh(jax.devices()[:1])

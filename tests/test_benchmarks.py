@@ -31,12 +31,14 @@ sys.path.insert(0, str(BENCH))
 import bench_common as bc  # noqa: E402
 import compile_time  # noqa: E402
 import flops  # noqa: E402
-import memory_fwd_bwd as mfb  # noqa: E402
+import fwd_bwd_driver  # noqa: E402
+import fwd_bwd_report  # noqa: E402
 import profile_summary  # noqa: E402
 import throughput as tp  # noqa: E402
 import torch_profile  # noqa: E402
 import torch_reference as tref  # noqa: E402
 import train_e2e  # noqa: E402
+import train_e2e_worker  # noqa: E402
 
 from gmic_jax import GMIC, GMICConfig, init_variables  # noqa: E402
 
@@ -169,8 +171,8 @@ def _finite_number(v) -> bool:
 
 def test_script_writes_the_json_with_every_field_filled(small_runs):
     report, stdout = small_runs[1]
-    assert tuple(report)[: len(mfb.TOP_KEYS)] == mfb.TOP_KEYS
-    assert set(report) == set(mfb.TOP_KEYS) | {"details"}
+    assert tuple(report)[: len(fwd_bwd_report.TOP_KEYS)] == fwd_bwd_report.TOP_KEYS
+    assert set(report) == set(fwd_bwd_report.TOP_KEYS) | {"details"}
     assert report["unit"] == "exam of 4 images"
     assert report["image_shape"] == list(IMAGE) and report["threads"] == THREADS
     assert "CPU" in report["device"] and report["versions"]["jax"] == jax.__version__
@@ -179,10 +181,10 @@ def test_script_writes_the_json_with_every_field_filled(small_runs):
     assert ("no AMX" in report["device"]) == (not cpu["amx"])
     assert "CPU: " in stdout and "AMX" in stdout
     [result] = report["results"]
-    assert tuple(result) == mfb.RESULT_KEYS
+    assert tuple(result) == fwd_bwd_report.RESULT_KEYS
     assert (result["impl"], result["dtype"], result["remat"]) == ("jax", "float32", "none")
     assert result["compile_cache"] == "off"  # tests never use the user's compilation cache
-    for key in mfb.RESULT_KEYS[3:-1]:
+    for key in fwd_bwd_report.RESULT_KEYS[3:-1]:
         assert _finite_number(result[key]), (key, result[key])
         assert result[key] >= 0, key
         if not key.endswith("spread"):
@@ -242,27 +244,11 @@ def test_script_profile_says_where_the_time_goes(small_runs):
     assert "| global stage 1 | backward |" in stdout and "| local layer1 | forward |" in stdout
 
 
-def test_remat_flag_follows_the_models_config(monkeypatch):
+def test_make_config_takes_the_remat_policy():
     spec = {"image_shape": IMAGE, "crop_shape": CROP, "K": 6, "percent_t": 0.02, "dtype": "float32"}
-    fields = {f.name for f in dataclasses.fields(GMICConfig)}
-    if "remat" in fields:
-        assert mfb.make_config({**spec, "remat": "global"}).remat == "global"
-        assert mfb.make_config({**spec, "remat": "none"}).remat == "none"
-
-    @dataclasses.dataclass(frozen=True)
-    class NoRemat:
-        image_shape: tuple = (2944, 1920)
-        crop_shape: tuple = (256, 256)
-        K: int = 6
-        percent_t: float = 0.02
-        dtype: str = "float32"
-
-    import gmic_jax
-
-    monkeypatch.setattr(gmic_jax, "GMICConfig", NoRemat)
-    with pytest.raises(ValueError, match="no 'remat' field"):
-        mfb.make_config({**spec, "remat": "global"})
-    assert mfb.make_config({**spec, "remat": "none"}) == NoRemat(IMAGE, CROP, 6, 0.02, "float32")
+    assert bc.make_config({**spec, "remat": "global"}).remat == "global"
+    assert bc.make_config({**spec, "remat": "none"}).remat == "none"
+    assert bc.make_config(spec) == GMICConfig(image_shape=IMAGE, crop_shape=CROP, K=6, percent_t=0.02, dtype="float32")
 
 
 def test_bad_torch_reference_path_is_a_clear_error(tmp_path):
@@ -333,13 +319,15 @@ def test_timed_runs_keep_each_workers_times_apart_in_abba_order():
             calls.append(self.ms)
             return {"ms": self.ms}
 
-    runs = mfb.timed_runs([FakeWorker("jax/fwd", 10.0), FakeWorker("jax/fwd", 20.0), FakeWorker("torch/fwd", 30.0)], 3)
+    runs = fwd_bwd_driver.timed_runs(
+        [FakeWorker("jax/fwd", 10.0), FakeWorker("jax/fwd", 20.0), FakeWorker("torch/fwd", 30.0)], 3
+    )
     assert runs == [[10.0] * 3, [20.0] * 3, [30.0] * 3]
     assert calls == [10, 20, 30] + [10, 20, 30] + [30, 20, 10] + [10, 20, 30]  # warm-up, then ABBA
 
 
 def _row(impl, dtype, fwd_ms, fwd_bwd_ms, skipped=None):
-    row = {**dict.fromkeys(mfb.RESULT_KEYS), "impl": impl, "dtype": dtype, "remat": "none"}
+    row = {**dict.fromkeys(fwd_bwd_report.RESULT_KEYS), "impl": impl, "dtype": dtype, "remat": "none"}
     row.update(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms)
     return {**row, "skipped": skipped} if skipped else row
 
@@ -380,12 +368,12 @@ def test_like_with_like_names_both_rows_and_compares_within_a_dtype():
 
 
 def test_skipped_rows_keep_every_key_and_say_why():
-    assert all(map(mfb.has_result_keys, PEER_ROWS))
-    assert not mfb.has_result_keys({**PEER_ROWS[0], "extra": 1})
-    assert not mfb.has_result_keys(dict(reversed(PEER_ROWS[0].items())))
+    assert all(map(fwd_bwd_report.has_result_keys, PEER_ROWS))
+    assert not fwd_bwd_report.has_result_keys({**PEER_ROWS[0], "extra": 1})
+    assert not fwd_bwd_report.has_result_keys(dict(reversed(PEER_ROWS[0].items())))
     assert set(tref.PEERS) >= {"torch", "torch_bf16", "torch_channels_last", "torch_compile"}
     assert tref.peer_dtype("torch_bf16_channels_last") == "bfloat16" and tref.peer_dtype("torch_compile") == "float32"
-    assert set(mfb.TORCH_PEERS) == set(tref.PEERS) - {"torch"}
+    assert set(fwd_bwd_driver.TORCH_PEERS) == set(tref.PEERS) - {"torch"}
 
 
 def _saved(tmp_path, name, scale=1.0, locations=(0, 0)):
@@ -406,7 +394,7 @@ def test_each_peer_is_checked_against_the_jax_row_of_its_dtype_and_a_disagreemen
         entry("torch_channels_last", "float32", scale=1.01),  # 1% off: beyond float32's tolerance
         entry("torch_bf16", "bfloat16", locations=(1, 1)),  # another patch: allowed for bfloat16
     ]
-    agreement = mfb.agreements(entries)
+    agreement = fwd_bwd_driver.agreements(entries)
     assert agreement["jax_float32_none"]["against"] == "torch_float32_none"
     assert agreement["torch_channels_last_float32_none"]["against"] == "jax_float32_none"
     assert not agreement["torch_channels_last_float32_none"]["forward"]["ok"]
@@ -583,7 +571,7 @@ def test_throughput_without_the_input_rate():
         "versions": {"jax": "0"},
         "threads": 1,
         "image_shape": [64, 32],
-        "unit": tp.UNIT,
+        "unit": bc.UNIT,
         "dtype": "float32",
         "results": [
             {
@@ -692,7 +680,7 @@ def test_train_e2e_json_contract_and_profile_pass_through(train_env, tmp_path):
     assert xplane.stat().st_size > 0
     assert "| float32 | 1 | 1 | none | 2 |" in proc.stdout
     oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
-    assert train_e2e.out_of_memory(oom) and not train_e2e.out_of_memory(ValueError("shape mismatch"))
+    assert train_e2e_worker.out_of_memory(oom) and not train_e2e_worker.out_of_memory(ValueError("shape mismatch"))
     # A configuration that did not fit: a row of its own, the error and the compiled bytes in the table.
     no_fit = {k: None for k in train_e2e.RESULT_KEYS} | {"dtype": "bfloat16", "exams_per_device": 4, "devices": 1}
     no_fit |= {"remat": "none", "steps": 0, "fits": False, "error": f"XlaRuntimeError: {oom}"}
@@ -718,8 +706,8 @@ def test_side_by_side_with_the_original(tmp_path):
     assert [r["impl"] for r in report["results"]] == ["jax", "torch", "torch_bf16", "torch_channels_last"]
     assert [r["dtype"] for r in (bf16_r, cl_r)] == ["bfloat16", "float32"]
     for r in (torch_r, bf16_r, cl_r):
-        assert tuple(r) == mfb.RESULT_KEYS and r["params"] == jax_r["params"]
-        assert all(_finite_number(r[k]) for k in mfb.RESULT_KEYS[3:-1]), r
+        assert tuple(r) == fwd_bwd_report.RESULT_KEYS and r["params"] == jax_r["params"]
+        assert all(_finite_number(r[k]) for k in fwd_bwd_report.RESULT_KEYS[3:-1]), r
     agreement = report["details"]["agreement"]
     assert (
         agreement["jax_float32_none"]["forward"]["ok"]
