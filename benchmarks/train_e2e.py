@@ -221,29 +221,27 @@ def run_configuration(spec: dict) -> dict:
 
     if spec["device"] == "cpu":
         jax.config.update("jax_num_cpu_devices", int(spec["devices"]))
-    import gmic_jax.train.step as step_lib
     from gmic_jax import logs
-    from gmic_jax.train.loop import train_and_evaluate
+    from gmic_jax.train.loop import StepTimes, train_and_evaluate
 
     logs.configure()
     devices = jax.devices()
     if len(devices) != spec["devices"]:
         raise ValueError(f"{spec['devices']} devices asked for, {len(devices)} in use: {devices}")
     captured: list[CapturedStep] = []
-    make_train_step = step_lib.make_train_step
 
-    def capture(*args, **kwargs):  # the loop builds its step through this module attribute
-        captured.append(CapturedStep(make_train_step(*args, **kwargs)))
-        return captured[-1]
+    class Capture(StepTimes):  # a loop hook: the per-step times, and the loop's jitted step captured
+        def wrap_train_step(self, train_step):
+            captured.append(CapturedStep(train_step))
+            return captured[-1]
 
-    step_lib.make_train_step = capture
     config = make_config(spec)
     row: dict = {
         "batch_size": config.batch_size,
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
     }
-    times: list = []
+    times = Capture()
     workdir = spec.get("workdir")
     keep = workdir is not None
     if not keep:
@@ -251,7 +249,7 @@ def run_configuration(spec: dict) -> dict:
     t0 = time.perf_counter()
     try:
         with bc.CompileCacheEvents() as cache:
-            train_and_evaluate(config, workdir, step_times=times)
+            train_and_evaluate(config, workdir, hooks=[times])
         row.update(fits=True, compile_cache=cache.status)
     except Exception as e:  # noqa: BLE001 -- reported in the row
         if not out_of_memory(e):

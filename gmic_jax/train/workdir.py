@@ -43,6 +43,7 @@ from gmic_jax import checkpoint as ckpt_lib
 from gmic_jax.config import GMICConfig
 from gmic_jax.preprocessing import Preprocessing
 from gmic_jax.train.config_lib import ConfigError, flat_fields
+from gmic_jax.train.state import learning_rate_schedule
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -110,8 +111,6 @@ def _num_epochs_allowed(old: dict, new: dict, latest: int, steps_per_epoch: int)
 
 
 def _learning_rate_note(old: dict, new: dict, latest: int, steps_per_epoch: int) -> str:
-    from gmic_jax.train.state import learning_rate_schedule
-
     opt = {k.partition(".")[2]: v for k, v in new.items() if k.startswith("optimizer.")}
     before = float(learning_rate_schedule(opt, int(old[EXTENDABLE]) * steps_per_epoch)(latest))
     after = float(learning_rate_schedule(opt, int(new[EXTENDABLE]) * steps_per_epoch)(latest))
