@@ -103,36 +103,35 @@ def run_model(
 
     Examples come through the input pipeline (``workers`` processes, 0: this one); every process
     loads the whole evaluation batch (the metrics need every label and mask) and feeds its rows."""
-    n_dev = mesh.devices.size
-    n_proc = jax.process_count()
-    batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
+    devices = mesh.devices.size
+    batch_size = max(devices, (batch_size // devices) * devices)
     step = make_eval_step(model_config, mesh, normalization=normalization, augment=augment, tta_draws=tta_draws)
     variables = replicate({k: variables[k] for k in ("params", "batch_stats")}, mesh)
     key = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    n = len(source)
+    num_examples = len(source)
     outs, labels, breast_ids, failures = [], [], [], []
-    loc = M.LocalizationAccumulator(model_config.crop_shape)
+    localization = M.LocalizationAccumulator(model_config.crop_shape)
     has_masks = False
     bar = None
     if progress and jax.process_index() == 0:
-        bar = tqdm(total=n, desc="eval", leave=False)
-    rows = batch_size // n_proc
-    p = jax.process_index()
-    plan = eval_plan(n, batch_size)
+        bar = tqdm(total=num_examples, desc="eval", leave=False)
+    rows = batch_size // jax.process_count()  # of each evaluation batch, fed by this process
+    first_row = jax.process_index() * rows
+    plan = eval_plan(num_examples, batch_size)
     batches = load_batches(plan, SourceExamples(source), workers=workers)
     batch = None
     try:
-        for k in range(len(plan)):
+        for batch_index in range(len(plan)):
             batch = next(batches)
-            real = min(batch_size, n - k * batch_size)  # the rest pads the last batch
+            real = min(batch_size, num_examples - batch_index * batch_size)  # the rest pads the last batch
             failures += [f for f in batch[FAILURES] if f.row < real]
             keep = batch[OK][:real]
             images = batch.get("image")
             if images is None:  # every example of the batch failed: zeros keep the processes in step
                 images = np.zeros((batch_size, *model_config.image_shape, 1), np.uint16)
-            index = np.asarray(plan[k], np.int32)  # the augmentation keys of TTA draws (make_eval_step)
+            index = np.asarray(plan[batch_index], np.int32)  # the augmentation keys of TTA draws (make_eval_step)
             local = shard_batch(
-                {"image": images[p * rows : (p + 1) * rows], "index": index[p * rows : (p + 1) * rows]}, mesh
+                {"image": images[first_row : first_row + rows], "index": index[first_row : first_row + rows]}, mesh
             )
             out = to_host(step(variables, local["image"], local["index"], key))
             if not keep.any():
@@ -143,7 +142,7 @@ def run_model(
             breast_ids += [str(b) for b in batch["breast_id"][:real][keep]]
             if "mask" in batch:
                 has_masks = True
-                loc.update(out["saliency_map"], batch["mask"][:real][keep], out["patch_locations"])
+                localization.update(out["saliency_map"], batch["mask"][:real][keep], out["patch_locations"])
             if bar is not None:
                 bar.update(real)
     finally:
@@ -154,7 +153,7 @@ def run_model(
     if not outs:
         raise RuntimeError(f"no example of {source!r} could be loaded:\n" + "\n".join(f"  {f}" for f in failures))
     outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None), failures
+    return outputs, np.concatenate(labels), np.asarray(breast_ids), (localization if has_masks else None), failures
 
 
 def evaluate(
@@ -177,7 +176,7 @@ def evaluate(
     defined, with ``prefix`` for their ``val_`` (the name of the split scored); ``details`` adds
     per-head AUCs (``auc_<head>_<class>``, no prefix), the raw scores/labels and ``failures``
     (examples that could not be loaded: left out of everything else)."""
-    outputs, labels, breast_ids, loc, failures = run_model(
+    outputs, labels, breast_ids, localization, failures = run_model(
         model_config,
         variables,
         source,
@@ -192,8 +191,8 @@ def evaluate(
     )
     scores = prediction_scores(outputs, prediction)
     metrics = M.classification_metrics(scores, labels, breast_ids, prefix=prefix)
-    if loc is not None:
-        metrics.update(loc.result(prefix=prefix))
+    if localization is not None:
+        metrics.update(localization.result(prefix=prefix))
     details = {"scores": scores, "labels": labels, "breast_ids": breast_ids, "outputs": outputs, "failures": failures}
     for name, head in HEADS.items():
         for c, cls in enumerate(M.CLASSES):

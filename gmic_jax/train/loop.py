@@ -77,29 +77,29 @@ RUN_FAILURES = (DataError, ckpt_lib.CheckpointError, TrainingDiverged, DataFailu
 def _merge_init(fresh, loaded, where):
     """Leaves of ``loaded`` replace those of ``fresh`` by path; shapes must match, and every loaded
     leaf must have a place. Leaves missing from ``loaded`` keep their fresh initialisation."""
-    out = {}
+    merged = {}
     taken = 0
     for col in ("params", "batch_stats"):
-        f = flatten_dict(dict(fresh.get(col, {})))
+        initial = flatten_dict(dict(fresh.get(col, {})))
         given = flatten_dict(dict(loaded.get(col, {})))
-        unknown = sorted("/".join(k) for k in given if k not in f)
+        unknown = sorted("/".join(k) for k in given if k not in initial)
         if unknown:
             raise ConfigError(
                 f"--init-from {where}: {col} keys not in this model: {unknown[:5]}"
                 + (" ..." if len(unknown) > 5 else "")
             )
         for k, v in given.items():
-            if tuple(np.shape(v)) != tuple(np.shape(f[k])):
+            if tuple(np.shape(v)) != tuple(np.shape(initial[k])):
                 raise ConfigError(
                     f"--init-from {where}: {col}/{'/'.join(k)} has shape {np.shape(v)}, "
-                    f"this model needs {np.shape(f[k])}"
+                    f"this model needs {np.shape(initial[k])}"
                 )
-            f[k] = np.asarray(v, np.asarray(f[k]).dtype)
+            initial[k] = np.asarray(v, np.asarray(initial[k]).dtype)
             taken += 1
-        out[col] = unflatten_dict(f)
+        merged[col] = unflatten_dict(initial)
     total = sum(len(flatten_dict(dict(fresh.get(c, {})))) for c in ("params", "batch_stats"))
     log.info("initialised %d of %d arrays from %s", taken, total, where)
-    return out
+    return merged
 
 
 def _describe_devices(mesh) -> str:
