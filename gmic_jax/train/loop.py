@@ -164,14 +164,15 @@ class _Run:
     rule: ckpt_lib.SelectionRule
     manager: Any
     state: Any
-    start_step: int
-    writers: MetricWriters
-    evaluated: dict  # step -> metrics.jsonl record: what the kept step is chosen from
     learning_rate_at: Callable
-    train_step: Callable
     plan: TrainPlan
     examples: TrainExamples
     windows: Callable | None
+    # Set by _resume and _train_step, once the state is restored:
+    start_step: int = 0
+    writers: MetricWriters | None = None
+    evaluated: dict = dataclasses.field(default_factory=dict)  # step -> metrics.jsonl record (selection)
+    train_step: Callable | None = None
     loss_sum: float = 0.0
     loss_count: int = 0
     bar: Any = None
@@ -252,11 +253,7 @@ def _set_up(config, workdir: Path, config_changes_ok: bool, hooks: Sequence[Hook
         rule=rule,
         manager=manager,
         state=state,
-        start_step=0,
-        writers=None,
-        evaluated={},
         learning_rate_at=learning_rate_schedule(config.optimizer, total_steps),
-        train_step=None,
         plan=TrainPlan(
             labels,
             batch_size=batch_size,
