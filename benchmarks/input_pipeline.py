@@ -67,7 +67,7 @@ from gmic_jax.data.testing import breast_image, preprocessed_exam  # noqa: E402
 from gmic_jax.preprocessing import SyntheticData  # noqa: E402
 from gmic_jax.train.config_lib import load_config  # noqa: E402
 from gmic_jax.train.input import TrainExamples  # noqa: E402
-from gmic_jax.train.loop import train_and_evaluate  # noqa: E402
+from gmic_jax.train.loop import StepTimes, train_and_evaluate  # noqa: E402
 from gmic_jax.train.step import make_mesh, shard_array  # noqa: E402
 
 WINDOW = (2944, 1920)
@@ -246,9 +246,13 @@ def simulate(
         time.sleep(step_ms / 1000)
         return state, {"loss": np.float32(0), "grad_norm": np.float32(0), "finite": np.bool_(True)}
 
-    times: list = []
+    class SimulatedDevice(StepTimes):  # a loop hook: the step replaced by device_step, its times kept
+        def wrap_train_step(self, train_step):
+            return device_step
+
+    times = SimulatedDevice()
     with tempfile.TemporaryDirectory(dir=root) as workdir:
-        train_and_evaluate(config, workdir, step_fn=device_step, step_times=times)
+        train_and_evaluate(config, workdir, hooks=[times])
     steady = [t for t in times if t["step"] > simulation_warmup(workers)]
 
     def mean(key):

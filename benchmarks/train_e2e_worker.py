@@ -1,6 +1,6 @@
 """The worker side of train_e2e.py: one configuration in a fresh process, through the real
 `gmic_jax.train.loop.train_and_evaluate`, its per-step times and peak memory read back, and the
-compiled memory of the loop's own step (captured through `gmic_jax.train.step.make_train_step`).
+compiled memory of the loop's own step (captured by a loop hook's `wrap_train_step`).
 The parent runs `train_e2e.py --worker SPEC_JSON`; the row goes to the file SPEC["out"].
 """
 
@@ -17,10 +17,9 @@ from pathlib import Path
 import bench_common as bc
 import jax
 
-import gmic_jax.train.step as step_lib
 from gmic_jax import logs
 from gmic_jax.train.config_lib import apply_overrides, load_config
-from gmic_jax.train.loop import train_and_evaluate
+from gmic_jax.train.loop import StepTimes, train_and_evaluate
 from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
 
 # A step's input wait above this share of the mean iteration makes the run input bound.
@@ -95,20 +94,19 @@ def run_configuration(spec: dict) -> dict:
     if len(devices) != spec["devices"]:
         raise ValueError(f"{spec['devices']} devices asked for, {len(devices)} in use: {devices}")
     captured: list[CapturedStep] = []
-    make_train_step = step_lib.make_train_step
 
-    def capture(*args, **kwargs):  # the loop builds its step through this module attribute
-        captured.append(CapturedStep(make_train_step(*args, **kwargs)))
-        return captured[-1]
+    class Capture(StepTimes):  # a loop hook: the per-step times, and the loop's jitted step captured
+        def wrap_train_step(self, train_step):
+            captured.append(CapturedStep(train_step))
+            return captured[-1]
 
-    step_lib.make_train_step = capture
     config = make_config(spec)
     row: dict = {
         "batch_size": config.batch_size,
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
     }
-    times: list = []
+    times = Capture()
     workdir = spec.get("workdir")
     keep = workdir is not None
     if not keep:
@@ -116,7 +114,7 @@ def run_configuration(spec: dict) -> dict:
     t0 = time.perf_counter()
     try:
         with bc.CompileCacheEvents() as cache:
-            train_and_evaluate(config, workdir, step_times=times)
+            train_and_evaluate(config, workdir, hooks=[times])
         row.update(fits=True, compile_cache=cache.status)
     except Exception as e:  # noqa: BLE001 -- reported in the row
         if not out_of_memory(e):

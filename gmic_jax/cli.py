@@ -1,9 +1,10 @@
 """The `gmic-jax` command line: parses arguments and dispatches to library functions.
 
-Each subcommand lives in a library module that exposes ``add_arguments(parser)`` and
+Each subcommand has a module that exposes ``add_arguments(parser)`` and
 ``main(args) -> int`` (and optionally ``parse_args(parser, argv)`` for arguments argparse cannot
-declare, such as ``--config.FIELD=VALUE``); this file only lists them. Heavy imports happen inside those modules,
-so ``gmic-jax --help`` stays fast.
+declare, such as ``--config.FIELD=VALUE``); this file only lists them. The chosen command's module
+is imported once the command is known and that module imports the library once its arguments are
+parsed, so ``gmic-jax --help`` and ``gmic-jax COMMAND --help`` stay fast.
 
 Exit status: 0 done; 2 a mistake in the command line or config (one line on stderr, no traceback,
 nothing written); 1 the data, a checkpoint or the run failed (a batch job lists its failures).
@@ -16,6 +17,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache  # light: JAX is imported later
+
 # name -> (module, one-line help). Modules are imported lazily, only for the chosen command.
 COMMANDS = {
     "convert": ("gmic_jax.convert_cli", "convert an original GMIC checkpoint (.p or .npz) to gmic-jax"),
@@ -25,10 +28,13 @@ COMMANDS = {
     ),
     "cache": ("gmic_jax.data.cache_cli", "preprocess a dataset once into memory-mapped uint16 window shards"),
     "predict": ("gmic_jax.predict.cli", "predict exams (exam list or DICOM): CSVs, saliency maps, figures"),
-    "train": ("gmic_jax.train.loop", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
-    "evaluate": ("gmic_jax.train.evaluate", "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure"),
+    "train": ("gmic_jax.train.main", "train GMIC from a config (configs/*.py); resumes from WORKDIR by itself"),
+    "evaluate": (
+        "gmic_jax.train.evaluate_main",
+        "evaluate a checkpoint on labelled data: metrics.json and ROC/PR figure",
+    ),
     "compare-steps": (
-        "gmic_jax.train.compare_steps",
+        "gmic_jax.train.compare_steps_main",
         "evaluate every evaluated checkpoint step of a training workdir on held-out data",
     ),
 }
@@ -55,8 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
-
     apply_cpu_defaults()  # before any JAX work
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

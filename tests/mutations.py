@@ -182,8 +182,8 @@ FAULTS = (
     Fault(
         "resume_restarts_the_data",
         "gmic_jax/train/loop.py",
-        "workers=workers, start=start, put=",
-        "workers=workers, start=0, put=",
+        "workers=int(config.data.workers), start=start, put=",
+        "workers=int(config.data.workers), start=0, put=",
         ("tests/test_train_resume.py::test_kill_and_resume_is_bitwise_identical",),
         "a resumed training run reads the batches from the first step again",
     ),

@@ -103,10 +103,10 @@ def test_overrides_and_argument_splitting():
 
 def test_cli_parses_train_overrides(monkeypatch):
     from gmic_jax import cli
-    from gmic_jax.train import loop
+    from gmic_jax.train import main as train_cli
 
     seen = {}
-    monkeypatch.setattr(loop, "main", lambda args: seen.setdefault("args", args) and 0)
+    monkeypatch.setattr(train_cli, "main", lambda args: seen.setdefault("args", args) and 0)
     assert (
         cli.main(
             [
@@ -130,7 +130,6 @@ def test_cli_parses_train_overrides(monkeypatch):
 
 def test_loss_options_reach_the_train_step(tmp_path, monkeypatch):
     """The training loop hands loss.beta, gap_weight and gap_margin to the train step it builds."""
-    import gmic_jax.train.step as step_lib
     from gmic_jax.train import loop
 
     class Built(Exception):
@@ -142,7 +141,7 @@ def test_loss_options_reach_the_train_step(tmp_path, monkeypatch):
         seen.update(kwargs)
         raise Built
 
-    monkeypatch.setattr(step_lib, "make_train_step", record)
+    monkeypatch.setattr(loop, "make_train_step", record)
     c = load_config(str(CONFIGS / "synthetic_tiny.py"))
     apply_overrides(c, ["loss.gap_weight=4.0", "loss.gap_margin=0.25", "loss.beta=0.125", "data.workers=0"])
     with pytest.raises(Built):

@@ -22,10 +22,41 @@ import numpy as np
 import pytest
 from conftest import TINY_TRAIN_ARGS
 
-from gmic_jax.train.loop import KILL_AFTER_SAVE_ENV, KILL_DURING_SAVE_ENV
+from gmic_jax.train.writers import JSONL_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TINY_TRAIN_ARGS
+# `gmic-jax train` with a hook that SIGKILLs the process at step STEP: right after the (asynchronous)
+# save of that step has started ("during"), or once it is complete ("after"; a kill between two
+# checkpoints). Arguments: WHEN STEP, then those of `gmic-jax train`.
+KILLING_TRAIN = """
+import os, signal, sys, argparse
+from gmic_jax.xla_flags import apply_cpu_defaults, enable_compile_cache
+
+apply_cpu_defaults()  # as the CLI, before JAX is imported
+enable_compile_cache()
+from gmic_jax import logs
+from gmic_jax.train import main as train_cli
+from gmic_jax.train.config_lib import apply_overrides, load_config
+from gmic_jax.train.loop import train_and_evaluate
+
+when, kill_step = sys.argv[1], int(sys.argv[2])
+parser = argparse.ArgumentParser()
+train_cli.add_arguments(parser)
+args = train_cli.parse_args(parser, sys.argv[3:])
+config = apply_overrides(load_config(args.config), args.config_overrides)
+
+
+def kill(step, report):
+    if step == kill_step:
+        if when == "after":
+            report.checkpoints.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+logs.configure()
+train_and_evaluate(config, args.workdir, hooks=[kill])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +64,16 @@ def env(train_env):
     return train_env
 
 
-def _train(workdir, env, *extra, extra_env=None, wait=True):
-    cmd = [sys.executable, "-m", "gmic_jax.cli", "train", *TINY, "--workdir", str(workdir), *extra]
+def _train(workdir, env, *extra, kill=None, wait=True):
+    """`gmic-jax train` of TINY in ``workdir``; ``kill``: (when, step) of :data:`KILLING_TRAIN`."""
+    run = (
+        [sys.executable, "-m", "gmic_jax.cli", "train"]
+        if kill is None
+        else [sys.executable, "-c", KILLING_TRAIN, *map(str, kill)]
+    )
+    cmd = [*run, *TINY, "--workdir", str(workdir), *extra]
     log = open(Path(str(workdir) + ".log"), "a")
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **(extra_env or {})}, stdout=log, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, text=True)
     if wait:
         proc.wait(timeout=900)
     return proc
@@ -112,13 +149,13 @@ def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
         os.kill(c, signal.SIGKILL)
     assert not survivors, "input worker processes outlived the killed training process"
     # 1) SIGKILL once the first checkpoint (step 2) is complete, before step 3: the run kills itself
-    # there (KILL_AFTER_SAVE_ENV), so where it dies does not depend on how fast this machine is.
+    # there (a hook), so where it dies does not depend on how fast this machine is.
     workdir = tmp_path / "killed"
-    proc = _train(workdir, env, workers, extra_env={KILL_AFTER_SAVE_ENV: "2"})
+    proc = _train(workdir, env, workers, kill=("after", 2))
     assert proc.returncode == -signal.SIGKILL, _log(workdir)[-3000:]
     assert _steps(workdir) == [2]
     # 2) Resume; this time SIGKILL in the middle of the asynchronous save of step 6.
-    proc = _train(workdir, env, workers, extra_env={KILL_DURING_SAVE_ENV: "6"})
+    proc = _train(workdir, env, workers, kill=("during", 6))
     assert proc.returncode == -signal.SIGKILL, _log(workdir)[-3000:]
     assert "resumed from" in _log(workdir)
     # 3) Resume to the end.
@@ -134,11 +171,10 @@ def test_kill_and_resume_is_bitwise_identical(uninterrupted, tmp_path, env):
 def test_workdir_layout_metrics_and_evaluate_cli(uninterrupted, tmp_path, env):
     from gmic_jax import load_checkpoint
     from gmic_jax.checkpoint import read_config
-    from gmic_jax.train.loop import JSONL_KEYS
 
     records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1
-    # Only the keys the loop documents (JSONL_KEYS), and those every evaluation writes.
+    # Only the keys the writer documents (JSONL_KEYS), and those every evaluation writes.
     assert set(records[0]) <= set(JSONL_KEYS) and {"step", "epoch", "train_loss", "val_roi_hit_rate"} <= set(records[0])
     cfg, prep, doc = read_config(uninterrupted)
     assert cfg.K == 2 and cfg.rotate_crops

@@ -82,7 +82,8 @@ def test_profile_steps_write_a_trace_of_those_steps_and_a_bad_value_is_refused(r
     (TensorBoard's profile plugin) and a Perfetto trace holding the loop's phases."""
     import gzip
 
-    from gmic_jax.train.config_lib import ConfigError, check_config
+    from gmic_jax.train.config_check import check_config
+    from gmic_jax.train.config_lib import ConfigError
 
     workdir, log = run
     [xplane] = (workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb")

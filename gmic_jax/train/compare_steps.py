@@ -14,10 +14,9 @@ report them on others.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from gmic_jax.checkpoint import SelectionRule, evaluated_steps, load_checkpoint, read_config, select_checkpoint
+from gmic_jax.train.evaluate import evaluate, parse_data_spec
+from gmic_jax.train.step import make_mesh
 
 HELDOUT_METRIC = "auc_malignant"
 
@@ -33,10 +32,6 @@ def compare_steps(
 ) -> dict:
     """Rows and summary as described in the module docstring (``metric``: the held-out metric the
     summary compares, a metrics.jsonl name without its ``val_`` prefix)."""
-    from gmic_jax.checkpoint import SelectionRule, evaluated_steps, load_checkpoint, read_config, select_checkpoint
-    from gmic_jax.train.evaluate import evaluate, parse_data_spec
-    from gmic_jax.train.step import make_mesh
-
     config, prep, doc = read_config(workdir)
     rule = SelectionRule.from_doc(doc)
     evaluated = evaluated_steps(workdir)
@@ -112,37 +107,3 @@ def format_table(result: dict, metric: str = HELDOUT_METRIC) -> str:
         f"{s[f'best_heldout_{metric}']:.4f} at step {s['best_heldout_step']}"
     )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, help="a training workdir (best with --config.keep_evaluated=True)")
-    parser.add_argument(
-        "--data",
-        default="synthetic:split=test",
-        help="held-out data: 'synthetic[:split=test,num=...]' or 'cache:PATH' (default: %(default)s)",
-    )
-    parser.add_argument("--output", required=True, help="output directory for steps.json")
-    parser.add_argument(
-        "--prediction",
-        default=None,
-        choices=["global", "local", "fusion", "average"],
-        help="default: the workdir's eval.prediction",
-    )
-    parser.add_argument("--batch-size", type=int, default=16)
-
-
-def main(args) -> int:
-    from gmic_jax.checkpoint import CheckpointError
-
-    try:
-        result = compare_steps(
-            args.workdir, args.data, batch_size=args.batch_size, prediction=args.prediction, progress=True
-        )
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"gmic-jax compare-steps: error: {e}", file=sys.stderr)
-        return 1
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "steps.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(format_table(result))
-    return 0

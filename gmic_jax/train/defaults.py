@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_collections
+
 from gmic_jax.augment import AugmentConfig
 from gmic_jax.config import GMICConfig
 from gmic_jax.data.pipeline import default_workers
-from gmic_jax.train.loss import GAP_MARGIN
 
-PREDICTIONS = ("fusion", "global", "local", "average")
+GAP_WEIGHT = 0.0  # loss.gap_weight: 0 is the paper's loss (no gap term)
+GAP_MARGIN = 2.0  # loss.gap_margin: the gap term's centred score past which an image pulls no more (sigmoid(2) = 0.88)
 
 
 def default_config():
-    import ml_collections
-
     c = ml_collections.ConfigDict()
     c.seed = 0
     # GMICConfig fields (the model); rotate_crops is the paper's training-time crop rotation.
@@ -48,7 +48,7 @@ def default_config():
     c.loss = ml_collections.ConfigDict()
     c.loss.beta = 3.26e-6  # saliency regularisation weight (paper: tuned per run)
     c.loss.saliency_reduction = "sum"  # 'sum' over the grid (Eq. 12) or 'mean'
-    c.loss.gap_weight = 0.0  # not in the paper: + weight * BCE of the grid-mean saliency
+    c.loss.gap_weight = GAP_WEIGHT  # not in the paper: + weight * BCE of the grid-mean saliency
     # logit (train/loss.py); 0 is the paper's loss
     c.loss.gap_margin = GAP_MARGIN  # that term's centred score past which an image pulls no more
 

@@ -17,8 +17,11 @@ spans all devices of all processes, and each process feeds only its own rows of 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+
+import jax
 
 log = logging.getLogger("gmic_jax.distributed")
 
@@ -35,7 +38,7 @@ def detected_cluster():
     """(name, process count) of the first cluster manager that ``jax.distributed.initialize()``
     would detect in this process's environment, or None. The same detection as JAX's (its
     ``ClusterEnv`` classes, skipping the opt-in ones such as mpi4py)."""
-    try:
+    try:  # JAX's private module: imported here so that its absence is handled below
         from jax._src import clusters
 
         kinds = list(clusters.ClusterEnv._cluster_types)
@@ -80,8 +83,6 @@ def maybe_initialize_distributed(environ=None) -> bool:
             return False
         kwargs = dict(cluster_detection_method=cluster[0])
         log.info("%s runs %d tasks: initialising jax.distributed from its environment", *cluster)
-    import jax
-
     if env.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
@@ -91,6 +92,4 @@ def maybe_initialize_distributed(environ=None) -> bool:
 
 def _has_accelerator() -> bool:
     # Decided without initialising a backend (that must wait until after distributed init).
-    import importlib.util
-
     return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))

@@ -1,4 +1,5 @@
-"""Evaluation: the model over a data source -> the metrics of ``metrics.jsonl`` (and more).
+"""Evaluation: the model over a data source -> the metrics of ``metrics.jsonl`` (and more); the
+``gmic-jax evaluate`` run (:func:`evaluate_checkpoint`; its command line: :mod:`gmic_jax.train.evaluate_main`).
 
     gmic-jax evaluate --checkpoint DIR --data synthetic:num=200,seed=0 --output OUT [--split test]
     gmic-jax evaluate --checkpoint DIR --data cache:PATH --output OUT [--split NAME] [--step N] [--tta 10]
@@ -20,30 +21,65 @@ metadata records (``gmic-jax cache --split``), and ``--split NAME`` names it whe
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+from tqdm import tqdm
 
 from gmic_jax import metrics as M
-from gmic_jax.files import write_atomic
+from gmic_jax import records
+from gmic_jax.augment import tta_augment
+from gmic_jax.checkpoint import CheckpointError, load_selected, read_config
+from gmic_jax.data.cache import CacheSource
+from gmic_jax.data.image import DataError
+from gmic_jax.data.pipeline import FAILURES, OK, SourceExamples, default_workers, load_batches
+from gmic_jax.data.synthetic import SyntheticLesions
+from gmic_jax.files import FAILURES_TXT, write_atomic, write_failures
+from gmic_jax.preprocessing import SyntheticData
+from gmic_jax.train.distributed import maybe_initialize_distributed
+from gmic_jax.train.heads import HEAD_OUTPUTS, HEADS, PREDICTIONS
+from gmic_jax.train.input import eval_plan
+from gmic_jax.train.step import make_eval_step, make_mesh, replicate, shard_batch, to_host
 
-HEADS = {"global": "y_global", "local": "y_local", "fusion": "y_fusion"}
 SPLIT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # it becomes the prefix of every metric key
 DEFAULT_SYNTHETIC_SPLIT = "test"
+SPLIT_NAME_FORM = "a split name is a letter then letters, digits or '_' (it prefixes every metric key)"
 log = logging.getLogger("gmic_jax.evaluate")
+
+
+class EvaluateError(Exception):
+    """What stops an evaluation of a checkpoint; ``exit_code`` 2: a mistake in what was asked,
+    1: the checkpoint or the data cannot be used."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclasses.dataclass
+class CheckpointEvaluation:
+    """What :func:`evaluate_checkpoint` found: the metrics (as metrics.json has them, without the
+    records) and the images that could not be loaded (left out of the metrics)."""
+
+    metrics: dict
+    failures: list
+    written: bool = False  # this process wrote the outputs (process 0 does)
+    failures_path: Path | None = None  # OUT/failures.txt when there are failures (process 0)
 
 
 def prediction_scores(outputs: dict, prediction: str) -> np.ndarray:
     """(N, 2) scores of the chosen prediction: one head, or 'average' of the three."""
     if prediction == "average":
-        return (outputs["y_global"] + outputs["y_local"] + outputs["y_fusion"]) / 3.0
+        first, *others = HEAD_OUTPUTS
+        return sum((outputs[h] for h in others), outputs[first]) / 3.0
     if prediction not in HEADS:
-        raise ValueError(f"prediction={prediction!r}; expected one of {sorted(HEADS) + ['average']}")
+        raise ValueError(f"prediction={prediction!r}; expected one of {list(PREDICTIONS)}")
     return outputs[HEADS[prediction]]
 
 
@@ -67,44 +103,35 @@ def run_model(
 
     Examples come through the input pipeline (``workers`` processes, 0: this one); every process
     loads the whole evaluation batch (the metrics need every label and mask) and feeds its rows."""
-    import jax
-
-    from gmic_jax.data.pipeline import FAILURES, OK, SourceExamples, load_batches
-    from gmic_jax.train.input import eval_plan
-    from gmic_jax.train.step import make_eval_step, replicate, shard_batch, to_host
-
-    n_dev = mesh.devices.size
-    n_proc = jax.process_count()
-    batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
+    devices = mesh.devices.size
+    batch_size = max(devices, (batch_size // devices) * devices)
     step = make_eval_step(model_config, mesh, normalization=normalization, augment=augment, tta_draws=tta_draws)
     variables = replicate({k: variables[k] for k in ("params", "batch_stats")}, mesh)
     key = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    n = len(source)
+    num_examples = len(source)
     outs, labels, breast_ids, failures = [], [], [], []
-    loc = M.LocalizationAccumulator(model_config.crop_shape)
+    localization = M.LocalizationAccumulator(model_config.crop_shape)
     has_masks = False
     bar = None
     if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc="eval", leave=False)
-    rows = batch_size // n_proc
-    p = jax.process_index()
-    plan = eval_plan(n, batch_size)
+        bar = tqdm(total=num_examples, desc="eval", leave=False)
+    rows = batch_size // jax.process_count()  # of each evaluation batch, fed by this process
+    first_row = jax.process_index() * rows
+    plan = eval_plan(num_examples, batch_size)
     batches = load_batches(plan, SourceExamples(source), workers=workers)
     batch = None
     try:
-        for k in range(len(plan)):
+        for batch_index in range(len(plan)):
             batch = next(batches)
-            real = min(batch_size, n - k * batch_size)  # the rest pads the last batch
+            real = min(batch_size, num_examples - batch_index * batch_size)  # the rest pads the last batch
             failures += [f for f in batch[FAILURES] if f.row < real]
             keep = batch[OK][:real]
             images = batch.get("image")
             if images is None:  # every example of the batch failed: zeros keep the processes in step
                 images = np.zeros((batch_size, *model_config.image_shape, 1), np.uint16)
-            index = np.asarray(plan[k], np.int32)  # the augmentation keys of TTA draws (make_eval_step)
+            index = np.asarray(plan[batch_index], np.int32)  # the augmentation keys of TTA draws (make_eval_step)
             local = shard_batch(
-                {"image": images[p * rows : (p + 1) * rows], "index": index[p * rows : (p + 1) * rows]}, mesh
+                {"image": images[first_row : first_row + rows], "index": index[first_row : first_row + rows]}, mesh
             )
             out = to_host(step(variables, local["image"], local["index"], key))
             if not keep.any():
@@ -115,7 +142,7 @@ def run_model(
             breast_ids += [str(b) for b in batch["breast_id"][:real][keep]]
             if "mask" in batch:
                 has_masks = True
-                loc.update(out["saliency_map"], batch["mask"][:real][keep], out["patch_locations"])
+                localization.update(out["saliency_map"], batch["mask"][:real][keep], out["patch_locations"])
             if bar is not None:
                 bar.update(real)
     finally:
@@ -126,7 +153,7 @@ def run_model(
     if not outs:
         raise RuntimeError(f"no example of {source!r} could be loaded:\n" + "\n".join(f"  {f}" for f in failures))
     outputs = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return outputs, np.concatenate(labels), np.asarray(breast_ids), (loc if has_masks else None), failures
+    return outputs, np.concatenate(labels), np.asarray(breast_ids), (localization if has_masks else None), failures
 
 
 def evaluate(
@@ -149,7 +176,7 @@ def evaluate(
     defined, with ``prefix`` for their ``val_`` (the name of the split scored); ``details`` adds
     per-head AUCs (``auc_<head>_<class>``, no prefix), the raw scores/labels and ``failures``
     (examples that could not be loaded: left out of everything else)."""
-    outputs, labels, breast_ids, loc, failures = run_model(
+    outputs, labels, breast_ids, localization, failures = run_model(
         model_config,
         variables,
         source,
@@ -164,8 +191,8 @@ def evaluate(
     )
     scores = prediction_scores(outputs, prediction)
     metrics = M.classification_metrics(scores, labels, breast_ids, prefix=prefix)
-    if loc is not None:
-        metrics.update(loc.result(prefix=prefix))
+    if localization is not None:
+        metrics.update(localization.result(prefix=prefix))
     details = {"scores": scores, "labels": labels, "breast_ids": breast_ids, "outputs": outputs, "failures": failures}
     for name, head in HEADS.items():
         for c, cls in enumerate(M.CLASSES):
@@ -177,11 +204,11 @@ def evaluate(
 
 def plot_roc_pr(scores, labels, path, title: str = ""):
     """ROC and PR curves per class to ``path`` (PNG; ``title`` also in its Title text chunk)."""
+    # matplotlib: imported for the figure only (slow to import), with the Agg backend chosen first.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve, roc_curve
 
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
     for c, cls in enumerate(M.CLASSES):
@@ -213,15 +240,10 @@ def parse_data_spec(spec: str, image_shape, trained=None, split: str | None = No
     the spec; a cache that cannot be read is a :class:`~gmic_jax.data.image.DataError`."""
     kind, _, rest = spec.partition(":")
     if kind == "cache":
-        from gmic_jax.data.cache import CacheSource
-
         if not rest:
             raise ValueError("--data cache:PATH needs the cache directory")
         return CacheSource(rest)
     if kind == "synthetic":
-        from gmic_jax.data.synthetic import SyntheticLesions
-        from gmic_jax.preprocessing import SyntheticData
-
         opts = {}
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
@@ -275,164 +297,115 @@ def split_name(source, split: str | None) -> tuple[str, str | None]:
             )
         split = str(recorded)
     if not SPLIT_NAME.fullmatch(split):
-        raise ValueError(
-            f"split {split!r}: a split name is a letter then letters, digits or '_' (it prefixes every metric key)"
-        )
+        raise ValueError(f"split {split!r}: {SPLIT_NAME_FORM}")
     return split, (str(recorded) if recorded and recorded != split else None)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint directory (converted model or training workdir)"
-    )
-    parser.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="step to evaluate (default: the step the workdir's selection rule keeps, else the latest)",
-    )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="'synthetic[:num=200,seed=0,split=test]' or 'cache:PATH' (a gmic-jax cache with labels)",
-    )
-    parser.add_argument(
-        "--split",
-        default=None,
-        metavar="NAME",
-        help="the split scored, the prefix of every metric key: synthetic data draws it (train, val, "
-        "test; default test); for a cache it names what the cache holds (default: the split its "
-        "metadata records)",
-    )
-    parser.add_argument("--output", required=True, help="output directory for metrics.json and roc_pr.png")
-    parser.add_argument("--prediction", default="fusion", choices=sorted(HEADS) + ["average"])
-    parser.add_argument(
-        "--tta",
-        type=int,
-        default=0,
-        help="test-time augmentation draws (paper: 10); the augmentation the checkpoint was trained "
-        "with, else the paper's (gmic_jax.augment.tta_augment)",
-    )
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--normalization",
-        default=None,
-        choices=["standardize", "unit_range"],
-        help="default: what the checkpoint's config.json says",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="input worker processes (0: load in this process; default: the usable cores less one, 0 below 3 cores)",
-    )
-
-
-def _error(message: str, code: int) -> int:
-    print(f"gmic-jax evaluate: error: {message}", file=sys.stderr)
-    return code
-
-
-def main(args) -> int:
-    import jax
-
-    from gmic_jax import logs, records
-    from gmic_jax.augment import tta_augment
-    from gmic_jax.checkpoint import CheckpointError, load_selected, read_config
-    from gmic_jax.data.image import DataError
-    from gmic_jax.data.pipeline import default_workers
-    from gmic_jax.files import FAILURES_TXT, print_failures, write_failures
-    from gmic_jax.train.distributed import maybe_initialize_distributed
-    from gmic_jax.train.step import make_mesh
-
-    logs.configure()
-    if args.tta < 0 or args.batch_size < 1:
-        return _error(f"--tta must be >= 0 and --batch-size >= 1 (got {args.tta} and {args.batch_size})", 2)
-    if args.split is not None and not SPLIT_NAME.fullmatch(args.split):
-        return _error(
-            f"--split {args.split!r}: a split name is a letter then letters, digits or '_' "
-            "(it prefixes every metric key)",
-            2,
-        )
+def evaluate_checkpoint(
+    checkpoint,
+    data: str,
+    output,
+    *,
+    step: int | None = None,
+    split: str | None = None,
+    prediction: str = "fusion",
+    tta: int = 0,
+    batch_size: int = 16,
+    normalization: str | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    command: list | None = None,
+) -> CheckpointEvaluation:
+    """``gmic-jax evaluate``: the checkpoint (its selected step, or ``step``) on ``data`` (a
+    :func:`parse_data_spec` spec) -> OUTPUT/metrics.json and OUTPUT/roc_pr.png (written by process
+    0), as the module docstring says. An :class:`EvaluateError` says what stopped it."""
+    if tta < 0 or batch_size < 1:
+        raise EvaluateError(f"--tta must be >= 0 and --batch-size >= 1 (got {tta} and {batch_size})", 2)
+    if split is not None and not SPLIT_NAME.fullmatch(split):
+        raise EvaluateError(f"--split {split!r}: {SPLIT_NAME_FORM}", 2)
     maybe_initialize_distributed()
-    try:
-        config, variables, chosen = load_selected(args.checkpoint, step=args.step)
-        _, prep, doc = read_config(args.checkpoint)
-        augment = tta_augment((doc.get("train") or {}).get("augment")) if args.tta else None
-    except CheckpointError as e:
-        return _error(str(e), 1)
-    except (TypeError, ValueError) as e:
-        return _error(f"{args.checkpoint}: {e}", 1)
-    try:
-        source = parse_data_spec(args.data, prep.window_shape, prep.synthetic, split=args.split)
-        split, recorded_split = split_name(source, args.split)
-        shape = tuple(getattr(source, "window_shape", prep.window_shape))
-        if shape != tuple(prep.window_shape):
-            raise DataError(args.data, f"holds {list(shape)} windows; the checkpoint takes {list(prep.window_shape)}")
-        if len(source) == 0:
-            raise DataError(args.data, "holds no image")
-    except (DataError, OSError) as e:
-        return _error(str(e), 1)
-    except ValueError as e:
-        return _error(str(e), 2)
+    config, variables, chosen, prep, augment = _load_for_evaluation(checkpoint, step, tta)
+    source, split, recorded_split = _evaluation_source(data, prep, split)
     if jax.process_index() == 0:
         if recorded_split is not None:
-            log.warning("%s records split %r; scored as --split %r", args.data, recorded_split, split)
-        log.info("evaluating %s on split %r of %s", records.describe(args.checkpoint, chosen), split, args.data)
+            log.warning("%s records split %r; scored as --split %r", data, recorded_split, split)
+        log.info("evaluating %s on split %r of %s", records.describe(checkpoint, chosen), split, data)
     prefix = f"{split}_"
-    workers = default_workers() if args.workers is None else args.workers
     try:
         metrics, details = evaluate(
             config,
             variables,
             source,
             make_mesh(),
-            batch_size=args.batch_size,
-            normalization=args.normalization or prep.normalization,
-            prediction=args.prediction,
+            batch_size=batch_size,
+            normalization=normalization or prep.normalization,
+            prediction=prediction,
             augment=augment,
-            tta_draws=args.tta,
-            seed=args.seed,
+            tta_draws=tta,
+            seed=seed,
             progress=True,
             prefix=prefix,
-            workers=workers,
+            workers=default_workers() if workers is None else workers,
         )
     except RuntimeError as e:  # nothing could be loaded
-        return _error(str(e), 1)
-    failures = details["failures"]
+        raise EvaluateError(str(e), 1) from None
+    result = CheckpointEvaluation(metrics, details["failures"])
     if jax.process_index() == 0:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / FAILURES_TXT).unlink(missing_ok=True)
-        if failures:  # scored without them; the run says so and fails
-            print_failures(failures)
-            print(
-                f"{len(failures)} image(s) could not be loaded and are left out of metrics.json "
-                f"(see {write_failures(out, failures)})",
-                file=sys.stderr,
-            )
-        heads = {prefix + k: v for k, v in details.items() if k.startswith("auc_")}
         report = {
             **metrics,
-            **heads,
+            **{prefix + k: v for k, v in details.items() if k.startswith("auc_")},
             "split": split,
             "num_images": int(len(details["labels"])),
-            "failed_images": len(failures),
-            "prediction": args.prediction,
-            "tta_draws": args.tta,
-            "data": args.data,
-            **records.checkpoint_record(args.checkpoint, chosen),
-            **records.provenance(getattr(args, "command_line", None)),
+            "failed_images": len(result.failures),
+            "prediction": prediction,
+            "tta_draws": tta,
+            "data": data,
+            **records.checkpoint_record(checkpoint, chosen),
+            **records.provenance(command),
         }
         if recorded_split is not None:
             report["recorded_split"] = recorded_split
-        write_atomic(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-        plot_roc_pr(
-            details["scores"],
-            details["labels"],
-            out / "roc_pr.png",
-            title=f"{args.checkpoint} step {chosen.step}: split {split} of {args.data} ({args.prediction})",
-        )
-        print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 1 if failures else 0
+        title = f"{checkpoint} step {chosen.step}: split {split} of {data} ({prediction})"
+        result.failures_path = _write_report(Path(output), report, details, result.failures, title)
+        result.written = True
+    return result
+
+
+def _load_for_evaluation(checkpoint, step: int | None, tta: int):
+    """(model config, variables, the chosen step, preprocessing, TTA augmentation or None)."""
+    try:
+        config, variables, chosen = load_selected(checkpoint, step=step)
+        _, prep, doc = read_config(checkpoint)
+        augment = tta_augment((doc.get("train") or {}).get("augment")) if tta else None
+    except CheckpointError as e:
+        raise EvaluateError(str(e), 1) from None
+    except (TypeError, ValueError) as e:
+        raise EvaluateError(f"{checkpoint}: {e}", 1) from None
+    return config, variables, chosen, prep, augment
+
+
+def _evaluation_source(data: str, prep, split: str | None):
+    """(the source ``data`` names, its split, the split a cache records when ``split`` overrides it)."""
+    try:
+        source = parse_data_spec(data, prep.window_shape, prep.synthetic, split=split)
+        split, recorded_split = split_name(source, split)
+        shape = tuple(getattr(source, "window_shape", prep.window_shape))
+        if shape != tuple(prep.window_shape):
+            raise DataError(data, f"holds {list(shape)} windows; the checkpoint takes {list(prep.window_shape)}")
+        if len(source) == 0:
+            raise DataError(data, "holds no image")
+    except (DataError, OSError) as e:
+        raise EvaluateError(str(e), 1) from None
+    except ValueError as e:
+        raise EvaluateError(str(e), 2) from None
+    return source, split, recorded_split
+
+
+def _write_report(out: Path, report: dict, details: dict, failures: list, title: str) -> Path | None:
+    """OUT/metrics.json, OUT/roc_pr.png and (with failures) OUT/failures.txt, whose path it returns."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FAILURES_TXT).unlink(missing_ok=True)
+    failures_path = write_failures(out, failures) if failures else None
+    write_atomic(out / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    plot_roc_pr(details["scores"], details["labels"], out / "roc_pr.png", title=title)
+    return failures_path

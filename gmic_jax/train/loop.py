@@ -1,4 +1,4 @@
-"""The training loop: ``gmic-jax train --config configs/<name>.py --workdir DIR [--config.x=y ...]``.
+"""The training loop behind ``gmic-jax train`` (its command line: :mod:`gmic_jax.train.main`).
 
 ``train_and_evaluate(config, workdir)`` trains GMIC with the data-parallel step of
 :mod:`gmic_jax.train.step`, evaluates every ``eval.every_epochs`` epochs, appends one JSON object
@@ -14,47 +14,42 @@ trained with (:mod:`gmic_jax.train.workdir`).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import logging
-import math
-import os
-import signal
-import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from tqdm import tqdm
 
-from gmic_jax.train.config_lib import ConfigError
+from gmic_jax import checkpoint as ckpt_lib
+from gmic_jax import executable_cache
+from gmic_jax.augment import tta_augment
+from gmic_jax.config import GMICConfig
+from gmic_jax.data import batch as batch_lib
+from gmic_jax.data.image import DataError
+from gmic_jax.data.pipeline import FAILURES, load_batches
+from gmic_jax.models import init_variables
+from gmic_jax.train import workdir as workdir_lib
+from gmic_jax.train import workdir_checkpoints
+from gmic_jax.train.config_check import check_config
+from gmic_jax.train.config_lib import ConfigError, parse_profile_steps
+from gmic_jax.train.defaults import GAP_MARGIN, GAP_WEIGHT, augment_config
+from gmic_jax.train.distributed import maybe_initialize_distributed
+from gmic_jax.train.evaluate import evaluate
+from gmic_jax.train.input import TrainExamples, TrainPlan
+from gmic_jax.train.profiling import LoopProfile, profile_dir
+from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
+from gmic_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
+from gmic_jax.train.step import local_copy, make_mesh, make_train_step, make_window_fn, replicate, shard_array
+from gmic_jax.train.writers import MetricWriters, jsonl_record, read_jsonl, truncate_jsonl
 
 log = logging.getLogger("gmic_jax.train")
-
-JSONL_KEYS = (
-    "step",
-    "epoch",
-    "train_loss",
-    "val_auc_malignant",
-    "val_auc_benign",
-    "val_prauc_malignant",
-    "val_prauc_benign",
-    "val_breast_auc_malignant",
-    "val_breast_auc_benign",
-    "val_dice_malignant",
-    "val_dice_benign",
-    "val_pxap_malignant",
-    "val_pxap_benign",
-    "val_roi_hit_rate",
-    "val_pointing_malignant",
-    "val_pointing_benign",
-    "val_pointing_malignant_random",
-    "val_pointing_benign_random",
-)
-# Test hooks: SIGKILL this process right after starting the (asynchronous) save of this step, or
-# once that save is complete (a kill between two checkpoints, at a step the test chooses).
-KILL_DURING_SAVE_ENV = "GMIC_TEST_SIGKILL_DURING_SAVE_OF_STEP"
-KILL_AFTER_SAVE_ENV = "GMIC_TEST_SIGKILL_AFTER_SAVE_OF_STEP"
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,56 +70,39 @@ class DataFailure(RuntimeError):
         )
 
 
+# What fails a run on its data, a checkpoint or its own numbers (``gmic-jax train`` exits 1).
+RUN_FAILURES = (DataError, ckpt_lib.CheckpointError, TrainingDiverged, DataFailure)
+
+
 def _merge_init(fresh, loaded, where):
     """Leaves of ``loaded`` replace those of ``fresh`` by path; shapes must match, and every loaded
     leaf must have a place. Leaves missing from ``loaded`` keep their fresh initialisation."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    out = {}
+    merged = {}
     taken = 0
     for col in ("params", "batch_stats"):
-        f = flatten_dict(dict(fresh.get(col, {})))
+        initial = flatten_dict(dict(fresh.get(col, {})))
         given = flatten_dict(dict(loaded.get(col, {})))
-        unknown = sorted("/".join(k) for k in given if k not in f)
+        unknown = sorted("/".join(k) for k in given if k not in initial)
         if unknown:
             raise ConfigError(
                 f"--init-from {where}: {col} keys not in this model: {unknown[:5]}"
                 + (" ..." if len(unknown) > 5 else "")
             )
         for k, v in given.items():
-            if tuple(np.shape(v)) != tuple(np.shape(f[k])):
+            if tuple(np.shape(v)) != tuple(np.shape(initial[k])):
                 raise ConfigError(
                     f"--init-from {where}: {col}/{'/'.join(k)} has shape {np.shape(v)}, "
-                    f"this model needs {np.shape(f[k])}"
+                    f"this model needs {np.shape(initial[k])}"
                 )
-            f[k] = np.asarray(v, np.asarray(f[k]).dtype)
+            initial[k] = np.asarray(v, np.asarray(initial[k]).dtype)
             taken += 1
-        out[col] = unflatten_dict(f)
+        merged[col] = unflatten_dict(initial)
     total = sum(len(flatten_dict(dict(fresh.get(c, {})))) for c in ("params", "batch_stats"))
     log.info("initialised %d of %d arrays from %s", taken, total, where)
-    return out
-
-
-def _jsonl_record(step, epoch, train_loss, val_metrics):
-    rec = {"step": int(step), "epoch": int(epoch), "train_loss": float(train_loss), **val_metrics}
-    return {
-        k: rec[k]
-        for k in JSONL_KEYS
-        if k in rec and rec[k] is not None and not (isinstance(rec[k], float) and math.isnan(rec[k]))
-    }
-
-
-def _read_jsonl(path: Path) -> dict:
-    """{step: record} of metrics.jsonl (empty when there is none)."""
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(r["step"]): r for r in records}
+    return merged
 
 
 def _describe_devices(mesh) -> str:
-    import jax
-
     devices = list(mesh.devices.flat)
     kinds = sorted({d.platform for d in devices})
     return (
@@ -143,352 +121,371 @@ def _batch_size_message(batch_size: int, mesh) -> str:
     )
 
 
-def _truncate_jsonl(path: Path, max_step: int):
-    """Drop records of steps after ``max_step`` (written by a run that was killed before its
-    checkpoint of that step completed)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
-    path.write_text("".join(line + "\n" for line in keep))
+@dataclasses.dataclass
+class StepReport:
+    """What a hook sees after each step the loop trains (``hook(step, report)``, ``step`` 1-based)."""
+
+    state: Any  # the train state after the step (device arrays)
+    metrics: dict  # the step's metrics on the host: loss, grad_norm, finite, ...
+    loader_wait_s: float  # waiting for the step's batch
+    step_s: float  # the step until its metrics were on the host (the run's first step includes compiling it)
+    host_s: float  # the loop's other work since the previous step (for the first, since the loop started)
+    checkpoints: Any  # the Orbax CheckpointManager; its saves are asynchronous (``wait_until_finished()``)
 
 
-def train_and_evaluate(
-    config, workdir, *, config_changes_ok: bool = False, step_fn=None, step_times: list | None = None
-) -> dict:
+# A hook: ``hook(step, report)`` after every step the loop trains, once that step's evaluation and
+# checkpoint have been started. A hook with a ``wrap_train_step(train_step) -> train_step`` method
+# may also replace or wrap the compiled step ``(state, batch) -> (state, metrics)`` before the loop
+# (a benchmark's simulated device).
+Hook = Callable[[int, StepReport], None]
+
+
+class StepTimes(list):
+    """A hook that keeps, per step, {step, loader_wait_s, step_s, host_s} (see :class:`StepReport`)."""
+
+    def __call__(self, step: int, report: StepReport) -> None:
+        self.append(
+            {"step": step, "loader_wait_s": report.loader_wait_s, "step_s": report.step_s, "host_s": report.host_s}
+        )
+
+
+@dataclasses.dataclass
+class _Run:
+    """A training run once set up: what the loop and its evaluations read, and the running loss."""
+
+    config: Any
+    workdir: Path
+    is_main: bool
+    model_config: GMICConfig
+    val_source: Any
+    mesh: Any
+    steps_per_epoch: int
+    total_steps: int
+    rule: ckpt_lib.SelectionRule
+    manager: Any
+    state: Any
+    learning_rate_at: Callable
+    plan: TrainPlan
+    examples: TrainExamples
+    windows: Callable | None
+    # Set by _resume and _train_step, once the state is restored:
+    start_step: int = 0
+    writers: MetricWriters | None = None
+    evaluated: dict = dataclasses.field(default_factory=dict)  # step -> metrics.jsonl record (selection)
+    train_step: Callable | None = None
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    bar: Any = None
+    last_record: dict = dataclasses.field(default_factory=dict)
+
+    def data_position(self, step: int) -> dict:
+        return {
+            "epoch": np.int64(step // self.steps_per_epoch),
+            "loss_sum": np.float64(self.loss_sum),
+            "loss_count": np.int64(self.loss_count),
+        }
+
+    def say(self, message: str) -> None:
+        (self.bar.write(message) if self.bar is not None else log.info(message))
+
+
+def train_and_evaluate(config, workdir, *, config_changes_ok: bool = False, hooks: Sequence[Hook] = ()) -> dict:
     """Train as ``config`` says in ``workdir`` (resuming what is there); returns the last metrics
     record. A resumed run whose config differs from the workdir's in a field that changes the
     computation raises :class:`~gmic_jax.train.workdir.WorkdirError` unless ``config_changes_ok``.
 
-    ``step_fn`` replaces the compiled training step ``(state, batch) -> (state, metrics)`` (the
-    input benchmark's simulated device). ``step_times``, a list, receives per step this run trains
-    {step: its number (1-based), loader_wait_s: waiting for the next batch, step_s: the step until
-    its metrics are on the host (the run's first step includes compiling it), host_s: the loop's
-    other work since the previous step (for the first, since the loop started)}.
+    ``hooks`` (see :data:`Hook`) are called after every step the loop trains: how tests and
+    benchmarks observe the loop (:class:`StepTimes`) or stop it at a chosen step.
     ``config.profile_steps`` ('FIRST:LAST') writes a profiler trace of those steps to
     WORKDIR/profile (:mod:`gmic_jax.train.profiling`)."""
-    from gmic_jax.train.config_lib import check_config, parse_profile_steps
-    from gmic_jax.train.distributed import maybe_initialize_distributed
-
     maybe_initialize_distributed()
     check_config(config)
-    import jax
+    run = _set_up(config, Path(workdir).absolute(), config_changes_ok, hooks)
+    t0 = time.time()
+    _train(run, hooks, t0)
+    return _finish(run, t0)
 
-    from gmic_jax import checkpoint as ckpt_lib
-    from gmic_jax import executable_cache
-    from gmic_jax.augment import tta_augment
-    from gmic_jax.config import GMICConfig
-    from gmic_jax.data import batch as batch_lib
-    from gmic_jax.data.pipeline import FAILURES, load_batches
-    from gmic_jax.models import init_variables
-    from gmic_jax.train import workdir as workdir_lib
-    from gmic_jax.train import workdir_checkpoints
-    from gmic_jax.train.defaults import augment_config
-    from gmic_jax.train.evaluate import evaluate
-    from gmic_jax.train.input import TrainExamples, TrainPlan
-    from gmic_jax.train.loss import GAP_MARGIN
-    from gmic_jax.train.profiling import LoopProfile, profile_dir
-    from gmic_jax.train.sampling import make_sources, source_labels, steps_per_epoch
-    from gmic_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
-    from gmic_jax.train.step import local_copy, make_mesh, make_train_step, make_window_fn, replicate, shard_array
-    from gmic_jax.train.writers import MetricWriters
 
-    workdir = Path(workdir).absolute()
+def _set_up(config, workdir: Path, config_changes_ok: bool, hooks: Sequence[Hook]) -> _Run:
+    """Check the config against the devices and the workdir, then build (or restore) the state."""
     is_main = jax.process_index() == 0
-
-    model_cfg = GMICConfig.from_dict(config.model.to_dict())
-    train_src, val_src, preprocessing = make_sources(config.data)
-    labels = source_labels(train_src)
+    model_config = GMICConfig.from_dict(config.model.to_dict())
+    train_source, val_source, preprocessing = make_sources(config.data)
+    labels = source_labels(train_source)
     mesh = make_mesh()
-    n_dev, n_proc = mesh.devices.size, jax.process_count()
-    B = int(config.batch_size)
-    if B % n_dev:
-        raise ConfigError(_batch_size_message(B, mesh))
+    devices, batch_size = mesh.devices.size, int(config.batch_size)
+    if batch_size % devices:
+        raise ConfigError(_batch_size_message(batch_size, mesh))
     if is_main:
-        log.info("devices: %s; batch_size %d = %d per device", _describe_devices(mesh), B, B // n_dev)
+        log.info(
+            "devices: %s; batch_size %d = %d per device", _describe_devices(mesh), batch_size, batch_size // devices
+        )
     try:
-        spe = steps_per_epoch(labels, B, config.data.balanced_sampling)
+        epoch_steps = steps_per_epoch(labels, batch_size, config.data.balanced_sampling)
     except ValueError as e:
-        raise ConfigError(f"batch_size={B}: {e}") from None
-    total_steps = spe * int(config.num_epochs)
-    tx = make_optimizer(config.optimizer, total_steps)
-    augment = augment_config(config)
-
+        raise ConfigError(f"batch_size={batch_size}: {e}") from None
+    total_steps = epoch_steps * int(config.num_epochs)
+    optimizer = make_optimizer(config.optimizer, total_steps)
     rule = ckpt_lib.SelectionRule(config.best_metric, config.best_min_delta)
-    resume = workdir_lib.check(
-        workdir,
-        {
-            "model": model_cfg.to_dict(),
-            "preprocessing": preprocessing.to_dict(),
-            "train": config.to_dict(),
-            ckpt_lib.SELECTION_KEY: rule.to_dict(),
-        },
-        steps_per_epoch=spe,
-        config_changes_ok=config_changes_ok,
-    )
-    loaded = ckpt_lib.load_checkpoint(config.init_from)[1] if config.init_from else None  # before compiling
-    variables = init_variables(model_cfg, jax.random.key(config.seed))
-    variables = jax.tree.map(np.asarray, dict(variables))
-    if loaded is not None:
-        variables = _merge_init(variables, loaded, config.init_from)
+    requested = {
+        "model": model_config.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "train": config.to_dict(),
+        ckpt_lib.SELECTION_KEY: rule.to_dict(),
+    }
+    resume = workdir_lib.check(workdir, requested, steps_per_epoch=epoch_steps, config_changes_ok=config_changes_ok)
+    variables = _initial_variables(config, model_config)
     if is_main:  # the first write to WORKDIR: every check above has passed
         workdir_lib.record(workdir, resume)
-    state = replicate(create_train_state(variables, tx, config.seed), mesh)
-
+    state = replicate(create_train_state(variables, optimizer, config.seed), mesh)
     manager = workdir_checkpoints.make_manager(
         workdir, keep_latest=config.keep_latest, rule=rule, keep_evaluated=config.keep_evaluated
     )
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        is_main=is_main,
+        model_config=model_config,
+        val_source=val_source,
+        mesh=mesh,
+        steps_per_epoch=epoch_steps,
+        total_steps=total_steps,
+        rule=rule,
+        manager=manager,
+        state=state,
+        learning_rate_at=learning_rate_schedule(config.optimizer, total_steps),
+        plan=TrainPlan(
+            labels,
+            batch_size=batch_size,
+            steps_per_epoch=epoch_steps,
+            num_steps=total_steps,
+            seed=config.seed,
+            balanced=config.data.balanced_sampling,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ),
+        examples=TrainExamples(train_source, seed=config.seed, window_noise=config.data.window_noise),
+        # Window noise: the batches carry each draw's context band and crop borders; this program
+        # makes the windows from them on the device, ahead of the step.
+        windows=make_window_fn(model_config.image_shape, mesh) if config.data.window_noise else None,
+    )
+    _resume(run)
+    run.train_step = _train_step(run, optimizer, hooks)
+    return run
+
+
+def _initial_variables(config, model_config: GMICConfig) -> dict:
+    """Fresh variables from the seed, with those of ``config.init_from`` (if any) in their place."""
+    loaded = ckpt_lib.load_checkpoint(config.init_from)[1] if config.init_from else None  # before compiling
+    variables = init_variables(model_config, jax.random.key(config.seed))
+    variables = jax.tree.map(np.asarray, dict(variables))
+    if loaded is not None:
+        variables = _merge_init(variables, loaded, config.init_from)
+    return variables
+
+
+def _resume(run: _Run) -> None:
+    """The state, running loss and metrics records of WORKDIR's latest step (if any)."""
     data_template = {
         "epoch": np.zeros((), np.int64),
         "loss_sum": np.zeros((), np.float64),
         "loss_count": np.zeros((), np.int64),
     }
-    restored = workdir_checkpoints.restore(manager, state, data_template)
-    loss_sum, loss_count = 0.0, 0
+    restored = workdir_checkpoints.restore(run.manager, run.state, data_template)
     if restored is not None:
-        state, pos = restored
-        loss_sum, loss_count = float(pos["loss_sum"]), int(pos["loss_count"])
-        log.info("resumed from %s at step %d", workdir, int(local_copy(state.step)))
-    start = int(local_copy(state.step))
-    writers = MetricWriters(workdir, is_main, start_step=start)
-    if is_main:
-        _truncate_jsonl(writers.path, start)
-    evaluated = _read_jsonl(writers.path) if is_main else {}  # step -> record: what the kept step is chosen from
-    lr_at = learning_rate_schedule(config.optimizer, total_steps)
+        run.state, position = restored
+        run.loss_sum, run.loss_count = float(position["loss_sum"]), int(position["loss_count"])
+        log.info("resumed from %s at step %d", run.workdir, int(local_copy(run.state.step)))
+    run.start_step = int(local_copy(run.state.step))
+    run.writers = MetricWriters(run.workdir, run.is_main, start_step=run.start_step)
+    if run.is_main:
+        truncate_jsonl(run.writers.path, run.start_step)
+    run.evaluated = read_jsonl(run.writers.path) if run.is_main else {}
 
-    if step_fn is None:
-        step_fn = make_train_step(
-            model_cfg,
-            tx,
-            mesh,
-            beta=config.loss.beta,
-            saliency_reduction=config.loss.saliency_reduction,
-            batch_norm=config.batch_norm,
-            augment=augment,
-            normalization=config.data.normalization,
-            gap_weight=config.loss.get("gap_weight", 0.0),
-            gap_margin=config.loss.get("gap_margin", GAP_MARGIN),
-        )
-        # Later runs of the same config and code load this executable instead of tracing the step.
-        salt = f"{config.to_json_best_effort(sort_keys=True)}\n{model_cfg!r}\ntotal_steps={total_steps}"
-        step_fn = executable_cache.cached(step_fn, "train_step", salt)
-    plan = TrainPlan(
-        labels,
-        batch_size=B,
-        steps_per_epoch=spe,
-        num_steps=total_steps,
-        seed=config.seed,
-        balanced=config.data.balanced_sampling,
-        process_index=jax.process_index(),
-        process_count=n_proc,
+
+def _train_step(run: _Run, optimizer, hooks: Sequence[Hook]) -> Callable:
+    """The compiled step ``(state, batch) -> (state, metrics)``, as the hooks wrap it."""
+    config = run.config
+    train_step = make_train_step(
+        run.model_config,
+        optimizer,
+        run.mesh,
+        beta=config.loss.beta,
+        saliency_reduction=config.loss.saliency_reduction,
+        batch_norm=config.batch_norm,
+        augment=augment_config(config),
+        normalization=config.data.normalization,
+        gap_weight=config.loss.get("gap_weight", GAP_WEIGHT),
+        gap_margin=config.loss.get("gap_margin", GAP_MARGIN),
     )
-    examples = TrainExamples(train_src, seed=config.seed, window_noise=config.data.window_noise)
-    # Window noise: the batches carry each draw's context band and crop borders; this program makes
-    # the windows from them on the device, ahead of the step.
-    windows = make_window_fn(model_cfg.image_shape, mesh) if config.data.window_noise else None
-    workers = int(config.data.workers)
+    for hook in hooks:
+        wrap = getattr(hook, "wrap_train_step", None)
+        if wrap is not None:
+            train_step = wrap(train_step)
+    # Later runs of the same config and code load this executable instead of tracing the step.
+    salt = f"{config.to_json_best_effort(sort_keys=True)}\n{run.model_config!r}\ntotal_steps={run.total_steps}"
+    return executable_cache.cached(train_step, "train_step", salt)
 
-    def data_position(step):
-        return {"epoch": np.int64(step // spe), "loss_sum": np.float64(loss_sum), "loss_count": np.int64(loss_count)}
 
-    kill_step = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
-    kill_after_step = int(os.environ.get(KILL_AFTER_SAVE_ENV, "-1"))
-    bar = None
-    if config.progress_bar and is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, desc="train", dynamic_ncols=True)
-    last_record: dict = {}
-    t0 = time.time()
+def _train(run: _Run, hooks: Sequence[Hook], t0: float) -> None:
+    """Steps ``start_step`` to ``total_steps``: train, log, evaluate, checkpoint, call the hooks."""
+    config, start = run.config, run.start_step
+    if config.progress_bar and run.is_main:
+        run.bar = tqdm(total=run.total_steps, initial=start, desc="train", dynamic_ncols=True)
     # Batches of this process's rows from `start` on (the step is the data position), loaded by
-    # `workers` processes and put on device ahead of use.
-    batches = load_batches(plan, examples, workers=workers, start=start, put=functools.partial(shard_array, mesh=mesh))
+    # `data.workers` processes and put on device ahead of use.
+    put = functools.partial(shard_array, mesh=run.mesh)
+    batches = load_batches(run.plan, run.examples, workers=int(config.data.workers), start=start, put=put)
     batch = None
-    every = int(config.eval.every_epochs)  # <= 0: no evaluation
     waited = 0.0  # seconds spent waiting for batches since the last log line (at t_log)
     # Annotations of the loop's phases, and the trace of config.profile_steps (train/profiling.py).
     profile = LoopProfile(
         parse_profile_steps(config.get("profile_steps", "")),
-        profile_dir(workdir, jax.process_index(), n_proc),
+        profile_dir(run.workdir, jax.process_index(), jax.process_count()),
         first_step=start + 1,
-        total_steps=total_steps,
+        total_steps=run.total_steps,
     )
     t_step = t_log = time.perf_counter()
     try:
-        for step in range(start, total_steps):
+        for step in range(start, run.total_steps):
             profile.begin(step + 1)
             t_start = time.perf_counter()
             with profile.phase("loader_wait"):
                 batch = next(batches)
             t_batch = time.perf_counter()
             if batch[FAILURES]:
-                manager.wait_until_finished()
-                raise DataFailure(step + 1, batch[FAILURES], manager.latest_step(), workdir)
+                run.manager.wait_until_finished()
+                raise DataFailure(step + 1, batch[FAILURES], run.manager.latest_step(), run.workdir)
             with profile.phase("step_fn"):  # dispatch, and the device's work until the metrics are here
                 inputs = {k: batch[k] for k in batch_lib.TRAIN_KEYS if k in batch}
-                state, m = step_fn(state, inputs if windows is None else windows(inputs))
-                m = local_copy(m)
+                run.state, metrics = run.train_step(run.state, inputs if run.windows is None else run.windows(inputs))
+                metrics = local_copy(metrics)
             t_previous, t_step = t_step, time.perf_counter()
             waited += t_batch - t_start
-            if step_times is not None:  # host: from the last step's end (the loop's start) to this batch's request
-                step_times.append(
-                    {
-                        "step": step + 1,
-                        "loader_wait_s": t_batch - t_start,
-                        "step_s": t_step - t_batch,
-                        "host_s": t_start - t_previous,
-                    }
-                )
-            if not bool(m["finite"]):
-                manager.wait_until_finished()
-                latest = manager.latest_step()
-                raise TrainingDiverged(
-                    f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}, "
-                    f"grad_norm={float(m['grad_norm'])}): stopped; parameters not updated; "
-                    f"last good checkpoint: step {latest} in {workdir}"
-                )
-            loss_sum += float(m["loss"])
-            loss_count += 1
-            done = step + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-            if done % config.log_every_steps == 0:
-                writers.train_step(done, {"loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": lr_at(step)})
-                if bar is None and is_main:
-                    log.info(
-                        "step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)",
-                        done,
-                        total_steps,
-                        float(m["loss"]),
-                        (time.time() - t0) / (done - start),
-                        100 * waited / max(time.perf_counter() - t_log, 1e-9),
-                    )
+            trained = step + 1  # the number of steps trained, and this step's number (1-based)
+            _account(run, trained, metrics)
+            if trained % config.log_every_steps == 0:
+                _log_progress(run, trained, metrics, t0, waited / max(time.perf_counter() - t_log, 1e-9))
                 waited, t_log = 0.0, time.perf_counter()
-            epoch_end = done % spe == 0
-            epoch = done // spe
-            if epoch_end and every > 0 and (epoch % every == 0 or done == total_steps):
-                with profile.phase("evaluate"):
-                    val, details = evaluate(
-                        model_cfg,
-                        local_copy(state.variables),
-                        val_src,
-                        mesh,
-                        batch_size=config.eval.batch_size,
-                        normalization=config.data.normalization,
-                        prediction=config.eval.prediction,
-                        augment=tta_augment(config.augment),
-                        tta_draws=config.eval.tta_draws,
-                        seed=config.seed,
-                        workers=workers,
-                    )
-                if details["failures"]:
-                    manager.wait_until_finished()
-                    raise DataFailure(done, details["failures"], manager.latest_step(), workdir, "validation")
-                record = _jsonl_record(done, epoch, loss_sum / max(loss_count, 1), val)
-                loss_sum, loss_count = 0.0, 0
-                head_aucs = {k: float(v) for k, v in details.items() if k.startswith("auc_")}
-                writers.evaluation(record, head_aucs)
-                last_record = record
-                heads = " ".join(f"{k}={v:.3f}" for k, v in head_aucs.items() if "malignant" in k)
-                msg = (
-                    f"epoch {epoch} step {done}: "
-                    + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-                    + f" | {heads}"
-                )
-                evaluated[done] = record
-                kept = rule.select(evaluated) if is_main else None
-                if kept is not None:
-                    msg += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
-                (bar.write(msg) if bar is not None else log.info(msg))
-                with profile.phase("checkpoint"):
-                    workdir_checkpoints.save(manager, state, data_position(done), metrics=val)
-            elif done % config.checkpoint_every_steps == 0 or done == total_steps:
-                with profile.phase("checkpoint"):
-                    workdir_checkpoints.save(manager, state, data_position(done))
-            if done == kill_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if done == kill_after_step:
-                manager.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
-            profile.end(done)
+            _evaluate_or_save(run, trained, profile)
+            report = StepReport(
+                run.state, metrics, t_batch - t_start, t_step - t_batch, t_start - t_previous, run.manager
+            )
+            for hook in hooks:
+                hook(trained, report)
+            profile.end(trained)
     finally:
         profile.close()  # the trace taken so far is written, also when the loop stops on an error
         batch = None  # released before the pipeline closes (its memory is shared with a worker)
         batches.close()
-    manager.wait_until_finished()
-    manager.close()
-    writers.close()
-    if bar is not None:
-        bar.close()
-    log.info("trained steps %d..%d in %.1f s", start, total_steps, time.time() - t0)
-    kept = ckpt_lib.select_checkpoint(workdir)  # in every process: Orbax readers may synchronise them
-    if is_main:
-        log.info("load_checkpoint(%s) (predict, evaluate) uses step %d: %s", workdir, kept.step, kept.reason)
-    if not last_record and writers.path.exists():  # nothing left to train: report the last evaluation
-        lines = writers.path.read_text().splitlines()
+
+
+def _account(run: _Run, trained: int, metrics: dict) -> None:
+    """Stop on a non-finite step; add its loss to the running sum since the last evaluation."""
+    if not bool(metrics["finite"]):
+        run.manager.wait_until_finished()
+        latest = run.manager.latest_step()
+        raise TrainingDiverged(
+            f"non-finite loss or gradient at step {trained} (loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}): stopped; parameters not updated; "
+            f"last good checkpoint: step {latest} in {run.workdir}"
+        )
+    run.loss_sum += float(metrics["loss"])
+    run.loss_count += 1
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+
+
+def _log_progress(run: _Run, trained: int, metrics: dict, t0: float, waiting_share: float) -> None:
+    """The step's scalars to TensorBoard and, without a progress bar, a log line."""
+    scalars = {
+        "loss": metrics["loss"],
+        "grad_norm": metrics["grad_norm"],
+        "learning_rate": run.learning_rate_at(trained - 1),
+    }
+    run.writers.train_step(trained, scalars)
+    if run.bar is None and run.is_main:
+        log.info(
+            "step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for data)",
+            trained,
+            run.total_steps,
+            float(metrics["loss"]),
+            (time.time() - t0) / (trained - run.start_step),
+            100 * waiting_share,
+        )
+
+
+def _evaluate_or_save(run: _Run, trained: int, profile: LoopProfile) -> None:
+    """At the end of every ``eval.every_epochs``-th epoch (and of the last): evaluate, record,
+    select and save; otherwise save every ``checkpoint_every_steps`` steps and at the end."""
+    every = int(run.config.eval.every_epochs)  # <= 0: no evaluation
+    epoch = trained // run.steps_per_epoch
+    epoch_end = trained % run.steps_per_epoch == 0
+    if epoch_end and every > 0 and (epoch % every == 0 or trained == run.total_steps):
+        with profile.phase("evaluate"):
+            val, details = _evaluate(run)
+        if details["failures"]:
+            run.manager.wait_until_finished()
+            raise DataFailure(trained, details["failures"], run.manager.latest_step(), run.workdir, "validation")
+        _record(run, trained, epoch, val, details)
+        with profile.phase("checkpoint"):
+            workdir_checkpoints.save(run.manager, run.state, run.data_position(trained), metrics=val)
+    elif trained % run.config.checkpoint_every_steps == 0 or trained == run.total_steps:
+        with profile.phase("checkpoint"):
+            workdir_checkpoints.save(run.manager, run.state, run.data_position(trained))
+
+
+def _evaluate(run: _Run) -> tuple[dict, dict]:
+    config = run.config
+    return evaluate(
+        run.model_config,
+        local_copy(run.state.variables),
+        run.val_source,
+        run.mesh,
+        batch_size=config.eval.batch_size,
+        normalization=config.data.normalization,
+        prediction=config.eval.prediction,
+        augment=tta_augment(config.augment),
+        tta_draws=config.eval.tta_draws,
+        seed=config.seed,
+        workers=int(config.data.workers),
+    )
+
+
+def _record(run: _Run, trained: int, epoch: int, val: dict, details: dict) -> None:
+    """The evaluation's metrics.jsonl record and TensorBoard scalars; the step the run keeps now."""
+    record = jsonl_record(trained, epoch, run.loss_sum / max(run.loss_count, 1), val)
+    run.loss_sum, run.loss_count = 0.0, 0
+    head_aucs = {k: float(v) for k, v in details.items() if k.startswith("auc_")}
+    run.writers.evaluation(record, head_aucs)
+    run.last_record = record
+    heads = " ".join(f"{k}={v:.3f}" for k, v in head_aucs.items() if "malignant" in k)
+    message = (
+        f"epoch {epoch} step {trained}: "
+        + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        + f" | {heads}"
+    )
+    run.evaluated[trained] = record
+    kept = run.rule.select(run.evaluated) if run.is_main else None
+    if kept is not None:
+        message += f"\nkept as the run's checkpoint: step {kept.step} ({kept.reason})"
+    run.say(message)
+
+
+def _finish(run: _Run, t0: float) -> dict:
+    """Wait for the last checkpoint, close the writers; the last metrics record of the run."""
+    run.manager.wait_until_finished()
+    run.manager.close()
+    run.writers.close()
+    if run.bar is not None:
+        run.bar.close()
+    log.info("trained steps %d..%d in %.1f s", run.start_step, run.total_steps, time.time() - t0)
+    kept = ckpt_lib.select_checkpoint(run.workdir)  # in every process: Orbax readers may synchronise them
+    if run.is_main:
+        log.info("load_checkpoint(%s) (predict, evaluate) uses step %d: %s", run.workdir, kept.step, kept.reason)
+    last_record = run.last_record
+    if not last_record and run.writers.path.exists():  # nothing left to train: report the last evaluation
+        lines = run.writers.path.read_text().splitlines()
         last_record = json.loads(lines[-1]) if lines else {}
     return last_record
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="config file (configs/<name>.py[:arg])")
-    parser.add_argument("--workdir", required=True, help="output directory; a run resumes from what it holds")
-    parser.add_argument(
-        "--init-from",
-        default=None,
-        help="start from this checkpoint directory (converted model or pretrained global network)",
-    )
-    parser.add_argument(
-        "--config-changes-ok",
-        action="store_true",
-        help="resume WORKDIR although the config differs from its config.json in fields that change "
-        "the computation (logged and recorded in config.json's history)",
-    )
-    parser.epilog = (
-        "Override any config field with --config.FIELD=VALUE (e.g. --config.optimizer.learning_rate=3e-4). "
-        "Devices: all that JAX sees (choose with JAX_PLATFORMS=cpu|cuda, CUDA_VISIBLE_DEVICES); "
-        "batch_size must be a multiple of their number."
-    )
-
-
-def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """The declared arguments plus any number of --config.FIELD=VALUE overrides."""
-    from gmic_jax.train.config_lib import split_config_args
-
-    ns, rest = parser.parse_known_args(argv)
-    try:
-        rest, overrides = split_config_args(rest)
-    except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    ns.config_overrides = overrides
-    return ns
-
-
-def main(args) -> int:
-    """Exit 0 when trained; 2 for a mistake in the command or config (one line, nothing written);
-    1 when the data, a checkpoint or the run fails."""
-    from gmic_jax import logs
-    from gmic_jax.checkpoint import CheckpointError
-    from gmic_jax.data.image import DataError
-    from gmic_jax.train.config_lib import apply_overrides, load_config
-
-    logs.configure()
-    try:
-        config = load_config(args.config)
-        apply_overrides(config, getattr(args, "config_overrides", []))
-        if args.init_from:
-            config.init_from = args.init_from
-        record = train_and_evaluate(config, args.workdir, config_changes_ok=getattr(args, "config_changes_ok", False))
-    except ConfigError as e:  # includes WorkdirError
-        print(f"gmic-jax train: error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, TrainingDiverged, DataFailure) as e:
-        print(f"gmic-jax train: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(record, sort_keys=True))
-    return 0

@@ -28,10 +28,11 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import optax
 
-HEADS = ("y_global", "y_local", "y_fusion")
+from gmic_jax.train.defaults import GAP_MARGIN, GAP_WEIGHT
+from gmic_jax.train.heads import HEAD_OUTPUTS
+
 SALIENCY_REDUCTIONS = ("sum", "mean")
 _LOG_FLOOR = -100.0
-GAP_MARGIN = 2.0  # gap_bce: the centred score past which an image pulls no more (sigmoid(2) = 0.88)
 
 
 def _clamped_log(p):
@@ -83,8 +84,8 @@ def gmic_loss(
     labels,
     beta: float,
     saliency_reduction: str = "sum",
-    heads: Sequence[str] = HEADS,
-    gap_weight: float = 0.0,
+    heads: Sequence[str] = HEAD_OUTPUTS,
+    gap_weight: float = GAP_WEIGHT,
     gap_margin: float = GAP_MARGIN,
 ):
     """(total loss, dict of its parts) for GMIC's output dict and (N, 2) labels [benign, malignant]."""

@@ -25,6 +25,8 @@ import contextlib
 import logging
 from pathlib import Path
 
+import jax
+
 log = logging.getLogger("gmic_jax.train")
 
 PROFILE_DIR = "profile"
@@ -41,9 +43,6 @@ class LoopProfile:
     annotation and writes the trace taken so far)."""
 
     def __init__(self, steps: tuple[int, int] | None, log_dir, *, first_step: int, total_steps: int):
-        import jax
-
-        self._jax = jax
         self.steps = steps
         self.total_steps = total_steps
         self.log_dir = Path(log_dir)
@@ -65,14 +64,14 @@ class LoopProfile:
         """Step ``step`` (1-based) starts: the trace starts at the first step of the range."""
         if self.steps is not None and not self.tracing and self.steps[0] <= step <= self.steps[1]:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            options = self._jax.profiler.ProfileOptions()
+            options = jax.profiler.ProfileOptions()
             options.python_tracer_level = 0  # every Python call: a compiling step fills the trace's 1M events
-            self._jax.profiler.start_trace(str(self.log_dir), create_perfetto_trace=True, profiler_options=options)
+            jax.profiler.start_trace(str(self.log_dir), create_perfetto_trace=True, profiler_options=options)
             self.tracing = True
             log.info("profiling steps %d..%d into %s", step, min(self.steps[1], self.total_steps), self.log_dir)
         if self.tracing:
             self.traced.append(step)
-        self.enter(self._jax.profiler.StepTraceAnnotation("train_step", step_num=step))
+        self.enter(jax.profiler.StepTraceAnnotation("train_step", step_num=step))
 
     def end(self, step: int) -> None:
         """Step ``step`` ends: its annotation closes, and the trace after the range's last step."""
@@ -89,7 +88,7 @@ class LoopProfile:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        with self._jax.profiler.TraceAnnotation(name):
+        with jax.profiler.TraceAnnotation(name):
             yield
 
     def close(self) -> None:
@@ -102,7 +101,7 @@ class LoopProfile:
             self.exit()
 
     def _stop(self) -> None:
-        self._jax.profiler.stop_trace()
+        jax.profiler.stop_trace()
         self.tracing = False
         runs = sorted((self.log_dir / "plugins" / "profile").glob("*"), key=lambda p: p.stat().st_mtime)
         where = runs[-1] if runs else self.log_dir

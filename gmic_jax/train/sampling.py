@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from gmic_jax.data.cache import WINDOW_NOISE_OPTION, CacheSource
+from gmic_jax.data.image import DataError
+from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
 from gmic_jax.preprocessing import Preprocessing, SyntheticData
 
 SOURCES = ("synthetic", "cache")
@@ -24,8 +27,6 @@ def make_sources(data_cfg):
             f"{data_cfg.source!r}; set data.window_noise=False"
         )
     if data_cfg.source == "synthetic":
-        from gmic_jax.data.synthetic import SyntheticLesions, SyntheticSpec
-
         spec = SyntheticSpec(
             image_shape=tuple(data_cfg.image_shape),
             p_benign=data_cfg.p_benign,
@@ -42,15 +43,10 @@ def make_sources(data_cfg):
         )
         return train, val, prep
     if data_cfg.source == "cache":
-        from gmic_jax.data.cache import CacheSource
-
         if not data_cfg.train_cache or not data_cfg.val_cache:
             raise ValueError("data.source='cache' needs data.train_cache and data.val_cache (gmic-jax cache outputs)")
         train, val = CacheSource(data_cfg.train_cache), CacheSource(data_cfg.val_cache)
         if window_noise and not train.has_contexts:
-            from gmic_jax.data.cache import WINDOW_NOISE_OPTION
-            from gmic_jax.data.image import DataError
-
             raise DataError(
                 train.cache_dir,
                 f"data.window_noise=True but this train cache has no window-noise "
@@ -64,8 +60,6 @@ def make_sources(data_cfg):
 def cache_preprocessing(cache, normalization: str) -> Preprocessing:
     """The preprocessing a cache's windows went through (its index.json, any version) with the
     training's normalisation."""
-    from gmic_jax.data.image import DataError
-
     meta = cache.metadata
     try:
         return Preprocessing.read(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,12 +41,14 @@ from gmic_jax.config import GMICConfig
 from gmic_jax.models import GMIC
 from gmic_jax.preprocessing import normalize_images
 from gmic_jax.resample import crop_resize
-from gmic_jax.train.loss import GAP_MARGIN, gmic_loss
+from gmic_jax.train.defaults import GAP_MARGIN, GAP_WEIGHT
+from gmic_jax.train.heads import HEAD_OUTPUTS
+from gmic_jax.train.loss import gmic_loss
 from gmic_jax.train.state import TrainState
 
 DATA_AXIS = "data"
 BATCH_NORM_MODES = ("local", "sync", "frozen")
-EVAL_OUTPUTS = ("y_global", "y_local", "y_fusion", "saliency_map", "patch_locations")
+EVAL_OUTPUTS = (*HEAD_OUTPUTS, "saliency_map", "patch_locations")
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -90,7 +93,7 @@ def make_train_step(
     batch_norm: str = "local",
     augment: AugmentConfig | None = None,
     normalization: str = "standardize",
-    gap_weight: float = 0.0,
+    gap_weight: float = GAP_WEIGHT,
     gap_margin: float = GAP_MARGIN,
     with_patch_locations: bool = False,
 ):
@@ -206,11 +209,11 @@ def make_eval_step(
                 k = jax.random.fold_in(key, 1 + i)
                 xa = augment_batch(jax.vmap(lambda j: jax.random.fold_in(k, j))(index), x, augment)
                 o = model.apply(variables, xa, train=False, rngs={"roi": jax.random.fold_in(roi_key, 1 + i)})
-                return tuple(a + o[h] for a, h in zip(acc, ("y_global", "y_local", "y_fusion")))
+                return tuple(a + o[h] for a, h in zip(acc, HEAD_OUTPUTS))
 
-            zeros = tuple(jnp.zeros_like(out[h]) for h in ("y_global", "y_local", "y_fusion"))
+            zeros = tuple(jnp.zeros_like(out[h]) for h in HEAD_OUTPUTS)
             sums = lax.fori_loop(0, tta_draws, draw, zeros)
-            for h, s in zip(("y_global", "y_local", "y_fusion"), sums):
+            for h, s in zip(HEAD_OUTPUTS, sums):
                 out[h] = s / tta_draws
         return out
 
@@ -230,7 +233,5 @@ def local_copy(tree):
 def to_host(tree):
     """Global arrays -> numpy on this process (gathered from all processes when there are several)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
     return jax.tree.map(np.asarray, tree)

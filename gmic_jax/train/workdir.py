@@ -43,6 +43,7 @@ from gmic_jax import checkpoint as ckpt_lib
 from gmic_jax.config import GMICConfig
 from gmic_jax.preprocessing import Preprocessing
 from gmic_jax.train.config_lib import ConfigError, flat_fields
+from gmic_jax.train.state import learning_rate_schedule
 
 log = logging.getLogger("gmic_jax.train")
 
@@ -110,8 +111,6 @@ def _num_epochs_allowed(old: dict, new: dict, latest: int, steps_per_epoch: int)
 
 
 def _learning_rate_note(old: dict, new: dict, latest: int, steps_per_epoch: int) -> str:
-    from gmic_jax.train.state import learning_rate_schedule
-
     opt = {k.partition(".")[2]: v for k, v in new.items() if k.startswith("optimizer.")}
     before = float(learning_rate_schedule(opt, int(old[EXTENDABLE]) * steps_per_epoch)(latest))
     after = float(learning_rate_schedule(opt, int(new[EXTENDABLE]) * steps_per_epoch)(latest))
@@ -170,39 +169,46 @@ def check(workdir, requested: Mapping[str, Any], *, steps_per_epoch: int, config
     history = list(old_doc.get("history", []))
     entry = None
     if changes:
-        allowed = []
-        if guarded:
-            allowed.append(f"{CHANGES_OK_OPTION}: " + ", ".join(guarded))
-        if extension is not None:
-            allowed.append(
-                f"{EXTENDABLE} with a step-count-free learning rate (the same steps as a run "
-                f"asked for {extension[1]} epochs from the start)"
-            )
-        free = [k for k in changes if k in FREE_FIELDS]
-        if free:
-            allowed.append("fields that change no computed value: " + ", ".join(free))
-        if unversioned:
-            allowed.append(
-                "fields this version and the workdir's config.json do not share: " + ", ".join(sorted(unversioned))
-            )
-        entry = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "resumed_at_step": latest,
-            "changes": {k: [a, b] for k, (a, b) in changes.items()},
-            "allowed_by": allowed,
-        }
+        entry = _history_entry(workdir, latest, changes, guarded, extension, unversioned)
         history.append(entry)
-        text = ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changes.items())
-        (log.warning if guarded else log.info)(
-            "resuming %s at step %d with config changes: %s (allowed by %s; recorded in config.json's history)",
-            workdir,
-            latest,
-            text,
-            "; ".join(allowed),
-        )
     if history:
         doc["history"] = history
     return Resume(doc, latest, entry)
+
+
+def _history_entry(workdir, latest: int, changes: dict, guarded: dict, extension, unversioned: set) -> dict:
+    """config.json's history entry for a resume with ``changes`` (field -> (old, new)), naming what
+    allowed each; logged (a warning for changes of the computation)."""
+    allowed = []
+    if guarded:
+        allowed.append(f"{CHANGES_OK_OPTION}: " + ", ".join(guarded))
+    if extension is not None:
+        allowed.append(
+            f"{EXTENDABLE} with a step-count-free learning rate (the same steps as a run "
+            f"asked for {extension[1]} epochs from the start)"
+        )
+    free = [k for k in changes if k in FREE_FIELDS]
+    if free:
+        allowed.append("fields that change no computed value: " + ", ".join(free))
+    if unversioned:
+        allowed.append(
+            "fields this version and the workdir's config.json do not share: " + ", ".join(sorted(unversioned))
+        )
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_at_step": latest,
+        "changes": {k: [a, b] for k, (a, b) in changes.items()},
+        "allowed_by": allowed,
+    }
+    text = ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changes.items())
+    (log.warning if guarded else log.info)(
+        "resuming %s at step %d with config changes: %s (allowed by %s; recorded in config.json's history)",
+        workdir,
+        latest,
+        text,
+        "; ".join(allowed),
+    )
+    return entry
 
 
 def record(workdir, resume: Resume) -> None:

@@ -23,8 +23,11 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 from gmic_jax import checkpoint as ckpt_lib
+from gmic_jax.logs import quiet_library_noise
 
 TRAIN_STATE_ITEM = "train_state"
 
@@ -50,11 +53,6 @@ def make_manager(
     rule: ckpt_lib.SelectionRule | None = None,
     keep_evaluated: bool = False,
 ):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as cm
-
-    from gmic_jax.logs import quiet_library_noise
-
     quiet_library_noise()  # Orbax warns at every save without metrics (all but evaluation steps)
     keep = KeepSelected(rule or ckpt_lib.SelectionRule(), keep_evaluated)
     policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep_latest), keep])
@@ -81,8 +79,6 @@ def _train_state_tree(state, data_position: Mapping):
 def save(manager, state, data_position: Mapping, metrics: Mapping | None = None) -> bool:
     """Start an (asynchronous) save of ``state`` as its step; ``metrics`` mark evaluation steps
     (the defined ones are stored; a step without the selection metric is never chosen)."""
-    import orbax.checkpoint as ocp
-
     step = (
         int(np.asarray(state.step.addressable_shards[0].data)) if isinstance(state.step, jax.Array) else int(state.step)
     )
@@ -99,8 +95,6 @@ def save(manager, state, data_position: Mapping, metrics: Mapping | None = None)
 def restore(manager, template_state, data_position_template: Mapping, step: int | None = None):
     """(state, data_position) of ``step`` (default: the latest), laid out like ``template_state``
     (same shardings), or None when WORKDIR has no step yet."""
-    import orbax.checkpoint as ocp
-
     step = manager.latest_step() if step is None else step
     if step is None:
         return None

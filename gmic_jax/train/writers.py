@@ -1,6 +1,6 @@
 """Where training writes its numbers: WORKDIR/metrics.jsonl and TensorBoard event files.
 
-* ``metrics.jsonl``: one JSON object per evaluation (the keys of ``loop.JSONL_KEYS``).
+* ``metrics.jsonl``: one JSON object per evaluation (the keys of :data:`JSONL_KEYS` that are defined).
 * ``WORKDIR/tensorboard/``: event files (tensorboardX, no TensorFlow needed) with
   ``train/loss``, ``train/grad_norm`` and ``train/learning_rate`` every ``log_every_steps`` steps,
   and at every evaluation ``train/loss_mean`` (the mean since the previous evaluation), every
@@ -16,12 +16,63 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from pathlib import Path
 
 log = logging.getLogger("gmic_jax.train")
 
 TENSORBOARD_DIR = "tensorboard"
+METRICS_JSONL = "metrics.jsonl"
+# The keys of a metrics.jsonl record, in this order; a record holds those that are defined.
+JSONL_KEYS = (
+    "step",
+    "epoch",
+    "train_loss",
+    "val_auc_malignant",
+    "val_auc_benign",
+    "val_prauc_malignant",
+    "val_prauc_benign",
+    "val_breast_auc_malignant",
+    "val_breast_auc_benign",
+    "val_dice_malignant",
+    "val_dice_benign",
+    "val_pxap_malignant",
+    "val_pxap_benign",
+    "val_roi_hit_rate",
+    "val_pointing_malignant",
+    "val_pointing_benign",
+    "val_pointing_malignant_random",
+    "val_pointing_benign_random",
+)
+
+
+def jsonl_record(step: int, epoch: int, train_loss: float, val_metrics: dict) -> dict:
+    """The metrics.jsonl record of an evaluation: the :data:`JSONL_KEYS` whose value is defined
+    (not None, not NaN)."""
+    rec = {"step": int(step), "epoch": int(epoch), "train_loss": float(train_loss), **val_metrics}
+    return {
+        k: rec[k]
+        for k in JSONL_KEYS
+        if k in rec and rec[k] is not None and not (isinstance(rec[k], float) and math.isnan(rec[k]))
+    }
+
+
+def read_jsonl(path: Path) -> dict:
+    """{step: record} of metrics.jsonl (empty when there is none)."""
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(r["step"]): r for r in records}
+
+
+def truncate_jsonl(path: Path, max_step: int):
+    """Drop records of steps after ``max_step`` (written by a run that was killed before its
+    checkpoint of that step completed)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def tag(key: str) -> str:
@@ -38,7 +89,7 @@ class MetricWriters:
 
     def __init__(self, workdir, enabled: bool, start_step: int = 0):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = Path(workdir) / METRICS_JSONL
         self.tb = None
         if not enabled:
             return
