@@ -190,8 +190,8 @@ FAULTS = (
     Fault(
         "batch_norm_not_synchronised",
         "gmic_jax/models/layers.py",
-        "axis_name=axis_name if train else None,",
-        "axis_name=None,",
+        "axis_name = None if self.is_initializing() else self.axis_name",
+        "axis_name = None",
         ("tests/test_train_parallel.py::test_four_devices_equal_one_device_with_synchronised_batch_norm",),
         "batch_norm='sync' computes each device's own batch statistics",
     ),

@@ -8,10 +8,13 @@ would only cost memory.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gmic_jax.models.fast_ops import strided_conv
 
@@ -63,22 +66,86 @@ def batch_norm(x, train: bool, *, name: str, axis_name: str | None = None):
     statistics over that mapped axis.
 
     The batch variance is the mean of squared deviations from the batch mean, as PyTorch computes
-    it, not E[x^2] - E[x]^2 (flax's default): GMIC's channels often have a mean far larger than
-    their spread (deep features of similar crops), where the one-pass formula cancels away most
-    of float32's digits, and the training step then changes with the rounding of the sums (a
-    1-device and a 4-device step on the same batch differed by 0.14 in a loss of 2.5 and by 88%
-    in the update; with this formula, by float32 rounding).
+    it, not E[x^2] - E[x]^2: GMIC's channels often have a mean far larger than their spread (deep
+    features of similar crops), where the one-pass formula cancels away most of float32's digits,
+    and the training step then changes with the rounding of the sums (a 1-device and a 4-device
+    step on the same batch differed by 0.14 in a loss of 2.5 and by 88% in the update; with this
+    formula, by float32 rounding).
     """
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        axis_name=axis_name if train else None,
-        use_fast_variance=False,
-        name=name,
-    )(x.astype(jnp.float32))
+    return BatchNorm(axis_name=axis_name, name=name)(x, train)
+
+
+class BatchNorm(nn.Module):
+    """flax's ``nn.BatchNorm`` variables (params ``scale``, ``bias``; batch_stats ``mean``, ``var``)
+    and arithmetic, with the training-mode gradient in closed form (:func:`_batch_norm_train`).
+
+    Inference computes ``(x - mean) * (rsqrt(var + eps) * scale) + bias`` from the running
+    statistics, op for op as flax does; training normalises by the batch statistics and updates
+    the running ones (biased variance, momentum ``BN_MOMENTUM``), as flax does."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if not train:
+            x = x.astype(jnp.float32)
+            return (x - ra_mean.value) * (lax.rsqrt(ra_var.value + BN_EPS) * scale) + bias
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = _batch_norm_train(x, scale, bias, axis_name)
+        if not self.is_initializing():
+            ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
+            ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
+        return y
+
+
+def _maybe_pmean(x, axis_name):
+    return x if axis_name is None else lax.pmean(x, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, axis_name):
+    """Training-mode BatchNorm over every axis but the last: ``(y, mean, var)`` in float32; the
+    backward pass keeps ``x`` in its own dtype (bfloat16 activations stay bfloat16).
+
+    The forward is flax's two-pass arithmetic. The gradient is the closed form
+    ``dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` (means over the batch, and
+    over ``axis_name`` when synchronised; ``dscale``, ``dbias`` are this device's sums, as autodiff
+    gives them), where autodiff through the two passes stores and rereads more: on the H100 target
+    the training step's kernels move fewer bytes (benchmarks/RESULTS.md, "Acting on the bound").
+    ``mean`` and ``var`` feed only the running statistics: their cotangents are ignored.
+    """
+    return _batch_norm_train_fwd(x, scale, bias, axis_name)[0]
+
+
+def _batch_norm_train_fwd(x_in, scale, bias, axis_name):
+    x = x_in.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = _maybe_pmean(jnp.mean(x, axes), axis_name)
+    var = _maybe_pmean(jnp.mean(jnp.square(x - mean), axes), axis_name)
+    inv_sigma = lax.rsqrt(var + BN_EPS)
+    y = (x - mean) * (inv_sigma * scale) + bias
+    return (y, mean, var), (x_in, mean, inv_sigma, scale)
+
+
+def _batch_norm_train_bwd(axis_name, residuals, cotangents):
+    x_in, mean, inv_sigma, scale = residuals
+    x, dy = x_in.astype(jnp.float32), cotangents[0]
+    axes = tuple(range(x.ndim - 1))
+    x_hat = (x - mean) * inv_sigma
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * x_hat, axes)
+    count = x.size // x.shape[-1]
+    mean_dy, mean_dy_x_hat = _maybe_pmean(jnp.stack([dbias, dscale]) / count, axis_name)
+    dx = (scale * inv_sigma) * (dy - mean_dy - x_hat * mean_dy_x_hat)
+    return dx.astype(x_in.dtype), dscale, dbias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def spatial_mean(x):
