@@ -313,6 +313,22 @@ def versions(with_torch: bool = False, extra: Sequence[str] = ()) -> dict[str, s
     return out
 
 
+def gpu_count() -> int:
+    """GPUs JAX sees, asked in a subprocess with every platform allowed (so this process never
+    claims GPU memory); 0 when none, or when JAX does not answer within 2 minutes."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "JAX_PLATFORMS": ""},
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return 0
+
+
 def median_spread(values: Sequence[float]) -> tuple[float, float]:
     """Median and spread (interquartile range; max - min below 4 values) of the runs."""
     values = sorted(values)

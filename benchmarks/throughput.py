@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -195,20 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def gpu_count() -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": ""},
-    )
-    try:
-        return int(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return 0
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker is not None:
@@ -225,7 +210,7 @@ def run(args) -> int:
     if args.steps < 1 or args.per_device_exams < 1 or args.input_batches < 0:
         raise ValueError("--steps and --per-device-exams must be >= 1, --input-batches >= 0")
     cores = bc.parse_cores(args.cores, args.threads)
-    n_gpus = gpu_count() if args.device in ("auto", "gpu") else 0
+    n_gpus = bc.gpu_count() if args.device in ("auto", "gpu") else 0
     device = "gpu" if (args.device == "gpu" or (args.device == "auto" and n_gpus)) else "cpu"
     if device == "gpu" and not n_gpus:
         raise ValueError("--device gpu: JAX sees no GPU")
