@@ -21,7 +21,7 @@
 #   side_by_side / highest   JAX float32 + bfloat16 against the original alone, default / full float32
 #   throughput   throughput.py, the training step with Adam, bfloat16, 1 and 4 exams/device
 #   kernels      memory_fwd_bwd.py, bfloat16, remat global_stem, XLA's ops then the CPU rewrites
-#   bn_variance  batchnorm_variance.py, two-pass against one-pass batch variance
+#   batchnorm    batchnorm_variants.py: the model's BatchNorm against flax's (two-pass, one-pass)
 #   window_noise window_noise_device.py, the step fed window-noise regions against finished windows
 #
 # Packages the GPU image lacks (grain, ml_collections, tensorboardX, ...) travel as wheels in .whl/
@@ -135,8 +135,8 @@ if wanted kernels; then
     step kernels_xla "$EXTRA" "${MFB[@]}" --dtype bfloat16 --remat global_stem --json "$OUT/kernels_xla.json"
     step kernels_cpu "$EXTRA" "${MFB[@]}" --dtype bfloat16 --remat global_stem --kernels cpu --json "$OUT/kernels_cpu.json"
 fi
-wanted bn_variance && step bn_variance "$EXTRA" "$PY" benchmarks/batchnorm_variance.py --image-shape 2944 1920 \
-    --batch 4 --dtype bfloat16 --steps 20 --json "$OUT/bn_variance.json"
+wanted batchnorm && step batchnorm "$EXTRA" "$PY" benchmarks/batchnorm_variants.py --image-shape 2944 1920 \
+    --batch 4 --dtype bfloat16 --steps 20 --json "$OUT/batchnorm.json"
 wanted window_noise && step window_noise "$EXTRA" "$PY" benchmarks/window_noise_device.py --image-shape 2944 1920 \
     --batch 4 --dtype bfloat16 --steps 20 --json "$OUT/window_noise.json"
 echo "=== done" >>"$LOG"

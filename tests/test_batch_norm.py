@@ -4,6 +4,11 @@ statistics, and its closed-form gradient equal to autodiff through flax's to flo
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,3 +76,23 @@ def test_batch_norm_matches_flax_and_its_gradient_is_autodiffs(dtype):
     for name in ("scale", "bias"):
         np.testing.assert_allclose(gp_a["bn"][name], gp_b["bn"][name], rtol=1e-5, atol=1e-4)
     assert float(jnp.max(jnp.abs(gx_a.astype(jnp.float32)))) > 1e-2  # a gradient worth comparing
+
+
+def test_batchnorm_variants_benchmark_counts_the_closed_form_as_lighter(tmp_path):
+    """benchmarks/batchnorm_variants.py --steps 0 on a small image: every variant compiled and
+    counted, the model's closed-form gradient moving fewer kernel bytes than flax's autodiff."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bn.json"
+    subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "batchnorm_variants.py"), "--image-shape", "256", "192"]
+        + ["--crop-shape", "96", "96", "--steps", "0", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"closed_form", "flax_two_pass", "flax_one_pass"}
+    for row in variants.values():
+        assert row["kernels"] > 0 and row["kernel_bytes"] > 0 and row["conv_operand_copies"] > 0
+    assert variants["closed_form"]["kernel_bytes"] < variants["flax_two_pass"]["kernel_bytes"]
+    assert variants["closed_form"]["kernels"] < variants["flax_two_pass"]["kernels"]
