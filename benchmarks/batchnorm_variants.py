@@ -82,7 +82,7 @@ def use(variant: str) -> None:
 
 def hlo_counts(hlo_text: str) -> dict:
     """Bytes of all kernels, of the transposed copies feeding convolutions and of reduce-windows."""
-    program = roofline._Program(hlo_text)
+    program = roofline.HloProgram(hlo_text)
     kernels = program.kernels()
     by_name = {k["name"]: k for k in kernels}
     instructions = {i["name"]: i for c in program.computations.values() for i in c}

@@ -28,7 +28,7 @@ CUDNN_PREFIX = "__cudnn$conv"
 def _instruction_lines(hlo_text: str):
     """(name, opcode, line) of every instruction of the module text."""
     for line in hlo_text.splitlines():
-        m = profile_summary._INSTR.match(line)
+        m = profile_summary.INSTRUCTION.match(line)
         if m:
             yield m.group(1), m.group(2), line
 

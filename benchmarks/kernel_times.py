@@ -68,7 +68,7 @@ def build_step(spec: dict):
 def kernel_times(logdir: Path) -> dict[str, tuple[float, int]]:
     """{HLO instruction: (milliseconds summed, events)} of the trace in logdir: GPU kernel events by
     their `args.hlo_op`, else (CPU) the events named by their instruction."""
-    events = profile_summary._trace_events(logdir)
+    events = profile_summary.trace_events(logdir)
     out: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     device_events = [e for e in events if "hlo_op" in e.get("args", {})]
     if device_events:
@@ -76,7 +76,7 @@ def kernel_times(logdir: Path) -> dict[str, tuple[float, int]]:
             out[e["args"]["hlo_op"]][0] += e["dur"] / 1e3
             out[e["args"]["hlo_op"]][1] += 1
     else:
-        for name, ms in profile_summary._op_durations(events):
+        for name, ms in profile_summary.op_durations(events):
             out[name][0] += ms
             out[name][1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}

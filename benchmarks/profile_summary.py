@@ -16,9 +16,9 @@ import json
 import re
 from pathlib import Path
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s=\s.*?([a-z][a-z0-9\-]*)\(")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s=\s.*?([a-z][a-z0-9\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+COMPUTATION_HEAD = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _WRAPPERS = ("ThunkExecutor", "$")
@@ -30,11 +30,11 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     out, calls, operands, computations = {}, {}, {}, collections.defaultdict(list)
     current = None
     for line in hlo_text.splitlines():
-        head = _COMPUTATION.match(line)
+        head = COMPUTATION_HEAD.match(line)
         if head:
             current = head.group(1)
             continue
-        m = _INSTR.match(line)
+        m = INSTRUCTION.match(line)
         if not m:
             continue
         op_name = _OP_NAME.search(line)
@@ -160,7 +160,7 @@ def part_group(op_name: str) -> str:
     return _GROUP_OF.get(part_of(op_name), "other")
 
 
-def _trace_events(logdir: Path) -> list[dict]:
+def trace_events(logdir: Path) -> list[dict]:
     files = sorted(Path(logdir).rglob("*.trace.json.gz"))
     if not files:
         raise FileNotFoundError(f"{logdir}: no *.trace.json.gz written by the profiler")
@@ -170,7 +170,7 @@ def _trace_events(logdir: Path) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
-def _op_durations(events: list[dict]):
+def op_durations(events: list[dict]):
     """(name, ms) per executed op. XLA:CPU runs some ops (library convolutions) asynchronously:
     the op's event covers only the launch and an 'end: NAME' event marks completion, so such an
     op lasts from its start to the end of its k-th 'end:' event."""
@@ -199,7 +199,7 @@ def summarize(logdir, hlo_text: str, top: int = 12) -> str:
     by_part: dict[tuple[str, str], float] = collections.Counter()
     by_op: dict[str, float] = collections.Counter()
     wall = 0.0
-    for name, ms in _op_durations(_trace_events(Path(logdir))):
+    for name, ms in op_durations(trace_events(Path(logdir))):
         if name.startswith("ThunkExecutor::Execute") and "wait" in name:
             wall = max(wall, ms)
         if name.startswith(_WRAPPERS) or name not in instructions:

@@ -90,7 +90,7 @@ ARITHMETIC = set(
     "exponential exponential-minus-one log log-plus-one logistic sqrt rsqrt cbrt tanh sine cosine tan "
     "floor ceil round-nearest-afz round-nearest-even compare select clamp erf is-finite".split()
 )
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s=\s(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s=\s(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]")
 _APPLIED = re.compile(
     r"\b(calls|to_apply|body|condition|branch_computations|true_computation|false_computation)="
@@ -121,12 +121,12 @@ def parse_module(hlo_text: str):
     is a dict: name, type (result shape text), opcode, operands (names), attrs (the rest)."""
     computations, by_name, current, entry = collections.defaultdict(list), {}, None, None
     for line in hlo_text.splitlines():
-        head = profile_summary._COMPUTATION.match(line)
+        head = profile_summary.COMPUTATION_HEAD.match(line)
         if head and " = " not in line:
             current = head.group(1)
             entry = current if line.lstrip().startswith("ENTRY") else entry
             continue
-        m = _INSTR.match(line)
+        m = INSTRUCTION.match(line)
         if not m or current is None:
             continue
         rest, depth = m.group(4), 1
@@ -166,7 +166,7 @@ def _first_elements(type_text: str) -> int:
     return math.prod(_arrays(type_text)[0][1]) if _arrays(type_text) else 0
 
 
-class _Program:
+class HloProgram:
     """Counts FLOPs of instructions of one parsed module (memoised per applied computation)."""
 
     def __init__(self, hlo_text: str):
@@ -266,7 +266,7 @@ class _Program:
 
 def hlo_kernels(hlo_text: str) -> list[dict]:
     """The kernels of an optimised GPU HLO module's text with their bytes, FLOPs, peak and part."""
-    return _Program(hlo_text).kernels()
+    return HloProgram(hlo_text).kernels()
 
 
 def roofline(kernels: list[dict], peaks: dict, per: int = 1) -> dict:

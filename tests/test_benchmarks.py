@@ -485,7 +485,7 @@ ENTRY %main (a: f32[2]) -> f32[2] {
         {"name": "conv.1", "ts": 6000.0, "dur": 5.0},
         {"name": "end: conv.1", "ts": 6999.0, "dur": 1.0},
     ]
-    assert list(profile_summary._op_durations(events)) == [("conv.1", 3.001), ("add.2", 2.0), ("conv.1", 1.0)]
+    assert list(profile_summary.op_durations(events)) == [("conv.1", 3.001), ("add.2", 2.0), ("conv.1", 1.0)]
     instructions = profile_summary.hlo_instructions(hlo)
     assert instructions["ynn_fusion.1"] == ("fusion: convolution", "jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")
     assert instructions["copy.2"][1].startswith("jit(f)/GMIC/dn_resnet/layer1_0/conv1/conv")  # from its operand
