@@ -116,7 +116,7 @@ def _batch_norm_train(x, scale, bias, axis_name):
     ``dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat))`` (means over the batch, and
     over ``axis_name`` when synchronised; ``dscale``, ``dbias`` are this device's sums, as autodiff
     gives them), where autodiff through the two passes stores and rereads more: on the H100 target
-    the training step's kernels move fewer bytes (benchmarks/RESULTS.md, "Acting on the bound").
+    the training step's kernels move fewer bytes (benchmarks/RESULTS.md, "Where the bound could drop").
     ``mean`` and ``var`` feed only the running statistics: their cotangents are ignored.
     """
     return _batch_norm_train_fwd(x, scale, bias, axis_name)[0]
